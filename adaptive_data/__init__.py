@@ -1,0 +1,18 @@
+"""adaptive_data: learn, while a model trains, which data to draw and how to augment it.
+
+The public surface is re-exported here; the modules behind it are private.
+"""
+
+from ._ghost import GhostRule, ghost_rules, register_ghost_rule
+from ._probe import METHODS, GradientProbe
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "METHODS",
+    "GhostRule",
+    "GradientProbe",
+    "__version__",
+    "ghost_rules",
+    "register_ghost_rule",
+]

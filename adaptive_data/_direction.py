@@ -1,0 +1,105 @@
+"""The reference direction d: validation and optimizer preconditioning."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__: list[str] = []
+
+Direction = dict[str, Tensor]
+
+_SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model.named_parameters()`` with ``requires_grad``; a tied parameter appears once."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_direction(direction: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Direction:
+    """Validate ``direction`` against the trainable parameters; return it on their device/dtype."""
+    if not isinstance(direction, Mapping):
+        raise TypeError(
+            f"direction should be a dict {{parameter name: tensor}}, but got {type(direction).__name__}"
+        )
+    missing = [n for n in params if n not in direction]
+    extra = [n for n in direction if n not in params]
+    if missing:
+        raise ValueError(f"direction is missing trainable parameters: {missing}")
+    if extra:
+        raise ValueError(
+            f"direction has entries that are not trainable parameters of the model: {extra} "
+            "(frozen parameters, requires_grad=False, are not part of d)"
+        )
+    checked: Direction = {}
+    for name, p in params.items():
+        d = direction[name]
+        if not isinstance(d, Tensor):
+            raise TypeError(f"direction[{name!r}] should be a Tensor, but got {type(d).__name__}")
+        if tuple(d.shape) != tuple(p.shape):
+            raise ValueError(
+                f"direction[{name!r}] has shape {list(d.shape)}, "
+                f"but the parameter has shape {list(p.shape)}"
+            )
+        if not (d.is_floating_point() or d.is_complex()):
+            raise TypeError(f"direction[{name!r}] should be floating point, but got dtype {d.dtype}")
+        d = d.detach().to(device=p.device, dtype=p.dtype)
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(f"direction[{name!r}] contains NaN or inf")
+        checked[name] = d
+    return checked
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> None:
+    """Raise unless ``optimizer`` is a supported type that owns some of ``params``."""
+    if not isinstance(optimizer, _SUPPORTED_OPTIMIZERS):
+        names = ", ".join(cls.__name__ for cls in _SUPPORTED_OPTIMIZERS)
+        raise TypeError(
+            f"optimizer should be one of {names} (or None), but got {type(optimizer).__name__}"
+        )
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in owned for p in params.values()):
+        raise ValueError("optimizer owns none of the model's trainable parameters")
+
+
+def precondition(
+    direction: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer | None,
+) -> Direction:
+    """``D = P d``: the direction in which the optimizer's next step really moves each weight.
+
+    * SGD (any momentum): ``P = I``; momentum adds the same term for every example.
+    * Adam/AdamW: ``P = diag(1 / (sqrt(v / (1 - beta2**step)) + eps))`` from ``exp_avg_sq``
+      (``max_exp_avg_sq`` with amsgrad). A parameter with no state yet (before the first step)
+      uses ``P = I``.
+    * A parameter the optimizer does not own does not move: its entry of ``D`` is zero.
+    * ``maximize=True`` flips the sign.
+    Common positive factors (the learning rate, Adam's ``1/(1 - beta1**step)``) are left out.
+    """
+    if optimizer is None:
+        return dict(direction)
+    check_optimizer(optimizer, params)
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    out: Direction = {}
+    for name, d in direction.items():
+        p = params[name]
+        group = groups.get(id(p))
+        if group is None:
+            out[name] = torch.zeros_like(d)
+            continue
+        state = optimizer.state.get(p, {})  # type: ignore[call-overload]
+        if adam and "exp_avg_sq" in state:
+            v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+            step = float(state["step"])
+            beta2 = float(group["betas"][1])
+            denom = (v.detach() / (1.0 - beta2**step)).sqrt_().add_(float(group["eps"]))
+            d = d / denom.to(d.dtype)
+        if group.get("maximize", False):
+            d = -d
+        out[name] = d
+    return out

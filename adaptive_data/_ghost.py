@@ -1,0 +1,364 @@
+"""Ghost rewards: per-example directional derivatives from one forward and one backward pass.
+
+For every module that owns trainable parameters, a *rule* returns the directional derivative of
+the module's output with respect to its own parameters along the direction ``D``, for the input
+the module saw. For layers whose output is affine in their parameters (Linear, Conv, Embedding,
+the affine part of the norms) that is the layer's own forward with ``D`` in place of its weights;
+for anything else (``nn.MultiheadAttention``, modules holding bare parameters) it is a
+forward-mode JVP of the module alone. With ``B`` the gradient of ``sum_i l_i`` at the module's
+output, the module's share of example i's reward is ``<B_i, tangent_i>`` (docs/concepts.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ._state import RngSnapshot, forward_ad_friendly
+
+__all__ = ["GhostRule", "ghost_rules", "register_ghost_rule"]
+
+# A rule: (module, args, kwargs, {local parameter name: direction}) -> tangent of the output,
+# a pytree shaped like the module's output. Frozen parameters have no entry (direction 0).
+TangentFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Mapping[str, Tensor]], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostRule:
+    """How the ``ghost`` method covers one module type.
+
+    Attributes:
+        tangent: ``(module, args, kwargs, direction) -> tangent of the module's output``.
+        recursive: the rule covers the parameters of the module's children too (as for
+            ``nn.MultiheadAttention``, whose ``out_proj`` forward never runs).
+        replays_forward: the rule runs the module's forward again; the RNG state of the
+            original call is replayed so that dropout draws the same mask.
+        batch_dims: ``(module, number of output tensors) -> batch dim of each output tensor``.
+    """
+
+    tangent: TangentFn
+    recursive: bool = False
+    replays_forward: bool = False
+    batch_dims: Callable[[nn.Module, int], Sequence[int]] = lambda module, n: [0] * n
+
+
+_RULES: dict[type[nn.Module], GhostRule] = {}
+
+
+def ghost_rules() -> dict[type[nn.Module], GhostRule]:
+    """A copy of the registry: module type -> the rule ``method='ghost'`` uses for it."""
+    return dict(_RULES)
+
+
+def register_ghost_rule(
+    *module_types: type[nn.Module],
+    recursive: bool = False,
+    replays_forward: bool = False,
+    batch_dims: Callable[[nn.Module, int], Sequence[int]] | None = None,
+) -> Callable[[TangentFn], TangentFn]:
+    """Decorator: use ``fn`` as the ghost rule for modules of exactly these types.
+
+    Types match exactly (a subclass may override ``forward``; it falls back to the JVP rule).
+    Registering a type twice raises instead of silently replacing the first rule.
+    """
+
+    def decorate(fn: TangentFn) -> TangentFn:
+        for cls in module_types:
+            if cls in _RULES:
+                raise ValueError(f"a ghost rule for {cls.__name__} is already registered")
+        rule = GhostRule(fn, recursive, replays_forward, batch_dims or GhostRule.batch_dims)
+        for cls in module_types:
+            _RULES[cls] = rule
+        return fn
+
+    return decorate
+
+
+def _param_direction(module: nn.Module, name: str, direction: Mapping[str, Tensor]) -> Tensor | None:
+    """The direction for ``module.<name>``: given, zero if frozen, None if the module has none."""
+    param = getattr(module, name)
+    if param is None:
+        return None
+    d = direction.get(name)
+    return torch.zeros_like(param) if d is None else d
+
+
+@register_ghost_rule(nn.Linear)
+def _linear(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+    return F.linear(args[0], _param_direction(module, "weight", direction),
+                    _param_direction(module, "bias", direction))
+
+
+@register_ghost_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+    # _conv_forward is the layer's own forward for a given weight (it handles padding_mode).
+    return module._conv_forward(  # type: ignore[operator]
+        args[0],
+        _param_direction(module, "weight", direction),
+        _param_direction(module, "bias", direction),
+    )
+
+
+@register_ghost_rule(nn.Embedding)
+def _embedding(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+    assert isinstance(module, nn.Embedding)  # noqa: S101 (narrowing for mypy, not validation)
+    idx = args[0]
+    out = F.embedding(idx, _param_direction(module, "weight", direction))
+    if module.padding_idx is not None:
+        # the padding row receives no gradient
+        out = out.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0.0)
+    if module.scale_grad_by_freq:
+        # the batch gradient of each row is divided by its count in the batch
+        counts = torch.bincount(idx.reshape(-1), minlength=module.num_embeddings)
+        out = out / counts[idx].unsqueeze(-1).to(out.dtype)
+    return out
+
+
+def _uses_batch_stats(module: nn.modules.batchnorm._BatchNorm) -> bool:
+    return module.training or (module.running_mean is None and module.running_var is None)
+
+
+@register_ghost_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batch_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+    assert isinstance(module, nn.modules.batchnorm._BatchNorm)  # noqa: S101 (mypy narrowing)
+    batch_stats = _uses_batch_stats(module)
+    # With batch statistics the running buffers are not read: pass None so nothing is updated.
+    return F.batch_norm(
+        args[0],
+        None if batch_stats else module.running_mean,
+        None if batch_stats else module.running_var,
+        _param_direction(module, "weight", direction),
+        _param_direction(module, "bias", direction),
+        training=batch_stats,
+        momentum=0.0,
+        eps=module.eps,
+    )
+
+
+@register_ghost_rule(nn.LayerNorm)
+def _layer_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+    assert isinstance(module, nn.LayerNorm)  # noqa: S101 (mypy narrowing)
+    return F.layer_norm(
+        args[0],
+        module.normalized_shape,
+        _param_direction(module, "weight", direction),
+        _param_direction(module, "bias", direction),
+        module.eps,
+    )
+
+
+@register_ghost_rule(nn.GroupNorm)
+def _group_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+    assert isinstance(module, nn.GroupNorm)  # noqa: S101 (mypy narrowing)
+    return F.group_norm(
+        args[0],
+        module.num_groups,
+        _param_direction(module, "weight", direction),
+        _param_direction(module, "bias", direction),
+        module.eps,
+    )
+
+
+if hasattr(nn, "RMSNorm"):
+
+    @register_ghost_rule(nn.RMSNorm)
+    def _rms_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+        return F.rms_norm(
+            args[0],
+            module.normalized_shape,  # type: ignore[arg-type]
+            _param_direction(module, "weight", direction),
+            module.eps,  # type: ignore[arg-type]
+        )
+
+
+def jvp_tangent(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Any:
+    """Tangent of ``module(*args, **kwargs)`` along ``direction`` by forward-mode AD.
+
+    Only the parameters named in ``direction`` (dotted names relative to ``module``) move;
+    everything else, children included, keeps its value.
+    """
+    with torch.no_grad(), forward_ad_friendly(), fwad.dual_level():
+        duals = {
+            name: fwad.make_dual(module.get_parameter(name).detach(), d)
+            for name, d in direction.items()
+        }
+        out = torch.func.functional_call(module, duals, args, kwargs)
+        leaves, spec = tree_flatten(out)
+        tangents = []
+        for leaf in leaves:
+            t = fwad.unpack_dual(leaf).tangent if isinstance(leaf, Tensor) else None
+            if t is None and isinstance(leaf, Tensor):
+                t = torch.zeros_like(leaf)
+            tangents.append(t)
+    return spec.unflatten(tangents)
+
+
+def _mha_batch_dims(module: nn.Module, n: int) -> list[int]:
+    # (attn_output, attn_weights): the weights are always batch-first
+    first = 0 if getattr(module, "batch_first", False) else 1
+    return [first, 0][:n]
+
+
+register_ghost_rule(
+    nn.MultiheadAttention, recursive=True, replays_forward=True, batch_dims=_mha_batch_dims
+)(jvp_tangent)
+
+FALLBACK_RULE = GhostRule(jvp_tangent, recursive=False, replays_forward=True)
+
+
+@dataclasses.dataclass
+class Entry:
+    """One covered module: its rule and ``{local parameter name: global name}``."""
+
+    name: str
+    module: nn.Module
+    rule: GhostRule
+    params: dict[str, str]
+
+
+def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> list[Entry]:
+    """Assign every trainable parameter to the modules whose rule covers it.
+
+    Raises (naming the modules) if a parameter would be left uncovered with
+    ``fallback='raise'``, or if a module cannot be probed without editing the model.
+    """
+    global_name = {id(p): n for n, p in trainable.items()}
+    entries: list[Entry] = []
+    covered_by_parent: set[str] = set()
+    uncovered: list[str] = []
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            raise ValueError(
+                f"module {mod_name!r} is an Embedding with max_norm={module.max_norm}, which "
+                "rewrites its weight in place during forward; the probe never edits the model"
+            )
+        if mod_name in covered_by_parent:
+            continue
+        rule = _RULES.get(type(module))
+        if rule is not None and rule.recursive:
+            named = module.named_parameters()
+            covered_by_parent.update(f"{mod_name}.{c}" if mod_name else c for c, _ in module.named_modules())
+        else:
+            named = module.named_parameters(recurse=False)
+        local = {n: global_name[id(p)] for n, p in named if id(p) in global_name}
+        if not local:
+            continue
+        if rule is None:
+            if fallback == "raise":
+                uncovered.append(f"{mod_name or '<root>'} ({type(module).__name__})")
+                continue
+            rule = FALLBACK_RULE
+        entries.append(Entry(mod_name or "<root>", module, rule, local))
+    if uncovered:
+        allowed = ", ".join(sorted(cls.__name__ for cls in _RULES))
+        raise ValueError(
+            f"method='ghost' has no rule for the trainable parameters of {uncovered}; "
+            f"rules exist for {allowed}. Use fallback='jvp', method='jvp', freeze them, or "
+            "register a rule with adaptive_data.register_ghost_rule"
+        )
+    return entries
+
+
+class _Call:
+    """One forward call of a covered module, kept until its outputs' gradients arrive."""
+
+    def __init__(self, entry: Entry, args: tuple, kwargs: dict, rng: RngSnapshot | None) -> None:
+        self.entry = entry
+        self.args = args
+        self.kwargs = kwargs
+        self.rng = rng
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        self.versions = [(t, t._version) for t in leaves]
+        self._tangents: list[Any] | None = None
+
+    def tangents(self, direction: Mapping[str, Tensor]) -> list[Any]:
+        if self._tangents is None:
+            for t, version in self.versions:
+                if t._version != version:
+                    raise RuntimeError(
+                        f"an input of module {self.entry.name!r} was modified in place after its "
+                        "forward, so method='ghost' cannot recompute its share; use method='jvp'"
+                    )
+            local = {n: direction[g] for n, g in self.entry.params.items()}
+            if self.rng is None:
+                out = self.entry.rule.tangent(self.entry.module, self.args, self.kwargs, local)
+            else:
+                with self.rng.replay():
+                    out = self.entry.rule.tangent(self.entry.module, self.args, self.kwargs, local)
+            self._tangents = tree_flatten(out)[0]
+        return self._tangents
+
+
+def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """``sum`` over every dim but ``dim`` of ``a * b``, as a float32 vector, without ``a * b``."""
+    a = a.movedim(dim, 0).reshape(a.shape[dim], 1, -1)
+    b = b.movedim(dim, 0).reshape(b.shape[dim], -1, 1)
+    return torch.bmm(a.float(), b.float()).view(-1)
+
+
+class GhostRun:
+    """Hooks for one probe call: capture on forward, accumulate ``r`` as gradients arrive."""
+
+    def __init__(self, entries: list[Entry], direction: Mapping[str, Tensor], n: int,
+                 devices: list[int], device: torch.device) -> None:
+        self.direction = direction
+        self.n = n
+        self.devices = devices
+        self.r = torch.zeros(n, dtype=torch.float32, device=device)
+        self.module_sums: dict[str, Tensor] = {}
+        self.active = True
+        self._rng: dict[int, RngSnapshot] = {}
+        self._handles: list[Any] = []
+        for entry in entries:
+            if entry.rule.replays_forward:
+                self._handles.append(entry.module.register_forward_pre_hook(
+                    functools.partial(self._before, entry)))
+            self._handles.append(entry.module.register_forward_hook(
+                functools.partial(self._after, entry), with_kwargs=True))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before(self, entry: Entry, module: nn.Module, args: tuple) -> None:
+        if self.active:
+            self._rng[id(entry)] = RngSnapshot(self.devices)
+
+    def _after(self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.active:
+            return
+        call = _Call(entry, args, kwargs, self._rng.pop(id(entry), None))
+        leaves = tree_flatten(output)[0]
+        dims = entry.rule.batch_dims(module, len(leaves))
+        for i, leaf in enumerate(leaves):
+            if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+                continue
+            dim = dims[i]
+            if leaf.dim() <= dim or leaf.shape[dim] != self.n:
+                raise ValueError(
+                    f"method='ghost' cannot attribute module {entry.name!r} "
+                    f"({type(module).__name__}) to examples: its output of shape "
+                    f"{list(leaf.shape)} does not hold the batch (size {self.n}) in dim {dim}; "
+                    "use method='jvp'"
+                )
+            leaf.register_hook(functools.partial(self._on_grad, call, i, dim))
+
+    def _on_grad(self, call: _Call, i: int, dim: int, grad: Tensor) -> None:
+        self.active = False  # a replayed forward must not be captured again
+        try:
+            tangent = call.tangents(self.direction)[i]
+        finally:
+            self.active = True
+        contribution = per_example_dot(grad, tangent, dim)
+        self.r += contribution
+        name = call.entry.name
+        self.module_sums[name] = self.module_sums.get(name, 0) + contribution.sum()

@@ -1,0 +1,345 @@
+"""GradientProbe: r_i = <grad_theta l_i(theta), D> for every example of a batch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from . import _ghost
+from ._batch import Inputs, batch_size, call_args, check_same_batch, per_example_losses
+from ._direction import Direction, check_direction, check_optimizer, precondition, trainable_parameters
+from ._state import _cuda_devices, forward_ad_friendly, preserved
+
+__all__ = ["METHODS", "GradientProbe"]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+METHODS = ("ghost", "jvp", "per_sample", "finite_difference", "head")
+
+
+class GradientProbe:
+    """Per-example gradient-alignment rewards ``r_i = <grad_theta l_i(theta), D>``.
+
+    ``l_i`` is example i's own loss (``loss_fn(model(x), y)[i]``, not divided by N) and ``D``
+    the reference direction, optionally preconditioned by the optimizer (docs/concepts.md).
+    Only trainable parameters (``requires_grad=True``) are part of ``D``; frozen ones are left
+    out. The probe never edits anything: parameters, buffers (BatchNorm running statistics),
+    ``.grad``, hooks, train/eval mode and the global RNG state are as before after every call.
+
+    Methods (``method=``):
+
+    * ``"ghost"`` (default): one forward and one backward of the batch; each covered layer's
+      share comes from its own forward run with ``D`` in place of its weights (Linear,
+      Conv1d/2d/3d, Embedding, affine BatchNorm/LayerNorm/GroupNorm/RMSNorm) or from a
+      forward-mode JVP of that module alone (``nn.MultiheadAttention`` with ``out_proj``, and
+      any other module holding trainable parameters when ``fallback="jvp"``). Exact. Assumes
+      each covered module sees the batch in dim 0 (``MultiheadAttention`` with
+      ``batch_first=False`` is handled) and raises otherwise. Cost: about one training step.
+    * ``"jvp"``: ``torch.func``-style forward-mode AD over the whole model: all N directional
+      derivatives in one forward pass. Exact; cost about 1-1.5 forward passes.
+    * ``"per_sample"``: ``vmap(grad)`` of each example alone (a batch of one), dotted with
+      ``D``. The test oracle; memory N x parameters (bounded by ``chunk_size``).
+    * ``"finite_difference"``: ``(l_i(theta + eps D) - l_i(theta - eps D)) / (2 eps)`` from two
+      no-grad forwards, with ``eps = rel_eps * ||theta|| / ||D||``. In float32 good to about 1%.
+    * ``"head"``: the closed form for the last ``nn.Linear`` only (the layer whose output is
+      the model's output); an approximation that needs no backward through the body.
+
+    BatchNorm in train mode couples the examples of a batch. ``ghost`` then gives each
+    example's share of the batch gradient (``A_i^T B_i`` with ``B`` the gradient of the summed
+    loss), ``jvp`` and ``finite_difference`` the derivative of the batched ``l_i``, and
+    ``per_sample`` example i normalised alone. The first three sum to exactly
+    ``<grad sum_i l_i, D>``; with BatchNorm in eval mode all exact methods agree per example.
+
+    Args:
+        model: the user's model; it is called as ``model(x)``, ``model(*x)`` for a tuple or
+            ``model(**x)`` for a dict.
+        loss_fn: ``loss_fn(output, target) -> Tensor [N]`` of per-example losses
+            (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
+        method: one of ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"``,
+            ``"head"``.
+        fallback: ``"jvp"`` (default) covers modules that ghost has no rule for with a JVP of
+            that module alone; ``"raise"`` refuses them at construction, naming them.
+        verify: for ``ghost``, check on every call that ``sum_i r_i`` equals
+            ``<grad sum_i l_i, D>`` (computed from the same backward); a mismatch means a
+            parameter was used outside its module's forward and raises, naming the modules.
+        rel_eps: the relative step of ``finite_difference``.
+        chunk_size: examples per ``vmap`` chunk for ``per_sample`` (None: all at once).
+
+    Example:
+        >>> probe = GradientProbe(model, nn.CrossEntropyLoss(reduction="none"))
+        >>> r = probe(x, y, reference=(x_ref, y_ref))  # Tensor [N]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        method: str = "ghost",
+        *,
+        fallback: str = "jvp",
+        verify: bool = True,
+        rel_eps: float = 1e-3,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn should be callable, but got {type(loss_fn).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method should be one of {', '.join(METHODS)}, but got method={method!r}")
+        if fallback not in ("jvp", "raise"):
+            raise ValueError(f"fallback should be 'jvp' or 'raise', but got fallback={fallback!r}")
+        if not (isinstance(rel_eps, float | int) and math.isfinite(rel_eps) and rel_eps > 0):
+            raise ValueError(f"rel_eps should be a positive finite number, but got rel_eps={rel_eps}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size should be a positive integer or None, but got chunk_size={chunk_size}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.method = method
+        self.fallback = fallback
+        self.verify = verify
+        self.rel_eps = float(rel_eps)
+        self.chunk_size = chunk_size
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("model has no trainable parameters (every requires_grad is False)")
+        self._plan = _ghost.plan(model, params, fallback) if method == "ghost" else []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={type(self.model).__name__}, method={self.method!r})"
+
+    # ------------------------------------------------------------------ public API
+
+    def __call__(
+        self,
+        x: Inputs,
+        y: Any,
+        *,
+        reference: tuple[Inputs, Any] | None = None,
+        direction: Mapping[str, Tensor] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> Tensor:
+        """Rewards of the batch ``(x, y)``: a float32 Tensor ``[N]``.
+
+        Exactly one of ``reference`` (a batch ``(x_ref, y_ref)``; ``d`` is the gradient of
+        ``loss_fn(model(x_ref), y_ref).mean()``) or ``direction`` (``{parameter name: tensor}``
+        keyed like ``model.named_parameters()``, trainable ones only) must be given. With
+        ``optimizer`` (SGD, Adam, AdamW) ``d`` is preconditioned to the step it really takes.
+        """
+        if (reference is None) == (direction is None):
+            raise ValueError("pass exactly one of reference=(x_ref, y_ref) or direction={name: tensor}")
+        n = batch_size(x)
+        check_same_batch(y, n)
+        params = trainable_parameters(self.model)
+        if optimizer is not None:
+            check_optimizer(optimizer, params)
+        if direction is not None:
+            d = check_direction(direction, params)
+        else:
+            if not (isinstance(reference, tuple | list) and len(reference) == 2):
+                raise TypeError(
+                    f"reference should be a pair (x_ref, y_ref), but got {type(reference).__name__}"
+                    + (f" of length {len(reference)}" if isinstance(reference, tuple | list) else "")
+                )
+            d = self.reference_direction(*reference)
+        d = precondition(d, params, optimizer)
+        args, kwargs = call_args(x)
+        with preserved(self.model):
+            r = getattr(self, f"_{self.method}")(args, kwargs, y, n, d, params)
+        return r
+
+    def reference_direction(self, x_ref: Inputs, y_ref: Any) -> Direction:
+        """``d = grad_theta loss_fn(model(x_ref), y_ref).mean()`` as ``{name: tensor}``.
+
+        Raises if it holds NaN or inf. Leaves the model untouched (``.grad`` included).
+        """
+        n = batch_size(x_ref, "x_ref")
+        check_same_batch(y_ref, n)
+        params = trainable_parameters(self.model)
+        args, kwargs = call_args(x_ref)
+        with preserved(self.model):
+            if self.method == "head":
+                d = self._head_reference(args, kwargs, y_ref, n, params)
+            else:
+                with torch.enable_grad():
+                    losses = per_example_losses(self.loss_fn, self.model(*args, **kwargs), y_ref, n)
+                    grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+                d = {
+                    name: torch.zeros_like(p) if g is None else g
+                    for (name, p), g in zip(params.items(), grads)
+                }
+        for name, g in d.items():
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"the reference gradient of {name!r} contains NaN or inf")
+        return d
+
+    # ------------------------------------------------------------------ methods
+
+    def _ghost(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
+               params: dict[str, nn.Parameter]) -> Tensor:
+        device = next(iter(params.values())).device
+        run = _ghost.GhostRun(self._plan, d, n, _cuda_devices(self.model), device)
+        try:
+            with torch.enable_grad():
+                losses = per_example_losses(self.loss_fn, self.model(*args, **kwargs), y, n)
+                # Asking for the weight gradients makes the backward reach every covered layer
+                # (output hooks fire there) and gives <G, D> for the check below.
+                grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+        finally:
+            run.close()
+        if self.verify:
+            self._verify_ghost(run, dict(zip(params, grads)), d)
+        return run.r
+
+    def _verify_ghost(self, run: _ghost.GhostRun, grads: Mapping[str, Tensor | None],
+                      d: Direction) -> None:
+        def dot(names: Any) -> tuple[float, float]:
+            total, scale = 0.0, 0.0
+            for name in names:
+                g = grads[name]
+                if g is None:
+                    continue
+                g = g.to_dense() if g.is_sparse else g
+                prod = g.double() * d[name].double()
+                total += float(prod.sum())
+                scale += float(prod.abs().sum())
+            return total, scale
+
+        expected, scale = dot(grads)
+        got = float(run.r.double().sum())
+        if abs(got - expected) <= 1e-3 * (scale + float(run.r.abs().sum())) + 1e-30:
+            return
+        suspects = []
+        for entry in self._plan:
+            want, s = dot(entry.params.values())
+            have = float(run.module_sums.get(entry.name, 0.0))
+            if abs(have - want) > 1e-3 * (s + abs(have)) + 1e-30:
+                suspects.append(f"{entry.name} ({type(entry.module).__name__})")
+        raise RuntimeError(
+            f"method='ghost' accounted for sum_i r_i = {got:.6g}, but <grad sum_i l_i, D> = "
+            f"{expected:.6g}: some parameters are used outside their module's forward "
+            f"(e.g. tied weights read directly). Modules whose share does not match: {suspects}. "
+            "Use method='jvp', or verify=False to accept the partial reward"
+        )
+
+    def _jvp(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
+             params: dict[str, nn.Parameter]) -> Tensor:
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        with torch.no_grad(), forward_ad_friendly(), fwad.dual_level():
+            duals = {name: fwad.make_dual(p.detach(), d[name]) for name, p in params.items()}
+            out = functional_call(self.model, {**duals, **buffers}, args, kwargs)
+            losses = per_example_losses(self.loss_fn, out, y, n)
+            tangent = fwad.unpack_dual(losses).tangent
+        if tangent is None:  # the loss does not depend on any trainable parameter
+            return torch.zeros(n, dtype=torch.float32, device=losses.device)
+        return tangent.float()
+
+    def _finite_difference(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
+                           params: dict[str, nn.Parameter]) -> Tensor:
+        theta_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
+        d_norm = math.sqrt(sum(float(t.double().square().sum()) for t in d.values()))
+        if d_norm == 0.0:
+            device = next(iter(params.values())).device
+            return torch.zeros(n, dtype=torch.float32, device=device)
+        eps = self.rel_eps * max(theta_norm, 1.0) / d_norm
+        rng = torch.get_rng_state()
+        losses = []
+        with torch.no_grad():
+            for sign in (1.0, -1.0):
+                torch.set_rng_state(rng)  # the same dropout masks on both sides
+                moved = {name: p.detach() + sign * eps * d[name] for name, p in params.items()}
+                out = functional_call(self.model, moved, args, kwargs)
+                losses.append(per_example_losses(self.loss_fn, out, y, n).double())
+        return ((losses[0] - losses[1]) / (2.0 * eps)).float()
+
+    def _per_sample(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
+                    params: dict[str, nn.Parameter]) -> Tensor:
+        model, loss_fn = self.model, self.loss_fn
+        # One copy of every buffer per example, so in-place updates (BatchNorm running stats in
+        # train mode) land on batched tensors instead of failing.
+        buffers = {name: b.detach().unsqueeze(0).expand(n, *b.shape).clone()
+                   for name, b in model.named_buffers()}
+        detached = {name: p.detach() for name, p in params.items()}
+
+        def loss_one(p: dict, b: dict, a: tuple, k: dict, t: Any) -> Tensor:
+            a, k, t = tree_map(lambda v: v.unsqueeze(0) if isinstance(v, Tensor) else v, (a, k, t))
+            out = functional_call(model, {**p, **b}, a, k)
+            return per_example_losses(loss_fn, out, t, 1).sum()
+
+        def reward_one(p: dict, b: dict, a: tuple, k: dict, t: Any) -> Tensor:
+            g = grad(loss_one)(p, b, a, k, t)
+            return sum((g[name] * d[name]).sum() for name in d)  # type: ignore[return-value]
+
+        batched = vmap(reward_one, in_dims=(None, 0, 0, 0, 0), randomness="different",
+                       chunk_size=self.chunk_size)
+        with forward_ad_friendly():
+            return batched(detached, buffers, args, kwargs, y).float()
+
+    # ------------------------------------------------------------------ head
+
+    def _head_forward(self, args: tuple, kwargs: dict) -> tuple[nn.Linear, Tensor, Tensor]:
+        """Run the model without autograd; return its last Linear, that layer's input and output."""
+        seen: list[tuple[nn.Linear, Tensor, Tensor]] = []
+
+        def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            seen.append((module, inputs[0], output))  # type: ignore[arg-type]
+
+        handles = [m.register_forward_hook(keep) for m in self.model.modules() if isinstance(m, nn.Linear)]
+        try:
+            with torch.no_grad():
+                out = self.model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for module, inp, output in reversed(seen):
+            if output is out:
+                return module, inp, out
+        raise ValueError(
+            "method='head' needs the model's output to be the output of an nn.Linear layer "
+            f"(the head), but the model returned {type(out).__name__} from another operation"
+        )
+
+    def _head_names(self, head: nn.Linear, params: Mapping[str, nn.Parameter]) -> dict[str, str]:
+        by_id = {id(p): name for name, p in params.items()}
+        return {local: by_id[id(p)] for local, p in head.named_parameters() if id(p) in by_id}
+
+    def _head_output_grad(self, logits: Tensor, y: Any, n: int, mean: bool) -> Tensor:
+        logits = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = per_example_losses(self.loss_fn, logits, y, n)
+            total = losses.mean() if mean else losses.sum()
+            (g,) = torch.autograd.grad(total, logits)
+        return g
+
+    def _head(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
+              params: dict[str, nn.Parameter]) -> Tensor:
+        head, inp, out = self._head_forward(args, kwargs)
+        names = self._head_names(head, params)
+        if not names:
+            raise ValueError("method='head': the last Linear layer has no trainable parameters")
+        b = self._head_output_grad(out, y, n, mean=False)
+        local = {k: d[g] for k, g in names.items()}
+        weight = local.get("weight", torch.zeros_like(head.weight))
+        bias = None if head.bias is None else local.get("bias", torch.zeros_like(head.bias))
+        return _ghost.per_example_dot(b, F.linear(inp, weight, bias), 0)
+
+    def _head_reference(self, args: tuple, kwargs: dict, y: Any, n: int,
+                        params: dict[str, nn.Parameter]) -> Direction:
+        head, inp, out = self._head_forward(args, kwargs)
+        b = self._head_output_grad(out, y, n, mean=True)
+        d = {name: torch.zeros_like(p) for name, p in params.items()}
+        names = self._head_names(head, params)
+        b2, a2 = b.reshape(-1, b.shape[-1]), inp.reshape(-1, inp.shape[-1])
+        if "weight" in names:
+            d[names["weight"]] = b2.T @ a2
+        if "bias" in names:
+            d[names["bias"]] = b2.sum(0)
+        return d

@@ -1,0 +1,73 @@
+"""Context managers that let the probe run the user's model without leaving a trace on it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__: list[str] = []
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    devices = {t.device.index for t in model.parameters() if t.device.type == "cuda"}
+    devices |= {t.device.index for t in model.buffers() if t.device.type == "cuda"}
+    return sorted(d if d is not None else torch.cuda.current_device() for d in devices)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Run a block and then put back every buffer, the train/eval flags and the global RNG.
+
+    BatchNorm's running statistics (and any other buffer the forward writes) are snapshot and
+    copied back in place, so tensors the user holds keep their identity. Parameters and
+    ``.grad`` are not touched because the probe only ever calls ``torch.autograd.grad``.
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, saved in buffers:
+                    buf.copy_(saved)
+            for module, training in modes:
+                module.training = training
+
+
+@contextlib.contextmanager
+def forward_ad_friendly() -> Iterator[None]:
+    """Route attention through kernels that implement forward-mode AD.
+
+    The fused scaled-dot-product-attention kernels and the ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer`` fast paths have no forward-AD formula; the math backend has.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+class RngSnapshot:
+    """The global RNG state at one moment, to replay a module's forward with the same draws."""
+
+    def __init__(self, devices: list[int]) -> None:
+        self.devices = devices
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for d, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, d)
+            yield
