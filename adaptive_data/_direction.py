@@ -103,3 +103,28 @@ def precondition(
             d = -d
         out[name] = d
     return out
+
+
+def gradient_free_rows(model: nn.Module, params: Mapping[str, Tensor]) -> list[tuple[str, int]]:
+    """``(parameter name, row)`` of weights that backward never updates.
+
+    An Embedding's ``padding_idx`` row gets no gradient, so no step moves it; forward-mode and
+    finite-difference methods would otherwise see it move along ``d``.
+    """
+    by_id = {id(p): name for name, p in params.items()}
+    rows = []
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            name = by_id.get(id(module.weight))
+            if name is not None:
+                rows.append((name, module.padding_idx))
+    return rows
+
+
+def zero_rows(direction: Direction, rows: list[tuple[str, int]]) -> Direction:
+    """A copy of ``direction`` with the given rows set to 0."""
+    out = dict(direction)
+    for name, row in rows:
+        out[name] = out[name].clone()
+        out[name][row] = 0
+    return out

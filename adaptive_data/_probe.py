@@ -15,7 +15,15 @@ from torch.utils._pytree import tree_map
 
 from . import _ghost
 from ._batch import Inputs, batch_size, call_args, check_same_batch, per_example_losses
-from ._direction import Direction, check_direction, check_optimizer, precondition, trainable_parameters
+from ._direction import (
+    Direction,
+    check_direction,
+    check_optimizer,
+    gradient_free_rows,
+    precondition,
+    trainable_parameters,
+    zero_rows,
+)
 from ._state import _cuda_devices, forward_ad_friendly, preserved
 
 __all__ = ["METHODS", "GradientProbe"]
@@ -31,7 +39,8 @@ class GradientProbe:
     ``l_i`` is example i's own loss (``loss_fn(model(x), y)[i]``, not divided by N) and ``D``
     the reference direction, optionally preconditioned by the optimizer (docs/concepts.md).
     Only trainable parameters (``requires_grad=True``) are part of ``D``; frozen ones are left
-    out. The probe never edits anything: parameters, buffers (BatchNorm running statistics),
+    out, and so are rows that backward never updates (an Embedding's ``padding_idx`` row).
+    The probe never edits anything: parameters, buffers (BatchNorm running statistics),
     ``.grad``, hooks, train/eval mode and the global RNG state are as before after every call.
 
     Methods (``method=``):
@@ -112,6 +121,8 @@ class GradientProbe:
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
         self._plan = _ghost.plan(model, params, fallback) if method == "ghost" else []
+        self._frozen_rows = gradient_free_rows(model, params)
+        self._param_ids = tuple(id(p) for p in params.values())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={type(self.model).__name__}, method={self.method!r})"
@@ -136,9 +147,15 @@ class GradientProbe:
         """
         if (reference is None) == (direction is None):
             raise ValueError("pass exactly one of reference=(x_ref, y_ref) or direction={name: tensor}")
+        args, kwargs = call_args(x)
         n = batch_size(x)
         check_same_batch(y, n)
         params = trainable_parameters(self.model)
+        if tuple(id(p) for p in params.values()) != self._param_ids:
+            raise RuntimeError(
+                "the model's trainable parameters changed since this GradientProbe was built "
+                "(requires_grad toggled or parameters replaced); build a new GradientProbe"
+            )
         if optimizer is not None:
             check_optimizer(optimizer, params)
         if direction is not None:
@@ -151,7 +168,8 @@ class GradientProbe:
                 )
             d = self.reference_direction(*reference)
         d = precondition(d, params, optimizer)
-        args, kwargs = call_args(x)
+        if self._frozen_rows:
+            d = zero_rows(d, self._frozen_rows)
         with preserved(self.model):
             r = getattr(self, f"_{self.method}")(args, kwargs, y, n, d, params)
         return r
@@ -161,10 +179,10 @@ class GradientProbe:
 
         Raises if it holds NaN or inf. Leaves the model untouched (``.grad`` included).
         """
+        args, kwargs = call_args(x_ref)
         n = batch_size(x_ref, "x_ref")
         check_same_batch(y_ref, n)
         params = trainable_parameters(self.model)
-        args, kwargs = call_args(x_ref)
         with preserved(self.model):
             if self.method == "head":
                 d = self._head_reference(args, kwargs, y_ref, n, params)
@@ -263,6 +281,8 @@ class GradientProbe:
     def _per_sample(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
                     params: dict[str, nn.Parameter]) -> Tensor:
         model, loss_fn = self.model, self.loss_fn
+        with torch.no_grad():  # check loss_fn on the whole batch, for the same message as elsewhere
+            per_example_losses(loss_fn, model(*args, **kwargs), y, n)
         # One copy of every buffer per example, so in-place updates (BatchNorm running stats in
         # train mode) land on batched tensors instead of failing.
         buffers = {name: b.detach().unsqueeze(0).expand(n, *b.shape).clone()
