@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
@@ -23,7 +22,8 @@ def call_args(x: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(x, Mapping):
         return (), dict(x)
     raise TypeError(
-        f"x should be a Tensor, a tuple/list of tensors or a dict of tensors, but got {type(x).__name__}"
+        "x should be a Tensor, a tuple/list of tensors or a dict of tensors, "
+        f"but got {type(x).__name__}"
     )
 
 
@@ -37,10 +37,14 @@ def batch_size(x: Inputs, what: str = "x") -> int:
         raise ValueError(f"{what} should have a batch dimension, but it holds a 0-dim tensor")
     if len(sizes) != 1:
         found = sorted(s[0] for s in sizes)
-        raise ValueError(f"the tensors in {what} should share one batch size, but got sizes {found}")
+        raise ValueError(
+            f"the tensors in {what} should share one batch size, but got sizes {found}"
+        )
     (n,) = sizes.pop()
     if n == 0:
-        raise ValueError(f"{what} is an empty batch (batch size 0); the probe needs at least one example")
+        raise ValueError(
+            f"{what} is an empty batch (batch size 0); the probe needs at least one example"
+        )
     return n
 
 
@@ -49,7 +53,9 @@ def check_same_batch(y: Any, n: int) -> None:
     for t in tree_flatten(y)[0]:
         if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != n):
             shape = tuple(t.shape)
-            raise ValueError(f"y should have batch size {n} like x, but holds a tensor of shape {shape}")
+            raise ValueError(
+                f"y should have batch size {n} like x, but holds a tensor of shape {shape}"
+            )
 
 
 def per_example_losses(
@@ -72,5 +78,7 @@ def per_example_losses(
             f"but got shape {list(losses.shape)}"
         )
     if not losses.is_floating_point():
-        raise TypeError(f"loss_fn should return floating-point losses, but got dtype {losses.dtype}")
+        raise TypeError(
+            f"loss_fn should return floating-point losses, but got dtype {losses.dtype}"
+        )
     return losses

@@ -23,7 +23,8 @@ def check_direction(direction: Mapping[str, Tensor], params: Mapping[str, Tensor
     """Validate ``direction`` against the trainable parameters; return it on their device/dtype."""
     if not isinstance(direction, Mapping):
         raise TypeError(
-            f"direction should be a dict {{parameter name: tensor}}, but got {type(direction).__name__}"
+            "direction should be a dict {parameter name: tensor}, "
+            f"but got {type(direction).__name__}"
         )
     missing = [n for n in params if n not in direction]
     extra = [n for n in direction if n not in params]
@@ -45,7 +46,9 @@ def check_direction(direction: Mapping[str, Tensor], params: Mapping[str, Tensor
                 f"but the parameter has shape {list(p.shape)}"
             )
         if not (d.is_floating_point() or d.is_complex()):
-            raise TypeError(f"direction[{name!r}] should be floating point, but got dtype {d.dtype}")
+            raise TypeError(
+                f"direction[{name!r}] should be floating point, but got dtype {d.dtype}"
+            )
         d = d.detach().to(device=p.device, dtype=p.dtype)
         if not bool(torch.isfinite(d).all()):
             raise ValueError(f"direction[{name!r}] contains NaN or inf")
@@ -92,7 +95,7 @@ def precondition(
         if group is None:
             out[name] = torch.zeros_like(d)
             continue
-        state = optimizer.state.get(p, {})  # type: ignore[call-overload]
+        state = optimizer.state.get(p, {})
         if adam and "exp_avg_sq" in state:
             v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
             step = float(state["step"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -82,7 +82,9 @@ def register_ghost_rule(
     return decorate
 
 
-def _param_direction(module: nn.Module, name: str, direction: Mapping[str, Tensor]) -> Tensor | None:
+def _param_direction(
+    module: nn.Module, name: str, direction: Mapping[str, Tensor]
+) -> Tensor | None:
     """The direction for ``module.<name>``: given, zero if frozen, None if the module has none."""
     param = getattr(module, name)
     if param is None:
@@ -91,10 +93,20 @@ def _param_direction(module: nn.Module, name: str, direction: Mapping[str, Tenso
     return torch.zeros_like(param) if d is None else d
 
 
+def _weight_direction(module: nn.Module, direction: Mapping[str, Tensor]) -> Tensor:
+    d = direction.get("weight")
+    return torch.zeros_like(cast(Tensor, module.weight)) if d is None else d
+
+
 @register_ghost_rule(nn.Linear)
-def _linear(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
-    return F.linear(args[0], _param_direction(module, "weight", direction),
-                    _param_direction(module, "bias", direction))
+def _linear(
+    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+) -> Tensor:
+    return F.linear(
+        args[0],
+        _weight_direction(module, direction),
+        _param_direction(module, "bias", direction),
+    )
 
 
 @register_ghost_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -108,10 +120,12 @@ def _conv(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, 
 
 
 @register_ghost_rule(nn.Embedding)
-def _embedding(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
-    assert isinstance(module, nn.Embedding)  # noqa: S101 (narrowing for mypy, not validation)
+def _embedding(
+    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+) -> Tensor:
+    module = cast(nn.Embedding, module)
     idx = args[0]
-    out = F.embedding(idx, _param_direction(module, "weight", direction))
+    out = F.embedding(idx, _weight_direction(module, direction))
     if module.padding_idx is not None:
         # the padding row receives no gradient
         out = out.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0.0)
@@ -127,8 +141,10 @@ def _uses_batch_stats(module: nn.modules.batchnorm._BatchNorm) -> bool:
 
 
 @register_ghost_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def _batch_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
-    assert isinstance(module, nn.modules.batchnorm._BatchNorm)  # noqa: S101 (mypy narrowing)
+def _batch_norm(
+    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+) -> Tensor:
+    module = cast(nn.modules.batchnorm._BatchNorm, module)
     batch_stats = _uses_batch_stats(module)
     # With batch statistics the running buffers are not read: pass None so nothing is updated.
     return F.batch_norm(
@@ -144,8 +160,10 @@ def _batch_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping
 
 
 @register_ghost_rule(nn.LayerNorm)
-def _layer_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
-    assert isinstance(module, nn.LayerNorm)  # noqa: S101 (mypy narrowing)
+def _layer_norm(
+    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+) -> Tensor:
+    module = cast(nn.LayerNorm, module)
     return F.layer_norm(
         args[0],
         module.normalized_shape,
@@ -156,8 +174,10 @@ def _layer_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping
 
 
 @register_ghost_rule(nn.GroupNorm)
-def _group_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
-    assert isinstance(module, nn.GroupNorm)  # noqa: S101 (mypy narrowing)
+def _group_norm(
+    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+) -> Tensor:
+    module = cast(nn.GroupNorm, module)
     return F.group_norm(
         args[0],
         module.num_groups,
@@ -170,7 +190,9 @@ def _group_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping
 if hasattr(nn, "RMSNorm"):
 
     @register_ghost_rule(nn.RMSNorm)
-    def _rms_norm(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Tensor:
+    def _rms_norm(
+        module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+    ) -> Tensor:
         return F.rms_norm(
             args[0],
             module.normalized_shape,  # type: ignore[arg-type]
@@ -179,7 +201,9 @@ if hasattr(nn, "RMSNorm"):
         )
 
 
-def jvp_tangent(module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]) -> Any:
+def jvp_tangent(
+    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+) -> Any:
     """Tangent of ``module(*args, **kwargs)`` along ``direction`` by forward-mode AD.
 
     Only the parameters named in ``direction`` (dotted names relative to ``module``) move;
@@ -245,7 +269,9 @@ def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> li
         rule = _RULES.get(type(module))
         if rule is not None and rule.recursive:
             named = module.named_parameters()
-            covered_by_parent.update(f"{mod_name}.{c}" if mod_name else c for c, _ in module.named_modules())
+            covered_by_parent.update(
+                f"{mod_name}.{c}" if mod_name else c for c, _ in module.named_modules()
+            )
         else:
             named = module.named_parameters(recurse=False)
         local = {n: global_name[id(p)] for n, p in named if id(p) in global_name}
@@ -307,8 +333,14 @@ def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
 class GhostRun:
     """Hooks for one probe call: capture on forward, accumulate ``r`` as gradients arrive."""
 
-    def __init__(self, entries: list[Entry], direction: Mapping[str, Tensor], n: int,
-                 devices: list[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        entries: list[Entry],
+        direction: Mapping[str, Tensor],
+        n: int,
+        devices: list[int],
+        device: torch.device,
+    ) -> None:
         self.direction = direction
         self.n = n
         self.devices = devices
@@ -319,10 +351,14 @@ class GhostRun:
         self._handles: list[Any] = []
         for entry in entries:
             if entry.rule.replays_forward:
-                self._handles.append(entry.module.register_forward_pre_hook(
-                    functools.partial(self._before, entry)))
-            self._handles.append(entry.module.register_forward_hook(
-                functools.partial(self._after, entry), with_kwargs=True))
+                self._handles.append(
+                    entry.module.register_forward_pre_hook(functools.partial(self._before, entry))
+                )
+            self._handles.append(
+                entry.module.register_forward_hook(
+                    functools.partial(self._after, entry), with_kwargs=True
+                )
+            )
 
     def close(self) -> None:
         for handle in self._handles:
@@ -333,7 +369,9 @@ class GhostRun:
         if self.active:
             self._rng[id(entry)] = RngSnapshot(self.devices)
 
-    def _after(self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _after(
+        self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
         if not self.active:
             return
         call = _Call(entry, args, kwargs, self._rng.pop(id(entry), None))

@@ -24,7 +24,8 @@ from ._direction import (
     trainable_parameters,
     zero_rows,
 )
-from ._state import _cuda_devices, forward_ad_friendly, preserved
+from ._ghost import GhostRun
+from ._state import cuda_devices, forward_ad_friendly, preserved
 
 __all__ = ["METHODS", "GradientProbe"]
 
@@ -103,13 +104,19 @@ class GradientProbe:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn should be callable, but got {type(loss_fn).__name__}")
         if method not in METHODS:
-            raise ValueError(f"method should be one of {', '.join(METHODS)}, but got method={method!r}")
+            raise ValueError(
+                f"method should be one of {', '.join(METHODS)}, but got method={method!r}"
+            )
         if fallback not in ("jvp", "raise"):
             raise ValueError(f"fallback should be 'jvp' or 'raise', but got fallback={fallback!r}")
         if not (isinstance(rel_eps, float | int) and math.isfinite(rel_eps) and rel_eps > 0):
-            raise ValueError(f"rel_eps should be a positive finite number, but got rel_eps={rel_eps}")
+            raise ValueError(
+                f"rel_eps should be a positive finite number, but got rel_eps={rel_eps}"
+            )
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size should be a positive integer or None, but got chunk_size={chunk_size}")
+            raise ValueError(
+                f"chunk_size should be a positive integer or None, but got chunk_size={chunk_size}"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.method = method
@@ -146,7 +153,9 @@ class GradientProbe:
         ``optimizer`` (SGD, Adam, AdamW) ``d`` is preconditioned to the step it really takes.
         """
         if (reference is None) == (direction is None):
-            raise ValueError("pass exactly one of reference=(x_ref, y_ref) or direction={name: tensor}")
+            raise ValueError(
+                "pass exactly one of reference=(x_ref, y_ref) or direction={name: tensor}"
+            )
         args, kwargs = call_args(x)
         n = batch_size(x)
         check_same_batch(y, n)
@@ -164,14 +173,18 @@ class GradientProbe:
             if not (isinstance(reference, tuple | list) and len(reference) == 2):
                 raise TypeError(
                     f"reference should be a pair (x_ref, y_ref), but got {type(reference).__name__}"
-                    + (f" of length {len(reference)}" if isinstance(reference, tuple | list) else "")
+                    + (
+                        f" of length {len(reference)}"
+                        if isinstance(reference, tuple | list)
+                        else ""
+                    )
                 )
             d = self.reference_direction(*reference)
         d = precondition(d, params, optimizer)
         if self._frozen_rows:
             d = zero_rows(d, self._frozen_rows)
         with preserved(self.model):
-            r = getattr(self, f"_{self.method}")(args, kwargs, y, n, d, params)
+            r = getattr(self, f"_run_{self.method}")(args, kwargs, y, n, d, params)
         return r
 
     def reference_direction(self, x_ref: Inputs, y_ref: Any) -> Direction:
@@ -189,10 +202,12 @@ class GradientProbe:
             else:
                 with torch.enable_grad():
                     losses = per_example_losses(self.loss_fn, self.model(*args, **kwargs), y_ref, n)
-                    grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+                    grads = torch.autograd.grad(
+                        losses.mean(), list(params.values()), allow_unused=True
+                    )
                 d = {
                     name: torch.zeros_like(p) if g is None else g
-                    for (name, p), g in zip(params.items(), grads)
+                    for (name, p), g in zip(params.items(), grads, strict=True)
                 }
         for name, g in d.items():
             if not bool(torch.isfinite(g).all()):
@@ -201,10 +216,17 @@ class GradientProbe:
 
     # ------------------------------------------------------------------ methods
 
-    def _ghost(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
-               params: dict[str, nn.Parameter]) -> Tensor:
+    def _run_ghost(
+        self,
+        args: tuple,
+        kwargs: dict,
+        y: Any,
+        n: int,
+        d: Direction,
+        params: dict[str, nn.Parameter],
+    ) -> Tensor:
         device = next(iter(params.values())).device
-        run = _ghost.GhostRun(self._plan, d, n, _cuda_devices(self.model), device)
+        run = GhostRun(self._plan, d, n, cuda_devices(self.model), device)
         try:
             with torch.enable_grad():
                 losses = per_example_losses(self.loss_fn, self.model(*args, **kwargs), y, n)
@@ -214,11 +236,12 @@ class GradientProbe:
         finally:
             run.close()
         if self.verify:
-            self._verify_ghost(run, dict(zip(params, grads)), d)
+            self._verify_ghost(run, dict(zip(params, grads, strict=True)), d)
         return run.r
 
-    def _verify_ghost(self, run: _ghost.GhostRun, grads: Mapping[str, Tensor | None],
-                      d: Direction) -> None:
+    def _verify_ghost(
+        self, run: GhostRun, grads: Mapping[str, Tensor | None], d: Direction
+    ) -> None:
         def dot(names: Any) -> tuple[float, float]:
             total, scale = 0.0, 0.0
             for name in names:
@@ -248,8 +271,15 @@ class GradientProbe:
             "Use method='jvp', or verify=False to accept the partial reward"
         )
 
-    def _jvp(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
-             params: dict[str, nn.Parameter]) -> Tensor:
+    def _run_jvp(
+        self,
+        args: tuple,
+        kwargs: dict,
+        y: Any,
+        n: int,
+        d: Direction,
+        params: dict[str, nn.Parameter],
+    ) -> Tensor:
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         with torch.no_grad(), forward_ad_friendly(), fwad.dual_level():
             duals = {name: fwad.make_dual(p.detach(), d[name]) for name, p in params.items()}
@@ -260,9 +290,18 @@ class GradientProbe:
             return torch.zeros(n, dtype=torch.float32, device=losses.device)
         return tangent.float()
 
-    def _finite_difference(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
-                           params: dict[str, nn.Parameter]) -> Tensor:
-        theta_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
+    def _run_finite_difference(
+        self,
+        args: tuple,
+        kwargs: dict,
+        y: Any,
+        n: int,
+        d: Direction,
+        params: dict[str, nn.Parameter],
+    ) -> Tensor:
+        theta_norm = math.sqrt(
+            sum(float(p.detach().double().square().sum()) for p in params.values())
+        )
         d_norm = math.sqrt(sum(float(t.double().square().sum()) for t in d.values()))
         if d_norm == 0.0:
             device = next(iter(params.values())).device
@@ -278,15 +317,24 @@ class GradientProbe:
                 losses.append(per_example_losses(self.loss_fn, out, y, n).double())
         return ((losses[0] - losses[1]) / (2.0 * eps)).float()
 
-    def _per_sample(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
-                    params: dict[str, nn.Parameter]) -> Tensor:
+    def _run_per_sample(
+        self,
+        args: tuple,
+        kwargs: dict,
+        y: Any,
+        n: int,
+        d: Direction,
+        params: dict[str, nn.Parameter],
+    ) -> Tensor:
         model, loss_fn = self.model, self.loss_fn
         with torch.no_grad():  # check loss_fn on the whole batch, for the same message as elsewhere
             per_example_losses(loss_fn, model(*args, **kwargs), y, n)
         # One copy of every buffer per example, so in-place updates (BatchNorm running stats in
         # train mode) land on batched tensors instead of failing.
-        buffers = {name: b.detach().unsqueeze(0).expand(n, *b.shape).clone()
-                   for name, b in model.named_buffers()}
+        buffers = {
+            name: b.detach().unsqueeze(0).expand(n, *b.shape).clone()
+            for name, b in model.named_buffers()
+        }
         detached = {name: p.detach() for name, p in params.items()}
 
         def loss_one(p: dict, b: dict, a: tuple, k: dict, t: Any) -> Tensor:
@@ -296,10 +344,14 @@ class GradientProbe:
 
         def reward_one(p: dict, b: dict, a: tuple, k: dict, t: Any) -> Tensor:
             g = grad(loss_one)(p, b, a, k, t)
-            return sum((g[name] * d[name]).sum() for name in d)  # type: ignore[return-value]
+            return torch.stack([(g[name] * d[name]).sum() for name in d]).sum()
 
-        batched = vmap(reward_one, in_dims=(None, 0, 0, 0, 0), randomness="different",
-                       chunk_size=self.chunk_size)
+        batched = vmap(
+            reward_one,
+            in_dims=(None, 0, 0, 0, 0),
+            randomness="different",
+            chunk_size=self.chunk_size,
+        )
         with forward_ad_friendly():
             return batched(detached, buffers, args, kwargs, y).float()
 
@@ -312,7 +364,9 @@ class GradientProbe:
         def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             seen.append((module, inputs[0], output))  # type: ignore[arg-type]
 
-        handles = [m.register_forward_hook(keep) for m in self.model.modules() if isinstance(m, nn.Linear)]
+        handles = [
+            m.register_forward_hook(keep) for m in self.model.modules() if isinstance(m, nn.Linear)
+        ]
         try:
             with torch.no_grad():
                 out = self.model(*args, **kwargs)
@@ -339,8 +393,15 @@ class GradientProbe:
             (g,) = torch.autograd.grad(total, logits)
         return g
 
-    def _head(self, args: tuple, kwargs: dict, y: Any, n: int, d: Direction,
-              params: dict[str, nn.Parameter]) -> Tensor:
+    def _run_head(
+        self,
+        args: tuple,
+        kwargs: dict,
+        y: Any,
+        n: int,
+        d: Direction,
+        params: dict[str, nn.Parameter],
+    ) -> Tensor:
         head, inp, out = self._head_forward(args, kwargs)
         names = self._head_names(head, params)
         if not names:
@@ -351,8 +412,9 @@ class GradientProbe:
         bias = None if head.bias is None else local.get("bias", torch.zeros_like(head.bias))
         return _ghost.per_example_dot(b, F.linear(inp, weight, bias), 0)
 
-    def _head_reference(self, args: tuple, kwargs: dict, y: Any, n: int,
-                        params: dict[str, nn.Parameter]) -> Direction:
+    def _head_reference(
+        self, args: tuple, kwargs: dict, y: Any, n: int, params: dict[str, nn.Parameter]
+    ) -> Direction:
         head, inp, out = self._head_forward(args, kwargs)
         b = self._head_output_grad(out, y, n, mean=True)
         d = {name: torch.zeros_like(p) for name, p in params.items()}

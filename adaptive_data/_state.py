@@ -11,7 +11,7 @@ from torch import nn
 __all__: list[str] = []
 
 
-def _cuda_devices(model: nn.Module) -> list[int]:
+def cuda_devices(model: nn.Module) -> list[int]:
     devices = {t.device.index for t in model.parameters() if t.device.type == "cuda"}
     devices |= {t.device.index for t in model.buffers() if t.device.type == "cuda"}
     return sorted(d if d is not None else torch.cuda.current_device() for d in devices)
@@ -27,7 +27,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
     """
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
-    with torch.random.fork_rng(devices=_cuda_devices(model)):
+    with torch.random.fork_rng(devices=cuda_devices(model)):
         try:
             yield
         finally:
@@ -68,6 +68,6 @@ class RngSnapshot:
     def replay(self) -> Iterator[None]:
         with torch.random.fork_rng(devices=self.devices):
             torch.set_rng_state(self.cpu)
-            for d, state in zip(self.devices, self.cuda):
+            for d, state in zip(self.devices, self.cuda, strict=True):
                 torch.cuda.set_rng_state(state, d)
             yield

@@ -11,7 +11,9 @@ NUM_CLASSES = 3
 def mlp(d_in: int = 6, hidden: int = 8) -> nn.Module:
     return nn.Sequential(
         nn.Linear(d_in, hidden),
-        nn.ReLU(inplace=True),  # modifies the Linear's output in place: the hook must see the pre-ReLU grad
+        nn.ReLU(
+            inplace=True
+        ),  # modifies the Linear's output in place: the hook must see the pre-ReLU grad
         nn.Linear(hidden, hidden),
         nn.LayerNorm(hidden),
         nn.Tanh(),
@@ -39,8 +41,9 @@ def cnn_bn(channels: int = 4) -> nn.Module:
 class TransformerBlock(nn.Module):
     """Token ids -> Embedding + learned positions (a bare Parameter) -> attention -> MLP -> head."""
 
-    def __init__(self, vocab: int = 11, dim: int = 8, heads: int = 2, seq: int = 5,
-                 batch_first: bool = True) -> None:
+    def __init__(
+        self, vocab: int = 11, dim: int = 8, heads: int = 2, seq: int = 5, batch_first: bool = True
+    ) -> None:
         super().__init__()
         self.batch_first = batch_first
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
@@ -102,15 +105,20 @@ def random_direction(model: nn.Module, generator: torch.Generator) -> dict[str, 
     }
 
 
-def loop_oracle(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                direction: dict[str, torch.Tensor]) -> torch.Tensor:
+def loop_oracle(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, direction: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """r_i from N separate single-example backward passes: slow and obviously correct."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     out = []
     for i in range(len(y)):
         loss = loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        out.append(sum(
-            (g * direction[n]).sum() for n, g in zip(params, grads) if g is not None
-        ))
+        out.append(
+            sum(
+                (g * direction[n]).sum()
+                for n, g in zip(params, grads, strict=True)
+                if g is not None
+            )
+        )
     return torch.stack(out)

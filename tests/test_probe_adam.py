@@ -30,9 +30,15 @@ def _warm(optimizer_cls: type, seed: int = 0):
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
     def draw(n: int):
-        return torch.randn(n, 6, generator=g, dtype=torch.float64) * scales, torch.randint(0, 3, (n,), generator=g)
+        return torch.randn(n, 6, generator=g, dtype=torch.float64) * scales, torch.randint(
+            0, 3, (n,), generator=g
+        )
 
-    opt = optimizer_cls(model.parameters(), lr=LR, **({"betas": (BETA1, 0.999)} if optimizer_cls is not torch.optim.SGD else {}))
+    opt = optimizer_cls(
+        model.parameters(),
+        lr=LR,
+        **({"betas": (BETA1, 0.999)} if optimizer_cls is not torch.optim.SGD else {}),
+    )
     for _ in range(WARMUP):
         x, y = draw(32)
         opt.zero_grad()
@@ -100,7 +106,9 @@ def test_adam_before_its_first_step_uses_identity() -> None:
     opt = torch.optim.Adam(model.parameters())
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
     probe = ad.GradientProbe(model, loss_fn)
-    torch.testing.assert_close(probe(x, y, reference=(x, y), optimizer=opt), probe(x, y, reference=(x, y)))
+    torch.testing.assert_close(
+        probe(x, y, reference=(x, y), optimizer=opt), probe(x, y, reference=(x, y))
+    )
 
 
 def test_parameters_the_optimizer_does_not_own_do_not_move() -> None:
@@ -110,4 +118,6 @@ def test_parameters_the_optimizer_does_not_own_do_not_move() -> None:
     d = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
     only_head = {n: t if n.startswith("2.") else torch.zeros_like(t) for n, t in d.items()}
     probe = ad.GradientProbe(model, loss_fn)
-    torch.testing.assert_close(probe(x, y, direction=d, optimizer=opt), probe(x, y, direction=only_head))
+    torch.testing.assert_close(
+        probe(x, y, direction=d, optimizer=opt), probe(x, y, direction=only_head)
+    )

@@ -18,7 +18,9 @@ ALL = list(ad.METHODS)
 def _snapshot(model: nn.Module) -> dict:
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
         "buffers": {n: b.clone() for n, b in model.named_buffers()},
         "modes": [m.training for m in model.modules()],
         "hooks": [
@@ -71,7 +73,9 @@ def test_probe_never_edits_the_model(method: str, kind: str, train: bool) -> Non
     _assert_same(before, _snapshot(model))
 
 
-@pytest.mark.parametrize("method", [m for m in ALL if m != "head"])  # head: output is not a Linear's
+@pytest.mark.parametrize(
+    "method", [m for m in ALL if m != "head"]
+)  # head: output is not a Linear's
 def test_probe_restores_rng_with_dropout(method: str) -> None:
     model = WithDropout().train()
     g = torch.Generator().manual_seed(0)
@@ -107,6 +111,7 @@ def test_ghost_replays_dropout_mask_for_jvp_fallback() -> None:
 
 # ---------------------------------------------------------------- coverage
 
+
 class BareScale(nn.Module):
     """A module holding a bare Parameter: no ghost rule exists for it."""
 
@@ -120,7 +125,9 @@ class BareScale(nn.Module):
 
 def test_uncovered_module_is_refused_by_name_with_fallback_raise() -> None:
     model = nn.Sequential(nn.Linear(4, 4), BareScale(4), nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"no rule for the trainable parameters of \['1 \(BareScale\)'\]"):
+    with pytest.raises(
+        ValueError, match=r"no rule for the trainable parameters of \['1 \(BareScale\)'\]"
+    ):
         ad.GradientProbe(model, loss_fn, fallback="raise")
 
 
@@ -132,7 +139,9 @@ def test_uncovered_module_is_covered_by_jvp_fallback() -> None:
     d = random_direction(model, g)
     torch.testing.assert_close(
         ad.GradientProbe(model, loss_fn)(x, y, direction=d),
-        models.loop_oracle(model, x, y, d), rtol=1e-4, atol=1e-5,
+        models.loop_oracle(model, x, y, d),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -154,12 +163,16 @@ def test_parameter_used_outside_its_module_is_detected_not_dropped() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 6, (5, 3), generator=g), torch.randint(0, 6, (5,), generator=g)
     d = random_direction(model, g)
-    with pytest.raises(RuntimeError, match=r"used outside their module's forward.*embed \(Embedding\)"):
+    with pytest.raises(
+        RuntimeError, match=r"used outside their module's forward.*embed \(Embedding\)"
+    ):
         ad.GradientProbe(model, loss_fn)(x, y, direction=d)
     # jvp covers it, exactly
     torch.testing.assert_close(
         ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d),
-        models.loop_oracle(model, x, y, d), rtol=1e-4, atol=1e-5,
+        models.loop_oracle(model, x, y, d),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -175,7 +188,9 @@ def test_ghost_refuses_a_layer_that_does_not_see_the_batch_first() -> None:
 
     model = SeqFirst()
     x, y = torch.randn(2, 5, 4), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=r"module 'lin' \(Linear\).*shape \[5, 2, 4\].*size 2\) in dim 0"):
+    with pytest.raises(
+        ValueError, match=r"module 'lin' \(Linear\).*shape \[5, 2, 4\].*size 2\) in dim 0"
+    ):
         ad.GradientProbe(model, loss_fn)(x, y, direction=random_direction(model, torch.Generator()))
 
 
@@ -186,7 +201,7 @@ def test_embedding_with_max_norm_is_refused() -> None:
 
 
 def test_register_ghost_rule_refuses_overwrite() -> None:
-    with pytest.raises(ValueError, match="a ghost rule for Linear is already registered"):
+    with pytest.raises(ValueError, match=r"a ghost rule for Linear is already registered"):
         ad.register_ghost_rule(nn.Linear)(lambda module, args, kwargs, direction: args[0])
     assert ad.ghost_rules()[nn.Linear] is not None
 
@@ -206,13 +221,15 @@ def test_register_ghost_rule_for_a_new_layer() -> None:
         x, y = torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
         d = random_direction(model, g)
         probe = ad.GradientProbe(model, loss_fn, fallback="raise")
-        torch.testing.assert_close(probe(x, y, direction=d), models.loop_oracle(model, x, y, d),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            probe(x, y, direction=d), models.loop_oracle(model, x, y, d), rtol=1e-4, atol=1e-5
+        )
     finally:
         ad._ghost._RULES.pop(Gain)
 
 
 # ---------------------------------------------------------------- bad input
+
 
 @pytest.fixture
 def mlp_setup():
@@ -223,24 +240,30 @@ def mlp_setup():
 
 
 def test_unknown_method(mlp_setup) -> None:
-    with pytest.raises(ValueError, match="method should be one of .* but got method='exact'"):
+    with pytest.raises(ValueError, match=r"method should be one of .* but got method='exact'"):
         ad.GradientProbe(mlp_setup[0], loss_fn, method="exact")
 
 
 def test_bad_constructor_arguments(mlp_setup) -> None:
     model = mlp_setup[0]
-    with pytest.raises(TypeError, match="model should be an nn.Module, but got str"):
+    with pytest.raises(TypeError, match=r"model should be an nn.Module, but got str"):
         ad.GradientProbe("model", loss_fn)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="loss_fn should be callable, but got int"):
+    with pytest.raises(TypeError, match=r"loss_fn should be callable, but got int"):
         ad.GradientProbe(model, 3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="fallback should be 'jvp' or 'raise', but got fallback='skip'"):
+    with pytest.raises(
+        ValueError, match=r"fallback should be 'jvp' or 'raise', but got fallback='skip'"
+    ):
         ad.GradientProbe(model, loss_fn, fallback="skip")
-    with pytest.raises(ValueError, match="rel_eps should be a positive finite number, but got rel_eps=0"):
+    with pytest.raises(
+        ValueError, match=r"rel_eps should be a positive finite number, but got rel_eps=0"
+    ):
         ad.GradientProbe(model, loss_fn, rel_eps=0)
-    with pytest.raises(ValueError, match="chunk_size should be a positive integer or None, but got chunk_size=0"):
+    with pytest.raises(
+        ValueError, match=r"chunk_size should be a positive integer or None, but got chunk_size=0"
+    ):
         ad.GradientProbe(model, loss_fn, chunk_size=0)
     frozen = copy.deepcopy(model).requires_grad_(False)
-    with pytest.raises(ValueError, match="model has no trainable parameters"):
+    with pytest.raises(ValueError, match=r"model has no trainable parameters"):
         ad.GradientProbe(frozen, loss_fn)
 
 
@@ -268,7 +291,9 @@ def test_loss_fn_returning_wrong_length(mlp_setup, method: str) -> None:
 
 def test_loss_fn_returning_a_non_tensor(mlp_setup) -> None:
     model, x, y, d = mlp_setup
-    with pytest.raises(TypeError, match="should return a Tensor of per-example losses, but got list"):
+    with pytest.raises(
+        TypeError, match=r"should return a Tensor of per-example losses, but got list"
+    ):
         ad.GradientProbe(model, lambda o, t: [1.0])(x, y, direction=d)
 
 
@@ -276,15 +301,25 @@ def test_direction_missing_extra_and_misshapen(mlp_setup) -> None:
     model, x, y, d = mlp_setup
     probe = ad.GradientProbe(model, loss_fn)
     missing = {k: v for k, v in d.items() if k != "0.bias"}
-    with pytest.raises(ValueError, match=r"direction is missing trainable parameters: \['0.bias'\]"):
+    with pytest.raises(
+        ValueError, match=r"direction is missing trainable parameters: \['0.bias'\]"
+    ):
         probe(x, y, direction=missing)
-    with pytest.raises(ValueError, match=r"not trainable parameters of the model: \['head.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"not trainable parameters of the model: \['head.weight'\]"
+    ):
         probe(x, y, direction={**d, "head.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"direction\['0.weight'\] has shape \[6, 8\], but the parameter has shape \[8, 6\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"direction\['0.weight'\] has shape \[6, 8\], but the parameter has shape \[8, 6\]",
+    ):
         probe(x, y, direction={**d, "0.weight": torch.zeros(6, 8)})
-    with pytest.raises(TypeError, match=r"direction\['0.weight'\] should be floating point, but got dtype torch.int64"):
+    with pytest.raises(
+        TypeError,
+        match=r"direction\['0.weight'\] should be floating point, but got dtype torch.int64",
+    ):
         probe(x, y, direction={**d, "0.weight": torch.zeros(8, 6, dtype=torch.long)})
-    with pytest.raises(TypeError, match="direction should be a dict"):
+    with pytest.raises(TypeError, match=r"direction should be a dict"):
         probe(x, y, direction=[1, 2])  # type: ignore[arg-type]
 
 
@@ -300,7 +335,9 @@ def test_reference_gradient_with_nan(mlp_setup) -> None:
     model, x, y, _ = mlp_setup
     x_ref = x.clone()
     x_ref[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="the reference gradient of '0.weight' contains NaN or inf"):
+    with pytest.raises(
+        ValueError, match=r"the reference gradient of '0.weight' contains NaN or inf"
+    ):
         ad.GradientProbe(model, loss_fn)(x, y, reference=(x_ref, y))
 
 
@@ -309,34 +346,40 @@ def test_empty_batch_and_mismatched_targets(mlp_setup) -> None:
     probe = ad.GradientProbe(model, loss_fn)
     with pytest.raises(ValueError, match=r"x is an empty batch \(batch size 0\)"):
         probe(x[:0], y[:0], direction=d)
-    with pytest.raises(ValueError, match=r"y should have batch size 4 like x, but holds a tensor of shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"y should have batch size 4 like x, but holds a tensor of shape \(3,\)"
+    ):
         probe(x, y[:3], direction=d)
     with pytest.raises(ValueError, match=r"x_ref is an empty batch"):
         probe(x, y, reference=(x[:0], y[:0]))
     with pytest.raises(ValueError, match=r"share one batch size, but got sizes \[3, 4\]"):
         probe((x, x[:3]), y, direction=d)
-    with pytest.raises(TypeError, match="x should be a Tensor, a tuple/list of tensors or a dict"):
+    with pytest.raises(TypeError, match=r"x should be a Tensor, a tuple/list of tensors or a dict"):
         probe("pixels", y, direction=d)
 
 
 def test_reference_and_direction_are_exclusive(mlp_setup) -> None:
     model, x, y, d = mlp_setup
     probe = ad.GradientProbe(model, loss_fn)
-    with pytest.raises(ValueError, match="pass exactly one of reference"):
+    with pytest.raises(ValueError, match=r"pass exactly one of reference"):
         probe(x, y)
-    with pytest.raises(ValueError, match="pass exactly one of reference"):
+    with pytest.raises(ValueError, match=r"pass exactly one of reference"):
         probe(x, y, reference=(x, y), direction=d)
-    with pytest.raises(TypeError, match="reference should be a pair .* of length 3"):
+    with pytest.raises(TypeError, match=r"reference should be a pair .* of length 3"):
         probe(x, y, reference=(x, y, y))
 
 
 def test_unsupported_or_foreign_optimizer(mlp_setup) -> None:
     model, x, y, d = mlp_setup
     probe = ad.GradientProbe(model, loss_fn)
-    with pytest.raises(TypeError, match="optimizer should be one of SGD, Adam, AdamW .* but got RMSprop"):
+    with pytest.raises(
+        TypeError, match=r"optimizer should be one of SGD, Adam, AdamW .* but got RMSprop"
+    ):
         probe(x, y, direction=d, optimizer=torch.optim.RMSprop(model.parameters()))
     other = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="optimizer owns none of the model's trainable parameters"):
+    with pytest.raises(
+        ValueError, match=r"optimizer owns none of the model's trainable parameters"
+    ):
         probe(x, y, direction=d, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
 
 
@@ -345,12 +388,16 @@ def test_trainable_set_changed_after_construction(mlp_setup) -> None:
     probe = ad.GradientProbe(model, loss_fn)
     model[0].weight.requires_grad_(False)
     d.pop("0.weight")
-    with pytest.raises(RuntimeError, match="trainable parameters changed since this GradientProbe was built"):
+    with pytest.raises(
+        RuntimeError, match=r"trainable parameters changed since this GradientProbe was built"
+    ):
         probe(x, y, direction=d)
 
 
 def test_head_needs_a_linear_output() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(-1))
     x, y = torch.randn(2, 4), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="method='head' needs the model's output to be the output of an nn.Linear"):
+    with pytest.raises(
+        ValueError, match=r"method='head' needs the model's output to be the output of an nn.Linear"
+    ):
         ad.GradientProbe(model, loss_fn, method="head")(x, y, reference=(x, y))

@@ -92,7 +92,7 @@ def test_reference_mode_equals_explicit_gradient(kind: str, method: str) -> None
     x_ref, y_ref = models.batch(kind, 4, g)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     loss = loss_fn(model(x_ref), y_ref).mean()
-    d = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    d = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
     probe = ad.GradientProbe(model, loss_fn, method=method)
     _close(probe(x, y, reference=(x_ref, y_ref)), probe(x, y, direction=d))
 
@@ -106,7 +106,7 @@ def test_batchnorm_train_mode_sums_to_batch_gradient(kind: str, method: str) -> 
     total = loss_fn(model(x), y).sum()
     grads = torch.autograd.grad(total, list(params.values()))
     model.load_state_dict(state)  # undo the running-stat update of the forward above
-    expected = sum((g * d[n]).sum() for n, g in zip(params, grads))
+    expected = sum((g * d[n]).sum() for n, g in zip(params, grads, strict=True))
     got = ad.GradientProbe(model, loss_fn, method=method)(x, y, direction=d)
     torch.testing.assert_close(got.sum(), expected, rtol=1e-4, atol=1e-5)
 
@@ -142,29 +142,52 @@ def test_inputs_as_tuple_and_dict() -> None:
 
 # ---------------------------------------------------------------- every layer type ghost covers
 
+
 def _layer_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     head = nn.Flatten()
     cases = {
-        "linear_3d_input": (nn.Sequential(nn.Linear(4, 5), nn.ReLU(), head, nn.Linear(15, 3)),
-                            torch.randn(4, 3, 4, generator=g)),
-        "conv1d": (nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2), head,
-                                 nn.LazyLinear(3)), torch.randn(4, 2, 9, generator=g)),
-        "conv3d_groups": (nn.Sequential(nn.Conv3d(2, 4, 2, groups=2, padding=1), head,
-                                        nn.LazyLinear(3)), torch.randn(4, 2, 3, 3, 3, generator=g)),
-        "conv2d_circular": (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
-                                          head, nn.LazyLinear(3)), torch.randn(4, 2, 5, 5, generator=g)),
-        "embedding": (nn.Sequential(nn.Embedding(7, 4, padding_idx=2),
-                                           head, nn.Linear(12, 3)), torch.randint(0, 7, (4, 3), generator=g)),
-        "batchnorm1d_eval": (nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)),
-                             torch.randn(4, 5, generator=g)),
-        "groupnorm": (nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), head, nn.LazyLinear(3)),
-                      torch.randn(4, 2, 3, 3, generator=g)),
-        "rmsnorm": (nn.Sequential(nn.Linear(5, 4), nn.RMSNorm(4), nn.Linear(4, 3)),
-                    torch.randn(4, 5, generator=g)),
-        "layernorm_no_bias": (nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4, bias=False),
-                                            nn.Linear(4, 3)), torch.randn(4, 5, generator=g)),
+        "linear_3d_input": (
+            nn.Sequential(nn.Linear(4, 5), nn.ReLU(), head, nn.Linear(15, 3)),
+            torch.randn(4, 3, 4, generator=g),
+        ),
+        "conv1d": (
+            nn.Sequential(
+                nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2), head, nn.LazyLinear(3)
+            ),
+            torch.randn(4, 2, 9, generator=g),
+        ),
+        "conv3d_groups": (
+            nn.Sequential(nn.Conv3d(2, 4, 2, groups=2, padding=1), head, nn.LazyLinear(3)),
+            torch.randn(4, 2, 3, 3, 3, generator=g),
+        ),
+        "conv2d_circular": (
+            nn.Sequential(
+                nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), head, nn.LazyLinear(3)
+            ),
+            torch.randn(4, 2, 5, 5, generator=g),
+        ),
+        "embedding": (
+            nn.Sequential(nn.Embedding(7, 4, padding_idx=2), head, nn.Linear(12, 3)),
+            torch.randint(0, 7, (4, 3), generator=g),
+        ),
+        "batchnorm1d_eval": (
+            nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)),
+            torch.randn(4, 5, generator=g),
+        ),
+        "groupnorm": (
+            nn.Sequential(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4), head, nn.LazyLinear(3)),
+            torch.randn(4, 2, 3, 3, generator=g),
+        ),
+        "rmsnorm": (
+            nn.Sequential(nn.Linear(5, 4), nn.RMSNorm(4), nn.Linear(4, 3)),
+            torch.randn(4, 5, generator=g),
+        ),
+        "layernorm_no_bias": (
+            nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4, bias=False), nn.Linear(4, 3)),
+            torch.randn(4, 5, generator=g),
+        ),
     }
     for model, x in cases.values():
         model(x)  # materialise lazy layers
@@ -193,12 +216,16 @@ def test_every_ghost_layer_matches_loop_oracle(case: str) -> None:
 def test_embedding_scale_grad_by_freq_shares_sum_to_batch_gradient() -> None:
     """scale_grad_by_freq couples examples in backward only: ghost gives each example's share."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 3))
+    model = nn.Sequential(
+        nn.Embedding(5, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 3)
+    )
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 5, (6, 3), generator=g), torch.randint(0, 3, (6,), generator=g)
     d = random_direction(model, g)
     grads = torch.autograd.grad(loss_fn(model(x), y).sum(), list(model.parameters()))
-    expected = sum((gr * d[n]).sum() for (n, _), gr in zip(model.named_parameters(), grads))
+    expected = sum(
+        (gr * d[n]).sum() for (n, _), gr in zip(model.named_parameters(), grads, strict=True)
+    )
     got = ad.GradientProbe(model, loss_fn)(x, y, direction=d)
     torch.testing.assert_close(got.sum(), expected, rtol=1e-5, atol=1e-6)
 
@@ -235,6 +262,7 @@ def test_weight_used_twice_in_one_forward_is_summed() -> None:
 
 # ---------------------------------------------------------------- hypothesis: sizes and shapes
 
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 7),
@@ -267,8 +295,9 @@ def test_mlp_any_shape(n: int, d_in: int, hidden: int, method: str, seed: int) -
     size=st.integers(5, 7),
     seed=st.integers(0, 2**16),
 )
-def test_conv_any_geometry(n: int, groups: int, kernel: int, stride: int, padding: int,
-                           dilation: int, size: int, seed: int) -> None:
+def test_conv_any_geometry(
+    n: int, groups: int, kernel: int, stride: int, padding: int, dilation: int, size: int, seed: int
+) -> None:
     torch.manual_seed(seed)
     conv = nn.Conv2d(2, 4, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
     model = nn.Sequential(conv, nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
