@@ -298,11 +298,12 @@ class _Call:
 
     def __init__(self, entry: Entry, args: tuple, kwargs: dict, rng: RngSnapshot | None) -> None:
         self.entry = entry
-        self.args = args
-        self.kwargs = kwargs
+        self.args: tuple | None = args
+        self.kwargs: dict | None = kwargs
         self.rng = rng
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         self.versions = [(t, t._version) for t in leaves]
+        self.pending = 0  # output tensors whose gradient has not arrived yet
         self._tangents: list[Any] | None = None
 
     def tangents(self, direction: Mapping[str, Tensor]) -> list[Any]:
@@ -314,13 +315,21 @@ class _Call:
                         "forward, so method='ghost' cannot recompute its share; use method='jvp'"
                     )
             local = {n: direction[g] for n, g in self.entry.params.items()}
+            module, args, kwargs = self.entry.module, self.args, self.kwargs or {}
             if self.rng is None:
-                out = self.entry.rule.tangent(self.entry.module, self.args, self.kwargs, local)
+                out = self.entry.rule.tangent(module, args or (), kwargs, local)
             else:
                 with self.rng.replay():
-                    out = self.entry.rule.tangent(self.entry.module, self.args, self.kwargs, local)
+                    out = self.entry.rule.tangent(module, args or (), kwargs, local)
             self._tangents = tree_flatten(out)[0]
         return self._tangents
+
+    def done_one(self) -> None:
+        """One output's gradient was used; after the last, let go of the inputs (memory)."""
+        self.pending -= 1
+        if self.pending == 0:
+            self.args = self.kwargs = self._tangents = None
+            self.versions = []
 
 
 def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
@@ -331,7 +340,14 @@ def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
 
 
 class GhostRun:
-    """Hooks for one probe call: capture on forward, accumulate ``r`` as gradients arrive."""
+    """Hooks for one probe call: capture on forward, accumulate ``r`` as gradients arrive.
+
+    Each covered module's output is replaced by ``output + anchor``, with ``anchor`` a 0-dim
+    zero leaf that requires grad, and the gradient hook goes on that new tensor. A backward that
+    asks only for the anchors' gradients then runs every covered module's output node (so the
+    hooks fire) without computing any weight gradient, and the gradient each hook sees is that of
+    the module's output as produced, even if a later op (``ReLU(inplace=True)``) overwrites it.
+    """
 
     def __init__(
         self,
@@ -346,6 +362,7 @@ class GhostRun:
         self.devices = devices
         self.r = torch.zeros(n, dtype=torch.float32, device=device)
         self.module_sums: dict[str, Tensor] = {}
+        self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self.active = True
         self._rng: dict[int, RngSnapshot] = {}
         self._handles: list[Any] = []
@@ -365,17 +382,25 @@ class GhostRun:
             handle.remove()
         self._handles.clear()
 
+    def _anchor(self, like: Tensor) -> Tensor:
+        key = (like.dtype, like.device)
+        if key not in self.anchors:
+            self.anchors[key] = torch.zeros(
+                (), dtype=like.dtype, device=like.device, requires_grad=True
+            )
+        return self.anchors[key]
+
     def _before(self, entry: Entry, module: nn.Module, args: tuple) -> None:
         if self.active:
             self._rng[id(entry)] = RngSnapshot(self.devices)
 
     def _after(
         self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
-    ) -> None:
+    ) -> Any:
         if not self.active:
-            return
+            return None
         call = _Call(entry, args, kwargs, self._rng.pop(id(entry), None))
-        leaves = tree_flatten(output)[0]
+        leaves, spec = tree_flatten(output)
         dims = entry.rule.batch_dims(module, len(leaves))
         for i, leaf in enumerate(leaves):
             if not (isinstance(leaf, Tensor) and leaf.requires_grad):
@@ -388,7 +413,10 @@ class GhostRun:
                     f"{list(leaf.shape)} does not hold the batch (size {self.n}) in dim {dim}; "
                     "use method='jvp'"
                 )
+            leaves[i] = leaf = leaf + self._anchor(leaf)
+            call.pending += 1
             leaf.register_hook(functools.partial(self._on_grad, call, i, dim))
+        return spec.unflatten(leaves)
 
     def _on_grad(self, call: _Call, i: int, dim: int, grad: Tensor) -> None:
         self.active = False  # a replayed forward must not be captured again
@@ -397,6 +425,7 @@ class GhostRun:
         finally:
             self.active = True
         contribution = per_example_dot(grad, tangent, dim)
+        call.done_one()
         self.r += contribution
         name = call.entry.name
         self.module_sums[name] = self.module_sums.get(name, 0) + contribution.sum()

@@ -68,14 +68,18 @@ def main() -> None:
         opt.step()
         step_time += time.perf_counter() - t0
         if step % 50 == 0:
-            print(f"{step:>5} {loss.item():>10.3f} {clean_sum / max(clean_n, 1):>13.3g} "
-                  f"{noisy_sum / max(noisy_n, 1):>13.3g}")
+            print(
+                f"{step:>5} {loss.item():>10.3f} {clean_sum / max(clean_n, 1):>13.3g} "
+                f"{noisy_sum / max(noisy_n, 1):>13.3g}"
+            )
             clean_sum = noisy_sum = 0.0
             clean_n = noisy_n = 0
     with torch.no_grad():
         acc = (model(x[ref]).argmax(1) == y[ref]).float().mean().item()
-    print(f"held-out accuracy {acc:.3f}; probe call {1e3 * probe_time / (args.steps // 5):.2f} ms, "
-          f"training step {1e3 * step_time / args.steps:.2f} ms (method={args.method})")
+    print(
+        f"held-out accuracy {acc:.3f}; probe call {1e3 * probe_time / (args.steps // 5):.2f} ms, "
+        f"training step {1e3 * step_time / args.steps:.2f} ms (method={args.method})"
+    )
 
 
 if __name__ == "__main__":

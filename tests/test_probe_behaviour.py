@@ -104,9 +104,10 @@ def test_ghost_replays_dropout_mask_for_jvp_fallback() -> None:
     # per-example reference: jvp of the whole model with the same global RNG state
     state = torch.get_rng_state()
     jvp = ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d)
-    torch.set_rng_state(state)
-    ghost = ad.GradientProbe(model, loss_fn, method="ghost")(x, y, direction=d)
-    torch.testing.assert_close(ghost, jvp, rtol=1e-4, atol=1e-5)
+    probe = ad.GradientProbe(model, loss_fn, method="ghost")
+    for _ in range(2):  # the verified first call and the fast later ones
+        torch.set_rng_state(state)
+        torch.testing.assert_close(probe(x, y, direction=d), jvp, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- coverage
