@@ -14,6 +14,23 @@ Direction = dict[str, Tensor]
 _SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
+def first_nonfinite(tensors: Mapping[str, Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or inf, or None.
+
+    One reduction per tensor and a single host sync: a NaN or inf anywhere makes a sum
+    non-finite. Only then (or on a float overflow of the sum) is each tensor checked elementwise.
+    """
+    if not tensors:
+        return None
+    sums = torch.stack([t.sum().to(torch.float64) for t in tensors.values()])
+    if bool(torch.isfinite(sums).all()):
+        return None
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``model.named_parameters()`` with ``requires_grad``; a tied parameter appears once."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -49,10 +66,10 @@ def check_direction(direction: Mapping[str, Tensor], params: Mapping[str, Tensor
             raise TypeError(
                 f"direction[{name!r}] should be floating point, but got dtype {d.dtype}"
             )
-        d = d.detach().to(device=p.device, dtype=p.dtype)
-        if not bool(torch.isfinite(d).all()):
-            raise ValueError(f"direction[{name!r}] contains NaN or inf")
-        checked[name] = d
+        checked[name] = d.detach().to(device=p.device, dtype=p.dtype)
+    bad = first_nonfinite(checked)
+    if bad is not None:
+        raise ValueError(f"direction[{bad!r}] contains NaN or inf")
     return checked
 
 

@@ -293,6 +293,16 @@ def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> li
     return entries
 
 
+def couples_examples(model: nn.Module) -> bool:
+    """Whether a known module makes one example's loss depend on another's in this mode."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _uses_batch_stats(module):
+            return True
+        if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+            return True
+    return False
+
+
 class _Call:
     """One forward call of a covered module, kept until its outputs' gradients arrive."""
 

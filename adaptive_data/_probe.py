@@ -19,6 +19,7 @@ from ._direction import (
     Direction,
     check_direction,
     check_optimizer,
+    first_nonfinite,
     gradient_free_rows,
     precondition,
     trainable_parameters,
@@ -50,7 +51,10 @@ class GradientProbe:
       share comes from its own forward run with ``D`` in place of its weights (Linear,
       Conv1d/2d/3d, Embedding, affine BatchNorm/LayerNorm/GroupNorm/RMSNorm) or from a
       forward-mode JVP of that module alone (``nn.MultiheadAttention`` with ``out_proj``, and
-      any other module holding trainable parameters when ``fallback="jvp"``). Exact. Assumes
+      any other module holding trainable parameters when ``fallback="jvp"``). Exact. When the
+      root module itself holds bare parameters (a ViT's position embedding), that replay is a
+      whole-model JVP, so ghost computes all of ``r`` in it (the ``jvp`` method) unless
+      BatchNorm in train mode couples the examples. Assumes
       each covered module sees the batch in dim 0 (``MultiheadAttention`` with
       ``batch_first=False`` is handled) and raises otherwise. Cost: about one training step.
     * ``"jvp"``: ``torch.func``-style forward-mode AD over the whole model: all N directional
@@ -134,6 +138,9 @@ class GradientProbe:
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
         self._plan = _ghost.plan(model, params, fallback) if method == "ghost" else []
+        self._replays_root = any(
+            e.module is model and e.rule is _ghost.FALLBACK_RULE for e in self._plan
+        )
         self._frozen_rows = gradient_free_rows(model, params)
         self._param_ids = tuple(id(p) for p in params.values())
 
@@ -215,9 +222,9 @@ class GradientProbe:
                     name: torch.zeros_like(p) if g is None else g
                     for (name, p), g in zip(params.items(), grads, strict=True)
                 }
-        for name, g in d.items():
-            if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"the reference gradient of {name!r} contains NaN or inf")
+        bad = first_nonfinite(d)
+        if bad is not None:
+            raise ValueError(f"the reference gradient of {bad!r} contains NaN or inf")
         return d
 
     # ------------------------------------------------------------------ methods
@@ -231,6 +238,10 @@ class GradientProbe:
         d: Direction,
         params: dict[str, nn.Parameter],
     ) -> Tensor:
+        if self._replays_root and not _ghost.couples_examples(self.model):
+            # The root module holds bare parameters: replaying it by forward-mode AD costs a
+            # whole-model JVP anyway, and with independent examples that one pass gives all of r.
+            return self._run_jvp(args, kwargs, y, n, d, params)
         device = next(iter(params.values())).device
         run = GhostRun(self._plan, d, n, cuda_devices(self.model), device)
         verify = self.verify == "always" or (self.verify == "first" and not self._verified)

@@ -402,3 +402,39 @@ def test_head_needs_a_linear_output() -> None:
         ValueError, match=r"method='head' needs the model's output to be the output of an nn.Linear"
     ):
         ad.GradientProbe(model, loss_fn, method="head")(x, y, reference=(x, y))
+
+
+class RootGain(nn.Module):
+    """A bare Parameter on the root module, with BatchNorm: ghost must replay the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x * self.gain)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_bare_parameter_on_the_root(train: bool) -> None:
+    """Eval: examples are independent and ghost equals the oracle (computed by one root JVP).
+    Train: BatchNorm couples them; ghost replays the root for its share and still sums to
+    the batch gradient, while jvp gives the derivative of the batched losses."""
+    torch.manual_seed(0)
+    model = RootGain().train(train)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    d = random_direction(model, g)
+    ghost = ad.GradientProbe(model, loss_fn)(x, y, direction=d)
+    if not train:
+        torch.testing.assert_close(ghost, models.loop_oracle(model, x, y, d), rtol=1e-4, atol=1e-5)
+        return
+    state = copy.deepcopy(model.state_dict())
+    grads = torch.autograd.grad(loss_fn(model(x), y).sum(), list(model.parameters()))
+    model.load_state_dict(state)
+    names = [n for n, _ in model.named_parameters()]
+    expected = sum((gr * d[n]).sum() for n, gr in zip(names, grads, strict=True))
+    torch.testing.assert_close(ghost.sum(), expected, rtol=1e-4, atol=1e-5)
+    jvp = ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d)
+    assert not torch.allclose(ghost, jvp, atol=1e-3)  # the share is not the batched derivative
