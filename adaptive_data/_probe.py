@@ -47,22 +47,22 @@ class GradientProbe:
 
     Methods (``method=``):
 
-    * ``"ghost"`` (default): one forward and one backward of the batch; each covered layer's
-      share comes from its own forward run with ``D`` in place of its weights (Linear,
-      Conv1d/2d/3d, Embedding, affine BatchNorm/LayerNorm/GroupNorm/RMSNorm) or from a
-      forward-mode JVP of that module alone (``nn.MultiheadAttention`` with ``out_proj``, and
-      any other module holding trainable parameters when ``fallback="jvp"``). Exact. When the
-      root module itself holds bare parameters (a ViT's position embedding), that replay is a
-      whole-model JVP, so ghost computes all of ``r`` in it (the ``jvp`` method) unless
-      BatchNorm in train mode couples the examples. Assumes
-      each covered module sees the batch in dim 0 (``MultiheadAttention`` with
-      ``batch_first=False`` is handled) and raises otherwise. Cost: about one training step.
+    * ``"ghost"`` (default): one forward and one backward of the batch (no weight gradients);
+      each covered layer's share comes from its own forward run with ``D`` in place of its
+      weights (Linear, Conv1d/2d/3d, Embedding, affine BatchNorm/LayerNorm/GroupNorm/RMSNorm),
+      a closed form for ``nn.MultiheadAttention`` (with ``out_proj``), or a forward-mode JVP of
+      the module alone for any other module holding trainable parameters
+      (``fallback="jvp"``). Exact. When the root module itself holds bare parameters (a ViT's
+      position embedding) that JVP would replay the whole model, so ghost computes all of
+      ``r`` in one such pass (the ``jvp`` method) unless BatchNorm in train mode couples the
+      examples. Assumes each covered module sees the batch in dim 0 (``MultiheadAttention``
+      with ``batch_first=False`` is handled) and raises otherwise. Cost: about a training step.
     * ``"jvp"``: ``torch.func``-style forward-mode AD over the whole model: all N directional
-      derivatives in one forward pass. Exact; cost about 1-1.5 forward passes.
+      derivatives in one forward pass with dual numbers. Exact; about 2-3 forward passes.
     * ``"per_sample"``: ``vmap(grad)`` of each example alone (a batch of one), dotted with
       ``D``. The test oracle; memory N x parameters (bounded by ``chunk_size``).
     * ``"finite_difference"``: ``(l_i(theta + eps D) - l_i(theta - eps D)) / (2 eps)`` from two
-      no-grad forwards, with ``eps = rel_eps * ||theta|| / ||D||``. In float32 good to about 1%.
+      no-grad forwards, with ``eps = rel_eps * max(||theta||, 1) / ||D||``. In float32 good to about 1%.
     * ``"head"``: the closed form for the last ``nn.Linear`` only (the layer whose output is
       the model's output); an approximation that needs no backward through the body.
 
