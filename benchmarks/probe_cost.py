@@ -280,15 +280,20 @@ def main() -> None:
         default=",".join(ad.METHODS),
         help="comma-separated probe methods (default: all)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own choice)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     parser.add_argument("--out", type=Path, default=RESULTS / "probe_cost.json")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup, args.batch = 3, 1, 16
     methods = args.methods.split(",")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     results: dict[str, Any] = {
-        "command": "python benchmarks/probe_cost.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/probe_cost.py", *sys.argv[1:]]),
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

@@ -438,3 +438,17 @@ def test_bare_parameter_on_the_root(train: bool) -> None:
     torch.testing.assert_close(ghost.sum(), expected, rtol=1e-4, atol=1e-5)
     jvp = ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d)
     assert not torch.allclose(ghost, jvp, atol=1e-3)  # the share is not the batched derivative
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_probe_works_inside_no_grad(method: str) -> None:
+    """Users often score batches in evaluation code wrapped in torch.no_grad()."""
+    model = build("mlp")
+    g = torch.Generator().manual_seed(0)
+    x, y = models.batch("mlp", 4, g)
+    ref = models.batch("mlp", 3, g)
+    probe = ad.GradientProbe(model, loss_fn, method=method)
+    expected = probe(x, y, reference=ref)
+    with torch.no_grad():
+        got = probe(x, y, reference=ref)
+    torch.testing.assert_close(got, expected)
