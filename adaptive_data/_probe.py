@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -35,6 +35,17 @@ LossFn = Callable[[Any, Any], Tensor]
 METHODS = ("ghost", "jvp", "per_sample", "finite_difference", "head")
 
 
+class _Job(NamedTuple):
+    """One probe call, as every method receives it."""
+
+    args: tuple
+    kwargs: dict
+    y: Any
+    n: int  # batch size
+    d: Direction  # the (preconditioned) direction D, keyed like the trainable parameters
+    params: dict[str, nn.Parameter]  # the trainable parameters
+
+
 class GradientProbe:
     """Per-example gradient-alignment rewards ``r_i = <grad_theta l_i(theta), D>``.
 
@@ -62,7 +73,8 @@ class GradientProbe:
     * ``"per_sample"``: ``vmap(grad)`` of each example alone (a batch of one), dotted with
       ``D``. The test oracle; memory N x parameters (bounded by ``chunk_size``).
     * ``"finite_difference"``: ``(l_i(theta + eps D) - l_i(theta - eps D)) / (2 eps)`` from two
-      no-grad forwards, with ``eps = rel_eps * max(||theta||, 1) / ||D||``. In float32 good to about 1%.
+      no-grad forwards, with ``eps = rel_eps * max(||theta||, 1) / ||D||``. In float32 good
+      to about 1%.
     * ``"head"``: the closed form for the last ``nn.Linear`` only (the layer whose output is
       the model's output); an approximation that needs no backward through the body.
 
@@ -197,7 +209,8 @@ class GradientProbe:
         if self._frozen_rows:
             d = zero_rows(d, self._frozen_rows)
         with preserved(self.model):
-            r = getattr(self, f"_run_{self.method}")(args, kwargs, y, n, d, params)
+            job = _Job(args, kwargs, y, n, d, params)
+            r = getattr(self, f"_run_{self.method}")(job)
         return r
 
     def reference_direction(self, x_ref: Inputs, y_ref: Any) -> Direction:
@@ -229,19 +242,12 @@ class GradientProbe:
 
     # ------------------------------------------------------------------ methods
 
-    def _run_ghost(
-        self,
-        args: tuple,
-        kwargs: dict,
-        y: Any,
-        n: int,
-        d: Direction,
-        params: dict[str, nn.Parameter],
-    ) -> Tensor:
+    def _run_ghost(self, job: _Job) -> Tensor:
+        args, kwargs, y, n, d, params = job
         if self._replays_root and not _ghost.couples_examples(self.model):
             # The root module holds bare parameters: replaying it by forward-mode AD costs a
             # whole-model JVP anyway, and with independent examples that one pass gives all of r.
-            return self._run_jvp(args, kwargs, y, n, d, params)
+            return self._run_jvp(job)
         device = next(iter(params.values())).device
         run = GhostRun(self._plan, d, n, cuda_devices(self.model), device)
         verify = self.verify == "always" or (self.verify == "first" and not self._verified)
@@ -291,15 +297,8 @@ class GradientProbe:
             "Use method='jvp', or verify='never' to accept the partial reward"
         )
 
-    def _run_jvp(
-        self,
-        args: tuple,
-        kwargs: dict,
-        y: Any,
-        n: int,
-        d: Direction,
-        params: dict[str, nn.Parameter],
-    ) -> Tensor:
+    def _run_jvp(self, job: _Job) -> Tensor:
+        args, kwargs, y, n, d, params = job
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         with torch.no_grad(), forward_ad_friendly(), fwad.dual_level():
             duals = {name: fwad.make_dual(p.detach(), d[name]) for name, p in params.items()}
@@ -310,15 +309,8 @@ class GradientProbe:
             return torch.zeros(n, dtype=torch.float32, device=losses.device)
         return tangent.float()
 
-    def _run_finite_difference(
-        self,
-        args: tuple,
-        kwargs: dict,
-        y: Any,
-        n: int,
-        d: Direction,
-        params: dict[str, nn.Parameter],
-    ) -> Tensor:
+    def _run_finite_difference(self, job: _Job) -> Tensor:
+        args, kwargs, y, n, d, params = job
         theta_norm = math.sqrt(
             sum(float(p.detach().double().square().sum()) for p in params.values())
         )
@@ -337,15 +329,8 @@ class GradientProbe:
                 losses.append(per_example_losses(self.loss_fn, out, y, n).double())
         return ((losses[0] - losses[1]) / (2.0 * eps)).float()
 
-    def _run_per_sample(
-        self,
-        args: tuple,
-        kwargs: dict,
-        y: Any,
-        n: int,
-        d: Direction,
-        params: dict[str, nn.Parameter],
-    ) -> Tensor:
+    def _run_per_sample(self, job: _Job) -> Tensor:
+        args, kwargs, y, n, d, params = job
         model, loss_fn = self.model, self.loss_fn
         with torch.no_grad():  # check loss_fn on the whole batch, for the same message as elsewhere
             per_example_losses(loss_fn, model(*args, **kwargs), y, n)
@@ -413,15 +398,8 @@ class GradientProbe:
             (g,) = torch.autograd.grad(total, logits)
         return g
 
-    def _run_head(
-        self,
-        args: tuple,
-        kwargs: dict,
-        y: Any,
-        n: int,
-        d: Direction,
-        params: dict[str, nn.Parameter],
-    ) -> Tensor:
+    def _run_head(self, job: _Job) -> Tensor:
+        args, kwargs, y, n, d, params = job
         head, inp, out = self._head_forward(args, kwargs)
         names = self._head_names(head, params)
         if not names:
