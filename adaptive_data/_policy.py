@@ -1,0 +1,428 @@
+"""CategoricalPolicy: a learned distribution over K choices (sources, ops, magnitude bins)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy"]
+
+RULES = ("reinforce", "exp_grad")
+# Step sizes measured on benchmarks/mixture_quality.py (4 sources, batch 64): exp_grad's step
+# is divided by each choice's probability, hence its smaller rate.
+DEFAULT_LR = {"reinforce": 0.5, "exp_grad": 0.1}
+NORMALIZATIONS = ("batch", "running", "none")
+
+# Logits are kept in [-_LOGIT_RANGE, 0] (max-shifted after every step): exp() of them never
+# overflows and no probability underflows to exactly 0, whatever the rewards were.
+_LOGIT_RANGE = 50.0
+_TINY = 1e-12
+
+_STATE_VERSION = 1
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} should be a positive finite number, but got {name}={value!r}")
+    return float(value)
+
+
+def initial_weights(
+    weights: Any,
+    num_choices: int,
+    names: Sequence[str] | None = None,
+    sizes: Sequence[int] | None = None,
+) -> Tensor:
+    """Validate user weights and return them normalised as a float64 Tensor ``[K]``.
+
+    ``weights`` is ``None``/``"uniform"``, ``"proportional"`` (needs ``sizes``), a sequence of
+    K numbers, or a mapping ``name -> number`` (needs ``names``; names left out get 0).
+    Raises on negative, NaN/inf or all-zero weights, on the wrong length and unknown names.
+    """
+    if weights is None or (isinstance(weights, str) and weights == "uniform"):
+        return torch.full((num_choices,), 1.0 / num_choices, dtype=torch.float64)
+    if isinstance(weights, str):
+        if weights != "proportional":
+            raise ValueError(
+                "weights should be 'uniform', 'proportional', a sequence or a mapping, "
+                f"but got weights={weights!r}"
+            )
+        if sizes is None:
+            raise ValueError("weights='proportional' needs the sizes of the choices")
+        w = torch.tensor([float(s) for s in sizes], dtype=torch.float64)
+    elif isinstance(weights, Mapping):
+        if names is None:
+            raise TypeError(
+                "weights given as a mapping need named choices; pass a sequence instead"
+            )
+        unknown = [k for k in weights if k not in names]
+        if unknown:
+            raise ValueError(
+                f"weights names unknown source(s) {unknown}; the sources are {list(names)}"
+            )
+        w = torch.tensor([float(weights.get(n, 0.0)) for n in names], dtype=torch.float64)
+    else:
+        try:
+            w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(
+                f"weights should be a sequence of numbers, but got {type(weights).__name__}"
+            ) from e
+        if w.numel() != num_choices:
+            raise ValueError(
+                f"weights should have one entry per choice ({num_choices}), "
+                f"but got {w.numel()} entries: weights={w.tolist()}"
+            )
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"weights should be finite and non-negative, but got weights={w.tolist()}")
+    if float(w.sum()) <= 0:
+        raise ValueError(f"weights should not all be zero, but got weights={w.tolist()}")
+    return w / w.sum()
+
+
+class CategoricalPolicy:
+    """A categorical distribution over K choices, learned from per-example rewards.
+
+    Probabilities are ``p = floor + (1 - K * floor) * softmax(logits)``: every choice keeps at
+    least ``floor`` (the exploration floor), so none ever reaches 0. ``update(choices, rewards)``
+    takes the choice that produced each example of a batch and that example's reward, drops
+    NaN/inf rewards (they are counted in :meth:`metrics`, never applied), normalises the rest
+    and moves the logits:
+
+    * ``rule="reinforce"``: REINFORCE with a baseline, the gradient of the expected normalised
+      reward ``mean_i z_i (e_{c_i} - softmax(logits))``; with ``normalize="batch"`` the baseline
+      is the batch mean.
+    * ``rule="exp_grad"``: exponentiated gradient (multiplicative weights, as EXP3) on the
+      importance-weighted per-choice reward ``sum_{i: c_i=k} z_i / (N p_k)``.
+
+    Normalisation (``normalize=``): ``"batch"`` z-scores rewards within each batch (the GAR
+    authors' choice); ``"running"`` subtracts a running mean and divides by a running standard
+    deviation (exponential averages with ``momentum``); ``"none"`` subtracts the running mean
+    only. Every step is clipped to ``max_step`` per logit and logits stay within 50 of each
+    other, so the distribution stays valid (finite, sums to 1, >= floor) under any rewards,
+    1e30 included. State is float64 on the CPU; an update costs O(N + K).
+
+    Args:
+        num_choices: K >= 1.
+        weights: initial probabilities (see :func:`initial_weights`); choices below the floor
+            start at the floor.
+        floor: minimum probability of every choice, ``0 <= floor < 1/K``; default ``0.05/K``.
+        lr: step size of the logits; default ``DEFAULT_LR[rule]`` (0.5 for reinforce, 0.1 for
+            exp_grad).
+        rule: ``"exp_grad"`` (default) or ``"reinforce"``. On benchmarks/mixture_quality.py
+            both reach the same mean accuracy; exp_grad with half the spread over seeds.
+        normalize: ``"batch"``, ``"running"`` or ``"none"``.
+        momentum: of the running mean/scale, in [0, 1).
+        max_step: bound on any logit's change in one update.
+        names: optional names of the choices (used by :attr:`weights` and error messages).
+        sizes: sizes of the choices, for ``weights="proportional"``.
+    """
+
+    def __init__(
+        self,
+        num_choices: int,
+        *,
+        weights: Any = None,
+        floor: float | None = None,
+        lr: float | None = None,
+        rule: str = "exp_grad",
+        normalize: str = "batch",
+        momentum: float = 0.99,
+        max_step: float = 1.0,
+        names: Sequence[str] | None = None,
+        sizes: Sequence[int] | None = None,
+    ) -> None:
+        if isinstance(num_choices, bool) or not isinstance(num_choices, int) or num_choices < 1:
+            raise ValueError(
+                "num_choices should be a positive integer value, "
+                f"but got num_choices={num_choices!r}"
+            )
+        k = num_choices
+        if floor is None:
+            floor = 0.05 / k
+        if (
+            isinstance(floor, bool)
+            or not isinstance(floor, int | float)
+            or not math.isfinite(floor)
+            or floor < 0
+            or floor * k >= 1
+        ):
+            raise ValueError(
+                f"floor should be a number in [0, 1/num_choices) = [0, {1 / k:.6g}), "
+                f"but got floor={floor!r}"
+            )
+        if rule not in RULES:
+            raise ValueError(f"rule should be one of {', '.join(RULES)}, but got rule={rule!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalize should be one of {', '.join(NORMALIZATIONS)}, "
+                f"but got normalize={normalize!r}"
+            )
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, int | float)
+            or not 0 <= momentum < 1
+        ):
+            raise ValueError(
+                f"momentum should be a number in [0, 1), but got momentum={momentum!r}"
+            )
+        if names is not None:
+            names = [str(n) for n in names]
+            if len(names) != k:
+                raise ValueError(f"names should have {k} entries, but got {len(names)}: {names}")
+        self.num_choices = k
+        self.names = names
+        self.floor = float(floor)
+        self.lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr)
+        self.max_step = _check_positive("max_step", max_step)
+        self.rule = rule
+        self.normalize = normalize
+        self.momentum = float(momentum)
+
+        w = initial_weights(weights, k, names, sizes)
+        q = (w - self.floor).clamp_min(0.0)
+        q = q / q.sum() if float(q.sum()) > 0 else torch.full_like(q, 1.0 / k)
+        # The state is a list of Python floats (float64): for the K and N of a sampler, plain
+        # arithmetic is several times cheaper than dispatching tiny tensor ops.
+        self._logits: list[float] = q.clamp_min(math.exp(-_LOGIT_RANGE)).log().tolist()
+        self._settle()
+        # Running statistics (normalize="running"/"none") and counters.
+        self._mean = 0.0
+        self._var = 1.0
+        self._stats_weight = 0.0  # bias correction of the exponential averages
+        self._updates = 0
+        self._applied = 0
+        self._nonfinite = 0
+        self._skipped = 0
+
+    # ------------------------------------------------------------------ distribution
+
+    def _settle(self) -> None:
+        top = max(self._logits)
+        self._logits = [max(v - top, -_LOGIT_RANGE) for v in self._logits]
+        e = [math.exp(v) for v in self._logits]
+        total = math.fsum(e)
+        self._q = [v / total for v in e]  # softmax(logits)
+        mass = 1.0 - self.num_choices * self.floor
+        self._p = [self.floor + mass * v for v in self._q]
+        self._p_tensor: Tensor | None = None
+
+    @property
+    def logits(self) -> Tensor:
+        """A copy of the logits, float64 ``[K]`` (max-shifted to 0)."""
+        return torch.tensor(self._logits, dtype=torch.float64)
+
+    @property
+    def probs(self) -> Tensor:
+        """The probabilities with the floor, float64 ``[K]``; finite, >= floor, sum to 1."""
+        if self._p_tensor is None:
+            self._p_tensor = torch.tensor(self._p, dtype=torch.float64)
+        return self._p_tensor.clone()
+
+    def probs_list(self) -> list[float]:
+        """:attr:`probs` as a list of floats (no tensor made)."""
+        return list(self._p)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """``{name: probability}`` (names ``"0", "1", ...`` when the choices are unnamed)."""
+        names = self.names or [str(i) for i in range(self.num_choices)]
+        return dict(zip(names, self._p, strict=True))
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` choices drawn with replacement from :attr:`probs`: int64 Tensor ``[n]``.
+
+        The randomness comes from ``generator`` only (never the global RNG).
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n should be a non-negative integer value, but got n={n!r}")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator should be a torch.Generator, but got {type(generator).__name__}"
+            )
+        if n == 0:
+            return torch.empty(0, dtype=torch.long)
+        if self._p_tensor is None:
+            self._p_tensor = torch.tensor(self._p, dtype=torch.float64)
+        return torch.multinomial(self._p_tensor, n, replacement=True, generator=generator)
+
+    # ------------------------------------------------------------------ learning
+
+    def _normalized(self, r: list[float]) -> list[float]:
+        """Normalise finite rewards ``r`` (n >= 1); updates the running statistics."""
+        n = len(r)
+        mean = math.fsum(r) / n
+        if self.normalize == "batch":
+            if n < 2:
+                return [0.0] * n
+            centred = [v - mean for v in r]
+            std = math.sqrt(math.fsum(v * v for v in centred) / n)
+            scale = max(abs(v) for v in r)
+            if not math.isfinite(std) or std <= _TINY * max(1.0, scale):
+                return [0.0] * n
+            return [v / std for v in centred]
+        # Running statistics: use the estimate from before this batch (a true baseline), then
+        # fold this batch in (float64: 1e30 squared is fine; an overflow resets the statistics).
+        sq = math.fsum(v * v for v in r) / n
+        if self._stats_weight == 0.0:
+            base, std = mean, math.sqrt(max(sq - mean * mean, 0.0))
+        else:
+            base = self._mean / self._stats_weight
+            std = math.sqrt(max(self._var / self._stats_weight - base * base, 0.0))
+        z = [v - base for v in r]
+        if self.normalize == "running":
+            scale = max(abs(v) for v in r)
+            ok = math.isfinite(std) and std > _TINY * max(1.0, scale)
+            z = [v / std for v in z] if ok else [0.0] * n
+        m = self.momentum
+        self._mean = m * self._mean + (1 - m) * mean
+        self._var = m * self._var + (1 - m) * sq
+        self._stats_weight = m * self._stats_weight + (1 - m)
+        if not (math.isfinite(self._mean) and math.isfinite(self._var)):
+            self._mean, self._var, self._stats_weight = 0.0, 1.0, 0.0
+        return [v if math.isfinite(v) else 0.0 for v in z]
+
+    def update(self, choices: Tensor | list[int], rewards: Tensor) -> int:
+        """Apply one batch of rewards; return how many were applied (the finite ones).
+
+        Args:
+            choices: int Tensor ``[N]`` (or a list of ints), the choice in ``[0, K)`` behind
+                each example.
+            rewards: floating Tensor ``[N]`` on any device (copied to the CPU as float64).
+        """
+        if isinstance(choices, Tensor):
+            if choices.dim() != 1 or choices.dtype.is_floating_point or choices.dtype == torch.bool:
+                raise TypeError(
+                    "choices should be a 1-D integer Tensor, but got "
+                    f"dtype={choices.dtype}, shape={tuple(choices.shape)}"
+                )
+            c = choices.tolist()
+        elif isinstance(choices, list):
+            c = choices
+        else:
+            raise TypeError(
+                f"choices should be a 1-D integer Tensor, but got {type(choices).__name__}"
+            )
+        check_rewards(rewards, len(c))
+        k = self.num_choices
+        if c and (min(c) < 0 or max(c) >= k):
+            raise ValueError(
+                f"choices should lie in [0, {k}), but got values in [{min(c)}, {max(c)}]"
+            )
+        r_all = rewards.detach().to("cpu", torch.float64).tolist()
+        keep = [i for i, v in enumerate(r_all) if math.isfinite(v)]
+        n_bad = len(r_all) - len(keep)
+        self._nonfinite += n_bad
+        self._updates += 1
+        r = [r_all[i] for i in keep] if n_bad else r_all
+        c = [c[i] for i in keep] if n_bad else c
+        n = len(r)
+        if n == 0:
+            self._skipped += 1
+            return 0
+        z = self._normalized(r)
+        sums = [0.0] * k
+        for choice, v in zip(c, z, strict=True):
+            sums[choice] += v
+        if self.rule == "reinforce":
+            mean_z = math.fsum(z) / n
+            step = [s / n - q * mean_z for s, q in zip(sums, self._q, strict=True)]
+        else:
+            step = [s / (n * p) for s, p in zip(sums, self._p, strict=True)]
+        lr, cap = self.lr, self.max_step
+        self._logits = [
+            v + (min(max(lr * d, -cap), cap) if math.isfinite(d) else 0.0)
+            for v, d in zip(self._logits, step, strict=True)
+        ]
+        self._settle()
+        self._applied += n
+        return n
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters: ``updates``, ``rewards_applied``, ``nonfinite_rewards`` (NaN/inf dropped),
+        ``skipped_updates`` (batches with no finite reward), ``entropy`` (nats) and ``weights``."""
+        return {
+            "updates": self._updates,
+            "rewards_applied": self._applied,
+            "nonfinite_rewards": self._nonfinite,
+            "skipped_updates": self._skipped,
+            "entropy": -math.fsum(v * math.log(v) for v in self._p),
+            "weights": self.weights,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """All :meth:`load_state_dict` needs to continue identically (Python values, Tensors)."""
+        return {
+            "version": _STATE_VERSION,
+            "num_choices": self.num_choices,
+            "logits": torch.tensor(self._logits, dtype=torch.float64),
+            "running": [self._mean, self._var, self._stats_weight],
+            "counters": [self._updates, self._applied, self._nonfinite, self._skipped],
+            "config": {
+                "floor": self.floor,
+                "lr": self.lr,
+                "rule": self.rule,
+                "normalize": self.normalize,
+                "momentum": self.momentum,
+                "max_step": self.max_step,
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises if it belongs to a policy of another size.
+
+        The configuration (floor, lr, rule, ...) is taken from the state.
+        """
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                "state should be a CategoricalPolicy.state_dict() of version "
+                f"{_STATE_VERSION}, but got {type(state).__name__}"
+                + (f" with version={state.get('version')!r}" if isinstance(state, Mapping) else "")
+            )
+        if state["num_choices"] != self.num_choices:
+            raise ValueError(
+                f"state is for {state['num_choices']} choices, "
+                f"but this policy has {self.num_choices}"
+            )
+        logits = torch.as_tensor(state["logits"], dtype=torch.float64).clone()
+        if logits.shape != (self.num_choices,) or not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"state holds invalid logits: {logits.tolist()}")
+        cfg = state["config"]
+        self.floor, self.lr, self.rule = float(cfg["floor"]), float(cfg["lr"]), cfg["rule"]
+        self.normalize, self.momentum = cfg["normalize"], float(cfg["momentum"])
+        self.max_step = float(cfg["max_step"])
+        self._logits = logits.tolist()
+        self._settle()
+        self._mean, self._var, self._stats_weight = (float(v) for v in state["running"])
+        self._updates, self._applied, self._nonfinite, self._skipped = (
+            int(v) for v in state["counters"]
+        )
+
+
+def check_rewards(rewards: Any, n: int, what: str = "rewards") -> None:
+    """Raise unless ``rewards`` is a 1-D floating Tensor of ``n`` entries holding data."""
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"{what} should be a torch.Tensor, but got {type(rewards).__name__}")
+    if not rewards.dtype.is_floating_point:
+        raise TypeError(f"{what} should be a floating-point Tensor, but got dtype={rewards.dtype}")
+    if rewards.device.type == "meta":
+        raise ValueError(
+            f"{what} should be on a device that holds data (cpu, cuda, ...), "
+            f"but got device={rewards.device}"
+        )
+    if rewards.dim() != 1 or rewards.numel() != n:
+        raise ValueError(
+            f"{what} should have shape ({n},), one per example, "
+            f"but got shape={tuple(rewards.shape)}"
+        )

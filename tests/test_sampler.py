@@ -1,0 +1,632 @@
+"""GARSampler: keys, exact reward attribution through DataLoaders, reproducibility, resume."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from adaptive_data._policy import CategoricalPolicy
+from adaptive_data._sampler import GARSampler, MixtureDataset
+
+# Every example is (source id, index in source): the data itself says where it came from, so
+# a reward computed from it exposes any misattribution.
+SIZES = {"a": 23, "b": 17, "c": 11}
+
+
+def tagged(sid: int, n: int) -> TensorDataset:
+    return TensorDataset(torch.full((n,), sid, dtype=torch.long), torch.arange(n))
+
+
+def sources() -> dict[str, TensorDataset]:
+    return {name: tagged(i, n) for i, (name, n) in enumerate(SIZES.items())}
+
+
+def reward_of(sid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # Depends on the source and on the position, so a batch with the same sources in another
+    # order, or another batch, gives a different update.
+    return (sid == 0).float() - 0.5 * (sid == 2).float() + 0.03 * idx.float()
+
+
+def make(**kw) -> GARSampler:
+    args = {"batch_size": 5, "seed": 0, "lr": 0.7}
+    args.update(kw)
+    return GARSampler(sources(), **args)
+
+
+class Oracle:
+    """Replays the updates from the batches' content on a fresh policy."""
+
+    def __init__(self, sampler: GARSampler) -> None:
+        p = sampler.policy
+        self.policy = CategoricalPolicy(
+            p.num_choices,
+            floor=p.floor,
+            lr=p.lr,
+            rule=p.rule,
+            normalize=p.normalize,
+            momentum=p.momentum,
+        )
+        self.policy.load_state_dict(p.state_dict())
+
+    def update(self, sid: torch.Tensor, idx: torch.Tensor) -> None:
+        self.policy.update(sid, reward_of(sid, idx).double())
+
+
+def train(
+    sampler: GARSampler,
+    loader,
+    epochs: int = 2,
+    k: int = 1,
+    stop: int | None = None,
+    delayed: bool = False,
+    oracle: Oracle | None = None,
+) -> list[list[int]]:
+    """The user's loop: update every k-th batch (or the previous batch's, delayed)."""
+    seen: list[list[int]] = []
+    pending = None
+    for _ in range(epochs):
+        for t, (sid, idx) in enumerate(loader):
+            seen.append((sid * 100 + idx).tolist())
+            if delayed:
+                if pending is not None:
+                    sampler.update(reward_of(*pending[1]), batch=pending[0])
+                    if oracle:
+                        oracle.update(*pending[1])
+                pending = (sampler.last_batch, (sid, idx))
+            elif t % k == 0:
+                sampler.update(reward_of(sid, idx))
+                if oracle:
+                    oracle.update(sid, idx)
+            if stop is not None and t == stop:
+                break
+    return seen
+
+
+# ------------------------------------------------------------------ keys
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    batch=st.integers(1, 7),
+    seed=st.integers(0, 2**31),
+    weights=st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4),
+    nb=st.integers(1, 12),
+)
+def test_keys_in_range_and_without_replacement(sizes, batch, seed, weights, nb):
+    w = weights[: len(sizes)]
+    if sum(w) == 0:
+        w[0] = 1.0
+    srcs = [tagged(i, n) for i, n in enumerate(sizes)]
+    s = GARSampler(srcs, batch_size=batch, seed=seed, weights=w, num_batches=nb)
+    drawn: dict[int, list[int]] = {i: [] for i in range(len(sizes))}
+    batches = list(s)
+    assert len(batches) == nb
+    for keys in batches:
+        assert len(keys) == batch
+        assert all(0 <= k < sum(sizes) for k in keys)
+        src, idx = s.decode(keys)
+        for a, b in zip(src.tolist(), idx.tolist(), strict=True):
+            drawn[a].append(b)
+    for i, n in enumerate(sizes):  # each pass over a source is a permutation of it
+        seq = drawn[i]
+        for start in range(0, len(seq) - n + 1, n):
+            assert sorted(seq[start : start + n]) == list(range(n))
+
+
+def test_dataset_returns_examples_unchanged_and_uses_getitems():
+    calls = []
+
+    class Counted(TensorDataset):
+        def __getitems__(self, idx):
+            calls.append(list(idx))
+            return [self[i] for i in idx]
+
+    ds = MixtureDataset([tagged(0, 4), Counted(torch.arange(10, 13))], ["x", "y"])
+    assert len(ds) == 7
+    assert ds[5] == (torch.tensor(11),)
+    out = ds.__getitems__([6, 0, 4, 3])
+    assert [o[0].item() for o in out] == [12, 0, 10, 0]
+    assert calls == [[2, 0]]
+    with pytest.raises(IndexError, match=r"key should lie in \[0, 7\), but got key=7"):
+        ds[7]
+
+
+def test_len_and_epochs():
+    s = make()
+    assert len(s) == sum(SIZES.values()) // 5
+    assert len(list(s)) == len(s)
+    assert len(list(s)) == len(s)
+    assert s.metrics()["epoch"] == 1
+    s.set_epoch(7)
+    list(s)
+    assert s.metrics()["epoch"] == 7
+    assert len(make(num_batches=3)) == 3
+
+
+# ------------------------------------------------------------------ attribution
+
+LOADER_CASES = [
+    # num_workers, prefetch_factor, persistent, k, stop (break after batch `stop`)
+    (0, None, False, 1, None),
+    (0, None, False, 3, 4),
+    (1, 4, False, 1, None),
+    (2, 2, True, 2, 3),
+    (2, 4, False, 1, 5),
+    (2, 4, True, 3, None),
+]
+
+
+@pytest.mark.parametrize(("workers", "prefetch", "persistent", "k", "stop"), LOADER_CASES)
+def test_update_attributes_to_the_batch_just_received(workers, prefetch, persistent, k, stop):
+    s = make()
+    kw = {"num_workers": workers}
+    if workers:
+        kw.update(prefetch_factor=prefetch, persistent_workers=persistent)
+    loader = DataLoader(s.dataset, batch_sampler=s, **kw)
+    oracle = Oracle(s)
+    train(s, loader, epochs=3, k=k, stop=stop, oracle=oracle)
+    assert torch.allclose(s.policy.probs, oracle.policy.probs, rtol=0, atol=1e-12)
+    assert s.metrics()["updates"] == oracle.policy.metrics()["updates"] > 0
+
+
+@pytest.mark.parametrize("loader_cls", [DataLoader, StatefulDataLoader])
+def test_delayed_rewards_by_batch_id(loader_cls):
+    s = make()
+    loader = loader_cls(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=3)
+    oracle = Oracle(s)
+    train(s, loader, epochs=2, delayed=True, oracle=oracle)
+    assert torch.allclose(s.policy.probs, oracle.policy.probs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_update_after_break_and_after_the_epoch(workers):
+    s = make()
+    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=workers)
+    oracle = Oracle(s)
+    for sid, idx in loader:
+        last = (sid, idx)
+        if int(idx.sum()) % 3 == 0:
+            break
+    s.update(reward_of(*last))  # the loader iterator is gone: the count is inferred
+    oracle.update(*last)
+    for sid, idx in loader:  # a whole epoch, then the update after the loop
+        last = (sid, idx)
+    s.update(reward_of(*last))
+    oracle.update(*last)
+    assert torch.allclose(s.policy.probs, oracle.policy.probs, rtol=0, atol=1e-12)
+
+
+def test_iterated_directly_counts_batches():
+    s = make()
+    it = iter(s)
+    keys = next(it)
+    src, idx = s.decode(keys)
+    s.update(reward_of(src, idx))
+    assert s.last_batch == 0
+    next(it)
+    assert s.last_batch == 1
+
+
+def test_unmatchable_rewards_raise():
+    s = make()
+    with pytest.raises(RuntimeError, match=r"before any batch was received"):
+        s.update(torch.zeros(5))
+    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=2)
+    it = iter(loader)
+    next(it)
+    bid = s.last_batch
+    with pytest.raises(ValueError, match=r"shape \(5,\), one per example, but got shape=\(4,\)"):
+        s.update(torch.zeros(4))
+    with pytest.raises(TypeError, match=r"floating-point Tensor, but got dtype=torch.int32"):
+        s.update(torch.zeros(5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"device=meta"):
+        s.update(torch.zeros(5, device="meta"))
+    with pytest.raises(ValueError, match=rf"batch={bid + 1} is still prefetched"):
+        s.update(torch.zeros(5), batch=bid + 1)
+    with pytest.raises(ValueError, match=r"batch=999 has not been drawn"):
+        s.update(torch.zeros(5), batch=999)
+    with pytest.raises(TypeError, match=r"batch should be an int id"):
+        s.update(torch.zeros(5), batch="0")
+    s.update(torch.zeros(5))
+    with pytest.raises(ValueError, match=rf"batch {bid} already received its rewards"):
+        s.update(torch.ones(5))
+    del it
+
+
+def test_nonfinite_rewards_are_counted_and_skipped():
+    s = make()
+    it = iter(s)
+    next(it)
+    s.update(torch.tensor([math.nan, math.inf, 1e30, -1e30, 0.0]))
+    m = s.metrics()
+    assert m["nonfinite_rewards"] == 2
+    p = s.policy.probs
+    assert bool(torch.isfinite(p).all())
+    assert abs(float(p.sum()) - 1) < 1e-9
+    assert abs(sum(s.weights.values()) - 1) < 1e-9
+
+
+def test_in_order_false_is_refused():
+    s = make()
+    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=1, in_order=False)
+    with pytest.raises(ValueError, match=r"in order .* but got in_order=False"):
+        next(iter(loader))
+
+
+# ------------------------------------------------------------------ reproducibility
+
+
+def keys_of(loader, epochs=2):
+    return [(sid * 100 + idx).tolist() for _ in range(epochs) for sid, idx in loader]
+
+
+def test_same_seed_same_batches_with_any_num_workers():
+    runs = []
+    for workers in (0, 1, 2):
+        s = make(seed=3)
+        runs.append(keys_of(DataLoader(s.dataset, batch_sampler=s, num_workers=workers)))
+    assert runs[0] == runs[1] == runs[2]
+    s = make(seed=4)
+    assert keys_of(DataLoader(s.dataset, batch_sampler=s)) != runs[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_run_with_updates(workers):
+    out = []
+    for _ in range(2):
+        s = make()
+        loader = DataLoader(s.dataset, batch_sampler=s, num_workers=workers)
+        out.append((train(s, loader, epochs=2), s.weights))
+    assert out[0] == out[1]
+
+
+# ------------------------------------------------------------------ resume
+
+
+def direct_run(s: GARSampler, n: int) -> list[list[int]]:
+    """n batches straight from the sampler (epochs chained), updating after each."""
+    out: list[list[int]] = []
+    while len(out) < n:
+        for keys in s:
+            out.append(keys)
+            s.update(reward_of(*s.decode(keys)))
+            if len(out) == n:
+                break
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    stop=st.integers(1, 30),
+    rest=st.integers(1, 20),
+    rule=st.sampled_from(["reinforce", "exp_grad"]),
+    normalize=st.sampled_from(["batch", "running"]),
+)
+def test_resume_equals_uninterrupted(stop, rest, rule, normalize):
+    full = make(rule=rule, normalize=normalize)
+    expected = direct_run(full, stop + rest)
+    first = make(rule=rule, normalize=normalize)
+    got = direct_run(first, stop)
+    state = first.state_dict()
+    second = make(rule=rule, normalize=normalize)
+    second.load_state_dict(state)
+    assert second.weights == first.weights
+    got += direct_run(second, rest)
+    assert got == expected
+    assert second.weights == full.weights
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_under_a_dataloader(workers):
+    """The batches prefetched at the checkpoint are re-yielded exactly as drawn."""
+    full = make()
+    expected = train(
+        full, DataLoader(full.dataset, batch_sampler=full, num_workers=workers), epochs=2
+    )
+    first = make()
+    got = train(
+        first, DataLoader(first.dataset, batch_sampler=first, num_workers=workers), epochs=1, stop=3
+    )
+    state = first.state_dict()
+    second = make()
+    second.load_state_dict(state)
+    loader = DataLoader(second.dataset, batch_sampler=second, num_workers=workers)
+    got += train(second, loader, epochs=2)
+    assert got == expected
+    assert second.weights == full.weights
+
+
+@pytest.mark.parametrize(("workers", "save_sampler"), [(0, False), (2, True)])
+def test_resume_under_stateful_dataloader(workers, save_sampler):
+    def loader_for(s):
+        return StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=workers)
+
+    full = make()
+    expected = train(full, loader_for(full), epochs=2)
+    first = make()
+    loader = loader_for(first)
+    got = train(first, loader, epochs=1, stop=4)
+    loader_state = loader.state_dict()
+    sampler_state = first.state_dict() if save_sampler else None
+    del loader
+    second = make()
+    loader2 = loader_for(second)
+    loader2.load_state_dict(loader_state)
+    if sampler_state is not None:
+        second.load_state_dict(sampler_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        got += train(second, loader2, epochs=2)
+    assert got == expected
+    assert second.weights == full.weights
+
+
+def test_stateful_dataloader_alone_with_workers_warns_about_the_policy():
+    first = make()
+    loader = StatefulDataLoader(first.dataset, batch_sampler=first, num_workers=2)
+    train(first, loader, epochs=1, stop=4)
+    state = loader.state_dict()
+    del loader
+    second = make()
+    loader2 = StatefulDataLoader(second.dataset, batch_sampler=second, num_workers=2)
+    loader2.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"policy updates made after that are not in it"):
+        train(second, loader2, epochs=1)
+
+
+def test_load_state_dict_checks_the_sampler():
+    state = make().state_dict()
+    with pytest.raises(
+        ValueError, match=r"state has batch_size=5, but this sampler has batch_size=4"
+    ):
+        make(batch_size=4).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"state has seed=0, but this sampler has seed=1"):
+        make(seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"version=None"):
+        make().load_state_dict({})
+
+
+# ------------------------------------------------------------------ DatasetDict
+
+
+def test_datasetdict_sources():
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict({"sid": [i] * n, "x": list(range(n))}).with_format(
+                "torch"
+            )
+            for i, (split, n) in enumerate([("train", 12), ("extra", 8), ("test", 6)])
+        }
+    )
+    s = GARSampler(dd, batch_size=4, seed=0, names=["train", "extra"])
+    assert s.names == ["train", "extra"]
+    assert set(s.weights) == {"train", "extra"}
+    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=0)
+    for batch in loader:
+        assert set(batch) == {"sid", "x"}
+        assert batch["sid"].shape == (4,)
+        assert int(batch["sid"].max()) <= 1  # never the test split
+        s.update((batch["sid"] == 0).float())
+    assert s.weights["train"] > s.weights["extra"]
+    everything = GARSampler(dd, batch_size=4)
+    assert everything.names == ["train", "extra", "test"]
+    with pytest.raises(ValueError, match=r"unknown source name\(s\) \['valid'\]"):
+        GARSampler(dd, batch_size=4, names=["valid"])
+
+
+# ------------------------------------------------------------------ bad input
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        yield from range(3)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (({},), {"batch_size": 2}, ValueError, r"at least one dataset, but got none"),
+        (([],), {"batch_size": 2}, ValueError, r"at least one dataset, but got none"),
+        (({"a": tagged(0, 0)},), {"batch_size": 2}, ValueError, r"source 'a' is empty \(len 0\)"),
+        (
+            ({"s": Stream()},),
+            {"batch_size": 2},
+            TypeError,
+            r"source 's' is iterable-style \(Stream\)",
+        ),
+        (
+            ({"o": object()},),
+            {"batch_size": 2},
+            TypeError,
+            r"source 'o' is not a map-style dataset",
+        ),
+        ((tagged(0, 3),), {"batch_size": 2}, TypeError, r"but got TensorDataset"),
+        (
+            (sources(),),
+            {"batch_size": 0},
+            ValueError,
+            r"batch_size should be a positive integer value, but got batch_size=0",
+        ),
+        (
+            (sources(),),
+            {"batch_size": 2, "weights": [1, -1, 1]},
+            ValueError,
+            r"weights=\[1.0, -1.0, 1.0\]",
+        ),
+        (
+            (sources(),),
+            {"batch_size": 2, "weights": [1, math.nan, 1]},
+            ValueError,
+            r"weights=\[1.0, nan, 1.0\]",
+        ),
+        ((sources(),), {"batch_size": 2, "weights": [0, 0, 0]}, ValueError, r"not all be zero"),
+        (
+            (sources(),),
+            {"batch_size": 2, "weights": {"z": 1}},
+            ValueError,
+            r"unknown source\(s\) \['z'\]",
+        ),
+        (
+            (sources(),),
+            {"batch_size": 2, "names": ["a", "q"]},
+            ValueError,
+            r"unknown source name\(s\) \['q'\]",
+        ),
+        ((sources(),), {"batch_size": 2, "num_batches": 0}, ValueError, r"num_batches=0"),
+        ((sources(),), {"batch_size": 2, "floor": 0.5}, ValueError, r"floor=0.5"),
+        ((sources(),), {"batch_size": 2, "reward_window": 1}, ValueError, r"reward_window=1"),
+    ],
+)
+def test_bad_input_raises(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GARSampler(*args, **kwargs)
+
+
+def test_set_epoch_rejects_negative():
+    with pytest.raises(ValueError, match=r"epoch=-1"):
+        make().set_epoch(-1)
+
+
+def test_persistent_workers_update_before_the_next_epochs_first_batch():
+    """A new epoch's iterator prefetches at once; the update still goes to the last batch."""
+    s = make()
+    oracle = Oracle(s)
+    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True)
+    last = None
+    for _ in range(3):
+        it = iter(loader)
+        if last is not None:
+            s.update(reward_of(*last))
+            oracle.update(*last)
+        for sid, idx in it:
+            last = (sid, idx)
+    assert torch.allclose(s.policy.probs, oracle.policy.probs, rtol=0, atol=1e-12)
+
+
+def test_resume_under_stateful_dataloader_with_persistent_workers_in_a_later_epoch():
+    def loader_for(s):
+        return StatefulDataLoader(
+            s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True, prefetch_factor=3
+        )
+
+    full = make()
+    expected = train(full, loader_for(full), epochs=3)
+    first = make()
+    loader = loader_for(first)
+    got = train(first, loader, epochs=2)
+    got += train(first, loader, epochs=1, stop=2)
+    loader_state, sampler_state = loader.state_dict(), first.state_dict()
+    del loader
+    second = make()
+    loader2 = loader_for(second)
+    loader2.load_state_dict(loader_state)
+    second.load_state_dict(sampler_state)
+    got += train(second, loader2, epochs=1)
+    assert got == expected
+    assert second.weights == full.weights
+
+
+def test_a_wrapping_batch_sampler_is_refused_not_misattributed():
+    s = make()
+
+    class Wrapper:
+        def __iter__(self):
+            yield from s
+
+        def __len__(self):
+            return len(s)
+
+    loader = DataLoader(s.dataset, batch_sampler=Wrapper(), num_workers=2)
+    it = iter(loader)
+    next(it)
+    with pytest.raises(RuntimeError, match=r"iterated by another batch sampler \(Wrapper\)"):
+        s.update(torch.zeros(5))
+    del it
+
+
+def test_metrics_and_history():
+    s = make()
+    it = iter(s)
+    for _ in range(3):
+        keys = next(it)
+        s.update(reward_of(*s.decode(keys)))
+    m = s.metrics()
+    assert m["updates"] == 3
+    assert m["batches_rewarded"] == 3
+    assert m["batches_drawn"] == 3
+    assert set(m["reward_mean"]) == set(SIZES)
+    h = s.history
+    assert [e["batch"] for e in h] == [None, 0, 1, 2]
+    assert h[-1]["weights"] == s.weights
+    assert h[0]["weights"] == pytest.approx({n: 1 / 3 for n in SIZES})
+
+
+def test_end_to_end_with_the_probe_downweights_random_labels():
+    """Digits (shipped with scikit-learn): a clean source and a randomly labelled one."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    from torch import nn
+
+    import adaptive_data as ad
+    from adaptive_data._reference import ReferenceBatches
+
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    clean, noisy, ref = perm[:600], perm[600:1200], perm[1200:1500]
+    sources = {
+        "clean": TensorDataset(x[clean], y[clean]),
+        "noisy": TensorDataset(x[noisy], torch.randint(0, 10, (600,), generator=g)),
+    }
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    probe = ad.GradientProbe(model, loss_fn)
+    sampler = GARSampler(sources, batch_size=32, seed=0)
+    reference = ReferenceBatches(TensorDataset(x[ref], y[ref]), batch_size=64, seed=0)
+    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    for _ in range(2):
+        for xb, yb in loader:
+            sampler.update(probe(xb, yb, reference=tuple(next(reference))))
+            opt.zero_grad()
+            loss_fn(model(xb), yb).mean().backward()
+            opt.step()
+    assert sampler.weights["noisy"] < 0.2  # from 0.5: the random labels lose their share
+
+
+def test_delayed_reward_across_a_checkpoint():
+    """The reward of the last batch before a checkpoint can be given after the restore."""
+
+    def run(sampler, n, pending=None):
+        out = []
+        it = iter(sampler)
+        for _ in range(n):
+            keys = next(it)
+            out.append(keys)
+            if pending is not None:
+                sampler.update(reward_of(*sampler.decode(pending[1])), batch=pending[0])
+            pending = (sampler.last_batch, keys)
+        return out, pending
+
+    full = make(num_batches=20)
+    expected, _ = run(full, 12)
+    first = make(num_batches=20)
+    got, pending = run(first, 5)
+    state = first.state_dict()
+    second = make(num_batches=20)
+    second.load_state_dict(state)
+    more, _ = run(second, 7, pending)
+    assert got + more == expected
+    assert second.weights == full.weights
