@@ -4,8 +4,8 @@ For every module that owns trainable parameters, a *rule* returns the directiona
 the module's output with respect to its own parameters along the direction ``D``, for the input
 the module saw. For layers whose output is affine in their parameters (Linear, Conv, Embedding,
 the affine part of the norms) that is the layer's own forward with ``D`` in place of its weights;
-for anything else (``nn.MultiheadAttention``, modules holding bare parameters) it is a
-forward-mode JVP of the module alone. With ``B`` the gradient of ``sum_i l_i`` at the module's
+``nn.MultiheadAttention`` has a closed form; for anything else (modules holding bare
+parameters) it is a forward-mode JVP of the module alone. With ``B`` the gradient of ``sum_i l_i`` at the module's
 output, the module's share of example i's reward is ``<B_i, tangent_i>`` (docs/concepts.md).
 """
 
