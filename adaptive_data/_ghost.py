@@ -5,8 +5,9 @@ the module's output with respect to its own parameters along the direction ``D``
 the module saw. For layers whose output is affine in their parameters (Linear, Conv, Embedding,
 the affine part of the norms) that is the layer's own forward with ``D`` in place of its weights;
 ``nn.MultiheadAttention`` has a closed form; for anything else (modules holding bare
-parameters) it is a forward-mode JVP of the module alone. With ``B`` the gradient of ``sum_i l_i`` at the module's
-output, the module's share of example i's reward is ``<B_i, tangent_i>`` (docs/concepts.md).
+parameters) it is a forward-mode JVP of the module alone. With ``B`` the gradient of
+``sum_i l_i`` at the module's output, the module's share of example i's reward is
+``<B_i, tangent_i>`` (docs/concepts.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from ._norms import norm_rule
 from ._state import RngSnapshot, forward_ad_friendly
 
 __all__ = ["GhostRule", "ghost_rules", "register_ghost_rule"]
@@ -462,11 +464,16 @@ class GhostRun:
         n: int,
         devices: list[int],
         device: torch.device,
+        norms: bool = False,
     ) -> None:
         self.direction = direction
         self.n = n
         self.devices = devices
         self.r = torch.zeros(n, dtype=torch.float32, device=device)
+        # squared per-example gradient norms, summed over modules (reward="cosine")
+        self.sq: Tensor | None = (
+            torch.zeros(n, dtype=torch.float32, device=device) if norms else None
+        )
         self.module_sums: dict[str, Tensor] = {}
         self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self.active = True
@@ -531,6 +538,17 @@ class GhostRun:
         finally:
             self.active = True
         contribution = per_example_dot(grad, tangent, dim)
+        if self.sq is not None:
+            rule = norm_rule(call.entry.module)
+            if rule is None:  # GradientProbe checks coverage when it is built
+                raise RuntimeError(f"no gradient-norm rule for module {call.entry.name!r}")
+            self.sq += rule(
+                call.entry.module,
+                call.args or (),
+                call.kwargs or {},
+                grad,
+                call.entry.params.keys(),
+            )
         call.done_one()
         self.r += contribution
         name = call.entry.name

@@ -26,13 +26,25 @@ from ._direction import (
     zero_rows,
 )
 from ._ghost import GhostRun
+from ._norms import norm_rule
+from ._norms import supported as supported_norms
 from ._state import cuda_devices, forward_ad_friendly, preserved
 
-__all__ = ["METHODS", "GradientProbe"]
+__all__ = ["METHODS", "REWARDS", "GradientProbe"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
 METHODS = ("ghost", "jvp", "per_sample", "finite_difference", "head")
+REWARDS = ("dot", "cosine")
+
+
+def _cosine(dot: Tensor, sq_norms: Tensor | None, d: Direction) -> Tensor:
+    """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0."""
+    if sq_norms is None:  # the ghost and per_sample runners always set them
+        raise RuntimeError("per-example gradient norms were not computed")
+    d_norm = torch.stack([t.float().pow(2).sum() for t in d.values()]).sum().sqrt()
+    denom = sq_norms.clamp_min(0).sqrt() * d_norm.to(sq_norms.device)
+    return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
 
 
 class _Job(NamedTuple):
@@ -115,6 +127,7 @@ class GradientProbe:
         verify: str = "first",
         rel_eps: float = 1e-3,
         chunk_size: int | None = None,
+        reward: str = "dot",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
@@ -129,6 +142,15 @@ class GradientProbe:
         if not (isinstance(rel_eps, float | int) and math.isfinite(rel_eps) and rel_eps > 0):
             raise ValueError(
                 f"rel_eps should be a positive finite number, but got rel_eps={rel_eps}"
+            )
+        if reward not in REWARDS:
+            raise ValueError(
+                f"reward should be one of {', '.join(REWARDS)}, but got reward={reward!r}"
+            )
+        if reward == "cosine" and method not in ("ghost", "per_sample"):
+            raise ValueError(
+                "reward='cosine' needs per-example gradient norms, which method='ghost' and "
+                f"method='per_sample' compute, but got method={method!r}"
             )
         if verify not in ("first", "always", "never"):
             raise ValueError(
@@ -146,6 +168,8 @@ class GradientProbe:
         self._verified = False
         self.rel_eps = float(rel_eps)
         self.chunk_size = chunk_size
+        self.reward = reward
+        self._last_sq_norms: Tensor | None = None
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
@@ -153,6 +177,18 @@ class GradientProbe:
         self._replays_root = any(
             e.module is model and e.rule is _ghost.FALLBACK_RULE for e in self._plan
         )
+        if reward == "cosine" and method == "ghost":
+            missing = [
+                f"{e.name} ({type(e.module).__name__})"
+                for e in self._plan
+                if norm_rule(e.module) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"reward='cosine' with method='ghost' has no per-example gradient norm for "
+                    f"{missing}; norms exist for {', '.join(supported_norms())}. "
+                    "Use method='per_sample'"
+                )
         self._frozen_rows = gradient_free_rows(model, params)
         self._param_ids = tuple(id(p) for p in params.values())
 
@@ -210,7 +246,11 @@ class GradientProbe:
             d = zero_rows(d, self._frozen_rows)
         with preserved(self.model):
             job = _Job(args, kwargs, y, n, d, params)
+            self._last_sq_norms = None
             r = getattr(self, f"_run_{self.method}")(job)
+        if self.reward == "cosine":
+            r = _cosine(r, self._last_sq_norms, d)
+            self._last_sq_norms = None
         return r
 
     def reference_direction(self, x_ref: Inputs, y_ref: Any) -> Direction:
@@ -249,7 +289,9 @@ class GradientProbe:
             # whole-model JVP anyway, and with independent examples that one pass gives all of r.
             return self._run_jvp(job)
         device = next(iter(params.values())).device
-        run = GhostRun(self._plan, d, n, cuda_devices(self.model), device)
+        run = GhostRun(
+            self._plan, d, n, cuda_devices(self.model), device, norms=self.reward == "cosine"
+        )
         verify = self.verify == "always" or (self.verify == "first" and not self._verified)
         try:
             with torch.enable_grad():
@@ -264,6 +306,7 @@ class GradientProbe:
             param_grads = grads[len(run.anchors) :]
             self._verify_ghost(run, dict(zip(params, param_grads, strict=True)), d)
             self._verified = True
+        self._last_sq_norms = run.sq
         return run.r
 
     def _verify_ghost(
@@ -347,9 +390,10 @@ class GradientProbe:
             out = functional_call(model, {**p, **b}, a, k)
             return per_example_losses(loss_fn, out, t, 1).sum()
 
-        def reward_one(p: dict, b: dict, a: tuple, k: dict, t: Any) -> Tensor:
+        def reward_one(p: dict, b: dict, a: tuple, k: dict, t: Any) -> tuple[Tensor, Tensor]:
             g = grad(loss_one)(p, b, a, k, t)
-            return torch.stack([(g[name] * d[name]).sum() for name in d]).sum()
+            dot = torch.stack([(g[name] * d[name]).sum() for name in d]).sum()
+            return dot, torch.stack([g[name].pow(2).sum() for name in d]).sum()
 
         batched = vmap(
             reward_one,
@@ -358,7 +402,9 @@ class GradientProbe:
             chunk_size=self.chunk_size,
         )
         with forward_ad_friendly():
-            return batched(detached, buffers, args, kwargs, y).float()
+            dot, sq = batched(detached, buffers, args, kwargs, y)
+        self._last_sq_norms = sq.float()
+        return dot.float()
 
     # ------------------------------------------------------------------ head
 
