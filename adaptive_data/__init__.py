@@ -5,7 +5,7 @@ The public surface is re-exported here; the modules behind it are private.
 
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
 from ._policy import CategoricalPolicy
-from ._probe import METHODS, GradientProbe
+from ._probe import METHODS, REWARDS, GradientProbe
 from ._reference import ReferenceBatches
 from ._sampler import GARSampler, MixtureDataset
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "METHODS",
+    "REWARDS",
     "CategoricalPolicy",
     "GARSampler",
     "GhostRule",

@@ -111,6 +111,11 @@ class GradientProbe:
             parameter is used outside its module's forward; it raises, naming the modules.
         rel_eps: the relative step of ``finite_difference``.
         chunk_size: examples per ``vmap`` chunk for ``per_sample`` (None: all at once).
+        reward: ``"dot"`` (default): ``r_i = <g_i, D>``; ``"cosine"``:
+            ``<g_i, D> / (||g_i|| ||D||)`` (0 where a norm is 0), with exact per-example
+            gradient norms from ``ghost`` (Linear, Conv, Embedding, affine norms; other modules
+            are refused at construction) or ``per_sample``. The dot product grows with an
+            example's gradient norm; the cosine rewards its direction only.
 
     Example:
         >>> probe = GradientProbe(model, nn.CrossEntropyLoss(reduction="none"))

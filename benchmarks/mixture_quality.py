@@ -13,9 +13,12 @@ batch 64) for the same number of steps under each mixture:
 
 * ``uniform`` and ``proportional`` (to source sizes): fixed weights;
 * ``exp3_loss``: the online loss bandit of ODM: exponentiated gradient on the training loss;
-* ``gar_reinforce`` and ``gar_exp_grad``: GARSampler updated every step with the rewards of
+* GAR arms (``GAR_ARMS``): GARSampler updated with the rewards of
   ``GradientProbe(method="ghost")`` against a reference batch (128) from the held-out split,
-  preconditioned by Adam's state; ``gar_exp_grad_k4`` probes and updates every 4th step only;
+  preconditioned by Adam's state: ``gar_dot`` with the plain reward ``<g_i, D>``, the others
+  with ``reward="cosine"`` (``<g_i, D> / (||g_i|| ||D||)``): ``gar_reinforce`` (REINFORCE),
+  ``gar_exp_grad`` (exponentiated gradient, the default rule), ``gar_exp_grad_lr0.3`` (its
+  step size 3x the default), ``gar_exp_grad_k4`` (probe and update every 4th step only);
 * ``oracle``: the clean source only.
 
 3 seeds each (model initialisation and sampler seed), interleaved. Reported: test accuracy
@@ -62,15 +65,15 @@ FILES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
-METHODS = (
-    "uniform",
-    "proportional",
-    "exp3_loss",
-    "gar_reinforce",
-    "gar_exp_grad",
-    "gar_exp_grad_k4",
-    "oracle",
-)
+# GAR arms: policy rule, policy lr (None: the rule's default), the probe's reward, probe every k.
+GAR_ARMS: dict[str, tuple[str, float | None, str, int]] = {
+    "gar_dot": ("exp_grad", None, "dot", 1),
+    "gar_reinforce": ("reinforce", None, "cosine", 1),
+    "gar_exp_grad": ("exp_grad", None, "cosine", 1),
+    "gar_exp_grad_lr0.3": ("exp_grad", 0.3, "cosine", 1),
+    "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4),
+}
+METHODS = ("uniform", "proportional", "exp3_loss", *GAR_ARMS, "oracle")
 CORRUPTED = ("label_noise", "pixel_noise", "inverted")
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST pixel statistics
 
@@ -167,22 +170,21 @@ def run(
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     kw: dict[str, Any] = {"batch_size": args.batch, "seed": seed, "num_batches": steps_per_epoch}
+    gar = method in GAR_ARMS
+    every = 1
     if method == "oracle":
         sampler = GARSampler({"clean": sources["clean"]}, **kw)
     elif method == "proportional":
         sampler = GARSampler(sources, weights="proportional", **kw)
     elif method == "exp3_loss":
-        sampler = GARSampler(sources, rule="exp_grad", lr=args.lr_exp_grad, **kw)
-    elif method == "gar_reinforce":
-        sampler = GARSampler(sources, rule="reinforce", lr=args.lr_reinforce, **kw)
-    elif method.startswith("gar_exp_grad"):
-        sampler = GARSampler(sources, rule="exp_grad", lr=args.lr_exp_grad, **kw)
+        sampler = GARSampler(sources, rule="exp_grad", **kw)
+    elif gar:
+        rule, lr, reward, every = GAR_ARMS[method]
+        sampler = GARSampler(sources, rule=rule, lr=lr, **kw)
     else:
         sampler = GARSampler(sources, **kw)
     loader = DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=0)
-    gar = method.startswith("gar_")
-    every = 4 if method.endswith("_k4") else 1  # probe (and update) every k-th step
-    probe = ad.GradientProbe(model, loss_fn, method="ghost") if gar else None
+    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward=reward) if gar else None
     ref = ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar else None
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
@@ -253,7 +255,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no weights plot")
         return False
-    shown = [m for m in ("gar_reinforce", "gar_exp_grad", "exp3_loss") if m in results["methods"]]
+    shown = [m for m in ("gar_dot", "gar_exp_grad", "exp3_loss") if m in results["methods"]]
     fig, axes = plt.subplots(
         1, len(shown), figsize=(5 * len(shown), 3.6), sharey=True, squeeze=False
     )
@@ -287,8 +289,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--ref-batch", type=int, default=128)
-    parser.add_argument("--lr-reinforce", type=float, default=0.5)
-    parser.add_argument("--lr-exp-grad", type=float, default=0.1)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "mixture_quality.json")
@@ -323,7 +323,10 @@ def main() -> None:
         "epochs": args.epochs,
         "steps_per_epoch": steps_per_epoch,
         "seeds": seeds,
-        "lr": {"reinforce": args.lr_reinforce, "exp_grad": args.lr_exp_grad},
+        "gar_arms": {
+            name: {"rule": r, "lr": lr, "reward": rw, "probe_every": k}
+            for name, (r, lr, rw, k) in GAR_ARMS.items()
+        },
         "targets": {
             "gar_vs_oracle_points": -0.5,
             "gar_vs_uniform_points": 3.0,
