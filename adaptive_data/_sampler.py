@@ -343,7 +343,7 @@ class GARSampler(Sampler[list[int]]):
         weights: initial mixture: ``"uniform"`` (default), ``"proportional"`` (to source
             sizes), ``{name: w}`` or a sequence.
         floor: minimum probability of each source (default ``0.05 / K``).
-        lr: step size of the policy (default 0.1 for exp_grad, 0.5 for reinforce).
+        lr: step size of the policy (default 0.3 for exp_grad, 0.5 for reinforce).
         rule: ``"exp_grad"`` (default) or ``"reinforce"``; see :class:`CategoricalPolicy`.
         normalize: reward normalisation, ``"batch"``, ``"running"`` or ``"none"``.
         momentum: of the running reward statistics, in [0, 1).
