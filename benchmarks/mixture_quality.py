@@ -70,7 +70,7 @@ FILES = (
 )
 # GAR arms: policy rule, policy lr (None: the rule's default), the probe's reward, probe every k.
 GAR_ARMS: dict[str, tuple[str, float | None, str, int]] = {
-    "gar_dot": ("exp_grad", None, "dot", 1),
+    "gar_dot": ("exp_grad", 0.1, "dot", 1),  # the dot reward's best step (0.3 is worse)
     "gar_reinforce": ("reinforce", None, "cosine", 1),
     "gar_exp_grad": ("exp_grad", None, "cosine", 1),
     "gar_exp_grad_lr0.1": ("exp_grad", 0.1, "cosine", 1),
@@ -182,7 +182,7 @@ def run(
     elif method == "proportional":
         sampler = GARSampler(sources, weights="proportional", **kw)
     elif method == "exp3_loss":
-        sampler = GARSampler(sources, rule="exp_grad", **kw)
+        sampler = GARSampler(sources, rule="exp_grad", lr=0.1, **kw)
     elif gar:
         rule, lr, reward, every = GAR_ARMS[method]
         sampler = GARSampler(sources, rule=rule, lr=lr, **kw)
