@@ -20,9 +20,6 @@ Variants are interleaved, repeated, and the median and spread reported. Figures 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +36,8 @@ from torch.utils.data import (
 )
 
 from adaptive_data._sampler import GARSampler
+
+from _common import header, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.95
@@ -161,14 +160,7 @@ def main() -> None:
         args.per_source, args.keys, args.repeats = 500, 5_000, 1
     sources = make_sources(args.per_source)
     results: dict[str, Any] = {
-        "command": "python benchmarks/loader_cost.py" + (" --quick" if args.quick else ""),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        **header(),
         "batch": BATCH,
         "per_source": args.per_source,
         "keys": args.keys,
@@ -201,9 +193,7 @@ def main() -> None:
                 f"{s['max']:,.0f} | {ratio} |"
             )
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+        write(args.out, results)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
-import os
-import platform
 import statistics
 import struct
 import sys
@@ -56,10 +53,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
-from adaptive_data._reference import ReferenceBatches
-from adaptive_data._sampler import GARSampler
+
+from _common import header, write
 
 ROOT = Path(__file__).resolve().parent.parent
+
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 FILES = (
@@ -176,21 +174,21 @@ def run(
     gar = method in GAR_ARMS
     every = 1
     if method == "oracle":
-        sampler = GARSampler({"clean": sources["clean"]}, **kw)
+        sampler = ad.GARSampler({"clean": sources["clean"]}, **kw)
     elif method == "oracle_floor":
-        sampler = GARSampler(sources, weights={"clean": 1.0}, **kw)
+        sampler = ad.GARSampler(sources, weights={"clean": 1.0}, **kw)
     elif method == "proportional":
-        sampler = GARSampler(sources, weights="proportional", **kw)
+        sampler = ad.GARSampler(sources, weights="proportional", **kw)
     elif method == "exp3_loss":
-        sampler = GARSampler(sources, rule="exp_grad", lr=0.1, **kw)
+        sampler = ad.GARSampler(sources, rule="exp_grad", lr=0.1, **kw)
     elif gar:
         rule, lr, reward, every = GAR_ARMS[method]
-        sampler = GARSampler(sources, rule=rule, lr=lr, **kw)
+        sampler = ad.GARSampler(sources, rule=rule, lr=lr, **kw)
     else:
-        sampler = GARSampler(sources, **kw)
+        sampler = ad.GARSampler(sources, **kw)
     loader = DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=0)
     probe = ad.GradientProbe(model, loss_fn, method="ghost", reward=reward) if gar else None
-    ref = ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar else None
+    ref = ad.ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar else None
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
     step = 0
@@ -313,14 +311,7 @@ def main() -> None:
     steps_per_epoch = sum(sizes.values()) // args.batch
 
     results: dict[str, Any] = {
-        "command": "python benchmarks/mixture_quality.py" + (" --quick" if args.quick else ""),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        **header(),
         "sizes": sizes,
         "reference_size": n_ref,
         "test_size": len(test[0]),
@@ -397,8 +388,7 @@ def main() -> None:
             results["weights_plot"] = (
                 str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
             )
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"\nwrote {args.out}")
+        write(args.out, results, indent=1)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ to the step's. Figures go to ``benchmarks/results/probe_cost.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import adaptive_data as ad
+
+from _common import header, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_TIME = 2.5  # ghost and jvp calls vs a plain step (the target)
@@ -293,14 +292,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     results: dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/probe_cost.py", *sys.argv[1:]]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        **header(),
         "batch": args.batch,
         "repeats": args.repeats,
         "targets": {"time_ratio": TARGET_TIME, "memory_ratio": TARGET_MEMORY},
@@ -319,9 +311,7 @@ def main() -> None:
             row = [name, key, f"{m['median_ms']:.2f}", f"{m['time_ratio']:.2f}", mem, ratio]
             print("| " + " | ".join(row) + " |")
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+        write(args.out, results)
 
 
 if __name__ == "__main__":

@@ -11,28 +11,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_probe_cost_quick() -> None:
-    done = subprocess.run(
-        [sys.executable, "benchmarks/probe_cost.py", "--quick", "--methods", "ghost,jvp,head"],
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_probe_cost_quick() -> None:
+    done = _run("benchmarks/probe_cost.py", "--quick", "--methods", "ghost,jvp,head")
     assert done.returncode == 0, done.stderr
     assert "| resnet_bn | ghost |" in done.stdout
 
 
 def test_loader_cost_quick() -> None:
-    done = subprocess.run(
-        [sys.executable, "benchmarks/loader_cost.py", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _run("benchmarks/loader_cost.py", "--quick")
     assert done.returncode == 0, done.stderr
     assert "num_workers=2, GARSampler" in done.stdout
 
@@ -41,26 +38,12 @@ def test_mixture_quality_quick() -> None:
     data = ROOT.parent / "shared" / "data" / "fashion-mnist"
     if not data.is_dir():
         pytest.skip(f"Fashion-MNIST not found at {data}")
-    done = subprocess.run(
-        [sys.executable, "benchmarks/mixture_quality.py", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _run("benchmarks/mixture_quality.py", "--quick")
     assert done.returncode == 0, done.stderr
     assert "| oracle |" in done.stdout
 
 
 def test_mixture_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "benchmarks/mixture_quality.py", str(tmp_path), "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = _run("benchmarks/mixture_quality.py", str(tmp_path), "--quick")
     assert done.returncode != 0
     assert "Fashion-MNIST not found" in done.stderr
