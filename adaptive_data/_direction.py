@@ -99,10 +99,10 @@ def precondition(
     * A parameter the optimizer does not own does not move: its entry of ``D`` is zero.
     * ``maximize=True`` flips the sign.
     Common positive factors (the learning rate, Adam's ``1/(1 - beta1**step)``) are left out.
+    The caller has checked ``optimizer`` with :func:`check_optimizer`.
     """
     if optimizer is None:
         return dict(direction)
-    check_optimizer(optimizer, params)
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     out: Direction = {}

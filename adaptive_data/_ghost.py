@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ._norms import norm_rule
+from ._norms import NormFn, norm_rule
 from ._state import RngSnapshot, forward_ad_friendly
 
 __all__ = ["GhostRule", "ghost_rules", "register_ghost_rule"]
@@ -344,6 +344,7 @@ class Entry:
     module: nn.Module
     rule: GhostRule
     params: dict[str, str]
+    norm: NormFn | None = None  # its per-example gradient-norm rule, if one exists
 
 
 def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> list[Entry]:
@@ -380,7 +381,7 @@ def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> li
                 uncovered.append(f"{mod_name or '<root>'} ({type(module).__name__})")
                 continue
             rule = FALLBACK_RULE
-        entries.append(Entry(mod_name or "<root>", module, rule, local))
+        entries.append(Entry(mod_name or "<root>", module, rule, local, norm_rule(module)))
     if uncovered:
         allowed = ", ".join(sorted(cls.__name__ for cls in _RULES))
         raise ValueError(
@@ -465,6 +466,7 @@ class GhostRun:
         devices: list[int],
         device: torch.device,
         norms: bool = False,
+        per_module: bool = False,
     ) -> None:
         self.direction = direction
         self.n = n
@@ -474,7 +476,8 @@ class GhostRun:
         self.sq: Tensor | None = (
             torch.zeros(n, dtype=torch.float32, device=device) if norms else None
         )
-        self.module_sums: dict[str, Tensor] = {}
+        # each module's share of sum_i r_i, kept only for the sum check's diagnosis
+        self.module_sums: dict[str, Tensor] | None = {} if per_module else None
         self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self.active = True
         self._rng: dict[int, RngSnapshot] = {}
@@ -539,8 +542,8 @@ class GhostRun:
             self.active = True
         contribution = per_example_dot(grad, tangent, dim)
         if self.sq is not None:
-            rule = norm_rule(call.entry.module)
-            if rule is None:  # GradientProbe checks coverage when it is built
+            rule = call.entry.norm
+            if rule is None:  # GradientProbe refuses such models when it is built
                 raise RuntimeError(f"no gradient-norm rule for module {call.entry.name!r}")
             self.sq += rule(
                 call.entry.module,
@@ -551,5 +554,6 @@ class GhostRun:
             )
         call.done_one()
         self.r += contribution
-        name = call.entry.name
-        self.module_sums[name] = self.module_sums.get(name, 0) + contribution.sum()
+        if self.module_sums is not None:
+            name = call.entry.name
+            self.module_sums[name] = self.module_sums.get(name, 0) + contribution.sum()

@@ -26,7 +26,6 @@ from ._direction import (
     zero_rows,
 )
 from ._ghost import GhostRun
-from ._norms import norm_rule
 from ._norms import supported as supported_norms
 from ._state import cuda_devices, forward_ad_friendly, preserved
 
@@ -38,13 +37,16 @@ METHODS = ("ghost", "jvp", "per_sample", "finite_difference", "head")
 REWARDS = ("dot", "cosine")
 
 
-def _cosine(dot: Tensor, sq_norms: Tensor | None, d: Direction) -> Tensor:
+def _cosine(dot: Tensor, sq_norms: Tensor, d: Direction) -> Tensor:
     """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0."""
-    if sq_norms is None:  # the ghost and per_sample runners always set them
-        raise RuntimeError("per-example gradient norms were not computed")
     d_norm = torch.stack([t.float().pow(2).sum() for t in d.values()]).sum().sqrt()
     denom = sq_norms.clamp_min(0).sqrt() * d_norm.to(sq_norms.device)
     return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
+
+
+# What a method returns: r [N], and the squared per-example gradient norms [N] where the method
+# computes them (ghost and per_sample with reward="cosine"), else None.
+_Result = tuple[Tensor, "Tensor | None"]
 
 
 class _Job(NamedTuple):
@@ -56,6 +58,7 @@ class _Job(NamedTuple):
     n: int  # batch size
     d: Direction  # the (preconditioned) direction D, keyed like the trainable parameters
     params: dict[str, nn.Parameter]  # the trainable parameters
+    norms: bool  # also compute squared per-example gradient norms (reward="cosine")
 
 
 class GradientProbe:
@@ -174,7 +177,6 @@ class GradientProbe:
         self.rel_eps = float(rel_eps)
         self.chunk_size = chunk_size
         self.reward = reward
-        self._last_sq_norms: Tensor | None = None
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
@@ -184,9 +186,7 @@ class GradientProbe:
         )
         if reward == "cosine" and method == "ghost":
             missing = [
-                f"{e.name} ({type(e.module).__name__})"
-                for e in self._plan
-                if norm_rule(e.module) is None
+                f"{e.name} ({type(e.module).__name__})" for e in self._plan if e.norm is None
             ]
             if missing:
                 raise ValueError(
@@ -231,7 +231,7 @@ class GradientProbe:
                 "the model's trainable parameters changed since this GradientProbe was built "
                 "(requires_grad toggled or parameters replaced); build a new GradientProbe"
             )
-        if optimizer is not None:
+        if optimizer is not None:  # before the reference pass, so a bad optimizer fails fast
             check_optimizer(optimizer, params)
         if direction is not None:
             d = check_direction(direction, params)
@@ -245,17 +245,15 @@ class GradientProbe:
                         else ""
                     )
                 )
-            d = self.reference_direction(*reference)
+            d = self._reference_direction(*reference, params)
         d = precondition(d, params, optimizer)
         if self._frozen_rows:
             d = zero_rows(d, self._frozen_rows)
         with preserved(self.model):
-            job = _Job(args, kwargs, y, n, d, params)
-            self._last_sq_norms = None
-            r = getattr(self, f"_run_{self.method}")(job)
-        if self.reward == "cosine":
-            r = _cosine(r, self._last_sq_norms, d)
-            self._last_sq_norms = None
+            job = _Job(args, kwargs, y, n, d, params, norms=self.reward == "cosine")
+            r, sq_norms = getattr(self, f"_run_{self.method}")(job)
+        if sq_norms is not None:
+            r = _cosine(r, sq_norms, d)
         return r
 
     def reference_direction(self, x_ref: Inputs, y_ref: Any) -> Direction:
@@ -263,10 +261,14 @@ class GradientProbe:
 
         Raises if it holds NaN or inf. Leaves the model untouched (``.grad`` included).
         """
+        return self._reference_direction(x_ref, y_ref, trainable_parameters(self.model))
+
+    def _reference_direction(
+        self, x_ref: Inputs, y_ref: Any, params: dict[str, nn.Parameter]
+    ) -> Direction:
         args, kwargs = call_args(x_ref)
         n = batch_size(x_ref, "x_ref")
         check_same_batch(y_ref, n)
-        params = trainable_parameters(self.model)
         with preserved(self.model):
             if self.method == "head":
                 d = self._head_reference(args, kwargs, y_ref, n, params)
@@ -287,17 +289,17 @@ class GradientProbe:
 
     # ------------------------------------------------------------------ methods
 
-    def _run_ghost(self, job: _Job) -> Tensor:
-        args, kwargs, y, n, d, params = job
+    def _run_ghost(self, job: _Job) -> _Result:
+        args, kwargs, y, n, d, params, norms = job
         if self._replays_root and not _ghost.couples_examples(self.model):
             # The root module holds bare parameters: replaying it by forward-mode AD costs a
             # whole-model JVP anyway, and with independent examples that one pass gives all of r.
             return self._run_jvp(job)
         device = next(iter(params.values())).device
-        run = GhostRun(
-            self._plan, d, n, cuda_devices(self.model), device, norms=self.reward == "cosine"
-        )
         verify = self.verify == "always" or (self.verify == "first" and not self._verified)
+        run = GhostRun(
+            self._plan, d, n, cuda_devices(self.model), device, norms=norms, per_module=verify
+        )
         try:
             with torch.enable_grad():
                 losses = per_example_losses(self.loss_fn, self.model(*args, **kwargs), y, n)
@@ -311,8 +313,7 @@ class GradientProbe:
             param_grads = grads[len(run.anchors) :]
             self._verify_ghost(run, dict(zip(params, param_grads, strict=True)), d)
             self._verified = True
-        self._last_sq_norms = run.sq
-        return run.r
+        return run.r, run.sq
 
     def _verify_ghost(
         self, run: GhostRun, grads: Mapping[str, Tensor | None], d: Direction
@@ -333,9 +334,10 @@ class GradientProbe:
         if abs(got - expected) <= 1e-3 * (scale + float(run.r.abs().sum())) + 1e-30:
             return
         suspects = []
+        module_sums = run.module_sums or {}  # kept whenever the check runs
         for entry in self._plan:
             want, s = dot(entry.params.values())
-            have = float(run.module_sums.get(entry.name, 0.0))
+            have = float(module_sums.get(entry.name, 0.0))
             if abs(have - want) > 1e-3 * (s + abs(have)) + 1e-30:
                 suspects.append(f"{entry.name} ({type(entry.module).__name__})")
         raise RuntimeError(
@@ -345,8 +347,8 @@ class GradientProbe:
             "Use method='jvp', or verify='never' to accept the partial reward"
         )
 
-    def _run_jvp(self, job: _Job) -> Tensor:
-        args, kwargs, y, n, d, params = job
+    def _run_jvp(self, job: _Job) -> _Result:
+        args, kwargs, y, n, d, params, _ = job
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         with torch.no_grad(), forward_ad_friendly(), fwad.dual_level():
             duals = {name: fwad.make_dual(p.detach(), d[name]) for name, p in params.items()}
@@ -354,18 +356,18 @@ class GradientProbe:
             losses = per_example_losses(self.loss_fn, out, y, n)
             tangent = fwad.unpack_dual(losses).tangent
         if tangent is None:  # the loss does not depend on any trainable parameter
-            return torch.zeros(n, dtype=torch.float32, device=losses.device)
-        return tangent.float()
+            return torch.zeros(n, dtype=torch.float32, device=losses.device), None
+        return tangent.float(), None
 
-    def _run_finite_difference(self, job: _Job) -> Tensor:
-        args, kwargs, y, n, d, params = job
+    def _run_finite_difference(self, job: _Job) -> _Result:
+        args, kwargs, y, n, d, params, _ = job
         theta_norm = math.sqrt(
             sum(float(p.detach().double().square().sum()) for p in params.values())
         )
         d_norm = math.sqrt(sum(float(t.double().square().sum()) for t in d.values()))
         if d_norm == 0.0:
             device = next(iter(params.values())).device
-            return torch.zeros(n, dtype=torch.float32, device=device)
+            return torch.zeros(n, dtype=torch.float32, device=device), None
         eps = self.rel_eps * max(theta_norm, 1.0) / d_norm
         rng = torch.get_rng_state()
         losses = []
@@ -375,10 +377,10 @@ class GradientProbe:
                 moved = {name: p.detach() + sign * eps * d[name] for name, p in params.items()}
                 out = functional_call(self.model, moved, args, kwargs)
                 losses.append(per_example_losses(self.loss_fn, out, y, n).double())
-        return ((losses[0] - losses[1]) / (2.0 * eps)).float()
+        return ((losses[0] - losses[1]) / (2.0 * eps)).float(), None
 
-    def _run_per_sample(self, job: _Job) -> Tensor:
-        args, kwargs, y, n, d, params = job
+    def _run_per_sample(self, job: _Job) -> _Result:
+        args, kwargs, y, n, d, params, norms = job
         model, loss_fn = self.model, self.loss_fn
         with torch.no_grad():  # check loss_fn on the whole batch, for the same message as elsewhere
             per_example_losses(loss_fn, model(*args, **kwargs), y, n)
@@ -408,8 +410,7 @@ class GradientProbe:
         )
         with forward_ad_friendly():
             dot, sq = batched(detached, buffers, args, kwargs, y)
-        self._last_sq_norms = sq.float()
-        return dot.float()
+        return dot.float(), sq.float() if norms else None
 
     # ------------------------------------------------------------------ head
 
@@ -449,8 +450,8 @@ class GradientProbe:
             (g,) = torch.autograd.grad(total, logits)
         return g
 
-    def _run_head(self, job: _Job) -> Tensor:
-        args, kwargs, y, n, d, params = job
+    def _run_head(self, job: _Job) -> _Result:
+        args, kwargs, y, n, d, params, _ = job
         head, inp, out = self._head_forward(args, kwargs)
         names = self._head_names(head, params)
         if not names:
@@ -459,7 +460,7 @@ class GradientProbe:
         local = {k: d[g] for k, g in names.items()}
         weight = local.get("weight", torch.zeros_like(head.weight))
         bias = None if head.bias is None else local.get("bias", torch.zeros_like(head.bias))
-        return _ghost.per_example_dot(b, F.linear(inp, weight, bias), 0)
+        return _ghost.per_example_dot(b, F.linear(inp, weight, bias), 0), None
 
     def _head_reference(
         self, args: tuple, kwargs: dict, y: Any, n: int, params: dict[str, nn.Parameter]

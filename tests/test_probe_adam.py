@@ -18,7 +18,7 @@ LR, BETA1, W = 1e-3, 0.9, 0.05
 PROBE_LR = 1e-5
 # Adam also reacts to an up-weighted example through v, a first-order term of relative size
 # about (1 - beta2) / ((1 - beta2**t) (1 - beta1)) that D = P d leaves out (docs/concepts.md):
-# 10x the scale of the kept term at t = 30, ~2% after the 1000 warm-up steps used here.
+# about a third of the kept term at t = 30, under 2% after the 1000 warm-up steps used here.
 WARMUP = 1000
 
 
