@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
+from ._augment import NO_AUGMENTATION, GARTransform
 from ._policy import CategoricalPolicy, check_rewards
 
 __all__ = ["GARSampler", "MixtureDataset"]
@@ -47,6 +48,8 @@ _UNREWARDED = "unrewarded"
 _HISTORY = "history"
 _REWARD_MEANS = "reward_means"
 _COUNTERS = "counters"
+_TRANSFORM = "transform"
+_REFERENCE_EVERY = "reference_every"
 
 
 def _mix(*values: int) -> int:
@@ -76,11 +79,14 @@ def _resolve_sources(sources: Any, names: Sequence[str] | None) -> tuple[list[st
         items = [(str(k), v) for k, v in sources.items()]
     elif isinstance(sources, list | tuple):
         items = [(str(i), v) for i, v in enumerate(sources)]
+    elif _is_iterable_style(sources) or (
+        hasattr(sources, "__getitem__") and hasattr(sources, "__len__")
+    ):
+        items = [("0", sources)]  # one map-style dataset: a single source named "0"
     else:
         raise TypeError(
-            "sources should be a dict name -> dataset, a list of datasets or a "
-            "datasets.DatasetDict, "
-            f"but got {type(sources).__name__}"
+            "sources should be a map-style dataset, a dict name -> dataset, a list of datasets "
+            f"or a datasets.DatasetDict, but got {type(sources).__name__}"
         )
     if not items:
         raise ValueError("sources should hold at least one dataset, but got none")
@@ -120,11 +126,25 @@ class MixtureDataset(Dataset):
     the source returns them. ``__getitems__`` groups a batch of keys by source and calls each
     source's own ``__getitems__`` where it has one (Hugging Face datasets, ``Subset``), so a
     batch costs one call per source present in it. Holds no random state: safe in workers.
+
+    With a ``transform`` (a :class:`GARTransform`), the sampler's keys are decisions,
+    ``(key, op, bin, negate, seed)`` tuples. For each, the dataset arms the transform with
+    ``(op, bin, negate)``, seeds torch's default generator with ``seed`` (so the pipeline's
+    other random transforms, crop and flip, draw the same numbers in any worker), fetches the
+    example with ``source[index]`` (one at a time, so that each gets its own decision), checks
+    that the transform was called, and restores the generator's state after the batch. Plain
+    int keys fetch without a decision (the transform then samples by itself).
     """
 
-    def __init__(self, sources: Sequence[Any], names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Any],
+        names: Sequence[str],
+        transform: GARTransform | None = None,
+    ) -> None:
         self.sources = list(sources)
         self.names = list(names)
+        self.transform = transform
         self.sizes = [len(s) for s in self.sources]
         self.offsets = [0]
         for n in self.sizes:
@@ -157,12 +177,44 @@ class MixtureDataset(Dataset):
         return s, k - offsets[s]
 
     def __getitem__(self, key: int) -> Any:
+        if isinstance(key, tuple):
+            return self._fetch_decided([key])[0]
         s, i = self.locate(key)
         return self.sources[s][i]
+
+    def _fetch_decided(self, keys: Sequence[Any]) -> list[Any]:
+        """Fetch examples whose keys carry augmentation decisions (see the class docstring)."""
+        tf = self.transform
+        if tf is None:
+            raise TypeError(
+                "decision keys (key, op, bin, negate, seed) need a dataset with a transform, "
+                "but this MixtureDataset has none"
+            )
+        out = []
+        rng = torch.get_rng_state()
+        try:
+            for k in keys:
+                if not (isinstance(k, tuple) and len(k) == 5):
+                    raise TypeError(
+                        f"keys should all be decisions (key, op, bin, negate, seed), but got {k!r}"
+                    )
+                key, op, bin, negate, seed = k
+                s, i = self.locate(key)
+                torch.default_generator.manual_seed(seed)
+                tf._arm(op, bin, negate)
+                item = self.sources[s][i]
+                tf._disarm(f"example {i} of source {self.names[s]!r}")
+                out.append(item)
+        finally:
+            tf._armed = None
+            torch.set_rng_state(rng)
+        return out
 
     def __getitems__(self, keys: Sequence[int]) -> list[Any]:
         if not keys:
             return []
+        if isinstance(keys[0], tuple):
+            return self._fetch_decided(keys)
         offsets, total, sources = self.offsets, self.offsets[-1], self.sources
         lo, hi = min(keys), max(keys)
         if lo < 0 or hi >= total:
@@ -204,25 +256,53 @@ class _Record:
     keys: list[int]  # [B] keys of sampler.dataset
     sources: list[int]  # [B] source ids
     rewarded: bool = False
+    # Augmentation decisions, [B] each, when the sampler has a transform (ops are
+    # NO_AUGMENTATION throughout in a reference batch).
+    ops: list[int] | None = None
+    bins: list[int] | None = None
+    negate: list[bool] | None = None
+    seeds: list[int] | None = None
+
+    @property
+    def reference(self) -> bool:
+        return self.ops is not None and self.ops[0] == NO_AUGMENTATION
+
+    def batch(self) -> list[Any]:
+        """What the DataLoader gets: the keys, or one decision tuple per example."""
+        if self.ops is None:
+            return list(self.keys)
+        return list(zip(self.keys, self.ops, self.bins, self.negate, self.seeds, strict=True))
 
     def to_state(self) -> dict[str, Any]:
-        return {
+        d = {
             "id": self.id,
             "epoch": self.epoch,
             "position": self.position,
             "keys": torch.tensor(self.keys, dtype=torch.long),
             "sources": torch.tensor(self.sources, dtype=torch.long),
         }
+        if self.ops is not None:
+            d["ops"] = torch.tensor(self.ops, dtype=torch.long)
+            d["bins"] = torch.tensor(self.bins, dtype=torch.long)
+            d["negate"] = torch.tensor(self.negate, dtype=torch.bool)
+            d["seeds"] = torch.tensor(self.seeds, dtype=torch.long)
+        return d
 
     @classmethod
     def from_state(cls, d: Mapping[str, Any]) -> _Record:
-        return cls(
+        rec = cls(
             int(d["id"]),
             int(d["epoch"]),
             int(d["position"]),
             torch.as_tensor(d["keys"], dtype=torch.long).tolist(),
             torch.as_tensor(d["sources"], dtype=torch.long).tolist(),
         )
+        if "ops" in d:
+            rec.ops = torch.as_tensor(d["ops"]).tolist()
+            rec.bins = torch.as_tensor(d["bins"]).tolist()
+            rec.negate = torch.as_tensor(d["negate"]).tolist()
+            rec.seeds = torch.as_tensor(d["seeds"]).tolist()
+        return rec
 
 
 class _GARIterator:
@@ -252,7 +332,7 @@ class _GARIterator:
     def __iter__(self) -> _GARIterator:
         return self
 
-    def __next__(self) -> list[int]:
+    def __next__(self) -> list[Any]:
         return self._sampler._next_batch(self)
 
     def state_dict(self) -> dict[str, Any]:
@@ -349,6 +429,14 @@ class GARSampler(Sampler[list[int]]):
         momentum: of the running reward statistics, in [0, 1).
         reward_window: how many recent batches stay matchable for ``update``; must exceed
             ``prefetch_factor * num_workers``.
+        transform: a :class:`GARTransform` that sits in every source's pipeline. The sampler
+            then draws an augmentation decision per example (and a seed for the pipeline's
+            other random transforms), the keys carry them to the workers, and ``update``
+            trains the transform's policies too. Examples are then fetched one by one.
+        reference_every: with a transform, every ``reference_every``-th batch of an epoch
+            (positions ``reference_every``, ``2 * reference_every``, ...) is drawn
+            un-augmented, a reference batch (:meth:`is_reference`); its rewards update the
+            mixture but not the transform. ``None`` (default): every batch is augmented.
     """
 
     def __init__(
@@ -366,6 +454,8 @@ class GARSampler(Sampler[list[int]]):
         normalize: str = "batch",
         momentum: float = 0.99,
         reward_window: int = 256,
+        transform: GARTransform | None = None,
+        reference_every: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(
@@ -381,8 +471,30 @@ class GARSampler(Sampler[list[int]]):
             raise ValueError(
                 f"reward_window should be an integer >= 2, but got reward_window={reward_window!r}"
             )
+        if transform is not None and not isinstance(transform, GARTransform):
+            raise TypeError(
+                f"transform should be a GARTransform, but got {type(transform).__name__}; "
+                "other transforms belong in the sources' own pipelines"
+            )
+        if reference_every is not None:
+            if (
+                isinstance(reference_every, bool)
+                or not isinstance(reference_every, int)
+                or reference_every < 2
+            ):
+                raise ValueError(
+                    "reference_every should be None or an integer >= 2, "
+                    f"but got reference_every={reference_every!r}"
+                )
+            if transform is None:
+                raise ValueError(
+                    "reference_every marks un-augmented batches, so it needs transform=; "
+                    "got transform=None"
+                )
         src_names, srcs = _resolve_sources(sources, names)
-        self.dataset = MixtureDataset(srcs, src_names)
+        self.transform = transform
+        self.reference_every = reference_every
+        self.dataset = MixtureDataset(srcs, src_names, transform)
         self.names = src_names
         self.sizes = self.dataset.sizes
         self.batch_size = batch_size
@@ -512,7 +624,19 @@ class GARSampler(Sampler[list[int]]):
             nexts[s] = iter(take(s, src.count(s))).__next__
         keys = [nexts[s]() for s in src]
         epoch = self._epoch if self._epoch is not None else self._next_epoch
-        return _Record(self._next_id, epoch, self._pos + 1, keys, src)
+        rec = _Record(self._next_id, epoch, self._pos + 1, keys, src)
+        tf = self.transform
+        if tf is not None:
+            n, g = self.batch_size, self._choice_gen
+            ops, bins, negate = tf.draw(n, g)
+            rec.seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()
+            if self.reference_every and rec.position % self.reference_every == 0:
+                rec.ops = [NO_AUGMENTATION] * n
+                rec.bins = [0] * n
+                rec.negate = [False] * n
+            else:
+                rec.ops, rec.bins, rec.negate = ops.tolist(), bins.tolist(), negate.tolist()
+        return rec
 
     def _remember(self, rec: _Record) -> None:
         self._records[rec.id] = rec
@@ -585,7 +709,7 @@ class GARSampler(Sampler[list[int]]):
         self._remember(rec)
         self._pos = rec.position
         it.returned += 1
-        return list(rec.keys)
+        return rec.batch()
 
     def _check_loader(self, loader: Any, it: _GARIterator) -> None:
         workers = int(getattr(loader, "_num_workers", 0))
@@ -650,6 +774,21 @@ class GARSampler(Sampler[list[int]]):
             "update() was called before any batch was received from a loader over this sampler"
         )
 
+    def is_reference(self, batch: int) -> bool:
+        """Whether batch ``batch`` (an id from :attr:`last_batch`) is an un-augmented reference
+        batch (see ``reference_every``)."""
+        if isinstance(batch, bool) or not isinstance(batch, int):
+            raise TypeError(
+                f"batch should be an int id from sampler.last_batch, but got batch={batch!r}"
+            )
+        rec = self._records.get(batch)
+        if rec is None:
+            raise ValueError(
+                f"batch={batch} is not among the last reward_window={self.reward_window} batches "
+                "drawn"
+            )
+        return rec.reference
+
     @property
     def last_batch(self) -> int:
         """Id of the batch the training loop received most recently (for ``update(batch=)``)."""
@@ -707,6 +846,8 @@ class GARSampler(Sampler[list[int]]):
             )
         r = rewards.detach().to("cpu", torch.float64)
         self._policy.update(rec.sources, r)
+        if self.transform is not None and rec.ops is not None and rec.bins is not None:
+            self.transform.update(rec.ops, rec.bins, r)
         rec.rewarded = True
         self._rewarded += 1
         k = len(self.sizes)
@@ -746,22 +887,33 @@ class GARSampler(Sampler[list[int]]):
         ]
         return out
 
-    def metrics(self) -> dict[str, Any]:
-        """Counters and weights: the policy's (``updates``, ``rewards_applied``,
-        ``nonfinite_rewards``, ``skipped_updates``, ``entropy``, ``weights``) plus ``epoch``,
-        ``batches_drawn``, ``batches_rewarded``, ``batches_dropped_unrewarded`` (left the
-        reward window without rewards) and ``reward_mean`` (per-source running mean of the raw
-        finite rewards)."""
-        m = self._policy.metrics()
+    def metrics(self) -> dict[str, float]:
+        """A flat ``{name: number}`` dict, ready for TensorBoard or any logger.
+
+        The policy's counters (``updates``, ``rewards_applied``, ``nonfinite_rewards``,
+        ``skipped_updates``, ``entropy``), ``epoch`` (-1 before the first), ``batches_drawn``,
+        ``batches_rewarded``, ``batches_dropped_unrewarded`` (left the reward window without
+        rewards), ``weight/<source>`` and ``reward_mean/<source>`` (running mean of the raw
+        finite rewards; NaN before any). With a transform, its :meth:`GARTransform.metrics`
+        under ``augment/``.
+        """
+        policy = self._policy.metrics()
+        m: dict[str, float] = {k: v for k, v in policy.items() if k != "weights"}
         m.update(
             {
-                "epoch": self._epoch,
+                "epoch": -1 if self._epoch is None else self._epoch,
                 "batches_drawn": self._drawn,
                 "batches_rewarded": self._rewarded,
                 "batches_dropped_unrewarded": self._dropped_unrewarded,
-                "reward_mean": dict(zip(self.names, self._reward_means, strict=True)),
             }
         )
+        for name, w in policy["weights"].items():
+            m[f"weight/{name}"] = w
+        for name, v in zip(self.names, self._reward_means, strict=True):
+            m[f"reward_mean/{name}"] = v
+        if self.transform is not None:
+            for k, v in self.transform.metrics().items():
+                m[f"augment/{k}"] = v
         return m
 
     def decode(self, keys: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
@@ -820,6 +972,8 @@ class GARSampler(Sampler[list[int]]):
             _HISTORY: [(b, list(p)) for b, p in self._history],
             _REWARD_MEANS: list(self._reward_means),
             _COUNTERS: [self._drawn, self._rewarded, self._dropped_unrewarded],
+            _REFERENCE_EVERY: self.reference_every,
+            _TRANSFORM: None if self.transform is None else self.transform.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -843,9 +997,19 @@ class GARSampler(Sampler[list[int]]):
             _BATCH_SIZE: self.batch_size,
             _NUM_BATCHES: self.num_batches,
             _SEED: self.seed,
+            _REFERENCE_EVERY: self.reference_every,
         }
+        if (state.get(_TRANSFORM) is None) != (self.transform is None):
+            raise ValueError(
+                "state was saved by a sampler "
+                + ("without" if state.get(_TRANSFORM) is None else "with")
+                + " a transform, but this sampler has "
+                + ("one" if self.transform is not None else "none")
+            )
+        if self.transform is not None:
+            self.transform.check_state(state[_TRANSFORM])
         for key, value in mine.items():
-            theirs = list(state[key]) if isinstance(value, list) else state[key]
+            theirs = list(state[key]) if isinstance(value, list) else state.get(key)
             if theirs != value:
                 raise ValueError(
                     f"state has {key}={state[key]!r}, but this sampler has {key}={value!r}"
@@ -873,6 +1037,8 @@ class GARSampler(Sampler[list[int]]):
         self._history = [(b, list(p)) for b, p in state[_HISTORY]]
         self._reward_means = [float(v) for v in state[_REWARD_MEANS]]
         self._drawn, self._rewarded, self._dropped_unrewarded = (int(v) for v in state[_COUNTERS])
+        if self.transform is not None:
+            self.transform.load_state_dict(state[_TRANSFORM])
         self._iters.clear()
 
     def _choose_restore(self, target: Any) -> tuple[dict[str, Any], list[_Record]]:

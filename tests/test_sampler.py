@@ -450,7 +450,8 @@ class Stream(IterableDataset):
             TypeError,
             r"source 'o' is not a map-style dataset",
         ),
-        ((tagged(0, 3),), {"batch_size": 2}, TypeError, r"but got TensorDataset"),
+        ((42,), {"batch_size": 2}, TypeError, r"a map-style dataset, a dict .* but got int"),
+        ((Stream(),), {"batch_size": 2}, TypeError, r"source '0' is iterable-style \(Stream\)"),
         (
             (sources(),),
             {"batch_size": 0},
@@ -490,6 +491,14 @@ class Stream(IterableDataset):
 def test_bad_input_raises(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         GARSampler(*args, **kwargs)
+
+
+def test_one_dataset_is_one_source_named_0():
+    s = GARSampler(tagged(0, 7), batch_size=3, seed=0)
+    assert s.names == ["0"]
+    assert s.weights == {"0": 1.0}
+    keys = sorted(k for b in iter(s) for k in b)
+    assert keys == sorted(set(keys)) and len(keys) == 6
 
 
 def test_set_epoch_rejects_negative():
@@ -564,7 +573,11 @@ def test_metrics_and_history():
     assert m["updates"] == 3
     assert m["batches_rewarded"] == 3
     assert m["batches_drawn"] == 3
-    assert set(m["reward_mean"]) == set(SIZES)
+    assert all(isinstance(v, int | float) for v in m.values())  # flat, for any logger
+    assert {k for k in m if k.startswith("reward_mean/")} == {f"reward_mean/{n}" for n in SIZES}
+    assert {k: v for k, v in m.items() if k.startswith("weight/")} == {
+        f"weight/{n}": w for n, w in s.weights.items()
+    }
     h = s.history
     assert [e["batch"] for e in h] == [None, 0, 1, 2]
     assert h[-1]["weights"] == s.weights

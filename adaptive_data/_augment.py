@@ -1,0 +1,511 @@
+"""GARTransform: a TrivialAugment-style augmentation whose op and magnitude policies are learned."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image as PILImage
+from torch import Tensor
+
+__all__ = ["KERNELS", "NO_AUGMENTATION", "GARTransform", "apply_op", "trivial_augment_wide_table"]
+
+# Op id carried by a decision that leaves the image as it is (un-augmented reference batches).
+NO_AUGMENTATION = -1
+
+# The op names GARTransform can apply: each maps to torchvision.transforms.v2.functional kernels
+# with the magnitude conventions of torchvision's auto-augment transforms (see apply_op).
+KERNELS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+)
+_NEEDS_MAGNITUDE = frozenset(KERNELS[1:12])
+_STATE_VERSION = 1
+
+
+def trivial_augment_wide_table(num_bins: int = 31) -> dict[str, tuple[list[float] | None, bool]]:
+    """TrivialAugmentWide's augmentation space as an op table: ``{op: (magnitudes, signed)}``.
+
+    ``magnitudes`` is the list of the ``num_bins`` magnitude values of the op (``None`` for
+    ops without one: Identity, AutoContrast, Equalize); ``signed`` ops are applied with
+    ``-magnitude`` half of the time. The values are torchvision's ``TrivialAugmentWide`` ones:
+    shear 0..0.99, translate 0..32 px, rotate 0..135 degrees, brightness/color/contrast/sharpness
+    factor ``1 + 0..0.99``, posterize 8..2 bits, solarize threshold 1..0 of the maximum.
+    """
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+        raise ValueError(f"num_bins should be an integer >= 2, but got num_bins={num_bins!r}")
+
+    def lin(a: float, b: float) -> list[float]:
+        # float32, as torchvision computes them, so each magnitude is bit-for-bit its value
+        return torch.linspace(a, b, num_bins, dtype=torch.float32).tolist()
+
+    posterize = (8 - (torch.arange(num_bins) / ((num_bins - 1) / 6))).round().int().tolist()
+    return {
+        "Identity": (None, False),
+        "ShearX": (lin(0.0, 0.99), True),
+        "ShearY": (lin(0.0, 0.99), True),
+        "TranslateX": (lin(0.0, 32.0), True),
+        "TranslateY": (lin(0.0, 32.0), True),
+        "Rotate": (lin(0.0, 135.0), True),
+        "Brightness": (lin(0.0, 0.99), True),
+        "Color": (lin(0.0, 0.99), True),
+        "Contrast": (lin(0.0, 0.99), True),
+        "Sharpness": (lin(0.0, 0.99), True),
+        "Posterize": ([float(v) for v in posterize], False),
+        "Solarize": (lin(1.0, 0.0), False),
+        "AutoContrast": (None, False),
+        "Equalize": (None, False),
+    }
+
+
+def _check_image(image: Any) -> None:
+    if isinstance(image, PILImage.Image):
+        if image.mode not in ("L", "RGB"):
+            raise TypeError(
+                f"PIL images should be in mode 'L' or 'RGB', but got mode={image.mode!r}"
+            )
+        return
+    if isinstance(image, Tensor):
+        if image.dtype != torch.uint8:
+            raise TypeError(
+                "image tensors should have dtype torch.uint8 (as for TrivialAugmentWide; convert "
+                f"to float after the augmentation), but got dtype={image.dtype}"
+            )
+        if image.dim() < 3 or image.shape[-3] not in (1, 3):
+            raise ValueError(
+                "image tensors should have shape [..., 1 or 3, H, W], "
+                f"but got shape={tuple(image.shape)}"
+            )
+        return
+    raise TypeError(
+        "GARTransform takes one image: a PIL image, a uint8 torch.Tensor [..., C, H, W] or a "
+        f"tv_tensors.Image, but got {type(image).__name__}"
+    )
+
+
+def apply_op(
+    image: Any,
+    op: str,
+    magnitude: float,
+    interpolation: Any = None,
+    fill: Any = None,
+) -> Any:
+    """Apply one op at ``magnitude`` with ``torchvision.transforms.v2.functional`` kernels.
+
+    The conventions are torchvision's auto-augment ones: shear ``magnitude`` is the shear
+    factor (the kernel gets ``degrees(atan(magnitude))``, about the top-left corner),
+    translations are in pixels (truncated to int), rotation in degrees, the colour ops use
+    the factor ``1 + magnitude``, posterize keeps ``int(magnitude)`` bits, and solarize's
+    threshold is ``magnitude`` times the image's maximum value. Returns the same type as
+    ``image`` (PIL image, Tensor or ``tv_tensors.Image``).
+    """
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    if interpolation is None:
+        interpolation = InterpolationMode.NEAREST
+    if op == "Identity":
+        return image
+    if op in ("ShearX", "ShearY"):
+        shear = math.degrees(math.atan(magnitude))
+        return F.affine(
+            image,
+            angle=0.0,
+            translate=[0, 0],
+            scale=1.0,
+            shear=[shear, 0.0] if op == "ShearX" else [0.0, shear],
+            interpolation=interpolation,
+            fill=fill,
+            center=[0, 0],
+        )
+    if op in ("TranslateX", "TranslateY"):
+        shift = int(magnitude)
+        return F.affine(
+            image,
+            angle=0.0,
+            translate=[shift, 0] if op == "TranslateX" else [0, shift],
+            scale=1.0,
+            shear=[0.0, 0.0],
+            interpolation=interpolation,
+            fill=fill,
+        )
+    if op == "Rotate":
+        return F.rotate(image, angle=magnitude, interpolation=interpolation, fill=fill)
+    if op == "Brightness":
+        return F.adjust_brightness(image, brightness_factor=1.0 + magnitude)
+    if op == "Color":
+        return F.adjust_saturation(image, saturation_factor=1.0 + magnitude)
+    if op == "Contrast":
+        return F.adjust_contrast(image, contrast_factor=1.0 + magnitude)
+    if op == "Sharpness":
+        return F.adjust_sharpness(image, sharpness_factor=1.0 + magnitude)
+    if op == "Posterize":
+        return F.posterize(image, bits=int(magnitude))
+    if op == "Solarize":
+        bound = 255.0  # uint8 tensors and 8-bit PIL images, the only inputs accepted
+        return F.solarize(image, threshold=bound * magnitude)
+    if op == "AutoContrast":
+        return F.autocontrast(image)
+    if op == "Equalize":
+        return F.equalize(image)
+    if op == "Invert":
+        return F.invert(image)
+    raise ValueError(f"unknown op {op!r}; the ops are {', '.join(KERNELS)}")
+
+
+def _resolve_table(ops: Any, num_bins: int) -> dict[str, tuple[list[float] | None, bool]]:
+    default = trivial_augment_wide_table(num_bins)
+    if ops is None:
+        return default
+    if isinstance(ops, str):
+        raise TypeError(
+            f"ops should be a list of op names or a mapping op -> (magnitudes, signed), but got "
+            f"the string {ops!r}"
+        )
+    if isinstance(ops, Mapping):
+        table: dict[str, tuple[list[float] | None, bool]] = {}
+        for name, spec in ops.items():
+            if name not in KERNELS:
+                raise ValueError(f"unknown op {name!r}; the ops are {', '.join(KERNELS)}")
+            if not (isinstance(spec, tuple) and len(spec) == 2):
+                raise TypeError(
+                    f"op {name!r} should map to a tuple (magnitudes, signed), but got {spec!r}"
+                )
+            mags, signed = spec
+            if mags is None:
+                if name in _NEEDS_MAGNITUDE:
+                    raise ValueError(f"op {name!r} needs magnitudes, but got None")
+                table[name] = (None, bool(signed))
+                continue
+            values = torch.as_tensor(mags, dtype=torch.float64).flatten()
+            if values.numel() < 2:
+                raise ValueError(
+                    f"op {name!r} should have at least 2 magnitude bins, but got {values.numel()}"
+                )
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"op {name!r} has non-finite magnitudes: {values.tolist()}")
+            table[name] = (values.tolist(), bool(signed))
+    elif isinstance(ops, Sequence):
+        # Names from TrivialAugmentWide's table, or ops without a magnitude (Invert).
+        known = {**default, **{k: (None, False) for k in KERNELS if k not in _NEEDS_MAGNITUDE}}
+        unknown = [o for o in ops if o not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown op(s) {unknown}; the ops are {', '.join(KERNELS)} (pass a mapping "
+                "op -> (magnitudes, signed) to set other magnitudes)"
+            )
+        if len(set(ops)) != len(ops):
+            raise ValueError(f"ops should not repeat an op, but got {list(ops)}")
+        table = {o: known[o] for o in ops}
+    else:
+        raise TypeError(
+            "ops should be a list of op names or a mapping op -> (magnitudes, signed), "
+            f"but got {type(ops).__name__}"
+        )
+    if not table:
+        raise ValueError("ops should name at least one op, but got none")
+    return table
+
+
+class GARTransform:
+    """A TrivialAugment-style augmentation whose policy is learned from rewards.
+
+    Each image gets one op from an op table and one magnitude bin of that op, like
+    ``TrivialAugmentWide``, but from two learned distributions: a categorical over ops and,
+    per op, a categorical over its magnitude bins (each a :class:`CategoricalPolicy` with an
+    exploration floor). Signed ops are negated with probability 1/2 (not learned).
+
+    Put it anywhere in an ordinary ``transforms.v2.Compose`` and hand it to the sampler::
+
+        tf = GARTransform()
+        pipeline = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), tf,
+                               v2.ToDtype(torch.float32, scale=True)])
+        sampler = GARSampler(train_set, batch_size=128, transform=tf)
+
+    Inside a GAR pipeline the sampler draws every decision (op, bin, sign) in the main process
+    and carries it in the key; the dataset wrapper arms the ``tf`` inside the pipeline with it
+    just before the source fetches the example, so the worker's copy applies the decision and
+    never needs the live policy. ``sampler.update(r)`` then updates both policies. Used alone
+    (evaluation, a notebook), ``tf(img)`` samples from its current policy, from ``generator``
+    if given, else from torch's default generator (which a DataLoader seeds per worker), like
+    torchvision's transforms.
+
+    Args:
+        ops: ``None`` (TrivialAugmentWide's 14 ops), a list of some of those op names, or a
+            table ``{op: (magnitudes, signed)}`` with ``magnitudes`` a sequence of >= 2 values
+            (``None`` for Identity, AutoContrast, Equalize, Invert); see :data:`KERNELS` and
+            :func:`apply_op` for the names and the meaning of a magnitude.
+        num_magnitude_bins: bins of the default table (>= 2).
+        interpolation: of the geometric ops (default nearest, as TrivialAugmentWide).
+        fill: of the geometric ops (default None: black).
+        learn_ops, learn_magnitudes: ``False`` freezes that policy at its initial weights.
+        floor: exploration floor of every policy (default ``0.05 / K`` of each).
+        lr, rule, normalize: of the policies (see :class:`CategoricalPolicy`).
+        generator: for standalone calls only.
+
+    Inputs: a PIL image (mode L or RGB), a uint8 Tensor ``[..., 1 or 3, H, W]`` or a
+    ``tv_tensors.Image``; the output has the input's type.
+    """
+
+    def __init__(
+        self,
+        ops: Any = None,
+        *,
+        num_magnitude_bins: int = 31,
+        interpolation: Any = None,
+        fill: Any = None,
+        learn_ops: bool = True,
+        learn_magnitudes: bool = True,
+        floor: float | None = None,
+        lr: float | None = None,
+        rule: str = "exp_grad",
+        normalize: str = "batch",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        from ._policy import CategoricalPolicy
+
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator should be a torch.Generator, but got {type(generator).__name__}"
+            )
+        self.table = _resolve_table(ops, num_magnitude_bins)
+        self.op_names = list(self.table)
+        self.interpolation = interpolation
+        self.fill = fill
+        self.learn_ops = bool(learn_ops)
+        self.learn_magnitudes = bool(learn_magnitudes)
+        self.generator = generator
+        options = {"floor": floor, "lr": lr, "rule": rule, "normalize": normalize}
+        self._op_policy = CategoricalPolicy(len(self.op_names), names=self.op_names, **options)
+        self._mag_policies: dict[int, CategoricalPolicy] = {}
+        for i, name in enumerate(self.op_names):
+            mags = self.table[name][0]
+            if mags is not None:
+                self._mag_policies[i] = CategoricalPolicy(len(mags), **options)
+        self._max_bins = max((len(m) for m, _ in self.table.values() if m is not None), default=1)
+        self._bin_probs: Tensor | None = None  # [ops, max_bins] cache for drawing
+        self._history: list[tuple[int, list[float], list[float]]] = []
+        self._initial = (0, self._op_policy.probs_list(), self._mean_bins())
+        self._updates = 0
+        self._reference_skipped = 0
+        # The decision armed by the sampler's dataset for the example being fetched.
+        self._armed: tuple[int, int, bool] | None = None
+        self._calls = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(ops={len(self.op_names)}, "
+            f"learn_ops={self.learn_ops}, learn_magnitudes={self.learn_magnitudes})"
+        )
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def op_weights(self) -> dict[str, float]:
+        """``{op name: probability}``; sums to 1."""
+        return dict(zip(self.op_names, self._op_policy.probs_list(), strict=True))
+
+    @property
+    def magnitude_weights(self) -> dict[str, list[float]]:
+        """``{op name: [probability of each magnitude bin]}`` for the ops with magnitudes."""
+        return {self.op_names[i]: p.probs_list() for i, p in self._mag_policies.items()}
+
+    def magnitude(self, op: int, bin: int, negate: bool = False) -> float | None:
+        """The magnitude value of bin ``bin`` of op number ``op`` (``None`` if it has none)."""
+        mags, signed = self.table[self.op_names[op]]
+        if mags is None:
+            return None
+        return -mags[bin] if (signed and negate) else mags[bin]
+
+    # ------------------------------------------------------------------ applying
+
+    def _apply(self, image: Any, op: int, bin: int, negate: bool) -> Any:
+        if op == NO_AUGMENTATION:
+            return image
+        value = self.magnitude(op, bin, negate)
+        return apply_op(
+            image,
+            self.op_names[op],
+            0.0 if value is None else value,
+            interpolation=self.interpolation,
+            fill=self.fill,
+        )
+
+    def __call__(self, image: Any) -> Any:
+        _check_image(image)
+        if self._armed is not None:
+            if self._calls:
+                raise RuntimeError(
+                    "this GARTransform was called twice for one example; it should appear once "
+                    "in the pipeline of each source"
+                )
+            self._calls += 1
+            return self._apply(image, *self._armed)
+        op, bin, negate = self.draw(1, self.generator)
+        return self._apply(image, int(op[0]), int(bin[0]), bool(negate[0]))
+
+    # ------------------------------------------------------------------ used by the sampler
+
+    def draw(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` decisions from the current policies: op ids, bins and negations, Tensors [n].
+
+        Bins of ops without magnitudes are 0. Randomness from ``generator`` (default: torch's
+        default generator).
+        """
+        p_ops = self._op_policy.probs
+        if self._bin_probs is None:
+            rows = torch.zeros(len(self.op_names), self._max_bins, dtype=torch.float64)
+            rows[:, 0] = 1.0
+            for i, pol in self._mag_policies.items():
+                rows[i] = 0.0
+                rows[i, : pol.num_choices] = pol.probs
+            self._bin_probs = rows
+        ops = torch.multinomial(p_ops, n, replacement=True, generator=generator)
+        bins = torch.multinomial(self._bin_probs[ops], 1, generator=generator).squeeze(1)
+        negate = torch.randint(0, 2, (n,), generator=generator, dtype=torch.bool)
+        return ops, bins, negate
+
+    def _arm(self, op: int, bin: int, negate: bool) -> None:
+        """Make the next call apply this decision (the sampler's dataset does this per example)."""
+        self._armed = (op, bin, negate)
+        self._calls = 0
+
+    def _disarm(self, where: str) -> None:
+        """End the example armed by :meth:`_arm`; raise if the transform was never called."""
+        called, self._armed, self._calls = self._calls, None, 0
+        if not called:
+            raise RuntimeError(
+                f"the GARSampler's transform= was not called while {where} was fetched: this "
+                "GARTransform is not in that source's pipeline (every source's own transform "
+                "should contain the very object passed as transform=)"
+            )
+
+    def update(self, ops: Sequence[int], bins: Sequence[int], rewards: Tensor) -> None:
+        """Learn from one batch: ``ops``/``bins`` of each example and its reward ``[N]``.
+
+        Examples with op ``NO_AUGMENTATION`` (reference batches) are left out. The op policy
+        gets every reward; each op's magnitude policy gets the rewards of its own examples.
+        NaN/inf rewards are never applied (counted in :meth:`metrics`).
+        """
+        from ._policy import check_rewards
+
+        check_rewards(rewards, len(ops))
+        keep = [i for i, o in enumerate(ops) if o != NO_AUGMENTATION]
+        if not keep:
+            self._reference_skipped += 1
+            return
+        r = rewards.detach().to("cpu", torch.float64)
+        if len(keep) != len(ops):
+            r = r[keep]
+            ops = [ops[i] for i in keep]
+            bins = [bins[i] for i in keep]
+        if self.learn_ops:
+            self._op_policy.update(list(ops), r)
+        if self.learn_magnitudes:
+            by_op: dict[int, list[int]] = {}
+            for pos, o in enumerate(ops):
+                if o in self._mag_policies:
+                    by_op.setdefault(o, []).append(pos)
+            for o, positions in by_op.items():
+                self._mag_policies[o].update([bins[p] for p in positions], r[positions])
+        self._bin_probs = None
+        self._updates += 1
+        self._history.append((self._updates, self._op_policy.probs_list(), self._mean_bins()))
+
+    def _mean_bins(self) -> list[float]:
+        """Expected bin of each op as a fraction of its range (NaN for ops without bins)."""
+        out = [math.nan] * len(self.op_names)
+        for i, pol in self._mag_policies.items():
+            p = pol.probs_list()
+            out[i] = math.fsum(j * v for j, v in enumerate(p)) / (len(p) - 1)
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per update: ``{"update": n, "op_weights": {...}, "magnitude": {...}}``;
+        ``magnitude`` is each op's expected bin as a fraction of its range (0 = first bin,
+        1 = last). The first entry (``update=0``) holds the initial policy."""
+        out = []
+        for n, ops, mags in [self._initial, *self._history]:
+            out.append(
+                {
+                    "update": n,
+                    "op_weights": dict(zip(self.op_names, ops, strict=True)),
+                    "magnitude": {self.op_names[i]: mags[i] for i in self._mag_policies},
+                }
+            )
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """A flat dict for any logger: ``updates``, ``reference_batches_skipped``,
+        ``nonfinite_rewards``, ``op_entropy``, ``op_weight/<op>`` and ``magnitude/<op>`` (the
+        expected bin as a fraction of the op's range)."""
+        m: dict[str, float] = {
+            "updates": self._updates,
+            "reference_batches_skipped": self._reference_skipped,
+            "nonfinite_rewards": self._op_policy.metrics()["nonfinite_rewards"],
+            "op_entropy": self._op_policy.metrics()["entropy"],
+        }
+        for name, p in self.op_weights.items():
+            m[f"op_weight/{name}"] = p
+        mags = self._mean_bins()
+        for i in self._mag_policies:
+            m[f"magnitude/{self.op_names[i]}"] = mags[i]
+        return m
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both policies, counters and history (torchdata's ``Stateful`` protocol)."""
+        return {
+            "version": _STATE_VERSION,
+            "ops": list(self.op_names),
+            "bins": [len(m) if m is not None else 0 for m, _ in self.table.values()],
+            "op_policy": self._op_policy.state_dict(),
+            "magnitude_policies": {
+                self.op_names[i]: p.state_dict() for i, p in self._mag_policies.items()
+            },
+            "counters": [self._updates, self._reference_skipped],
+            "history": [(n, list(o), list(m)) for n, o, m in self._history],
+        }
+
+    def check_state(self, state: Any) -> None:
+        """Raise unless ``state`` is a :meth:`state_dict` of a transform with this op table."""
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"state should be a GARTransform.state_dict() of version {_STATE_VERSION}, "
+                f"but got {type(state).__name__}"
+            )
+        bins = [len(m) if m is not None else 0 for m, _ in self.table.values()]
+        if list(state["ops"]) != self.op_names or list(state["bins"]) != bins:
+            raise ValueError(
+                f"state is for ops {list(state['ops'])} with bins {list(state['bins'])}, but "
+                f"this transform has ops {self.op_names} with bins {bins}"
+            )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises if it belongs to another op table."""
+        self.check_state(state)
+        self._op_policy.load_state_dict(state["op_policy"])
+        for i, p in self._mag_policies.items():
+            p.load_state_dict(state["magnitude_policies"][self.op_names[i]])
+        self._updates, self._reference_skipped = (int(v) for v in state["counters"])
+        self._history = [(int(n), list(o), list(m)) for n, o, m in state["history"]]
+        self._bin_probs = None
