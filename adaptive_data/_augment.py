@@ -290,13 +290,18 @@ class GARTransform:
         self.learn_ops = bool(learn_ops)
         self.learn_magnitudes = bool(learn_magnitudes)
         self.generator = generator
-        options = {"floor": floor, "lr": lr, "rule": rule, "normalize": normalize}
-        self._op_policy = CategoricalPolicy(len(self.op_names), names=self.op_names, **options)
+
+        def policy(k: int, names: list[str] | None = None) -> CategoricalPolicy:
+            return CategoricalPolicy(
+                k, names=names, floor=floor, lr=lr, rule=rule, normalize=normalize
+            )
+
+        self._op_policy = policy(len(self.op_names), self.op_names)
         self._mag_policies: dict[int, CategoricalPolicy] = {}
         for i, name in enumerate(self.op_names):
             mags = self.table[name][0]
             if mags is not None:
-                self._mag_policies[i] = CategoricalPolicy(len(mags), **options)
+                self._mag_policies[i] = policy(len(mags))
         self._max_bins = max((len(m) for m, _ in self.table.values() if m is not None), default=1)
         self._bin_probs: Tensor | None = None  # [ops, max_bins] cache for drawing
         self._history: list[tuple[int, list[float], list[float]]] = []

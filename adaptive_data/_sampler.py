@@ -249,6 +249,16 @@ class MixtureDataset(Dataset):
 
 
 @dataclass
+class _Decisions:
+    """Augmentation decisions of one batch, one entry per example."""
+
+    ops: list[int]  # op ids; NO_AUGMENTATION throughout in a reference batch
+    bins: list[int]
+    negate: list[bool]
+    seeds: list[int]  # for torch's default generator while the example is fetched
+
+
+@dataclass
 class _Record:
     id: int
     epoch: int
@@ -256,22 +266,18 @@ class _Record:
     keys: list[int]  # [B] keys of sampler.dataset
     sources: list[int]  # [B] source ids
     rewarded: bool = False
-    # Augmentation decisions, [B] each, when the sampler has a transform (ops are
-    # NO_AUGMENTATION throughout in a reference batch).
-    ops: list[int] | None = None
-    bins: list[int] | None = None
-    negate: list[bool] | None = None
-    seeds: list[int] | None = None
+    aug: _Decisions | None = None  # when the sampler has a transform
 
     @property
     def reference(self) -> bool:
-        return self.ops is not None and self.ops[0] == NO_AUGMENTATION
+        return self.aug is not None and self.aug.ops[0] == NO_AUGMENTATION
 
     def batch(self) -> list[Any]:
         """What the DataLoader gets: the keys, or one decision tuple per example."""
-        if self.ops is None:
+        a = self.aug
+        if a is None:
             return list(self.keys)
-        return list(zip(self.keys, self.ops, self.bins, self.negate, self.seeds, strict=True))
+        return list(zip(self.keys, a.ops, a.bins, a.negate, a.seeds, strict=True))
 
     def to_state(self) -> dict[str, Any]:
         d = {
@@ -281,11 +287,11 @@ class _Record:
             "keys": torch.tensor(self.keys, dtype=torch.long),
             "sources": torch.tensor(self.sources, dtype=torch.long),
         }
-        if self.ops is not None:
-            d["ops"] = torch.tensor(self.ops, dtype=torch.long)
-            d["bins"] = torch.tensor(self.bins, dtype=torch.long)
-            d["negate"] = torch.tensor(self.negate, dtype=torch.bool)
-            d["seeds"] = torch.tensor(self.seeds, dtype=torch.long)
+        if self.aug is not None:
+            d["ops"] = torch.tensor(self.aug.ops, dtype=torch.long)
+            d["bins"] = torch.tensor(self.aug.bins, dtype=torch.long)
+            d["negate"] = torch.tensor(self.aug.negate, dtype=torch.bool)
+            d["seeds"] = torch.tensor(self.aug.seeds, dtype=torch.long)
         return d
 
     @classmethod
@@ -298,10 +304,9 @@ class _Record:
             torch.as_tensor(d["sources"], dtype=torch.long).tolist(),
         )
         if "ops" in d:
-            rec.ops = torch.as_tensor(d["ops"]).tolist()
-            rec.bins = torch.as_tensor(d["bins"]).tolist()
-            rec.negate = torch.as_tensor(d["negate"]).tolist()
-            rec.seeds = torch.as_tensor(d["seeds"]).tolist()
+            rec.aug = _Decisions(
+                *(torch.as_tensor(d[k]).tolist() for k in ("ops", "bins", "negate", "seeds"))
+            )
         return rec
 
 
@@ -629,13 +634,11 @@ class GARSampler(Sampler[list[int]]):
         if tf is not None:
             n, g = self.batch_size, self._choice_gen
             ops, bins, negate = tf.draw(n, g)
-            rec.seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()
+            seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()
             if self.reference_every and rec.position % self.reference_every == 0:
-                rec.ops = [NO_AUGMENTATION] * n
-                rec.bins = [0] * n
-                rec.negate = [False] * n
+                rec.aug = _Decisions([NO_AUGMENTATION] * n, [0] * n, [False] * n, seeds)
             else:
-                rec.ops, rec.bins, rec.negate = ops.tolist(), bins.tolist(), negate.tolist()
+                rec.aug = _Decisions(ops.tolist(), bins.tolist(), negate.tolist(), seeds)
         return rec
 
     def _remember(self, rec: _Record) -> None:
@@ -846,8 +849,8 @@ class GARSampler(Sampler[list[int]]):
             )
         r = rewards.detach().to("cpu", torch.float64)
         self._policy.update(rec.sources, r)
-        if self.transform is not None and rec.ops is not None and rec.bins is not None:
-            self.transform.update(rec.ops, rec.bins, r)
+        if self.transform is not None and rec.aug is not None:
+            self.transform.update(rec.aug.ops, rec.aug.bins, r)
         rec.rewarded = True
         self._rewarded += 1
         k = len(self.sizes)

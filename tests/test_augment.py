@@ -259,15 +259,18 @@ def test_state_dict_round_trip_of_both_policies():
         a.update(ops.tolist(), bins.tolist(), bins.double() - ops.double())
     b = GARTransform(num_magnitude_bins=6)
     b.load_state_dict(a.state_dict())
-    assert b.op_weights == a.op_weights and b.magnitude_weights == a.magnitude_weights
-    assert b.history == a.history and b.metrics() == a.metrics()
+    assert b.op_weights == a.op_weights
+    assert b.magnitude_weights == a.magnitude_weights
+    assert b.history == a.history
+    assert b.metrics() == a.metrics()
     ga, gb = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     for _ in range(3):
         da, db = a.draw(16, ga), b.draw(16, gb)
         assert all(torch.equal(x, y) for x, y in zip(da, db, strict=True))
         a.update(da[0].tolist(), da[1].tolist(), da[1].double())
         b.update(db[0].tolist(), db[1].tolist(), db[1].double())
-    assert b.op_weights == a.op_weights and b.magnitude_weights == a.magnitude_weights
+    assert b.op_weights == a.op_weights
+    assert b.magnitude_weights == a.magnitude_weights
     with pytest.raises(ValueError, match=r"this transform has ops \['Identity'\]"):
         GARTransform(["Identity"]).load_state_dict(a.state_dict())
 
@@ -278,7 +281,8 @@ def test_metrics_are_flat_and_history_records_updates():
     tf.update([NO_AUGMENTATION] * 2, [0, 0], torch.tensor([1.0, 2.0]))
     m = tf.metrics()
     assert all(isinstance(v, int | float) for v in m.values())
-    assert m["updates"] == 1 and m["reference_batches_skipped"] == 1
+    assert m["updates"] == 1
+    assert m["reference_batches_skipped"] == 1
     assert m["nonfinite_rewards"] == 1
     assert m["op_weight/Rotate"] == tf.op_weights["Rotate"]
     assert [h["update"] for h in tf.history] == [0, 1]
@@ -385,7 +389,8 @@ def test_reference_batches_are_unaugmented_and_train_only_the_mixture():
         s.update(torch.ones(4))
     assert seen == [False, False, True] * 3
     m = s.metrics()
-    assert m["augment/reference_batches_skipped"] == 3 and m["augment/updates"] == 6
+    assert m["augment/reference_batches_skipped"] == 3
+    assert m["augment/updates"] == 6
     assert m["updates"] == 9  # the mixture learns from every batch
 
 

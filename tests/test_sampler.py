@@ -498,7 +498,8 @@ def test_one_dataset_is_one_source_named_0():
     assert s.names == ["0"]
     assert s.weights == {"0": 1.0}
     keys = sorted(k for b in iter(s) for k in b)
-    assert keys == sorted(set(keys)) and len(keys) == 6
+    assert keys == sorted(set(keys))
+    assert len(keys) == 6
 
 
 def test_set_epoch_rejects_negative():
