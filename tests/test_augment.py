@@ -190,7 +190,7 @@ def test_standalone_calls_sample_from_the_policy_with_the_generator():
 
 
 def test_draw_follows_the_policies():
-    tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
+    tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4, lr=0.3, magnitude_lr=0.3)
     g = torch.Generator().manual_seed(0)
     for _ in range(30):  # reward Rotate at its largest bin
         ops, bins, _ = tf.draw(64, g)
