@@ -87,10 +87,12 @@ def time_loaders(n: int, workers: int, repeats: int) -> dict[str, Any]:
     plain = DataLoader(
         Images(n, pipeline(v2.TrivialAugmentWide())), batch_size=BATCH, shuffle=True, **kw
     )
-    loaders: dict[str, tuple[DataLoader, GARSampler | None]] = {"plain (TrivialAugmentWide)": (
-        plain,
-        None,
-    )}
+    loaders: dict[str, tuple[DataLoader, GARSampler | None]] = {
+        "plain (TrivialAugmentWide)": (
+            plain,
+            None,
+        )
+    }
     for name, update in (("GARSampler+GARTransform", False), ("... +update", True)):
         tf = GARTransform()
         s = GARSampler(Images(n, pipeline(tf)), batch_size=BATCH, seed=0, transform=tf)

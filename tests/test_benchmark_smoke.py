@@ -47,3 +47,24 @@ def test_mixture_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
     done = _run("benchmarks/mixture_quality.py", str(tmp_path), "--quick")
     assert done.returncode != 0
     assert "Fashion-MNIST not found" in done.stderr
+
+
+def test_augment_cost_quick() -> None:
+    done = _run("benchmarks/augment_cost.py", "--quick")
+    assert done.returncode == 0, done.stderr
+    assert "num_workers=2, GARSampler+GARTransform" in done.stdout
+
+
+def test_augment_quality_quick(tmp_path: Path) -> None:
+    data = ROOT.parent / "shared" / "data"
+    if not (data / "cifar10-jpeg.tar.gz").is_file():
+        pytest.skip(f"CIFAR-10 not found in {data}")
+    done = _run("benchmarks/augment_quality.py", "--quick", "--cache", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "| 1 | gar_clean_ref |" in done.stdout
+
+
+def test_augment_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
+    done = _run("benchmarks/augment_quality.py", str(tmp_path), "--quick", "--cache", str(tmp_path))
+    assert done.returncode != 0
+    assert "CIFAR-10 not found" in done.stderr
