@@ -34,6 +34,7 @@ KERNELS = (
     "Equalize",
     "Invert",
 )
+"""The op names :class:`GARTransform` can apply (the keys an op table may use)."""
 _NEEDS_MAGNITUDE = frozenset(KERNELS[1:12])
 _STATE_VERSION = 1
 

@@ -461,3 +461,37 @@ def test_sampler_resume_restores_keys_and_both_policies():
 def test_sampler_transform_arguments_are_checked(kwargs, error, match):
     with pytest.raises(error, match=match):
         GARSampler(Images(4, v2.Identity()), batch_size=2, **kwargs)
+
+
+def test_resume_under_stateful_dataloader_with_workers():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make():
+        tf = GARTransform(num_magnitude_bins=5, lr=0.5)
+        s = GARSampler(Images(40, pipeline(tf)), batch_size=4, seed=2, transform=tf)
+        return s, StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=2)
+
+    def train(s, loader, epochs, stop=None):
+        out = []
+        for _ in range(epochs):
+            for x, _ in loader:
+                out.append(x)
+                s.update(x.mean((1, 2, 3)).double())
+                if stop is not None and len(out) == stop:
+                    return out
+        return out
+
+    full, full_loader = make()
+    expected = train(full, full_loader, epochs=2)
+    first, loader = make()
+    got = train(first, loader, epochs=1, stop=4)
+    loader_state, sampler_state = loader.state_dict(), first.state_dict()
+    del loader
+    second, loader2 = make()
+    loader2.load_state_dict(loader_state)
+    second.load_state_dict(sampler_state)
+    got += train(second, loader2, epochs=2)
+    assert len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert second.transform.op_weights == full.transform.op_weights
+    assert second.transform.magnitude_weights == full.transform.magnitude_weights
