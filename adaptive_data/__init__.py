@@ -4,6 +4,7 @@ The public surface is re-exported here; the modules behind it are private.
 """
 
 from ._augment import KERNELS, GARTransform, apply_op, trivial_augment_wide_table
+from ._gar import GAR
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
 from ._policy import CategoricalPolicy
 from ._probe import METHODS, REWARDS, GradientProbe
@@ -13,6 +14,7 @@ from ._sampler import GARSampler, MixtureDataset
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "GAR",
     "KERNELS",
     "METHODS",
     "REWARDS",

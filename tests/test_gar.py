@@ -1,0 +1,332 @@
+"""GAR, the one-line integration: rewards against oracles, batches rewarded, hooks, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms import v2
+
+import adaptive_data as ad
+from adaptive_data._direction import precondition
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(inplace=True), nn.Linear(16, 5)
+    )
+
+
+def cnn(bn: bool = False) -> nn.Module:
+    norm = nn.BatchNorm2d(6) if bn else nn.GroupNorm(2, 6)
+    return nn.Sequential(
+        nn.Unflatten(1, (3, 2, 2)),
+        nn.Conv2d(3, 6, 2, padding=1),
+        norm,
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 9, 5),
+    )
+
+
+def data(n: int = 60, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 12, generator=g), torch.randint(0, 5, (n,), generator=g))
+
+
+def snapshot(factory, model: nn.Module) -> nn.Module:
+    """A hook-free copy of ``model`` at its current parameters."""
+    copy = factory()
+    copy.load_state_dict(model.state_dict())
+    copy.train(model.training)
+    return copy
+
+
+def optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-2)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("factory", [mlp, cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("reward", ["dot", "cosine"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+def test_next_batch_rewards_equal_the_per_sample_oracle(factory, reward, reduction, opt_kind):
+    """Batch t's rewards at step t+1 are <g_i(theta_t), P grad(batch t+1 at theta_t+1)>."""
+    torch.manual_seed(0)
+    model = factory()
+    opt = optimizer(opt_kind, model)
+    sampler = ad.GARSampler(data(), batch_size=6, seed=0)
+    gar = ad.GAR(model, sampler, optimizer=opt, reward=reward)
+    previous = None
+    checked = 0
+    for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+        opt.zero_grad()
+        losses = LOSS(model(x), y)
+        (losses.mean() if reduction == "mean" else losses.sum()).backward()
+        params = dict(model.named_parameters())
+        d = precondition({n: p.grad.clone() for n, p in params.items()}, params, opt)
+        r = gar.step()
+        if previous is None:
+            assert r is None
+        else:
+            old, px, py = previous
+            oracle = ad.GradientProbe(old, LOSS, method="per_sample", reward=reward)(
+                px, py, direction=d
+            )
+            if reward == "dot" and reduction == "mean":
+                oracle = oracle / len(px)  # the kept gradients are those of the mean loss
+            torch.testing.assert_close(r, oracle, rtol=2e-4, atol=1e-6)
+            checked += 1
+        previous = (snapshot(factory, model), x, y)
+        opt.step()
+    assert checked == len(sampler) - 1
+    assert gar.metrics()["batches_rewarded"] == checked
+    assert sampler.metrics()["batches_rewarded"] == checked
+
+
+def test_batchnorm_in_train_mode_sums_to_the_batch_directional_derivative():
+    """With BatchNorm's batch statistics the examples are coupled; the sum is still exact."""
+    torch.manual_seed(0)
+    model = cnn(bn=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = ad.GARSampler(data(), batch_size=6, seed=0)
+    gar = ad.GAR(model, sampler, reward="dot")
+    previous_grad = None
+    checked = 0
+    for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+        opt.zero_grad()
+        LOSS(model(x), y).sum().backward()
+        grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+        r = gar.step()
+        if previous_grad is not None:
+            expected = sum(float((previous_grad[n] * grad[n]).sum()) for n in grad)
+            assert float(r.sum()) == pytest.approx(expected, rel=1e-4)
+            checked += 1
+        previous_grad = grad
+        opt.step()
+    assert checked > 3
+
+
+@pytest.mark.parametrize("reward", ["dot", "cosine"])
+def test_held_out_reference_equals_the_probe(reward):
+    torch.manual_seed(1)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = data(16, seed=5).tensors
+    sampler = ad.GARSampler(data(), batch_size=6, seed=0)
+    gar = ad.GAR(
+        model, sampler, optimizer=opt, reward=reward, reference=itertools.repeat(ref), loss_fn=LOSS
+    )
+    for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+        oracle = ad.GradientProbe(snapshot(mlp, model), LOSS, reward=reward)(x, y, reference=ref)
+        opt.zero_grad()
+        LOSS(model(x), y).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        r = gar.step()
+        if reward == "dot":
+            oracle = oracle / len(x)
+        torch.testing.assert_close(r, oracle, rtol=2e-4, atol=1e-6)
+        # the reference pass leaves .grad as the loop's backward left it
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters(), strict=True))
+        opt.step()
+    assert sampler.metrics()["batches_rewarded"] == len(sampler)
+
+
+def run(model, sampler, gar, epochs=1, accumulate=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    for _ in range(epochs):
+        for t, (x, y) in enumerate(loader):
+            LOSS(model(x), y).mean().backward()
+            if (t + 1) % accumulate == 0:
+                gar.step()
+                opt.step()
+                opt.zero_grad()
+
+
+def test_every_k_rewards_every_kth_batch():
+    model = mlp()
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)  # 12 batches
+    gar = ad.GAR(model, sampler, every=3)
+    run(model, sampler, gar)
+    rewarded = [h["batch"] for h in sampler.history[1:]]
+    assert rewarded == [0, 3, 6, 9]
+
+
+def test_gradient_accumulation_rewards_every_micro_batch_against_the_accumulated_gradient():
+    model = mlp()
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)  # 12 batches, 6 steps of 2
+    gar = ad.GAR(model, sampler, reward="dot")
+    run(model, sampler, gar, accumulate=2)
+    rewarded = [h["batch"] for h in sampler.history[1:]]
+    assert rewarded == list(range(10))  # the last step's two micro-batches wait for a next
+
+
+def test_the_last_batch_of_an_epoch_is_rewarded_in_the_next_or_dropped_by_close():
+    model = mlp()
+    sampler = ad.GARSampler(data(30), batch_size=10, seed=0)  # 3 batches per epoch
+    gar = ad.GAR(model, sampler)
+    run(model, sampler, gar, epochs=2)
+    assert [h["batch"] for h in sampler.history[1:]] == [0, 1, 2, 3, 4]
+    gar.close()
+    assert gar.metrics()["batches_dropped"] == 1
+
+
+def test_reference_batches_of_a_transform_are_not_rewarded():
+    tf = ad.GARTransform(["Identity", "Invert"])
+
+    class Images:
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x = torch.randint(0, 256, (40, 3, 2, 2), dtype=torch.uint8, generator=g)
+            self.y = torch.randint(0, 5, (40,), generator=g)
+            self.tf = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return self.tf(self.x[i]).flatten(), int(self.y[i])
+
+    model = mlp()
+    sampler = ad.GARSampler(Images(), batch_size=5, seed=0, transform=tf, reference_every=2)
+    gar = ad.GAR(model, sampler)
+    run(model, sampler, gar)
+    rewarded = [h["batch"] for h in sampler.history[1:]]
+    assert rewarded == [0, 2, 4, 6]  # positions 1, 3, 5, 7; positions 2, 4, ... are references
+    m = sampler.metrics()
+    assert m["augment/updates"] == 4
+    assert m["augment/reference_batches_skipped"] == 0
+
+
+def test_one_line_gar_downweights_random_labels():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    clean, noisy = perm[:600], perm[600:1200]
+    sources = {
+        "clean": TensorDataset(x[clean], y[clean]),
+        "noisy": TensorDataset(x[noisy], torch.randint(0, 10, (600,), generator=g)),
+    }
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sampler = ad.GARSampler(sources, batch_size=32, seed=0)
+    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    with ad.GAR(model, sampler, optimizer=opt) as gar:
+        for _ in range(2):
+            for xb, yb in loader:
+                opt.zero_grad()
+                LOSS(model(xb), yb).mean().backward()
+                gar.step()
+                opt.step()
+    assert sampler.weights["noisy"] < 0.2  # from 0.5
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+def test_close_removes_every_hook_and_the_context_manager_closes():
+    model = mlp()
+    before = hooks(model)
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)
+    with ad.GAR(model, sampler) as gar:
+        assert hooks(model) > before
+        run(model, sampler, gar)
+    assert hooks(model) == before
+    with pytest.raises(RuntimeError, match=r"step\(\) after close\(\)"):
+        gar.step()
+    gar.close()  # idempotent
+
+
+def test_ddp_wrapped_model_gives_the_same_rewards(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        results = []
+        for wrap in (False, True):
+            torch.manual_seed(0)
+            model = mlp()
+            trained = nn.parallel.DistributedDataParallel(model) if wrap else model
+            sampler = ad.GARSampler(data(), batch_size=6, seed=0)
+            gar = ad.GAR(trained, sampler)
+            run(trained, sampler, gar)
+            results.append(sampler.weights)
+        assert results[0] == results[1]
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+class Bare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(12, 5))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_bad_input_raises():
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)
+    model = mlp()
+    with pytest.raises(ValueError, match=r"GAR found no layer it covers in Bare"):
+        ad.GAR(Bare(), sampler)
+    other = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer owns none of the model's trainable"):
+        ad.GAR(model, sampler, optimizer=other)
+    with pytest.raises(ValueError, match=r"every=0"):
+        ad.GAR(model, sampler, every=0)
+    with pytest.raises(ValueError, match=r"reward='l2'"):
+        ad.GAR(model, sampler, reward="l2")
+    with pytest.raises(ValueError, match=r"reference= needs loss_fn"):
+        ad.GAR(model, sampler, reference=iter([]))
+    with pytest.raises(TypeError, match=r"sampler should be a GARSampler, but got list"):
+        ad.GAR(model, [])
+    attention = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1, batch_first=True))
+    with pytest.raises(ValueError, match=r"Use reward='dot'"):
+        ad.GAR(attention, sampler)
+
+
+def test_step_before_any_backward_raises():
+    model = mlp()
+    gar = ad.GAR(model, ad.GARSampler(data(), batch_size=5, seed=0))
+    with pytest.raises(RuntimeError, match=r"before any backward\(\)"):
+        gar.step()
+
+
+def test_nonfinite_gradient_is_refused_as_a_direction():
+    model = mlp()
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)
+    gar = ad.GAR(model, sampler)
+    loader = iter(DataLoader(sampler.dataset, batch_sampler=sampler))
+    for _ in range(2):
+        x, y = next(loader)
+        model.zero_grad()
+        LOSS(model(x), y).mean().backward()
+        if _ == 1:
+            model[0].weight.grad[0, 0] = math.nan
+            with pytest.raises(ValueError, match=r"'0.weight' in .grad contains NaN or inf"):
+                gar.step()
+        else:
+            gar.step()
