@@ -1,0 +1,235 @@
+"""The demo: learned mixture and augmentation on scikit-learn's digits, against a uniform run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = ["add_arguments", "run"]
+
+SOURCES = ("clean", "random_labels", "pixel_noise")
+
+# Augmentations sized for 8x8 digits (TrivialAugmentWide's 32-pixel translations would wipe
+# them out); Invert is there to be learned away: the test digits are never inverted.
+OPS: dict[str, tuple[list[float] | None, bool]] = {
+    "Identity": (None, False),
+    "Rotate": ([0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0], True),
+    "ShearX": ([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3], True),
+    "TranslateX": ([0.0, 1.0, 2.0], True),
+    "TranslateY": ([0.0, 1.0, 2.0], True),
+    "Contrast": ([0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9], True),
+    "Invert": (None, False),
+}
+
+
+class Digits:
+    """uint8 images ``[1, 8, 8]`` and labels, with a torchvision-style ``transform``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Any) -> None:
+        self.x, self.y, self.transform = x, y.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.x[i]), self.y[i]
+
+
+def load(seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], tuple[Any, Any]]:
+    """Three training sources and a test split cut from the 1,797 digits (fixed data seed)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).mul(255 / 16).round()
+    x = x.to(torch.uint8).unsqueeze(1)  # [N, 1, 8, 8]
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(1234 + seed)
+    perm = torch.randperm(len(x), generator=g)
+    test, train = perm[:400], perm[400:]
+    parts = train.chunk(3)
+    noisy = x[parts[2]].float() + 120 * torch.randn(len(parts[2]), 1, 8, 8, generator=g)
+    sources = {
+        "clean": (x[parts[0]], y[parts[0]]),
+        "random_labels": (x[parts[1]], torch.randint(0, 10, (len(parts[1]),), generator=g)),
+        "pixel_noise": (noisy.clamp(0, 255).round().to(torch.uint8), y[parts[2]]),
+    }
+    return sources, (x[test].float().div(255), y[test])
+
+
+def model_for(seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # the model's initialisation (the demo's script, not the library)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+class Progress:
+    """A one-line text progress bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.tty = sys.stderr.isatty()
+        self.every = 10 if self.tty else max(1, total // 4)  # a log gets four lines
+        self.t0 = time.perf_counter()
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled or (self.done % self.every and self.done != self.total):
+            return
+        width = 30
+        filled = width * self.done // self.total
+        elapsed = time.perf_counter() - self.t0
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {100 * self.done // self.total:3d}% "
+            f"{label:<8} {elapsed:5.1f} s"
+        )
+        end = "\n" if (self.done == self.total or not self.tty) else ""
+        sys.stderr.write(("\r" if self.tty else "") + line + end)
+        sys.stderr.flush()
+
+
+def train(
+    learn: bool,
+    sources: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    test: tuple[torch.Tensor, torch.Tensor],
+    args: argparse.Namespace,
+    progress: Progress,
+) -> dict[str, Any]:
+    """One run: GAR (``learn=True``) or the uniform mixture with the uniform augmentation."""
+    import adaptive_data as ad
+    from torchvision.transforms import v2
+
+    tf = ad.GARTransform(OPS, learn_ops=learn, learn_magnitudes=learn)
+    pipeline = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
+    datasets = {name: Digits(x, y, pipeline) for name, (x, y) in sources.items()}
+    sampler = ad.GARSampler(datasets, batch_size=args.batch_size, seed=args.seed, transform=tf)
+    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    model = model_for(args.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    gar = ad.GAR(model, sampler, optimizer=opt) if learn else None
+    t0 = time.perf_counter()
+    for _ in range(args.epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            if gar is not None:
+                gar.step()  # the one line
+            opt.step()
+            progress.advance("GAR" if learn else "uniform")
+    if gar is not None:
+        gar.close()
+    wall = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        accuracy = 100.0 * float((model(test[0]).argmax(1) == test[1]).float().mean())
+    return {
+        "accuracy": accuracy,
+        "wall_s": wall,
+        "weights": sampler.weights,
+        "op_weights": tf.op_weights,
+        "history": [h["weights"] for h in sampler.history],
+        "steps": args.epochs * len(sampler),
+    }
+
+
+def plot(history: list[dict[str, float]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name in history[0]:
+        ax.plot([h[name] for h in history], label=name)
+    ax.set_xlabel("update (training step)")
+    ax.set_ylabel("mixture weight")
+    ax.set_title("GARSampler on digits: learned source weights")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("adaptive-data-demo"),
+        help="folder for weights.png and summary.json (default: ./adaptive-data-demo)",
+    )
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of each run (default 12)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data split, model, sampler")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the GAR run and the uniform run; print the table; write the figure and summary."""
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit(
+            f"--epochs and --batch-size should be >= 1, got {args.epochs} and {args.batch_size}"
+        )
+    torch.set_num_threads(args.threads)
+    sources, test = load(args.seed)
+    steps = args.epochs * (sum(len(x) for x, _ in sources.values()) // args.batch_size)
+    print(
+        "adaptive_data demo: digits (scikit-learn) from three sources, "
+        + ", ".join(f"{n} ({len(sources[n][0])})" for n in SOURCES)
+        + f"; {len(test[0])} clean test digits. Training a small CNN twice for "
+        f"{args.epochs} epochs: with GAR (learned mixture and augmentation) and with the "
+        "uniform mixture and uniform augmentation.",
+        flush=True,
+    )
+    progress = Progress(2 * steps, enabled=not args.no_progress)
+    gar = train(True, sources, test, args, progress)
+    uniform = train(False, sources, test, args, progress)
+    print()
+    print("| source | GAR weight | uniform weight |")
+    print("|---|---|---|")
+    for name in SOURCES:
+        print(f"| {name} | {gar['weights'][name]:.3f} | {uniform['weights'][name]:.3f} |")
+    print()
+    print("| run | test accuracy | wall s |")
+    print("|---|---|---|")
+    print(f"| GAR | {gar['accuracy']:.1f}% | {gar['wall_s']:.1f} |")
+    print(f"| uniform | {uniform['accuracy']:.1f}% | {uniform['wall_s']:.1f} |")
+    top = sorted(gar["op_weights"].items(), key=lambda kv: -kv[1])
+    print("\nlearned augmentation ops: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "command": " ".join(["adaptive-data", "demo", *sys.argv[2:]]),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "sources": {n: len(sources[n][0]) for n in SOURCES},
+        "test_examples": len(test[0]),
+        "gar": {k: v for k, v in gar.items() if k != "history"},
+        "uniform": {k: v for k, v in uniform.items() if k != "history"},
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    wrote = [str(args.out / "summary.json")]
+    if plot(gar["history"], args.out / "weights.png"):
+        wrote.append(str(args.out / "weights.png"))
+    else:
+        print("(matplotlib is not installed: no weights.png; pip install 'adaptive-data[demo]')")
+    print("wrote " + ", ".join(wrote))
+    return summary
