@@ -110,8 +110,9 @@ def train(
     progress: Progress,
 ) -> dict[str, Any]:
     """One run: GAR (``learn=True``) or the uniform mixture with the uniform augmentation."""
-    import adaptive_data as ad
     from torchvision.transforms import v2
+
+    import adaptive_data as ad
 
     tf = ad.GARTransform(OPS, learn_ops=learn, learn_magnitudes=learn)
     pipeline = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
