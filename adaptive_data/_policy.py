@@ -258,47 +258,14 @@ class CategoricalPolicy:
 
     # ------------------------------------------------------------------ learning
 
-    def _normalized(self, r: list[float]) -> list[float]:
-        """Normalise finite rewards ``r`` (n >= 1); updates the running statistics."""
-        n = len(r)
-        mean = math.fsum(r) / n
-        if self.normalize == "batch":
-            if n < 2:
-                return [0.0] * n
-            centred = [v - mean for v in r]
-            std = math.sqrt(math.fsum(v * v for v in centred) / n)
-            scale = max(abs(v) for v in r)
-            if not math.isfinite(std) or std <= _TINY * max(1.0, scale):
-                return [0.0] * n
-            return [v / std for v in centred]
-        # Running statistics: use the estimate from before this batch (a true baseline), then
-        # fold this batch in (float64: 1e30 squared is fine; an overflow resets the statistics).
-        sq = math.fsum(v * v for v in r) / n
-        if self._stats_weight == 0.0:
-            base, std = mean, math.sqrt(max(sq - mean * mean, 0.0))
-        else:
-            base = self._mean / self._stats_weight
-            std = math.sqrt(max(self._var / self._stats_weight - base * base, 0.0))
-        z = [v - base for v in r]
-        if self.normalize == "running":
-            scale = max(abs(v) for v in r)
-            ok = math.isfinite(std) and std > _TINY * max(1.0, scale)
-            z = [v / std for v in z] if ok else [0.0] * n
-        m = self.momentum
-        self._mean = m * self._mean + (1 - m) * mean
-        self._var = m * self._var + (1 - m) * sq
-        self._stats_weight = m * self._stats_weight + (1 - m)
-        if not (math.isfinite(self._mean) and math.isfinite(self._var)):
-            self._mean, self._var, self._stats_weight = 0.0, 1.0, 0.0
-        return [v if math.isfinite(v) else 0.0 for v in z]
+    def statistics(self, choices: Tensor | list[int], rewards: Tensor) -> list[float]:
+        """One batch's sufficient statistics for :meth:`apply`: a list of ``5 + 2K`` floats.
 
-    def update(self, choices: Tensor | list[int], rewards: Tensor) -> int:
-        """Apply one batch of rewards; return how many were applied (the finite ones).
-
-        Args:
-            choices: int Tensor ``[N]`` (or a list of ints), the choice in ``[0, K)`` behind
-                each example.
-            rewards: floating Tensor ``[N]`` on any device (copied to the CPU as float64).
+        ``[non-finite rewards, n, sum r, sum r^2, batches, S_0..S_{K-1}, n_0..n_{K-1}]`` over
+        the finite rewards, with ``S_k``/``n_k`` the sum/count of choice k's and ``batches``
+        = 1. Sums of these lists over several batches (an all-reduce over ranks) are the
+        statistics of their union.
+        Validates the arguments (see :meth:`update`).
         """
         if isinstance(choices, Tensor):
             if choices.dim() != 1 or choices.dtype.is_floating_point or choices.dtype == torch.bool:
@@ -320,25 +287,73 @@ class CategoricalPolicy:
                 f"choices should lie in [0, {k}), but got values in [{min(c)}, {max(c)}]"
             )
         r_all = rewards.detach().to("cpu", torch.float64).tolist()
-        keep = [i for i, v in enumerate(r_all) if math.isfinite(v)]
-        n_bad = len(r_all) - len(keep)
-        self._nonfinite += n_bad
+        sums, counts = [0.0] * k, [0.0] * k
+        bad, total, total_sq, n = 0, [], [], 0
+        for choice, v in zip(c, r_all, strict=True):
+            if not math.isfinite(v):
+                bad += 1
+                continue
+            n += 1
+            total.append(v)
+            total_sq.append(v * v)
+            sums[choice] += v
+            counts[choice] += 1
+        return [float(bad), float(n), math.fsum(total), math.fsum(total_sq), 1.0, *sums, *counts]
+
+    def apply(self, stats: Sequence[float]) -> int:
+        """Update from :meth:`statistics` (of one batch, or summed over ranks); returns n.
+
+        Rewards are normalised to ``z = (r - base) / scale`` (``normalize``: batch mean and
+        standard deviation, running ones, or the running mean and 1), so each choice's summed
+        ``z`` is ``(S_k - n_k base) / scale``; a scale that is zero or lost to rounding makes
+        the step zero. Every rank that applies the same statistics makes the same step.
+        """
+        k = self.num_choices
+        if len(stats) != 5 + 2 * k:
+            raise ValueError(
+                f"stats should hold 5 + 2K = {5 + 2 * k} numbers, but got {len(stats)}"
+            )
+        bad, n_f, total, total_sq = (float(v) for v in stats[:4])
+        sums = [float(v) for v in stats[5 : 5 + k]]
+        counts = [float(v) for v in stats[5 + k :]]
+        n = round(n_f)
+        self._nonfinite += round(bad)
         self._updates += 1
-        r = [r_all[i] for i in keep] if n_bad else r_all
-        c = [c[i] for i in keep] if n_bad else c
-        n = len(r)
         if n == 0:
             self._skipped += 1
             return 0
-        z = self._normalized(r)
-        sums = [0.0] * k
-        for choice, v in zip(c, z, strict=True):
-            sums[choice] += v
+        mean, sq = total / n, total_sq / n
+        var = sq - mean * mean
+        # Zero when the rewards are (numerically) all equal: rounding in E[r^2] - mean^2.
+        degenerate = not (math.isfinite(var) and var > 1e-12 * max(sq, 1e-300))
+        if self.normalize == "batch":
+            base, scale = mean, (0.0 if degenerate else math.sqrt(var))
+        else:
+            # Running statistics: the estimate from before this batch is the baseline, then
+            # the batch is folded in; an overflow resets them.
+            if self._stats_weight == 0.0:
+                base, std = mean, (0.0 if degenerate else math.sqrt(var))
+            else:
+                base = self._mean / self._stats_weight
+                run_var = self._var / self._stats_weight - base * base
+                ok = math.isfinite(run_var) and run_var > 1e-12 * max(abs(base) ** 2, 1e-300)
+                std = math.sqrt(run_var) if ok else 0.0
+            scale = std if self.normalize == "running" else 1.0
+            m = self.momentum
+            self._mean = m * self._mean + (1 - m) * mean
+            self._var = m * self._var + (1 - m) * sq
+            self._stats_weight = m * self._stats_weight + (1 - m)
+            if not (math.isfinite(self._mean) and math.isfinite(self._var)):
+                self._mean, self._var, self._stats_weight = 0.0, 1.0, 0.0
+        if scale > 0 and math.isfinite(scale) and math.isfinite(base):
+            z = [(s - c * base) / scale for s, c in zip(sums, counts, strict=True)]
+        else:
+            z = [0.0] * k
         if self.rule == "reinforce":
             mean_z = math.fsum(z) / n
-            step = [s / n - q * mean_z for s, q in zip(sums, self._q, strict=True)]
+            step = [v / n - q * mean_z for v, q in zip(z, self._q, strict=True)]
         else:
-            step = [s / (n * p) for s, p in zip(sums, self._p, strict=True)]
+            step = [v / (n * p) for v, p in zip(z, self._p, strict=True)]
         lr, cap = self.lr, self.max_step
         self._logits = [
             v + (min(max(lr * d, -cap), cap) if math.isfinite(d) else 0.0)
@@ -347,6 +362,16 @@ class CategoricalPolicy:
         self._settle()
         self._applied += n
         return n
+
+    def update(self, choices: Tensor | list[int], rewards: Tensor) -> int:
+        """Apply one batch of rewards; return how many were applied (the finite ones).
+
+        Args:
+            choices: int Tensor ``[N]`` (or a list of ints), the choice in ``[0, K)`` behind
+                each example.
+            rewards: floating Tensor ``[N]`` on any device (copied to the CPU as float64).
+        """
+        return self.apply(self.statistics(choices, rewards))
 
     # ------------------------------------------------------------------ bookkeeping
 
