@@ -419,6 +419,56 @@ class GARTransform:
                 "should contain the very object passed as transform=)"
             )
 
+    def statistics(self, ops: Sequence[int], bins: Sequence[int], rewards: Tensor) -> list[float]:
+        """One batch's sufficient statistics for :meth:`apply` (a fixed-length list of floats:
+        the op policy's, then each magnitude policy's; see
+        :meth:`CategoricalPolicy.statistics`). Sums over ranks are the statistics of the union.
+        Examples with op ``NO_AUGMENTATION`` (reference batches) are left out."""
+        from ._policy import check_rewards
+
+        check_rewards(rewards, len(ops))
+        if len(bins) != len(ops):
+            raise ValueError(
+                f"ops and bins should have the same length, got {len(ops)}, {len(bins)}"
+            )
+        r_all = rewards.detach().to("cpu", torch.float64).tolist()
+        keep = [i for i, o in enumerate(ops) if o != NO_AUGMENTATION]
+        k = len(self.op_names)
+        if any(not 0 <= ops[i] < k for i in keep):
+            raise ValueError(
+                f"ops should lie in [0, {k}) or be NO_AUGMENTATION, but got {list(ops)}"
+            )
+        stats = self._op_policy.statistics_of([ops[i] for i in keep], [r_all[i] for i in keep])
+        by_op: dict[int, list[int]] = {}
+        for i in keep:
+            by_op.setdefault(ops[i], []).append(i)
+        for o, pol in self._mag_policies.items():
+            idx = by_op.get(o, [])
+            stats += pol.statistics_of([bins[i] for i in idx], [r_all[i] for i in idx])
+        return stats
+
+    def apply(self, stats: Sequence[float]) -> None:
+        """Update both policies from :meth:`statistics` (of one batch, or summed over ranks)."""
+        k = len(self.op_names)
+        width = 5 + 2 * k
+        if stats[0] == 0 and stats[1] == 0:  # no augmented example: a reference batch
+            self._reference_skipped += 1
+            return
+        if self.learn_ops:
+            self._op_policy.apply(stats[:width])
+        else:
+            self._op_policy._nonfinite += round(stats[0])
+        pos = width
+        for pol in self._mag_policies.values():
+            w = 5 + 2 * pol.num_choices
+            part = stats[pos : pos + w]
+            pos += w
+            if self.learn_magnitudes and (part[0] or part[1]):
+                pol.apply(part)
+        self._bin_probs = None
+        self._updates += 1
+        self._history.append((self._updates, self._op_policy.probs_list(), self._mean_bins()))
+
     def update(self, ops: Sequence[int], bins: Sequence[int], rewards: Tensor) -> None:
         """Learn from one batch: ``ops``/``bins`` of each example and its reward ``[N]``.
 
@@ -426,30 +476,7 @@ class GARTransform:
         gets every reward; each op's magnitude policy gets the rewards of its own examples.
         NaN/inf rewards are never applied (counted in :meth:`metrics`).
         """
-        from ._policy import check_rewards
-
-        check_rewards(rewards, len(ops))
-        keep = [i for i, o in enumerate(ops) if o != NO_AUGMENTATION]
-        if not keep:
-            self._reference_skipped += 1
-            return
-        r = rewards.detach().to("cpu", torch.float64)
-        if len(keep) != len(ops):
-            r = r[keep]
-            ops = [ops[i] for i in keep]
-            bins = [bins[i] for i in keep]
-        if self.learn_ops:
-            self._op_policy.update(list(ops), r)
-        if self.learn_magnitudes:
-            by_op: dict[int, list[int]] = {}
-            for pos, o in enumerate(ops):
-                if o in self._mag_policies:
-                    by_op.setdefault(o, []).append(pos)
-            for o, positions in by_op.items():
-                self._mag_policies[o].update([bins[p] for p in positions], r[positions])
-        self._bin_probs = None
-        self._updates += 1
-        self._history.append((self._updates, self._op_policy.probs_list(), self._mean_bins()))
+        self.apply(self.statistics(ops, bins, rewards))
 
     def _mean_bins(self) -> list[float]:
         """Expected bin of each op as a fraction of its range (NaN for ops without bins)."""

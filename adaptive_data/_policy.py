@@ -286,7 +286,11 @@ class CategoricalPolicy:
             raise ValueError(
                 f"choices should lie in [0, {k}), but got values in [{min(c)}, {max(c)}]"
             )
-        r_all = rewards.detach().to("cpu", torch.float64).tolist()
+        return self.statistics_of(c, rewards.detach().to("cpu", torch.float64).tolist())
+
+    def statistics_of(self, c: list[int], r_all: list[float]) -> list[float]:
+        """:meth:`statistics` of already-checked choices and rewards given as Python lists."""
+        k = self.num_choices
         sums, counts = [0.0] * k, [0.0] * k
         bad, total, total_sq, n = 0, [], [], 0
         for choice, v in zip(c, r_all, strict=True):
