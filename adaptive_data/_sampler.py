@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ._augment import NO_AUGMENTATION, GARTransform
+from ._distributed import current_group
 from ._policy import CategoricalPolicy, check_rewards
 
 __all__ = ["GARSampler", "MixtureDataset"]
@@ -49,6 +50,9 @@ _HISTORY = "history"
 _REWARD_MEANS = "reward_means"
 _COUNTERS = "counters"
 _TRANSFORM = "transform"
+_RANK = "rank"
+_WORLD_SIZE = "world_size"
+_SYNCED = "synced_updates"
 _REFERENCE_EVERY = "reference_every"
 
 
@@ -461,6 +465,8 @@ class GARSampler(Sampler[list[int]]):
         reward_window: int = 256,
         transform: GARTransform | None = None,
         reference_every: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(
@@ -497,6 +503,14 @@ class GARSampler(Sampler[list[int]]):
                     "got transform=None"
                 )
         src_names, srcs = _resolve_sources(sources, names)
+        self._group = current_group(rank, world_size)
+        self.rank, self.world_size = self._group.rank, self._group.world_size
+        small = [n for n, src in zip(src_names, srcs, strict=True) if len(src) < self.world_size]
+        if small:
+            raise ValueError(
+                f"source(s) {small} hold fewer examples than the {self.world_size} ranks; each "
+                "rank needs its own shard of every source"
+            )
         self.transform = transform
         self.reference_every = reference_every
         self.dataset = MixtureDataset(srcs, src_names, transform)
@@ -505,7 +519,7 @@ class GARSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         total = len(self.dataset)
         if num_batches is None:
-            num_batches = max(1, total // batch_size)
+            num_batches = max(1, total // (batch_size * self.world_size))
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(
                 "num_batches should be a positive integer value, "
@@ -546,6 +560,21 @@ class GARSampler(Sampler[list[int]]):
         self._drawn = 0
         self._rewarded = 0
         self._dropped_unrewarded = 0
+        self._synced = 0  # updates made (all-reduced with the other ranks, if any)
+        self._group.check_same(self._fingerprint(), "the sources and sampler settings")
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        tf = self.transform
+        table = None if tf is None else [(n, tf.table[n]) for n in tf.op_names]
+        return (
+            list(self.names),
+            list(self.sizes),
+            self.batch_size,
+            self.num_batches,
+            self.seed,
+            self.reference_every,
+            table,
+        )
 
     # ------------------------------------------------------------------ Sampler protocol
 
@@ -587,19 +616,27 @@ class GARSampler(Sampler[list[int]]):
     # ------------------------------------------------------------------ drawing
 
     def _order(self, s: int) -> list[int]:
-        """Source ``s``'s keys in its shuffled order for the current round (seeded from
-        ``(seed, s, round)``), offsets already added."""
+        """This rank's shard of source ``s``'s keys in the current round's shuffled order.
+
+        The order is a permutation seeded from ``(seed, s, round)``, the same on every rank;
+        rank ``r`` of ``W`` takes its positions ``r, r + W, r + 2W, ...`` (as
+        ``DistributedSampler`` does), so ranks never draw the same example in one round.
+        Offsets already added.
+        """
         cached = self._perms.get(s)
         if cached is None or cached[0] != self._rounds[s]:
             g = torch.Generator().manual_seed(_mix(self.seed, 1, s, self._rounds[s]))
             perm = torch.randperm(self.sizes[s], generator=g) + self._offsets[s]
-            cached = (self._rounds[s], perm.tolist())
+            cached = (self._rounds[s], perm[self.rank :: self.world_size].tolist())
             self._perms[s] = cached
         return cached[1]
 
+    def _shard_size(self, s: int) -> int:
+        return len(range(self.rank, self.sizes[s], self.world_size))
+
     def _take(self, s: int, n: int) -> list[int]:
         """The next ``n`` keys of source ``s`` in its shuffled order (a new order when used up)."""
-        c, size = self._cursors[s], self.sizes[s]
+        c, size = self._cursors[s], self._shard_size(s)
         if c + n < size:  # the common case: one slice
             self._cursors[s] = c + n
             return self._order(s)[c : c + n]
@@ -684,7 +721,10 @@ class GARSampler(Sampler[list[int]]):
         self._next_epoch += 1
         self._pos = 0
         self._replay = deque()
-        self._choice_gen.manual_seed(_mix(self.seed, 2, self._epoch))
+        if self.world_size == 1:
+            self._choice_gen.manual_seed(_mix(self.seed, 2, self._epoch))
+        else:
+            self._choice_gen.manual_seed(_mix(self.seed, 2, self._epoch, self.rank))
 
     def _next_batch(self, it: _GARIterator) -> list[int]:
         it.calls += 1
@@ -840,6 +880,12 @@ class GARSampler(Sampler[list[int]]):
         Raises if the batch cannot be matched (none received yet, not delivered, too old,
         already rewarded) or the rewards have the wrong type, dtype, shape or device.
         Cost: O(batch_size + K), one device-to-host copy.
+
+        Under ``torch.distributed`` the update is collective: every rank calls it once per
+        update, with its own batch's rewards; the per-choice reward statistics are summed over
+        the ranks (one all-reduce of ``O(K)`` floats) and every rank makes the same step, so
+        the weights stay bit-identical. Ranks that disagree on the number of updates get an
+        error (or, if one rank stops calling, a timeout error after 60 s), not a hang.
         """
         rec = self._received() if batch is None else self._lookup(batch)
         check_rewards(rewards, len(rec.keys))
@@ -848,9 +894,26 @@ class GARSampler(Sampler[list[int]]):
                 f"batch {rec.id} already received its rewards; each batch is updated at most once"
             )
         r = rewards.detach().to("cpu", torch.float64)
-        self._policy.update(rec.sources, r)
-        if self.transform is not None and rec.aug is not None:
-            self.transform.update(rec.aug.ops, rec.aug.bins, r)
+        stats = self._policy.statistics(rec.sources, r)
+        width = len(stats)
+        tf = self.transform
+        if tf is not None and rec.aug is not None:
+            stats += tf.statistics(rec.aug.ops, rec.aug.bins, r)
+        self._synced += 1
+        stats += [float(self._synced), float(self._synced) ** 2]
+        if self._group.active:
+            stats = self._group.all_reduce_sum(stats, "GARSampler.update()")
+            total, total_sq = stats[-2], stats[-1]
+            if self.world_size * total_sq != total * total:
+                self._synced -= 1
+                raise RuntimeError(
+                    f"ranks disagree on the number of GARSampler.update() calls: rank "
+                    f"{self.rank} is at update {self._synced + 1}, the ranks' mean is "
+                    f"{total / self.world_size:g}. Every rank must update after the same batches"
+                )
+        self._policy.apply(stats[:width])
+        if tf is not None and rec.aug is not None:
+            tf.apply(stats[width:-2])
         rec.rewarded = True
         self._rewarded += 1
         k = len(self.sizes)
@@ -977,6 +1040,9 @@ class GARSampler(Sampler[list[int]]):
             _COUNTERS: [self._drawn, self._rewarded, self._dropped_unrewarded],
             _REFERENCE_EVERY: self.reference_every,
             _TRANSFORM: None if self.transform is None else self.transform.state_dict(),
+            _RANK: self.rank,
+            _WORLD_SIZE: self.world_size,
+            _SYNCED: self._synced,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1002,6 +1068,12 @@ class GARSampler(Sampler[list[int]]):
             _SEED: self.seed,
             _REFERENCE_EVERY: self.reference_every,
         }
+        for key, value in ((_RANK, self.rank), (_WORLD_SIZE, self.world_size)):
+            if state.get(key, 0 if key == _RANK else 1) != value:
+                raise ValueError(
+                    f"state has {key}={state.get(key)!r}, but this sampler has {key}={value!r}: "
+                    "resume each rank from its own state, with the same world size"
+                )
         if (state.get(_TRANSFORM) is None) != (self.transform is None):
             raise ValueError(
                 "state was saved by a sampler "
@@ -1042,6 +1114,7 @@ class GARSampler(Sampler[list[int]]):
         self._drawn, self._rewarded, self._dropped_unrewarded = (int(v) for v in state[_COUNTERS])
         if self.transform is not None:
             self.transform.load_state_dict(state[_TRANSFORM])
+        self._synced = int(state.get(_SYNCED, state[_POLICY]["counters"][0]))
         self._iters.clear()
 
     def _choose_restore(self, target: Any) -> tuple[dict[str, Any], list[_Record]]:
