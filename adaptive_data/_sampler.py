@@ -1068,11 +1068,12 @@ class GARSampler(Sampler[list[int]]):
             _SEED: self.seed,
             _REFERENCE_EVERY: self.reference_every,
         }
-        for key, value in ((_RANK, self.rank), (_WORLD_SIZE, self.world_size)):
-            if state.get(key, 0 if key == _RANK else 1) != value:
+        for name, mine_v in ((_RANK, self.rank), (_WORLD_SIZE, self.world_size)):
+            if state.get(name, 0 if name == _RANK else 1) != mine_v:
                 raise ValueError(
-                    f"state has {key}={state.get(key)!r}, but this sampler has {key}={value!r}: "
-                    "resume each rank from its own state, with the same world size"
+                    f"state has {name}={state.get(name)!r}, but this sampler has "
+                    f"{name}={mine_v!r}: resume each rank from its own state, with the same "
+                    "world size"
                 )
         if (state.get(_TRANSFORM) is None) != (self.transform is None):
             raise ValueError(
