@@ -109,7 +109,10 @@ class GAR:
     current batch's are held as well when every step is rewarded.
 
     DDP: a ``DistributedDataParallel`` model is unwrapped for the hooks; ``.grad`` after its
-    backward is the all-reduced one, so ``D`` is the global next-batch gradient.
+    backward is the all-reduced one, so ``D`` is the global next-batch gradient. In the
+    held-out mode the ranks' reference gradients are averaged (one all-reduce of the
+    parameters' size per step), so ``D`` is global too. Each rank rewards its own batch and
+    the sampler all-reduces the reward statistics.
 
     Args:
         model: the model the loop trains (or its DDP wrapper).
@@ -379,12 +382,20 @@ class GAR:
                 grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
         finally:
             self._paused = False
-        return self._direction(
-            {
-                name: torch.zeros_like(p) if g is None else g
-                for (name, p), g in zip(params.items(), grads, strict=True)
-            }
-        )
+        d = {
+            name: torch.zeros_like(p) if g is None else g
+            for (name, p), g in zip(params.items(), grads, strict=True)
+        }
+        if self.sampler._group.active:
+            # The global reference direction: the mean of the ranks' reference gradients.
+            import torch.distributed as dist
+
+            flat = torch.cat([t.reshape(-1) for t in d.values()])
+            dist.all_reduce(flat)
+            flat /= self.sampler.world_size
+            d = dict(zip(d, flat.split([t.numel() for t in d.values()]), strict=True))
+            d = {name: t.view_as(params[name]) for name, t in d.items()}
+        return self._direction(d)
 
     def _rewards(self, group: _Group, d: Direction) -> Tensor | None:
         if group.n is None or not group.calls or any(not c.grads for c in group.calls):

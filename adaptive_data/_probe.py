@@ -101,7 +101,9 @@ class GradientProbe:
 
     Args:
         model: the user's model; it is called as ``model(x)``, ``model(*x)`` for a tuple or
-            ``model(**x)`` for a dict.
+            ``model(**x)`` for a dict. A ``DistributedDataParallel`` model is unwrapped: the
+            probe runs its module, so no extra pass triggers DDP's gradient all-reduce; the
+            reference direction is then the local one (this rank's reference batch).
         loss_fn: ``loss_fn(output, target) -> Tensor [N]`` of per-example losses
             (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
         method: one of ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"``,
@@ -168,6 +170,10 @@ class GradientProbe:
             raise ValueError(
                 f"chunk_size should be a positive integer or None, but got chunk_size={chunk_size}"
             )
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Probe the wrapped module: its forward and backward then never enter DDP's
+            # gradient synchronisation, and .grad stays as the training step left it.
+            model = model.module
         self.model = model
         self.loss_fn = loss_fn
         self.method = method

@@ -446,6 +446,20 @@ class GARSampler(Sampler[list[int]]):
             (positions ``reference_every``, ``2 * reference_every``, ...) is drawn
             un-augmented, a reference batch (:meth:`is_reference`); its rewards update the
             mixture but not the transform. ``None`` (default): every batch is augmented.
+        rank, world_size: this process's rank and the number of ranks; default: those of the
+            initialised ``torch.distributed`` process group (else 0 and 1). Give both only to
+            simulate ranks in one process (no collectives then).
+        sync_timeout_s: how long a distributed ``update()`` waits for the other ranks before
+            it raises (instead of hanging).
+
+    Distributed (``torch.distributed`` initialised, e.g. under ``torchrun``). Each rank draws
+    its own keys, from generators seeded from ``(seed, rank, epoch)``, and only from its shard
+    of each source (positions ``rank, rank + W, ...`` of the source's shuffled order, as
+    ``DistributedSampler``), so ranks never draw the same example in one pass over a source.
+    ``len(sampler)`` is per rank (default ``total // (batch_size * W)``). ``update()`` is a
+    collective: the reward statistics are all-reduced so every rank holds the same weights.
+    At construction, ranks check they hold the same sources and settings. ``state_dict()`` is
+    per rank; resume every rank from its own state with the same world size.
     """
 
     def __init__(
@@ -467,6 +481,7 @@ class GARSampler(Sampler[list[int]]):
         reference_every: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        sync_timeout_s: float = 60.0,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(
@@ -503,7 +518,17 @@ class GARSampler(Sampler[list[int]]):
                     "got transform=None"
                 )
         src_names, srcs = _resolve_sources(sources, names)
+        if (
+            isinstance(sync_timeout_s, bool)
+            or not isinstance(sync_timeout_s, int | float)
+            or not sync_timeout_s > 0
+        ):
+            raise ValueError(
+                "sync_timeout_s should be a positive number, "
+                f"but got sync_timeout_s={sync_timeout_s!r}"
+            )
         self._group = current_group(rank, world_size)
+        self._group.timeout_s = float(sync_timeout_s)
         self.rank, self.world_size = self._group.rank, self._group.world_size
         small = [n for n, src in zip(src_names, srcs, strict=True) if len(src) < self.world_size]
         if small:
@@ -899,21 +924,24 @@ class GARSampler(Sampler[list[int]]):
         tf = self.transform
         if tf is not None and rec.aug is not None:
             stats += tf.statistics(rec.aug.ops, rec.aug.bins, r)
-        self._synced += 1
-        stats += [float(self._synced), float(self._synced) ** 2]
         if self._group.active:
+            # The batch ids ride along: all ranks must reward the same batch (all equal iff
+            # W * sum(id^2) == sum(id)^2), else an update was skipped on some rank.
+            stats += [float(rec.id), float(rec.id) ** 2]
             stats = self._group.all_reduce_sum(stats, "GARSampler.update()")
             total, total_sq = stats[-2], stats[-1]
+            stats = stats[:-2]
             if self.world_size * total_sq != total * total:
-                self._synced -= 1
                 raise RuntimeError(
-                    f"ranks disagree on the number of GARSampler.update() calls: rank "
-                    f"{self.rank} is at update {self._synced + 1}, the ranks' mean is "
-                    f"{total / self.world_size:g}. Every rank must update after the same batches"
+                    f"ranks disagree on which batch GARSampler.update() rewards: rank "
+                    f"{self.rank} rewards batch {rec.id}, the ranks' mean is "
+                    f"{total / self.world_size:g}. Every rank must update after the same batches "
+                    "(skip an update on all ranks or on none)"
                 )
+        self._synced += 1
         self._policy.apply(stats[:width])
         if tf is not None and rec.aug is not None:
-            tf.apply(stats[width:-2])
+            tf.apply(stats[width:])
         rec.rewarded = True
         self._rewarded += 1
         k = len(self.sizes)
