@@ -1,0 +1,301 @@
+"""GARSampler and GAR under torch.distributed: simulated ranks, then real gloo process groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import adaptive_data as ad
+
+
+def tagged(sid: int, n: int) -> TensorDataset:
+    return TensorDataset(torch.full((n,), sid, dtype=torch.long), torch.arange(n))
+
+
+def sources(sizes=(40, 30, 20)) -> dict[str, TensorDataset]:
+    return {f"s{i}": tagged(i, n) for i, n in enumerate(sizes)}
+
+
+# ------------------------------------------------------------------ simulated ranks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_simulated_ranks_draw_disjoint_shards(world):
+    samplers = [
+        ad.GARSampler(sources(), batch_size=4, seed=0, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    total = 90
+    assert all(len(s) == total // (4 * world) for s in samplers)
+    # Uniform weights and len(sampler) batches: no rank exhausts its shard of a source here
+    # except by chance; collect exactly one round per source per rank by drawing directly.
+    per_rank = []
+    for s in samplers:
+        keys = []
+        for s_id in range(3):
+            keys += s._take(s_id, s._shard_size(s_id))  # one whole round of this rank's shard
+        per_rank.append(keys)
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not set(per_rank[a]) & set(per_rank[b])
+    assert sorted(k for keys in per_rank for k in keys) == list(range(total))
+    # Different ranks draw different source choices (their own generators).
+    batches = [next(iter(s)) for s in samplers]
+    assert len({tuple(b) for b in batches}) == world
+
+
+def test_simulated_ranks_make_the_same_step_from_summed_statistics():
+    """What the all-reduce does, by hand: summed statistics give every rank the same policy."""
+    ranks = [ad.GARSampler(sources(), batch_size=6, seed=0, rank=r, world_size=2) for r in range(2)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        stats = [
+            s.policy.statistics(torch.randint(0, 3, (6,), generator=g), torch.randn(6, generator=g))
+            for s in ranks
+        ]
+        summed = [a + b for a, b in zip(*stats, strict=True)]
+        for s in ranks:
+            s.policy.apply(summed)
+    assert ranks[0].weights == ranks[1].weights
+    assert ranks[0].weights != {"s0": 1 / 3, "s1": 1 / 3, "s2": 1 / 3}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, r"pass both rank and world_size or neither"),
+        ({"rank": 2, "world_size": 2}, ValueError, r"rank should lie in \[0, world_size\)"),
+        ({"rank": 0, "world_size": 100}, ValueError, r"fewer examples than the 100 ranks"),
+        ({"sync_timeout_s": 0}, ValueError, r"sync_timeout_s=0"),
+    ],
+)
+def test_bad_rank_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ad.GARSampler(sources(), batch_size=4, **kwargs)
+
+
+def test_state_of_another_rank_is_refused():
+    a = ad.GARSampler(sources(), batch_size=4, seed=0, rank=0, world_size=2)
+    b = ad.GARSampler(sources(), batch_size=4, seed=0, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"state has rank=0, but this sampler has rank=1"):
+        b.load_state_dict(a.state_dict())
+
+
+# ------------------------------------------------------------------ real process groups
+
+
+def reward_of(sid: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
+    # rank-dependent: every rank pushes a different source
+    return (sid == rank % 3).double() + 0.01 * idx.double()
+
+
+def _worker(rank: int, world: int, store: str, out: str, scenario: str) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        result = SCENARIOS[scenario](rank, world)
+        Path(out, f"{rank}.json").write_text(json.dumps(result))
+    except BaseException:
+        Path(out, f"{rank}.json").write_text(json.dumps({"error": traceback.format_exc()}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(s: ad.GARSampler, rank: int, batches: int, epochs: int = 1):
+    keys, weights = [], []
+    loader = DataLoader(s.dataset, batch_sampler=s)
+    for _ in range(epochs):
+        for t, (sid, idx) in enumerate(loader):
+            if t >= batches:
+                break
+            keys.append((sid * 1000 + idx).tolist())
+            s.update(reward_of(sid, idx, rank))
+            weights.append(list(s.weights.values()))
+    return keys, weights
+
+
+def scenario_weights(rank: int, world: int) -> dict:
+    tf = ad.GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
+    s = ad.GARSampler(sources((400, 300, 200)), batch_size=8, seed=0, lr=0.5)
+    keys, weights = _train(s, rank, batches=30)
+    # a transform's policies are all-reduced too (rewards from the decisions)
+    t = ad.GARSampler(sources((60, 60, 60)), batch_size=6, seed=1, transform=tf)
+    for _ in iter(t):
+        rec = t._records[t.last_batch]
+        ops = torch.tensor(rec.aug.ops, dtype=torch.float64)
+        t.update(ops * (rank + 1) + torch.tensor(rec.aug.bins, dtype=torch.float64))
+    return {
+        "keys": keys,
+        "weights": weights,
+        "op_weights": tf.op_weights,
+        "magnitudes": tf.magnitude_weights,
+    }
+
+
+def scenario_resume(rank: int, world: int) -> dict:
+    def make() -> ad.GARSampler:
+        return ad.GARSampler(sources((80, 60, 40)), batch_size=4, seed=3, lr=0.5)
+
+    full = make()
+    expected, _ = _train(full, rank, batches=10**6, epochs=2)
+    first = make()
+    it = iter(first)
+    got = []
+    for _ in range(5):
+        keys = next(it)
+        sid, idx = first.decode(keys)
+        got.append((sid * 1000 + idx).tolist())
+        first.update(reward_of(sid, idx, rank))
+    state = first.state_dict()
+    second = make()
+    second.load_state_dict(state)
+    more, _ = _train(second, rank, batches=10**6, epochs=2)
+    return {"equal": got + more == expected, "weights_equal": second.weights == full.weights}
+
+
+def scenario_skipped_update(rank: int, world: int) -> dict:
+    s = ad.GARSampler(sources(), batch_size=4, seed=0, sync_timeout_s=5)
+    it = iter(s)
+    next(it)
+    if rank == 0:
+        next(it)  # rank 0 skips batch 0's update: its update rewards batch 1
+    try:
+        s.update(torch.ones(4))
+    except RuntimeError as e:
+        return {"error_message": str(e)}
+    return {"error_message": None}
+
+
+def scenario_extra_update(rank: int, world: int) -> dict:
+    s = ad.GARSampler(sources(), batch_size=4, seed=0, sync_timeout_s=3)
+    it = iter(s)
+    next(it)
+    s.update(torch.ones(4))
+    if rank == 0:
+        next(it)
+        try:
+            s.update(torch.ones(4))  # no other rank joins this one
+        except RuntimeError as e:
+            return {"error_message": str(e)}
+    return {"error_message": None}
+
+
+def scenario_mismatched_sources(rank: int, world: int) -> dict:
+    try:
+        ad.GARSampler(sources((40, 30, 20 + rank)), batch_size=4, seed=0)
+    except ValueError as e:
+        return {"error_message": str(e)}
+    return {"error_message": None}
+
+
+def scenario_ddp_gar(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = {
+        f"s{i}": TensorDataset(torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g))
+        for i in range(3)
+    }
+    sampler = ad.GARSampler(data, batch_size=8, seed=0)
+    probe = ad.GradientProbe(ddp, nn.CrossEntropyLoss(reduction="none"))
+    grads_untouched = True
+    with ad.GAR(ddp, sampler, optimizer=opt) as gar:
+        for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            before = [p.grad.clone() for p in model.parameters()]
+            probe(x, y, reference=(x, y))  # an extra probe must not touch .grad or sync
+            grads_untouched &= all(
+                torch.equal(a, p.grad) for a, p in zip(before, model.parameters(), strict=True)
+            )
+            gar.step()
+            opt.step()
+    return {
+        "weights": sampler.weights,
+        "params": [p.detach().flatten().tolist() for p in model.parameters()],
+        "grads_untouched": grads_untouched,
+        "rewarded": sampler.metrics()["batches_rewarded"],
+    }
+
+
+SCENARIOS = {
+    "weights": scenario_weights,
+    "resume": scenario_resume,
+    "skipped_update": scenario_skipped_update,
+    "extra_update": scenario_extra_update,
+    "mismatched_sources": scenario_mismatched_sources,
+    "ddp_gar": scenario_ddp_gar,
+}
+
+
+def launch(tmp_path: Path, world: int, scenario: str) -> list[dict]:
+    out = tmp_path / scenario
+    out.mkdir()
+    store = tmp_path / f"store-{scenario}"
+    mp.start_processes(
+        _worker, args=(world, str(store), str(out), scenario), nprocs=world, start_method="spawn"
+    )
+    results = [json.loads((out / f"{r}.json").read_text()) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_hold_identical_weights_and_draw_disjoint_keys(tmp_path, world):
+    results = launch(tmp_path, world, "weights")
+    for res in results[1:]:
+        assert res["weights"] == results[0]["weights"]  # bit-identical after every update
+        assert res["op_weights"] == results[0]["op_weights"]
+        assert res["magnitudes"] == results[0]["magnitudes"]
+    assert results[0]["weights"][-1] != pytest.approx([1 / 3] * 3, abs=0.05)
+    # The first 8 batches hold 64 examples per rank, fewer than any rank's shard of any
+    # source (>= 66), so no source has started a new round: the ranks' draws are disjoint.
+    drawn = [{k for b in res["keys"][:8] for k in b} for res in results]
+    assert all(len(d) == 64 for d in drawn)
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not drawn[a] & drawn[b]
+
+
+def test_resume_restores_every_ranks_future(tmp_path):
+    results = launch(tmp_path, 2, "resume")
+    assert all(r["equal"] and r["weights_equal"] for r in results)
+
+
+def test_a_skipped_update_on_one_rank_is_an_error_not_a_hang(tmp_path):
+    results = launch(tmp_path, 2, "skipped_update")
+    for r in results:
+        assert "ranks disagree on which batch GARSampler.update() rewards" in r["error_message"]
+
+
+def test_an_extra_update_on_one_rank_times_out_with_a_message(tmp_path):
+    results = launch(tmp_path, 2, "extra_update")
+    assert "waited more than 3 s for the other 1 rank(s)" in results[0]["error_message"]
+    assert results[1]["error_message"] is None
+
+
+def test_ranks_with_different_sources_are_refused(tmp_path):
+    results = launch(tmp_path, 2, "mismatched_sources")
+    for r in results:
+        assert "ranks disagree on the sources and sampler settings" in r["error_message"]
+
+
+def test_gar_and_probe_on_a_ddp_model(tmp_path):
+    results = launch(tmp_path, 2, "ddp_gar")
+    assert results[0]["weights"] == results[1]["weights"]
+    assert results[0]["params"] == results[1]["params"]  # DDP kept the replicas in sync
+    assert all(r["grads_untouched"] for r in results)
+    assert results[0]["rewarded"] > 0
