@@ -68,3 +68,15 @@ def test_augment_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
     done = _run("benchmarks/augment_quality.py", str(tmp_path), "--quick", "--cache", str(tmp_path))
     assert done.returncode != 0
     assert "CIFAR-10 not found" in done.stderr
+
+
+def test_gar_cost_quick() -> None:
+    done = _run("benchmarks/gar_cost.py", "--quick")
+    assert done.returncode == 0, done.stderr
+    assert "| resnet_bn | gar_every4 |" in done.stdout
+
+
+def test_dist_cost_quick() -> None:
+    done = _run("benchmarks/dist_cost.py", "--quick")
+    assert done.returncode == 0, done.stderr
+    assert "weights identical on both ranks: True" in done.stdout
