@@ -20,7 +20,6 @@ at least 0.95x the plain loader. Figures go to ``benchmarks/results/augment_cost
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from torchvision.transforms import v2
 
 from adaptive_data import GARSampler, GARTransform
 
-from _common import header, write
+from _common import header, print_rate_table, stats, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.95
@@ -69,15 +68,6 @@ def pipeline(augment: Any) -> v2.Compose:
             v2.ToDtype(torch.float32, scale=True),
         ]
     )
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "runs": len(values),
-    }
 
 
 def time_loaders(n: int, workers: int, repeats: int) -> dict[str, Any]:
@@ -148,18 +138,7 @@ def main() -> None:
         results["examples_per_s"][f"num_workers={workers}"] = time_loaders(
             args.images, workers, args.repeats
         )
-    print("\n| loader | examples/s median | min | max | x plain (paired median, min-max) |")
-    print("|---|---|---|---|---|")
-    for workers, case in results["examples_per_s"].items():
-        for name, s in case.items():
-            ratio = ""
-            if "vs_plain_paired" in s:
-                p = s["vs_plain_paired"]
-                ratio = f"{p['median']:.3f} ({p['min']:.3f}-{p['max']:.3f})"
-            print(
-                f"| {workers}, {name} | {s['median']:,.0f} | {s['min']:,.0f} | "
-                f"{s['max']:,.0f} | {ratio} |"
-            )
+    print_rate_table(results["examples_per_s"])
     if not args.quick:
         write(args.out, results)
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
 import tarfile
 import time
@@ -53,7 +52,7 @@ from torchvision.transforms import v2
 
 import adaptive_data as ad
 
-from _common import header, write
+from _common import header, summary, write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -261,15 +260,6 @@ def run(
 
 
 # ------------------------------------------------------------------ reporting
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-    }
 
 
 def compact(history: list[dict[str, Any]], points: int = 200) -> list[dict[str, Any]]:

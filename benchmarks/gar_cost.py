@@ -16,7 +16,6 @@ step. Figures go to ``benchmarks/results/gar_cost.json``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,22 +27,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 
-from _common import header, write
+from _common import header, stats, write
 from probe_cost import cases
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1.10
 BATCH = 128
 VARIANTS = {"plain": None, "gar_every1": 1, "gar_every4": 4, "gar_every8": 8}
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "runs": len(values),
-    }
 
 
 def make_loop(

@@ -20,7 +20,6 @@ Variants are interleaved, repeated, and the median and spread reported. Figures 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch.utils.data import (
 
 from adaptive_data._sampler import GARSampler
 
-from _common import header, write
+from _common import header, print_rate_table, stats, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.95
@@ -52,15 +51,6 @@ def make_sources(per_source: int) -> dict[str, TensorDataset]:
             torch.randint(0, 10, (per_source,), generator=g),
         )
         for i in range(3)
-    }
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "runs": len(values),
     }
 
 
@@ -180,18 +170,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, s in results["keys_per_s"].items():
         print(f"| {name} | {s['median']:,.0f} | {s['min']:,.0f} | {s['max']:,.0f} |")
-    print("\n| loader | examples/s median | min | max | x plain (paired median, min-max) |")
-    print("|---|---|---|---|---|")
-    for workers, case in results["examples_per_s"].items():
-        for name, s in case.items():
-            ratio = ""
-            if "vs_plain_paired" in s:
-                p = s["vs_plain_paired"]
-                ratio = f"{p['median']:.3f} ({p['min']:.3f}-{p['max']:.3f})"
-            print(
-                f"| {workers}, {name} | {s['median']:,.0f} | {s['min']:,.0f} | "
-                f"{s['max']:,.0f} | {ratio} |"
-            )
+    print_rate_table(results["examples_per_s"])
     if not args.quick:
         write(args.out, results)
 

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 
-from _common import header, write
+from _common import header, summary, write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,16 +221,6 @@ def run(
         "first_step_below_5pct": {k: v for k, v in below.items() if k in sampler.weights},
         "nonfinite_rewards": m["nonfinite_rewards"],
         "history": [h["weights"] for h in sampler.history] if method != "uniform" else None,
-    }
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "median": statistics.median(values),
     }
 
 
