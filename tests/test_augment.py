@@ -495,3 +495,13 @@ def test_resume_under_stateful_dataloader_with_workers():
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert second.transform.op_weights == full.transform.op_weights
     assert second.transform.magnitude_weights == full.transform.magnitude_weights
+
+
+def test_reference_every_defaults_to_every_other_batch_with_a_transform():
+    tf = GARTransform()
+    assert GARSampler(Images(8, pipeline(tf)), batch_size=2, transform=tf).reference_every == 2
+    assert GARSampler(Images(8, v2.Identity()), batch_size=2).reference_every is None
+    off = GARSampler(Images(8, pipeline(tf)), batch_size=2, transform=tf, reference_every=None)
+    assert off.reference_every is None
+    with pytest.raises(ValueError, match=r"reference_every should be 'auto', None or an integer"):
+        GARSampler(Images(8, pipeline(tf)), batch_size=2, transform=tf, reference_every="x")
