@@ -7,7 +7,9 @@ RandomHorizontalFlip(), <augmentation>, ToImage(), ToDtype(float32, scale=True)]
 * plain: ``DataLoader(..., shuffle=True)`` (a ``RandomSampler``) with ``v2.TrivialAugmentWide()``;
 * GAR: ``GARSampler(..., transform=tf)`` with ``tf = GARTransform()`` in the pipeline (the
   decisions drawn in the main process, applied in the workers, every example's random state
-  set from its key), with and without an ``update()`` of random rewards per batch.
+  set from its key), with and without an ``update()`` of random rewards per batch; every
+  batch augmented (``reference_every=None``: the default's un-augmented reference batches would
+  make half the batches cheaper).
 
 ``num_workers`` 0 and 2 (persistent workers), steady state after a warm-up epoch, variants
 interleaved and repeated; the ratio is the median of paired (same repeat) ratios. Target:
@@ -85,7 +87,10 @@ def time_loaders(n: int, workers: int, repeats: int) -> dict[str, Any]:
     }
     for name, update in (("GARSampler+GARTransform", False), ("... +update", True)):
         tf = GARTransform()
-        s = GARSampler(Images(n, pipeline(tf)), batch_size=BATCH, seed=0, transform=tf)
+        # Every batch augmented (no un-augmented reference batches), like the plain loader.
+        s = GARSampler(
+            Images(n, pipeline(tf)), batch_size=BATCH, seed=0, transform=tf, reference_every=None
+        )
         loaders[name] = (DataLoader(s.dataset, batch_sampler=s, **kw), s if update else None)
     g = torch.Generator().manual_seed(0)
 
