@@ -543,6 +543,8 @@ class GARSampler(Sampler[list[int]]):
             )
         self.transform = transform
         self.reference_every: int | None = reference_every
+        # each rank's share of every source: positions rank, rank + W, ... of its order
+        self._shard_sizes = [len(range(self.rank, len(src), self.world_size)) for src in srcs]
         self.dataset = MixtureDataset(srcs, src_names, transform)
         self.names = src_names
         self.sizes = self.dataset.sizes
@@ -662,7 +664,7 @@ class GARSampler(Sampler[list[int]]):
         return cached[1]
 
     def _shard_size(self, s: int) -> int:
-        return len(range(self.rank, self.sizes[s], self.world_size))
+        return self._shard_sizes[s]
 
     def _take(self, s: int, n: int) -> list[int]:
         """The next ``n`` keys of source ``s`` in its shuffled order (a new order when used up)."""
