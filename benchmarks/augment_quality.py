@@ -202,7 +202,7 @@ def run(
     elif arm == "rand_augment":
         augment = v2.RandAugment(num_ops=2, magnitude=9)
     elif arm.startswith("gar"):
-        tf = augment = ad.GARTransform()
+        tf = augment = ad.GARTransform(lr=args.gar_lr)
     else:
         augment = None
     data = Images(*train, pipeline(augment))
@@ -321,6 +321,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader num_workers")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument(
+        "--gar-lr", type=float, default=None, help="GARTransform's op step (default: its own)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "augment_quality.json")
