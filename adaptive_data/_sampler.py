@@ -386,6 +386,13 @@ def _calling_loader_iter(sampler: GARSampler) -> tuple[Any, str | None]:
 # ---------------------------------------------------------------------- the sampler
 
 
+def _check_batch_id(batch: Any) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise TypeError(
+            f"batch should be an int id from sampler.last_batch, but got batch={batch!r}"
+        )
+
+
 class GARSampler(Sampler[list[int]]):
     """A batch sampler that learns the mixture of its sources from per-example rewards.
 
@@ -852,10 +859,7 @@ class GARSampler(Sampler[list[int]]):
     def is_reference(self, batch: int) -> bool:
         """Whether batch ``batch`` (an id from :attr:`last_batch`) is an un-augmented reference
         batch (see ``reference_every``)."""
-        if isinstance(batch, bool) or not isinstance(batch, int):
-            raise TypeError(
-                f"batch should be an int id from sampler.last_batch, but got batch={batch!r}"
-            )
+        _check_batch_id(batch)
         rec = self._records.get(batch)
         if rec is None:
             raise ValueError(
@@ -870,10 +874,7 @@ class GARSampler(Sampler[list[int]]):
         return self._received().id
 
     def _lookup(self, batch: int) -> _Record:
-        if isinstance(batch, bool) or not isinstance(batch, int):
-            raise TypeError(
-                f"batch should be an int id from sampler.last_batch, but got batch={batch!r}"
-            )
+        _check_batch_id(batch)
         if batch < 0 or batch >= self._next_id:
             raise ValueError(
                 f"batch={batch} has not been drawn; ids so far are 0..{self._next_id - 1}"
