@@ -302,7 +302,7 @@ class CategoricalPolicy:
             total_sq.append(v * v)
             sums[choice] += v
             counts[choice] += 1
-        return [float(bad), float(n), math.fsum(total), math.fsum(total_sq), 1.0, *sums, *counts]
+        return [float(bad), float(n), _sum(total), _sum(total_sq), 1.0, *sums, *counts]
 
     def apply(self, stats: Sequence[float]) -> int:
         """Update from :meth:`statistics` (of one batch, or summed over ranks); returns n.
@@ -438,6 +438,14 @@ class CategoricalPolicy:
         self._updates, self._applied, self._nonfinite, self._skipped = (
             int(v) for v in state["counters"]
         )
+
+
+def _sum(values: list[float]) -> float:
+    """An exact sum where it is finite; +-inf (or NaN) where it overflows, never an error."""
+    try:
+        return math.fsum(values)
+    except OverflowError:  # fsum raises on intermediate overflow; the plain sum saturates
+        return sum(values)
 
 
 def check_rewards(rewards: Any, n: int, what: str = "rewards") -> None:

@@ -177,3 +177,14 @@ def test_sample_needs_a_generator():
     with pytest.raises(ValueError, match=r"n should be a non-negative integer value, but got n=-1"):
         policy.sample(-1, torch.Generator())
     assert policy.sample(0, torch.Generator()).shape == (0,)
+
+
+def test_rewards_whose_sums_overflow_leave_the_policy_unchanged():
+    """Finite rewards near float64's limit overflow the sums: no error, no step."""
+    policy = CategoricalPolicy(2, lr=1.0)
+    before = policy.probs
+    policy.update(
+        torch.tensor([0, 1, 0]), torch.tensor([-2.6e298, -1.79e308, -1.79e308], dtype=torch.float64)
+    )
+    assert torch.equal(policy.probs, before)
+    assert policy.metrics()["rewards_applied"] == 3
