@@ -427,11 +427,17 @@ class GARTransform:
         from ._policy import check_rewards
 
         check_rewards(rewards, len(ops))
-        if len(bins) != len(ops):
+        return self.statistics_of(ops, bins, rewards.detach().to("cpu", torch.float64).tolist())
+
+    def statistics_of(
+        self, ops: Sequence[int], bins: Sequence[int], r_all: list[float]
+    ) -> list[float]:
+        """:meth:`statistics` of rewards already checked and given as a list of floats."""
+        if not len(bins) == len(ops) == len(r_all):
             raise ValueError(
-                f"ops and bins should have the same length, got {len(ops)}, {len(bins)}"
+                f"ops, bins and rewards should have the same length, got {len(ops)}, "
+                f"{len(bins)}, {len(r_all)}"
             )
-        r_all = rewards.detach().to("cpu", torch.float64).tolist()
         keep = [i for i, o in enumerate(ops) if o != NO_AUGMENTATION]
         k = len(self.op_names)
         if any(not 0 <= ops[i] < k for i in keep):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _ghost
-from ._batch import batch_size, call_args, check_same_batch, per_example_losses
+from ._batch import batch_size, call_args, check_same_batch
 from ._direction import (
     Direction,
     check_optimizer,
@@ -23,24 +23,20 @@ from ._direction import (
     trainable_parameters,
     zero_rows,
 )
-from ._ghost import Entry, per_example_dot
+from ._ghost import Call, Entry, per_example_dot
 from ._norms import supported as supported_norms
-from ._probe import REWARDS, _cosine
+from ._probe import REWARDS, _cosine, mean_loss_gradient
 from ._sampler import GARSampler
-from ._state import RngSnapshot, cuda_devices, preserved
+from ._state import RngSnapshot, cuda_devices
 
 __all__ = ["GAR"]
 
 
 @dataclass
-class _Call:
-    """One forward call of a covered module in a captured batch: inputs and output gradients."""
+class _Kept:
+    """One forward call of a covered module in a kept batch, and its output gradients."""
 
-    entry: Entry
-    args: tuple
-    kwargs: dict
-    rng: RngSnapshot | None
-    versions: list[tuple[Tensor, int]]
+    call: Call  # inputs, RNG state and the rule's tangents
     grads: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # leaf -> (grad, dim)
     sq: Tensor | None = None  # per-example squared gradient norms of this module's parameters
 
@@ -51,7 +47,7 @@ class _Group:
 
     batch: int  # the sampler's batch id
     step: int  # the number of step() calls made before its forward
-    calls: list[_Call] = field(default_factory=list)
+    calls: list[_Kept] = field(default_factory=list)
     n: int | None = None  # batch size, from the first output seen
 
 
@@ -262,14 +258,9 @@ class GAR:
         group = self._current
         if group is None:
             return
-        args, kwargs = _detach(args), _detach(kwargs)  # detached views share version counters
-        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        call = _Call(
-            entry,
-            args,
-            kwargs,
-            self._rng_snapshots.pop(id(entry), None),
-            [(t, t._version) for t in leaves],
+        # Detached views share the inputs' version counters: in-place edits are still caught.
+        kept = _Kept(
+            Call(entry, _detach(args), _detach(kwargs), self._rng_snapshots.pop(id(entry), None))
         )
         outs, _ = tree_flatten(output)
         dims = entry.rule.batch_dims(module, len(outs))
@@ -286,16 +277,21 @@ class GAR:
                     f"examples: its output of shape {list(leaf.shape)} does not hold the batch "
                     f"(size {group.n}) in dim {dim}"
                 )
-            leaf.register_hook(functools.partial(self._on_grad, call, i, dim))
-        group.calls.append(call)
+            leaf.register_hook(functools.partial(self._on_grad, kept, i, dim))
+        group.calls.append(kept)
 
-    def _on_grad(self, call: _Call, i: int, dim: int, grad: Tensor) -> None:
-        call.grads[i] = (grad.detach(), dim)
+    def _on_grad(self, kept: _Kept, i: int, dim: int, grad: Tensor) -> None:
+        kept.grads[i] = (grad.detach(), dim)
+        call = kept.call
         if self.reward == "cosine" and call.entry.norm is not None:
             sq = call.entry.norm(
-                call.entry.module, call.args, call.kwargs, grad.detach(), call.entry.params.keys()
+                call.entry.module,
+                call.args or (),
+                call.kwargs or {},
+                grad.detach(),
+                call.entry.params.keys(),
             )
-            call.sq = sq if call.sq is None else call.sq + sq
+            kept.sq = sq if kept.sq is None else kept.sq + sq
 
     # ------------------------------------------------------------------ the step
 
@@ -374,18 +370,11 @@ class GAR:
         args, kwargs = call_args(x_ref)
         n = batch_size(x_ref, "x_ref")
         check_same_batch(y_ref, n)
-        self._paused = True
+        self._paused = True  # the reference pass is not a training batch: keep nothing
         try:
-            with preserved(self._core), torch.enable_grad():
-                out = self._core(*args, **kwargs)
-                losses = per_example_losses(self.loss_fn, out, y_ref, n)
-                grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+            d = mean_loss_gradient(self._core, self.loss_fn, args, kwargs, y_ref, n, params)
         finally:
             self._paused = False
-        d = {
-            name: torch.zeros_like(p) if g is None else g
-            for (name, p), g in zip(params.items(), grads, strict=True)
-        }
         if self.sampler._group.active:
             # The global reference direction: the mean of the ranks' reference gradients.
             import torch.distributed as dist
@@ -404,26 +393,12 @@ class GAR:
         r = torch.zeros(group.n, dtype=torch.float32, device=device)
         sq = torch.zeros_like(r)
         with torch.no_grad():
-            for call in group.calls:
-                for t, version in call.versions:
-                    if t._version != version:
-                        raise RuntimeError(
-                            f"an input of module {call.entry.name!r} was modified in place after "
-                            "its forward, so GAR cannot recompute its share of the rewards"
-                        )
-                local = {n: d[g] for n, g in call.entry.params.items()}
-                rule, module = call.entry.rule, call.entry.module
-                if call.rng is None:
-                    tangents = tree_flatten(rule.tangent(module, call.args, call.kwargs, local))[0]
-                else:
-                    with call.rng.replay():
-                        tangents = tree_flatten(
-                            rule.tangent(module, call.args, call.kwargs, local)
-                        )[0]
-                for i, (grad, dim) in call.grads.items():
+            for kept in group.calls:
+                tangents = kept.call.tangents(d)
+                for i, (grad, dim) in kept.grads.items():
                     r += per_example_dot(grad, tangents[i], dim)
-                if call.sq is not None:
-                    sq += call.sq
+                if kept.sq is not None:
+                    sq += kept.sq
         return _cosine(r, sq, d) if self.reward == "cosine" else r
 
     # ------------------------------------------------------------------ reading

@@ -402,8 +402,9 @@ def couples_examples(model: nn.Module) -> bool:
     return False
 
 
-class _Call:
-    """One forward call of a covered module, kept until its outputs' gradients arrive."""
+class Call:
+    """One forward call of a covered module: its inputs (and RNG state, for rules that replay
+    the forward), kept until its outputs' gradients arrive; :meth:`tangents` runs the rule."""
 
     def __init__(self, entry: Entry, args: tuple, kwargs: dict, rng: RngSnapshot | None) -> None:
         self.entry = entry
@@ -421,7 +422,8 @@ class _Call:
                 if t._version != version:
                     raise RuntimeError(
                         f"an input of module {self.entry.name!r} was modified in place after its "
-                        "forward, so method='ghost' cannot recompute its share; use method='jvp'"
+                        "forward, so its share of the rewards cannot be recomputed from it (a "
+                        "GradientProbe with method='jvp' does not need it)"
                     )
             local = {n: direction[g] for n, g in self.entry.params.items()}
             module, args, kwargs = self.entry.module, self.args, self.kwargs or {}
@@ -515,7 +517,7 @@ class GhostRun:
     ) -> Any:
         if not self.active:
             return None
-        call = _Call(entry, args, kwargs, self._rng.pop(id(entry), None))
+        call = Call(entry, args, kwargs, self._rng.pop(id(entry), None))
         leaves, spec = tree_flatten(output)
         dims = entry.rule.batch_dims(module, len(leaves))
         for i, leaf in enumerate(leaves):
@@ -534,7 +536,7 @@ class GhostRun:
             leaf.register_hook(functools.partial(self._on_grad, call, i, dim))
         return spec.unflatten(leaves)
 
-    def _on_grad(self, call: _Call, i: int, dim: int, grad: Tensor) -> None:
+    def _on_grad(self, call: Call, i: int, dim: int, grad: Tensor) -> None:
         self.active = False  # a replayed forward must not be captured again
         try:
             tangent = call.tangents(self.direction)[i]

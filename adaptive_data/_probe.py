@@ -37,6 +37,27 @@ METHODS = ("ghost", "jvp", "per_sample", "finite_difference", "head")
 REWARDS = ("dot", "cosine")
 
 
+def mean_loss_gradient(
+    model: nn.Module,
+    loss_fn: LossFn,
+    args: tuple,
+    kwargs: dict,
+    y: Any,
+    n: int,
+    params: dict[str, nn.Parameter],
+) -> Direction:
+    """``grad_theta loss_fn(model(*args, **kwargs), y).mean()`` as ``{name: tensor}`` (zeros
+    for parameters the loss does not reach), with the model's state, ``.grad`` included, left
+    as it was."""
+    with preserved(model), torch.enable_grad():
+        losses = per_example_losses(loss_fn, model(*args, **kwargs), y, n)
+        grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+    return {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
 def _cosine(dot: Tensor, sq_norms: Tensor, d: Direction) -> Tensor:
     """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0."""
     d_norm = torch.stack([t.float().pow(2).sum() for t in d.values()]).sum().sqrt()
@@ -275,19 +296,11 @@ class GradientProbe:
         args, kwargs = call_args(x_ref)
         n = batch_size(x_ref, "x_ref")
         check_same_batch(y_ref, n)
-        with preserved(self.model):
-            if self.method == "head":
+        if self.method == "head":
+            with preserved(self.model):
                 d = self._head_reference(args, kwargs, y_ref, n, params)
-            else:
-                with torch.enable_grad():
-                    losses = per_example_losses(self.loss_fn, self.model(*args, **kwargs), y_ref, n)
-                    grads = torch.autograd.grad(
-                        losses.mean(), list(params.values()), allow_unused=True
-                    )
-                d = {
-                    name: torch.zeros_like(p) if g is None else g
-                    for (name, p), g in zip(params.items(), grads, strict=True)
-                }
+        else:
+            d = mean_loss_gradient(self.model, self.loss_fn, args, kwargs, y_ref, n, params)
         bad = first_nonfinite(d)
         if bad is not None:
             raise ValueError(f"the reference gradient of {bad!r} contains NaN or inf")

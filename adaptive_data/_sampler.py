@@ -917,8 +917,9 @@ class GARSampler(Sampler[list[int]]):
         Under ``torch.distributed`` the update is collective: every rank calls it once per
         update, with its own batch's rewards; the per-choice reward statistics are summed over
         the ranks (one all-reduce of ``O(K)`` floats) and every rank makes the same step, so
-        the weights stay bit-identical. Ranks that disagree on the number of updates get an
-        error (or, if one rank stops calling, a timeout error after 60 s), not a hang.
+        the weights stay bit-identical. Ranks that reward different batches get an error (and
+        a rank whose update no other rank joins, a timeout error after ``sync_timeout_s``), not
+        a hang.
         """
         rec = self._received() if batch is None else self._lookup(batch)
         check_rewards(rewards, len(rec.keys))
@@ -926,12 +927,13 @@ class GARSampler(Sampler[list[int]]):
             raise ValueError(
                 f"batch {rec.id} already received its rewards; each batch is updated at most once"
             )
-        r = rewards.detach().to("cpu", torch.float64)
-        stats = self._policy.statistics(rec.sources, r)
-        width = len(stats)
+        r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
+        stats = self._policy.statistics_of(rec.sources, r)
+        width, k = len(stats), len(self.sizes)
+        own = stats[5:width]  # this rank's per-source sums and counts, for metrics()
         tf = self.transform
         if tf is not None and rec.aug is not None:
-            stats += tf.statistics(rec.aug.ops, rec.aug.bins, r)
+            stats += tf.statistics_of(rec.aug.ops, rec.aug.bins, r)
         if self._group.active:
             # The batch ids ride along: all ranks must reward the same batch (all equal iff
             # W * sum(id^2) == sum(id)^2), else an update was skipped on some rank.
@@ -952,18 +954,16 @@ class GARSampler(Sampler[list[int]]):
             tf.apply(stats[width:])
         rec.rewarded = True
         self._rewarded += 1
-        k = len(self.sizes)
-        sums, counts = [0.0] * k, [0] * k
-        for src, v in zip(rec.sources, r.tolist(), strict=True):
-            if math.isfinite(v):
-                sums[src] += v
-                counts[src] += 1
-        for src in range(k):
-            if counts[src]:
-                mean = sums[src] / counts[src]
+        self._fold_reward_means(own[:k], own[k:])
+        self._history.append((rec.id, self._policy.probs_list()))
+
+    def _fold_reward_means(self, sums: list[float], counts: list[float]) -> None:
+        """Running mean (momentum 0.9) of each source's finite raw rewards, for metrics()."""
+        for src, (total, count) in enumerate(zip(sums, counts, strict=True)):
+            if count:
+                mean = total / count
                 old = self._reward_means[src]
                 self._reward_means[src] = mean if math.isnan(old) else 0.9 * old + 0.1 * mean
-        self._history.append((rec.id, self._policy.probs_list()))
 
     # ------------------------------------------------------------------ reading
 
