@@ -325,6 +325,7 @@ class GARTransform:
         self._initial = (0, self._op_policy.probs_list(), self._mean_bins())
         self._updates = 0
         self._reference_skipped = 0
+        self._nonfinite = 0  # NaN/inf rewards of augmented examples, never applied
         # The decision armed by the sampler's dataset for the example being fetched.
         self._armed: tuple[int, int, bool] | None = None
         self._calls = 0
@@ -460,10 +461,9 @@ class GARTransform:
         if stats[0] == 0 and stats[1] == 0:  # no augmented example: a reference batch
             self._reference_skipped += 1
             return
+        self._nonfinite += round(stats[0])
         if self.learn_ops:
             self._op_policy.apply(stats[:width])
-        else:
-            self._op_policy._nonfinite += round(stats[0])
         pos = width
         for pol in self._mag_policies.values():
             w = 5 + 2 * pol.num_choices
@@ -517,7 +517,7 @@ class GARTransform:
         m: dict[str, float] = {
             "updates": self._updates,
             "reference_batches_skipped": self._reference_skipped,
-            "nonfinite_rewards": self._op_policy.metrics()["nonfinite_rewards"],
+            "nonfinite_rewards": self._nonfinite,
             "op_entropy": self._op_policy.metrics()["entropy"],
         }
         for name, p in self.op_weights.items():
@@ -537,7 +537,7 @@ class GARTransform:
             "magnitude_policies": {
                 self.op_names[i]: p.state_dict() for i, p in self._mag_policies.items()
             },
-            "counters": [self._updates, self._reference_skipped],
+            "counters": [self._updates, self._reference_skipped, self._nonfinite],
             "history": [(n, list(o), list(m)) for n, o, m in self._history],
         }
 
@@ -561,6 +561,8 @@ class GARTransform:
         self._op_policy.load_state_dict(state["op_policy"])
         for i, p in self._mag_policies.items():
             p.load_state_dict(state["magnitude_policies"][self.op_names[i]])
-        self._updates, self._reference_skipped = (int(v) for v in state["counters"])
+        self._updates, self._reference_skipped, self._nonfinite = (
+            int(v) for v in state["counters"]
+        )
         self._history = [(int(n), list(o), list(m)) for n, o, m in state["history"]]
         self._bin_probs = None

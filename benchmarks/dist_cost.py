@@ -6,7 +6,8 @@ bins: one all-reduce of about 1,000 floats). Each repeat times a run of ``--upda
 ``update()`` calls of the synchronised sampler and of the same sampler built with the
 process group left out (built before the group exists: no collective), interleaved.
 Reported: microseconds per update (median over repeats, rank 0), and the difference, the
-cost of the all-reduce. Figures go to ``benchmarks/results/dist_cost.json``.
+cost of the all-reduce, beside a bare ``dist.all_reduce`` of the same size timed the same way.
+Figures go to ``benchmarks/results/dist_cost.json``.
 
     python benchmarks/dist_cost.py            # about a minute
     python benchmarks/dist_cost.py --quick    # smoke run, writes nothing
@@ -60,6 +61,14 @@ def _worker(rank: int, world: int, store: str, out: str, updates: int, repeats: 
             s.update(rewards[i % 64])
         return (time.perf_counter() - t) / updates * 1e6
 
+    def bare() -> float:
+        """A plain dist.all_reduce of the mixture-only update's 13 floats, for comparison."""
+        t = torch.zeros(13, dtype=torch.float64)
+        start = time.perf_counter()
+        for _ in range(updates):
+            dist.all_reduce(t)
+        return (time.perf_counter() - start) / updates * 1e6
+
     times: dict[str, list[float]] = {}
     for _ in range(repeats):
         for t in (False, True):
@@ -67,6 +76,8 @@ def _worker(rank: int, world: int, store: str, out: str, updates: int, repeats: 
             times.setdefault(f"{name}/alone", []).append(run(alone[t]))
             dist.barrier()
             times.setdefault(f"{name}/synced", []).append(run(synced[t]))
+        dist.barrier()
+        times.setdefault("bare_all_reduce", []).append(bare())
     same = [None] * world
     dist.all_gather_object(same, [synced[t].weights for t in (False, True)])
     if rank == 0:
@@ -116,6 +127,9 @@ def main() -> None:
             "synced_runs": raw["times_us"][f"{name}/synced"],
         }
         print(f"| {name} | {alone:.0f} | {synced:.0f} | {synced - alone:.0f} |")
+    bare = statistics.median(raw["times_us"]["bare_all_reduce"])
+    results["bare_all_reduce_us_median"] = bare
+    print(f"| a bare dist.all_reduce of 13 floats | | {bare:.0f} | |")
     print(f"weights identical on both ranks: {raw['identical']}")
     if not args.quick:
         write(args.out, results)

@@ -53,20 +53,23 @@ def test_simulated_ranks_draw_disjoint_shards(world):
     assert len({tuple(b) for b in batches}) == world
 
 
-def test_simulated_ranks_make_the_same_step_from_summed_statistics():
-    """What the all-reduce does, by hand: summed statistics give every rank the same policy."""
+def test_summed_statistics_make_the_step_of_the_union_batch():
+    """What the all-reduce relies on: the step from the ranks' summed statistics is the step a
+    single policy makes on all the ranks' examples at once."""
     ranks = [ad.GARSampler(sources(), batch_size=6, seed=0, rank=r, world_size=2) for r in range(2)]
+    single = ad.CategoricalPolicy(3)
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
-        stats = [
-            s.policy.statistics(torch.randint(0, 3, (6,), generator=g), torch.randn(6, generator=g))
-            for s in ranks
-        ]
+        choices = [torch.randint(0, 3, (6,), generator=g) for _ in ranks]
+        rewards = [torch.randn(6, generator=g, dtype=torch.float64) for _ in ranks]
+        stats = [s.policy.statistics(c, r) for s, c, r in zip(ranks, choices, rewards, strict=True)]
         summed = [a + b for a, b in zip(*stats, strict=True)]
         for s in ranks:
             s.policy.apply(summed)
+        single.update(torch.cat(choices), torch.cat(rewards))
     assert ranks[0].weights == ranks[1].weights
-    assert ranks[0].weights != {"s0": 1 / 3, "s1": 1 / 3, "s2": 1 / 3}
+    assert list(ranks[0].weights.values()) == pytest.approx(single.probs_list(), abs=1e-12)
+    assert ranks[0].weights != pytest.approx({"s0": 1 / 3, "s1": 1 / 3, "s2": 1 / 3}, abs=0.01)
 
 
 @pytest.mark.parametrize(
