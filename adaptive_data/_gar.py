@@ -23,7 +23,7 @@ from ._direction import (
     trainable_parameters,
     zero_rows,
 )
-from ._ghost import Call, Entry, per_example_dot
+from ._ghost import Call, Entry, per_example_dot, register_call_hooks
 from ._norms import supported as supported_norms
 from ._probe import REWARDS, _cosine, mean_loss_gradient
 from ._sampler import GARSampler
@@ -194,17 +194,10 @@ class GAR:
         self._dropped = 0
         self._last_mean = math.nan
         self._rng_snapshots: dict[int, RngSnapshot] = {}
-        self._handles: list[Any] = [core.register_forward_pre_hook(self._begin)]
-        for entry in entries:
-            if entry.rule.replays_forward:
-                self._handles.append(
-                    entry.module.register_forward_pre_hook(functools.partial(self._rng, entry))
-                )
-            self._handles.append(
-                entry.module.register_forward_hook(
-                    functools.partial(self._keep, entry), with_kwargs=True
-                )
-            )
+        self._handles: list[Any] = [
+            core.register_forward_pre_hook(self._begin),
+            *register_call_hooks(entries, self._rng, self._keep),
+        ]
 
     def __repr__(self) -> str:
         mode = "next batch" if self._reference is None else "held-out"

@@ -443,6 +443,22 @@ class Call:
             self.versions = []
 
 
+def register_call_hooks(
+    entries: Sequence[Entry], before: Callable[..., Any], after: Callable[..., Any]
+) -> list[Any]:
+    """On every covered module: ``after(entry, module, args, kwargs, output)`` as a forward
+    hook, and ``before(entry, module, args)`` as a pre-hook where the rule replays the forward
+    (to snapshot the RNG). Returns the handles."""
+    handles: list[Any] = []
+    for entry in entries:
+        if entry.rule.replays_forward:
+            handles.append(entry.module.register_forward_pre_hook(functools.partial(before, entry)))
+        handles.append(
+            entry.module.register_forward_hook(functools.partial(after, entry), with_kwargs=True)
+        )
+    return handles
+
+
 def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
     """``sum`` over every dim but ``dim`` of ``a * b``, as a float32 vector, without ``a * b``."""
     a = a.movedim(dim, 0).reshape(a.shape[dim], 1, -1)
@@ -483,17 +499,7 @@ class GhostRun:
         self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self.active = True
         self._rng: dict[int, RngSnapshot] = {}
-        self._handles: list[Any] = []
-        for entry in entries:
-            if entry.rule.replays_forward:
-                self._handles.append(
-                    entry.module.register_forward_pre_hook(functools.partial(self._before, entry))
-                )
-            self._handles.append(
-                entry.module.register_forward_hook(
-                    functools.partial(self._after, entry), with_kwargs=True
-                )
-            )
+        self._handles: list[Any] = register_call_hooks(entries, self._before, self._after)
 
     def close(self) -> None:
         for handle in self._handles:
