@@ -38,7 +38,6 @@ class _Kept:
 
     call: Call  # inputs, RNG state and the rule's tangents
     grads: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # leaf -> (grad, dim)
-    sq: Tensor | None = None  # per-example squared gradient norms of this module's parameters
 
 
 @dataclass
@@ -85,7 +84,8 @@ class GAR:
     they were), and the batch just trained on is rewarded at once.
 
     Rewards. ``reward="cosine"`` (default): ``<g_i, D> / (||g_i|| ||D||)``, with exact
-    per-example gradient norms kept during the backward; ``"dot"``: ``<g_i, D>``. The kept
+    per-example gradient norms computed at ``step()`` from the kept inputs and output
+    gradients; ``"dot"``: ``<g_i, D>``. The kept
     gradients are those of the user's reduced loss: with ``.mean()`` every ``g_i`` is
     divided by the batch size. That scale cancels in the cosine and in the sampler's default
     batch normalisation of rewards; with ``normalize="running"``/``"none"`` and the dot
@@ -275,16 +275,6 @@ class GAR:
 
     def _on_grad(self, kept: _Kept, i: int, dim: int, grad: Tensor) -> None:
         kept.grads[i] = (grad.detach(), dim)
-        call = kept.call
-        if self.reward == "cosine" and call.entry.norm is not None:
-            sq = call.entry.norm(
-                call.entry.module,
-                call.args or (),
-                call.kwargs or {},
-                grad.detach(),
-                call.entry.params.keys(),
-            )
-            kept.sq = sq if kept.sq is None else kept.sq + sq
 
     # ------------------------------------------------------------------ the step
 
@@ -387,11 +377,18 @@ class GAR:
         sq = torch.zeros_like(r)
         with torch.no_grad():
             for kept in group.calls:
-                tangents = kept.call.tangents(d)
-                for i, (grad, dim) in kept.grads.items():
-                    r += per_example_dot(grad, tangents[i], dim)
-                if kept.sq is not None:
-                    sq += kept.sq
+                if self.reward == "cosine":
+                    # Norm rules cover single-output modules; their per-example pieces give
+                    # the norms and the dot at once, with no second pass over the layer.
+                    for grad, _ in kept.grads.values():
+                        sq_m, dot = kept.call.norm_and_dot(grad, d)
+                        assert dot is not None
+                        sq += sq_m
+                        r += dot
+                else:
+                    tangents = kept.call.tangents(d)
+                    for i, (grad, dim) in kept.grads.items():
+                        r += per_example_dot(grad, tangents[i], dim)
         return _cosine(r, sq, d) if self.reward == "cosine" else r
 
     # ------------------------------------------------------------------ reading

@@ -416,16 +416,43 @@ class Call:
         self.pending = 0  # output tensors whose gradient has not arrived yet
         self._tangents: list[Any] | None = None
 
+    def check_inputs(self) -> None:
+        """Raise if an input was modified in place after the forward (it would be read stale)."""
+        for t, version in self.versions:
+            if t._version != version:
+                raise RuntimeError(
+                    f"an input of module {self.entry.name!r} was modified in place after its "
+                    "forward, so its share of the rewards cannot be recomputed from it (a "
+                    "GradientProbe with method='jvp' does not need it)"
+                )
+
+    def local(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The module's part of ``direction``, by local parameter name."""
+        return {n: direction[g] for n, g in self.entry.params.items()}
+
+    def norm_and_dot(
+        self, grad: Tensor, direction: Mapping[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The module's per-example squared gradient norms and (given ``direction``) its share
+        of ``<g_i, D>``, both from its norm rule's per-example pieces; ``grad`` is the gradient
+        at its (single) output. Needs ``entry.norm``."""
+        rule = self.entry.norm
+        if rule is None:  # the probe and GAR refuse such models when they are built
+            raise RuntimeError(f"no gradient-norm rule for module {self.entry.name!r}")
+        self.check_inputs()
+        return rule(
+            self.entry.module,
+            self.args or (),
+            self.kwargs or {},
+            grad,
+            self.entry.params.keys(),
+            None if direction is None else self.local(direction),
+        )
+
     def tangents(self, direction: Mapping[str, Tensor]) -> list[Any]:
         if self._tangents is None:
-            for t, version in self.versions:
-                if t._version != version:
-                    raise RuntimeError(
-                        f"an input of module {self.entry.name!r} was modified in place after its "
-                        "forward, so its share of the rewards cannot be recomputed from it (a "
-                        "GradientProbe with method='jvp' does not need it)"
-                    )
-            local = {n: direction[g] for n, g in self.entry.params.items()}
+            self.check_inputs()
+            local = self.local(direction)
             module, args, kwargs = self.entry.module, self.args, self.kwargs or {}
             if self.rng is None:
                 out = self.entry.rule.tangent(module, args or (), kwargs, local)
@@ -543,23 +570,18 @@ class GhostRun:
         return spec.unflatten(leaves)
 
     def _on_grad(self, call: Call, i: int, dim: int, grad: Tensor) -> None:
-        self.active = False  # a replayed forward must not be captured again
-        try:
-            tangent = call.tangents(self.direction)[i]
-        finally:
-            self.active = True
-        contribution = per_example_dot(grad, tangent, dim)
         if self.sq is not None:
-            rule = call.entry.norm
-            if rule is None:  # GradientProbe refuses such models when it is built
-                raise RuntimeError(f"no gradient-norm rule for module {call.entry.name!r}")
-            self.sq += rule(
-                call.entry.module,
-                call.args or (),
-                call.kwargs or {},
-                grad,
-                call.entry.params.keys(),
-            )
+            # Norm rules cover single-output modules: the same per-example pieces give both.
+            sq, contribution = call.norm_and_dot(grad, self.direction)
+            assert contribution is not None
+            self.sq += sq
+        else:
+            self.active = False  # a replayed forward must not be captured again
+            try:
+                tangent = call.tangents(self.direction)[i]
+            finally:
+                self.active = True
+            contribution = per_example_dot(grad, tangent, dim)
         call.done_one()
         self.r += contribution
         if self.module_sums is not None:

@@ -1,14 +1,17 @@
 """Per-example squared gradient norms ``||g_i(theta_m)||^2`` of one module, from its input and
-the gradient at its output, without materialising more than one layer's per-example gradients.
+the gradient at its output, without materialising more than one layer's per-example gradients;
+and, given a direction ``D``, the module's share ``<g_i(theta_m), D_m>`` of the rewards from the
+same per-example pieces (no second pass over the layer).
 
-Used by ``GradientProbe(reward="cosine")`` with ``method="ghost"``. Each rule receives the
-module, its call's ``args``/``kwargs``, the gradient ``B`` of ``sum_i l_i`` at its output (batch
-in dim 0) and the names of its trainable parameters, and returns a float32 ``[N]``.
+Used by ``reward="cosine"`` (``GradientProbe(method="ghost")`` and ``GAR``). Each rule receives
+the module, its call's ``args``/``kwargs``, the gradient ``B`` of ``sum_i l_i`` at its output
+(batch in dim 0), the names of its trainable parameters and their directions (``None``: norms
+only), and returns ``(sq, dot)``: float32 ``[N]`` vectors, ``dot`` ``None`` without a direction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, cast
 
 import torch
@@ -18,7 +21,17 @@ from torch.nn import grad as nn_grad
 
 __all__: list[str] = []
 
-NormFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Tensor, Collection[str]], Tensor]
+NormFn = Callable[
+    [
+        nn.Module,
+        tuple[Any, ...],
+        dict[str, Any],
+        Tensor,
+        Collection[str],
+        Mapping[str, Tensor] | None,
+    ],
+    tuple[Tensor, Tensor | None],
+]
 
 _NORM_RULES: dict[type[nn.Module], NormFn] = {}
 
@@ -42,40 +55,87 @@ def supported() -> list[str]:
 
 def _sq(t: Tensor) -> Tensor:
     """Sum of squares over every dim but the first, in float32."""
-    return t.float().pow(2).flatten(1).sum(1)
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float32).square()
+
+
+class _Sums:
+    """Accumulates ``sq`` and (with a direction) ``dot`` over a module's parameters."""
+
+    def __init__(self, n: int, device: torch.device, direction: Mapping[str, Tensor] | None):
+        self.sq = torch.zeros(n, device=device)
+        self.direction = direction
+        self.dot = None if direction is None else torch.zeros(n, device=device)
+
+    def add(self, name: str, per_example: Tensor) -> None:
+        """Add the parameter ``name``'s per-example gradients, ``[N, *param.shape]``."""
+        g = per_example.flatten(1).float()
+        self.sq += _sq(g)
+        if self.dot is not None:
+            self.dot += g @ self.d(name).reshape(-1)
+
+    def d(self, name: str) -> Tensor:
+        assert self.direction is not None
+        return self.direction[name].float()
+
+    def result(self) -> tuple[Tensor, Tensor | None]:
+        return self.sq, self.dot
 
 
 @_register(nn.Linear)
 def _linear(
-    module: nn.Module, args: tuple, kwargs: dict, b: Tensor, names: Collection[str]
-) -> Tensor:
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    b: Tensor,
+    names: Collection[str],
+    direction: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     n = b.shape[0]
     a = args[0].reshape(n, -1, args[0].shape[-1]).float()  # [N, T, in]
     g = b.reshape(n, -1, b.shape[-1]).float()  # [N, T, out]
-    out = torch.zeros(n, device=b.device)
+    out = _Sums(n, b.device, direction)
     if "weight" in names:
         t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-        if t == 1:
-            out += _sq(a) * _sq(g)
-        elif t * t * (d_in + d_out) < t * d_in * d_out:  # Gram form
-            out += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).flatten(1).sum(1)
+        if t == 1:  # rank one: ||g a^T||^2 = ||g||^2 ||a||^2, <g a^T, D> = g^T D a
+            out.sq += _sq(a) * _sq(g)
+            if out.dot is not None:
+                out.dot += ((a.squeeze(1) @ out.d("weight").T) * g.squeeze(1)).sum(1)
+        elif t * t * (d_in + d_out) < t * d_in * d_out:  # Gram form, and D a for the dot
+            out.sq += ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).flatten(1).sum(1)
+            if out.dot is not None:
+                out.dot += ((a @ out.d("weight").T) * g).flatten(1).sum(1)
         else:  # the per-example gradient itself, [N, out, in]
-            out += _sq(g.transpose(1, 2) @ a)
+            out.add("weight", g.transpose(1, 2) @ a)
     if "bias" in names:
-        out += _sq(g.sum(1))
-    return out
+        out.add("bias", g.sum(1))
+    return out.result()
 
 
 _CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
 
 
+def _conv_gram_is_cheaper(conv: nn.modules.conv._ConvNd, b: Tensor) -> bool:
+    """Whether the Gram form (per-example ``L x L`` products of the unfolded input and of ``B``)
+    costs fewer multiply-adds than the per-example weight gradients (``C_out x C_in k x L``)."""
+    if b.dim() != 4 or conv.groups != 1:  # unfold is 2-d only; grouped convs stay direct
+        return False
+    length = b.shape[2] * b.shape[3]
+    fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    return length * (fan_in + conv.out_channels) < conv.out_channels * fan_in
+
+
 @_register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(
-    module: nn.Module, args: tuple, kwargs: dict, b: Tensor, names: Collection[str]
-) -> Tensor:
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    b: Tensor,
+    names: Collection[str],
+    direction: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     conv = cast(nn.modules.conv._ConvNd, module)
     n = b.shape[0]
-    out = torch.zeros(n, device=b.device)
+    out = _Sums(n, b.device, direction)
     if "weight" in names:
         x = args[0]
         if conv.padding_mode != "zeros":
@@ -83,33 +143,45 @@ def _conv(
             padding: Any = 0
         else:
             padding = conv.padding
-        dims = x.dim() - 2
-        # The batch as groups: one weight gradient per example, [N * C_out, C_in / groups, *k].
-        x_g = x.reshape(1, -1, *x.shape[2:]).float()
-        b_g = b.reshape(1, -1, *b.shape[2:]).float()
-        w = _CONV_WEIGHT[dims](
-            x_g,
-            (n * conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size),
-            b_g,
-            stride=conv.stride,
-            padding=padding,
-            dilation=conv.dilation,
-            groups=n * conv.groups,
-        )
-        out += _sq(w.reshape(n, -1))
+        if _conv_gram_is_cheaper(conv, b):
+            # U_i: [C_in k k, L], B_i: [C_out, L]; ||B_i U_i^T||^2 = <U_i^T U_i, B_i^T B_i>
+            u = F.unfold(x.float(), conv.kernel_size, conv.dilation, padding, conv.stride)
+            g = b.flatten(2).float()
+            out.sq += ((u.transpose(1, 2) @ u) * (g.transpose(1, 2) @ g)).flatten(1).sum(1)
+            if out.dot is not None:  # <B_i U_i^T, D> = <B_i, D U_i>
+                out.dot += ((out.d("weight").flatten(1) @ u) * g).flatten(1).sum(1)
+        else:
+            dims = x.dim() - 2
+            # The batch as groups: one weight gradient per example, [N * C_out, C_in / g, *k].
+            w = _CONV_WEIGHT[dims](
+                x.reshape(1, -1, *x.shape[2:]).float(),
+                (n * conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size),
+                b.reshape(1, -1, *b.shape[2:]).float(),
+                stride=conv.stride,
+                padding=padding,
+                dilation=conv.dilation,
+                groups=n * conv.groups,
+            )
+            out.add("weight", w.reshape(n, -1))
     if "bias" in names:
-        out += _sq(b.flatten(2).sum(2))
-    return out
+        out.add("bias", b.flatten(2).sum(2))
+    return out.result()
 
 
 @_register(nn.Embedding)
 def _embedding(
-    module: nn.Module, args: tuple, kwargs: dict, b: Tensor, names: Collection[str]
-) -> Tensor:
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    b: Tensor,
+    names: Collection[str],
+    direction: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     emb = cast(nn.Embedding, module)
     n = b.shape[0]
+    out = _Sums(n, b.device, direction)
     if "weight" not in names:
-        return torch.zeros(n, device=b.device)
+        return out.result()
     idx = args[0].reshape(n, -1)
     g = b.reshape(n, idx.shape[1], -1).float()
     if emb.padding_idx is not None:
@@ -119,7 +191,10 @@ def _embedding(
         g = g / counts[idx].unsqueeze(-1).float()
     # rows hit by the same index add up: sum over positions t, s with idx_t == idx_s of <g_t, g_s>
     same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
-    return (same * (g @ g.transpose(1, 2))).flatten(1).sum(1)
+    out.sq += (same * (g @ g.transpose(1, 2))).flatten(1).sum(1)
+    if out.dot is not None:  # sum over positions t of <g_t, D[idx_t]>
+        out.dot += (g * F.embedding(idx, out.d("weight"))).flatten(1).sum(1)
+    return out.result()
 
 
 def _affine_norm(
@@ -128,27 +203,31 @@ def _affine_norm(
     names: Collection[str],
     channel_dims: list[int],
     shape: torch.Size,
-) -> Tensor:
+    direction: Mapping[str, Tensor] | None,
+) -> tuple[Tensor, Tensor | None]:
     """Per-example gradients of (weight, bias) of an affine normalisation: sums of ``b * xhat``
-    and of ``b`` over the dims that are not the parameter's, then their squared norms."""
+    and of ``b`` over the dims that are not the parameter's."""
     n = b.shape[0]
     keep = [0, *channel_dims]
     other = [d for d in range(b.dim()) if d not in keep]
-    out = torch.zeros(n, device=b.device)
+    out = _Sums(n, b.device, direction)
     g = b.float()
     if "weight" in names:
-        gw = (g * normalised.float()).sum(other) if other else g * normalised.float()
-        out += _sq(gw.reshape(n, *shape))
+        out.add("weight", (g * normalised.float()).sum(other) if other else g * normalised.float())
     if "bias" in names:
-        gb = g.sum(other) if other else g
-        out += _sq(gb.reshape(n, *shape))
-    return out
+        out.add("bias", g.sum(other) if other else g)
+    return out.result()
 
 
 @_register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _batch_norm(
-    module: nn.Module, args: tuple, kwargs: dict, b: Tensor, names: Collection[str]
-) -> Tensor:
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    b: Tensor,
+    names: Collection[str],
+    direction: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     bn = cast(nn.modules.batchnorm._BatchNorm, module)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     xhat = F.batch_norm(
@@ -161,36 +240,58 @@ def _batch_norm(
         momentum=0.0,
         eps=bn.eps,
     )
-    return _affine_norm(xhat, b, names, [1], torch.Size([bn.num_features]))
+    return _affine_norm(xhat, b, names, [1], torch.Size([bn.num_features]), direction)
 
 
 @_register(nn.LayerNorm)
 def _layer_norm(
-    module: nn.Module, args: tuple, kwargs: dict, b: Tensor, names: Collection[str]
-) -> Tensor:
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    b: Tensor,
+    names: Collection[str],
+    direction: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     ln = cast(nn.LayerNorm, module)
     xhat = F.layer_norm(args[0], ln.normalized_shape, None, None, ln.eps)
     k = len(ln.normalized_shape)
     return _affine_norm(
-        xhat, b, names, list(range(b.dim() - k, b.dim())), torch.Size(ln.normalized_shape)
+        xhat,
+        b,
+        names,
+        list(range(b.dim() - k, b.dim())),
+        torch.Size(ln.normalized_shape),
+        direction,
     )
 
 
 @_register(nn.GroupNorm)
 def _group_norm(
-    module: nn.Module, args: tuple, kwargs: dict, b: Tensor, names: Collection[str]
-) -> Tensor:
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    b: Tensor,
+    names: Collection[str],
+    direction: Mapping[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     gn = cast(nn.GroupNorm, module)
     xhat = F.group_norm(args[0], gn.num_groups, None, None, gn.eps)
-    return _affine_norm(xhat, b, names, [1], torch.Size([gn.num_channels]))
+    return _affine_norm(xhat, b, names, [1], torch.Size([gn.num_channels]), direction)
 
 
 if hasattr(nn, "RMSNorm"):
 
     @_register(nn.RMSNorm)
     def _rms_norm(
-        module: nn.Module, args: tuple, kwargs: dict, b: Tensor, names: Collection[str]
-    ) -> Tensor:
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        b: Tensor,
+        names: Collection[str],
+        direction: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         shape = torch.Size(module.normalized_shape)  # type: ignore[arg-type]
         xhat = F.rms_norm(args[0], list(shape), None, module.eps)  # type: ignore[arg-type]
-        return _affine_norm(xhat, b, names, list(range(b.dim() - len(shape), b.dim())), shape)
+        return _affine_norm(
+            xhat, b, names, list(range(b.dim() - len(shape), b.dim())), shape, direction
+        )

@@ -60,7 +60,9 @@ def mean_loss_gradient(
 
 def _cosine(dot: Tensor, sq_norms: Tensor, d: Direction) -> Tensor:
     """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0."""
-    d_norm = torch.stack([t.float().pow(2).sum() for t in d.values()]).sum().sqrt()
+    d_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in d.values()])
+    )
     denom = sq_norms.clamp_min(0).sqrt() * d_norm.to(sq_norms.device)
     return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
 

@@ -1,0 +1,101 @@
+"""The norm rules: per-example squared gradient norms and dots with a direction, against
+per-example gradients from one autograd call per example."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adaptive_data._norms import _conv_gram_is_cheaper, norm_rule
+
+
+def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    return {
+        "linear": (nn.Linear(5, 3), torch.randn(4, 5, generator=g)),
+        "linear_seq_gram": (nn.Linear(16, 12), torch.randn(4, 2, 16, generator=g)),
+        "linear_seq_direct": (nn.Linear(3, 2), torch.randn(4, 6, 3, generator=g)),
+        "conv2d_direct": (nn.Conv2d(2, 3, 3, padding=1), torch.randn(4, 2, 6, 6, generator=g)),
+        "conv2d_gram": (
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+            torch.randn(4, 8, 4, 4, generator=g),
+        ),
+        "conv2d_gram_dilated_circular": (
+            nn.Conv2d(8, 16, 3, dilation=2, padding=2, padding_mode="circular"),
+            torch.randn(4, 8, 3, 3, generator=g),
+        ),
+        "conv1d": (
+            nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2),
+            torch.randn(4, 2, 9, generator=g),
+        ),
+        "conv3d_groups": (nn.Conv3d(2, 4, 2, groups=2, padding=1), torch.randn(4, 2, 3, 3, 3)),
+        "embedding": (nn.Embedding(7, 4, padding_idx=2), torch.randint(0, 7, (4, 5), generator=g)),
+        "embedding_scaled": (
+            nn.Embedding(7, 4, scale_grad_by_freq=True),
+            torch.randint(0, 7, (4, 5), generator=g),
+        ),
+        "batchnorm2d_train": (nn.BatchNorm2d(3), torch.randn(4, 3, 5, 5, generator=g)),
+        "batchnorm1d_eval": (nn.BatchNorm1d(3).eval(), torch.randn(4, 3, generator=g)),
+        "layernorm": (nn.LayerNorm([3, 4]), torch.randn(4, 2, 3, 4, generator=g)),
+        "groupnorm": (nn.GroupNorm(2, 4), torch.randn(4, 4, 3, 3, generator=g)),
+        "rmsnorm": (nn.RMSNorm(5), torch.randn(4, 3, 5, generator=g)),
+    }
+
+
+CASES = _cases()
+
+
+def _oracle(module: nn.Module, x: torch.Tensor, b: torch.Tensor, d: dict, names: list[str]):
+    """One autograd call per example i of <B_i, out_i>: its gradient is g_i."""
+    params = [getattr(module, n) for n in names]
+    out = module(x)
+    sq, dot = [], []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad((b[i] * out[i]).sum(), params, retain_graph=True)
+        sq.append(sum(gr.pow(2).sum() for gr in grads))
+        dot.append(sum((gr * d[n]).sum() for n, gr in zip(names, grads, strict=True)))
+    return torch.stack(sq), torch.stack(dot)
+
+
+# every case with all parameters trainable, and with each one frozen where another is left
+FROZEN = [
+    (case, frozen)
+    for case, (module, _) in CASES.items()
+    for frozen in [None, *(n for n, _ in module.named_parameters())]
+    if frozen is None or len(list(module.parameters())) > 1
+]
+
+
+@pytest.mark.parametrize(("case", "frozen"), FROZEN)
+def test_norm_and_dot_match_per_example_gradients(case: str, frozen: str | None) -> None:
+    module, x = CASES[case]
+    names = [n for n, p in module.named_parameters() if n != frozen]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    b = torch.randn(module(x).shape, generator=g)
+    d = {n: torch.randn(getattr(module, n).shape, generator=g) for n in names}
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        d["weight"][module.padding_idx] = 0  # the padding row gets no gradient
+    rule = norm_rule(module)
+    assert rule is not None
+    with torch.no_grad():
+        sq, dot = rule(module, (x,), {}, b, names, d)
+        sq_only, none = rule(module, (x,), {}, b, names, None)
+    want_sq, want_dot = _oracle(module, x, b, d, names)
+    torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=1e-5)
+    assert dot is not None
+    torch.testing.assert_close(dot, want_dot, rtol=1e-4, atol=1e-5)
+    assert none is None
+    torch.testing.assert_close(sq_only, sq)
+
+
+def test_the_gram_cases_take_the_gram_form() -> None:
+    """The cases named gram exercise the Gram form; the direct cases the per-example one."""
+    for case, (module, x) in CASES.items():
+        if isinstance(module, nn.Conv2d):
+            b = module(x)
+            assert _conv_gram_is_cheaper(module, b) == ("gram" in case), case
