@@ -66,13 +66,15 @@ FILES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
-# GAR arms: policy rule, policy lr (None: the rule's default), the probe's reward, probe every k.
-GAR_ARMS: dict[str, tuple[str, float | None, str, int]] = {
-    "gar_dot": ("exp_grad", 0.1, "dot", 1),  # the dot reward's best step (0.3 is worse)
-    "gar_reinforce": ("reinforce", None, "cosine", 1),
-    "gar_exp_grad": ("exp_grad", None, "cosine", 1),
-    "gar_exp_grad_lr0.1": ("exp_grad", 0.1, "cosine", 1),
-    "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4),
+# GAR arms: policy rule, policy lr (None: the rule's default), the probe's reward, probe every
+# k, and the exploration floor's total mass (None: the default, 0.05; each source gets 1/K of it).
+GAR_ARMS: dict[str, tuple[str, float | None, str, int, float | None]] = {
+    "gar_dot": ("exp_grad", 0.1, "dot", 1, None),  # the dot reward's best step (0.3 is worse)
+    "gar_reinforce": ("reinforce", None, "cosine", 1, None),
+    "gar_exp_grad": ("exp_grad", None, "cosine", 1, None),
+    "gar_exp_grad_lr0.1": ("exp_grad", 0.1, "cosine", 1, None),
+    "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4, None),
+    "gar_exp_grad_floor0.01": ("exp_grad", None, "cosine", 1, 0.01),
 }
 METHODS = ("uniform", "proportional", "exp3_loss", *GAR_ARMS, "oracle_floor", "oracle")
 CORRUPTED = ("label_noise", "pixel_noise", "inverted")
@@ -182,7 +184,9 @@ def run(
     elif method == "exp3_loss":
         sampler = ad.GARSampler(sources, rule="exp_grad", lr=0.1, **kw)
     elif gar:
-        rule, lr, reward, every = GAR_ARMS[method]
+        rule, lr, reward, every, floor = GAR_ARMS[method]
+        if floor is not None:
+            kw["floor"] = floor / len(sources)
         sampler = ad.GARSampler(sources, rule=rule, lr=lr, **kw)
     else:
         sampler = ad.GARSampler(sources, **kw)
@@ -310,8 +314,8 @@ def main() -> None:
         "steps_per_epoch": steps_per_epoch,
         "seeds": seeds,
         "gar_arms": {
-            name: {"rule": r, "lr": lr, "reward": rw, "probe_every": k}
-            for name, (r, lr, rw, k) in GAR_ARMS.items()
+            name: {"rule": r, "lr": lr, "reward": rw, "probe_every": k, "floor_total": f}
+            for name, (r, lr, rw, k, f) in GAR_ARMS.items()
         },
         "targets": {
             "gar_vs_oracle_points": -0.5,
