@@ -27,6 +27,8 @@ __all__ = ["GARSampler", "MixtureDataset"]
 
 _MASK64 = (1 << 64) - 1
 _STATE_VERSION = 1
+# Total probability mass of the default exploration floor, shared equally by the sources.
+DEFAULT_FLOOR = 0.01
 
 # Keys of GARSampler.state_dict() (constants, as torchdata does).
 _VERSION = "version"
@@ -438,7 +440,9 @@ class GARSampler(Sampler[list[int]]):
         num_batches: batches per epoch; default ``total examples // batch_size`` (at least 1).
         weights: initial mixture: ``"uniform"`` (default), ``"proportional"`` (to source
             sizes), ``{name: w}`` or a sequence.
-        floor: minimum probability of each source (default ``0.05 / K``).
+        floor: minimum probability of each source (default ``0.01 / K``: the sources at the
+            floor take 1% of the batch between them; ``benchmarks/mixture_quality.py`` measured
+            it against ``0.05 / K``).
         lr: step size of the policy (default 0.3 for exp_grad, 0.5 for reinforce).
         rule: ``"exp_grad"`` (default) or ``"reinforce"``; see :class:`CategoricalPolicy`.
         normalize: reward normalisation, ``"batch"``, ``"running"`` or ``"none"``.
@@ -570,7 +574,7 @@ class GARSampler(Sampler[list[int]]):
         self._policy = CategoricalPolicy(
             len(srcs),
             weights=weights,
-            floor=floor,
+            floor=DEFAULT_FLOOR / len(srcs) if floor is None else floor,
             lr=lr,
             rule=rule,
             normalize=normalize,

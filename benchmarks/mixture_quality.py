@@ -19,9 +19,10 @@ batch 64) for the same number of steps under each mixture:
   with ``reward="cosine"`` (``<g_i, D> / (||g_i|| ||D||)``): ``gar_reinforce`` (REINFORCE),
   ``gar_exp_grad`` (exponentiated gradient, the default rule and step size 0.3),
   ``gar_exp_grad_lr0.1`` (a third of that step), ``gar_exp_grad_k4`` (probe and update every
-  4th step only);
+  4th step only), ``gar_exp_grad_floor0.05`` (five times the default exploration floor, the
+  former default);
 * ``oracle``: the clean source only; ``oracle_floor``: the clean source at the largest weight the
-  exploration floor allows (every other source keeps ``0.05 / 4``), never updated: the best
+  exploration floor allows (every other source keeps ``0.01 / 4``), never updated: the best
   any learned mixture with the default floor can do.
 
 3 seeds each (model initialisation and sampler seed), interleaved. Reported: test accuracy
@@ -67,14 +68,14 @@ FILES = (
     "t10k-labels-idx1-ubyte.gz",
 )
 # GAR arms: policy rule, policy lr (None: the rule's default), the probe's reward, probe every
-# k, and the exploration floor's total mass (None: the default, 0.05; each source gets 1/K of it).
+# k, and the exploration floor's total mass (None: the default, 0.01; each source gets 1/K of it).
 GAR_ARMS: dict[str, tuple[str, float | None, str, int, float | None]] = {
     "gar_dot": ("exp_grad", 0.1, "dot", 1, None),  # the dot reward's best step (0.3 is worse)
     "gar_reinforce": ("reinforce", None, "cosine", 1, None),
     "gar_exp_grad": ("exp_grad", None, "cosine", 1, None),
     "gar_exp_grad_lr0.1": ("exp_grad", 0.1, "cosine", 1, None),
     "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4, None),
-    "gar_exp_grad_floor0.01": ("exp_grad", None, "cosine", 1, 0.01),
+    "gar_exp_grad_floor0.05": ("exp_grad", None, "cosine", 1, 0.05),  # the former default
 }
 METHODS = ("uniform", "proportional", "exp3_loss", *GAR_ARMS, "oracle_floor", "oracle")
 CORRUPTED = ("label_noise", "pixel_noise", "inverted")

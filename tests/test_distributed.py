@@ -57,7 +57,7 @@ def test_summed_statistics_make_the_step_of_the_union_batch():
     """What the all-reduce relies on: the step from the ranks' summed statistics is the step a
     single policy makes on all the ranks' examples at once."""
     ranks = [ad.GARSampler(sources(), batch_size=6, seed=0, rank=r, world_size=2) for r in range(2)]
-    single = ad.CategoricalPolicy(3)
+    single = ad.CategoricalPolicy(3, floor=ranks[0].policy.floor)
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         choices = [torch.randint(0, 3, (6,), generator=g) for _ in ranks]

@@ -644,3 +644,10 @@ def test_delayed_reward_across_a_checkpoint():
     more, _ = run(second, 7, pending)
     assert got + more == expected
     assert second.weights == full.weights
+
+
+def test_default_floor_is_one_percent_shared_by_the_sources() -> None:
+    data = {n: TensorDataset(torch.arange(10)) for n in ("a", "b", "c", "d")}
+    sampler = GARSampler(data, batch_size=2, seed=0)
+    assert sampler.policy.floor == pytest.approx(0.01 / 4)
+    assert GARSampler(data, batch_size=2, seed=0, floor=0.1).policy.floor == 0.1
