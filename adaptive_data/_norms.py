@@ -66,12 +66,13 @@ class _Sums:
         self.direction = direction
         self.dot = None if direction is None else torch.zeros(n, device=device)
 
-    def add(self, name: str, per_example: Tensor) -> None:
-        """Add the parameter ``name``'s per-example gradients, ``[N, *param.shape]``."""
+    def add(self, name: str, per_example: Tensor, rows: slice = slice(None)) -> None:
+        """Add the parameter ``name``'s per-example gradients, ``[N, *param.shape]`` (or those
+        of the examples ``rows``)."""
         g = per_example.flatten(1).float()
-        self.sq += _sq(g)
+        self.sq[rows] += _sq(g)
         if self.dot is not None:
-            self.dot += g @ self.d(name).reshape(-1)
+            self.dot[rows] += g @ self.d(name).reshape(-1)
 
     def d(self, name: str) -> Tensor:
         assert self.direction is not None
@@ -112,6 +113,7 @@ def _linear(
 
 
 _CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
+_CONV_CHUNK = 8  # examples per grouped weight-gradient call (see _conv)
 
 
 def _conv_gram_is_cheaper(conv: nn.modules.conv._ConvNd, b: Tensor) -> bool:
@@ -151,18 +153,23 @@ def _conv(
             if out.dot is not None:  # <B_i U_i^T, D> = <B_i, D U_i>
                 out.dot += ((out.d("weight").flatten(1) @ u) * g).flatten(1).sum(1)
         else:
-            dims = x.dim() - 2
-            # The batch as groups: one weight gradient per example, [N * C_out, C_in / g, *k].
-            w = _CONV_WEIGHT[dims](
-                x.reshape(1, -1, *x.shape[2:]).float(),
-                (n * conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size),
-                b.reshape(1, -1, *b.shape[2:]).float(),
-                stride=conv.stride,
-                padding=padding,
-                dilation=conv.dilation,
-                groups=n * conv.groups,
-            )
-            out.add("weight", w.reshape(n, -1))
+            weight_grad = _CONV_WEIGHT[x.dim() - 2]
+            # A chunk of examples as groups: one weight gradient per example,
+            # [c * C_out, C_in / groups, *k]. Chunks bound the memory of the per-example
+            # gradients and run faster on CPU than the whole batch as groups.
+            for lo in range(0, n, _CONV_CHUNK):
+                xc, bc = x[lo : lo + _CONV_CHUNK], b[lo : lo + _CONV_CHUNK]
+                c = xc.shape[0]
+                w = weight_grad(
+                    xc.reshape(1, -1, *x.shape[2:]).float(),
+                    (c * conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size),
+                    bc.reshape(1, -1, *b.shape[2:]).float(),
+                    stride=conv.stride,
+                    padding=padding,
+                    dilation=conv.dilation,
+                    groups=c * conv.groups,
+                )
+                out.add("weight", w.reshape(c, -1), rows=slice(lo, lo + c))
     if "bias" in names:
         out.add("bias", b.flatten(2).sum(2))
     return out.result()

@@ -18,6 +18,8 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "linear_seq_gram": (nn.Linear(16, 12), torch.randn(4, 2, 16, generator=g)),
         "linear_seq_direct": (nn.Linear(3, 2), torch.randn(4, 6, 3, generator=g)),
         "conv2d_direct": (nn.Conv2d(2, 3, 3, padding=1), torch.randn(4, 2, 6, 6, generator=g)),
+        # more examples than one chunk of the grouped per-example weight gradient (8)
+        "conv2d_direct_chunks": (nn.Conv2d(2, 3, 3), torch.randn(19, 2, 5, 5, generator=g)),
         "conv2d_gram": (
             nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
             torch.randn(4, 8, 4, 4, generator=g),
