@@ -93,7 +93,11 @@ class GAR:
 
     Which batches are rewarded. Every ``every``-th step's batches (``every=1``: all). With a
     transform's ``reference_every``, the un-augmented reference batches are never kept or
-    rewarded: they are the reference of the augmented batch before them. With gradient
+    rewarded: they are the reference of the augmented batches before them. An augmented batch
+    is rewarded at the next step whose batch is a reference batch (with ``reference_every=2``,
+    the very next step; across an epoch's end, the new epoch's first reference batch), never
+    against another augmented batch; one that waited more than ``reference_every`` steps (an
+    epoch shorter than that has no reference batch) is dropped. With gradient
     accumulation (several forward/backward passes between two ``step()`` calls) each
     micro-batch is kept and rewarded against the accumulated gradient of the next step.
     When a loader's epoch ends, the last batch is rewarded at the first ``step()`` of the next
@@ -299,7 +303,10 @@ class GAR:
                     "step() was called before any backward(): no parameter has a .grad. Call "
                     "it after loss.backward() and before optimizer.step()"
                 )
+            self._drop_stale()
             due = [g for g in self._groups if g.step < self._steps]
+            if due and self._awaiting_reference():
+                due = []  # the kept augmented batches wait for the next reference batch
             d = (
                 self._direction(
                     {
@@ -330,6 +337,28 @@ class GAR:
         self._steps += 1
         self._current = None
         return out
+
+    def _awaiting_reference(self) -> bool:
+        """With a transform's reference batches (``reference_every``), whether the batch just
+        trained on is an augmented one: its gradient is then not the reference of the kept
+        augmented batches, which wait for the next un-augmented batch's."""
+        if not self.sampler.reference_every:
+            return False
+        try:
+            return not self.sampler.is_reference(self.sampler.last_batch)
+        except (RuntimeError, ValueError):
+            return False  # no batch received from the sampler's loader
+
+    def _drop_stale(self) -> None:
+        """Drop kept batches that waited more than ``reference_every`` steps for a reference
+        batch (an epoch shorter than ``reference_every`` has none): memory stays bounded."""
+        wait = self.sampler.reference_every
+        if not wait:
+            return
+        stale = [g for g in self._groups if self._steps - g.step > wait]
+        for group in stale:
+            self._groups.remove(group)
+        self._dropped += len(stale)
 
     def _direction(self, grads: Direction) -> Direction:
         bad = first_nonfinite(grads)

@@ -180,24 +180,26 @@ def test_the_last_batch_of_an_epoch_is_rewarded_in_the_next_or_dropped_by_close(
     assert gar.metrics()["batches_dropped"] == 1
 
 
+class Images:
+    """40 tiny uint8 images through ``tf``, flattened for the MLP."""
+
+    def __init__(self, tf: ad.GARTransform) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 256, (40, 3, 2, 2), dtype=torch.uint8, generator=g)
+        self.y = torch.randint(0, 5, (40,), generator=g)
+        self.tf = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int):
+        return self.tf(self.x[i]).flatten(), int(self.y[i])
+
+
 def test_reference_batches_of_a_transform_are_not_rewarded():
     tf = ad.GARTransform(["Identity", "Invert"])
-
-    class Images:
-        def __init__(self):
-            g = torch.Generator().manual_seed(0)
-            self.x = torch.randint(0, 256, (40, 3, 2, 2), dtype=torch.uint8, generator=g)
-            self.y = torch.randint(0, 5, (40,), generator=g)
-            self.tf = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
-
-        def __len__(self):
-            return 40
-
-        def __getitem__(self, i):
-            return self.tf(self.x[i]).flatten(), int(self.y[i])
-
     model = mlp()
-    sampler = ad.GARSampler(Images(), batch_size=5, seed=0, transform=tf, reference_every=2)
+    sampler = ad.GARSampler(Images(tf), batch_size=5, seed=0, transform=tf, reference_every=2)
     gar = ad.GAR(model, sampler)
     run(model, sampler, gar)
     rewarded = [h["batch"] for h in sampler.history[1:]]
@@ -205,6 +207,52 @@ def test_reference_batches_of_a_transform_are_not_rewarded():
     m = sampler.metrics()
     assert m["augment/updates"] == 4
     assert m["augment/reference_batches_skipped"] == 0
+
+
+def test_augmented_batches_wait_for_the_next_reference_batch():
+    """reference_every=3: positions 1 and 2 are both rewarded against position 3's gradient,
+    never against each other; the epoch's last two wait for a reference that never comes."""
+    tf = ad.GARTransform(["Identity", "Invert"])
+    torch.manual_seed(0)
+    model = mlp()
+    sampler = ad.GARSampler(Images(tf), batch_size=5, seed=0, transform=tf, reference_every=3)
+    gar = ad.GAR(model, sampler)  # no optimizer: D is the plain gradient
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):  # 8 batches
+        opt.zero_grad()
+        LOSS(model(x), y).mean().backward()
+        d = {n: p.grad.clone() for n, p in model.named_parameters()}
+        r = gar.step()
+        if sampler.is_reference(sampler.last_batch):
+            # the last batch rewarded is the one just before this reference batch
+            old, px, py = seen[-1]
+            oracle = ad.GradientProbe(old, LOSS, method="per_sample", reward="cosine")(
+                px, py, direction=d
+            )
+            torch.testing.assert_close(r, oracle, rtol=2e-4, atol=1e-6)
+        else:
+            assert r is None
+        seen.append((snapshot(mlp, model), x, y))
+        opt.step()
+    assert [h["batch"] for h in sampler.history[1:]] == [0, 1, 3, 4]
+    gar.close()
+    assert gar.metrics()["batches_dropped"] == 2  # batches 6 and 7 (positions 7 and 8)
+
+
+def test_batches_that_wait_longer_than_reference_every_are_dropped():
+    """An epoch of 2 batches with reference_every=3 never draws a reference batch."""
+    tf = ad.GARTransform(["Identity", "Invert"])
+    model = mlp()
+    sampler = ad.GARSampler(
+        Images(tf), batch_size=5, seed=0, transform=tf, reference_every=3, num_batches=2
+    )
+    gar = ad.GAR(model, sampler)
+    run(model, sampler, gar, epochs=4)  # 8 steps, no reference batch
+    assert gar.metrics()["batches_rewarded"] == 0
+    # bounded: those of the last reference_every steps and the batch just kept, no older
+    assert [g.step for g in gar._groups] == [4, 5, 6, 7]
+    assert gar.metrics()["batches_dropped"] == 8 - len(gar._groups)
 
 
 def test_one_line_gar_downweights_random_labels():
