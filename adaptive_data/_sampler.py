@@ -226,8 +226,10 @@ class MixtureDataset(Dataset):
         if lo < 0 or hi >= total:
             bad = lo if lo < 0 else hi
             raise IndexError(f"key should lie in [0, {total}), but got key={bad}")
-        bisect_right = bisect.bisect_right
-        ids = [bisect_right(offsets, key) - 1 for key in keys]
+        ids = getattr(keys, "sources", None)  # a _KeyBatch from the sampler knows them
+        if ids is None or len(ids) != len(keys):
+            bisect_right = bisect.bisect_right
+            ids = [bisect_right(offsets, key) - 1 for key in keys]
         if not self._any_batched:  # the common in-memory case: one comprehension
             return [sources[s][key - offsets[s]] for s, key in zip(ids, keys, strict=True)]
         out: list[Any] = [None] * len(keys)
@@ -252,6 +254,16 @@ class MixtureDataset(Dataset):
 
 
 # ---------------------------------------------------------------------- batches and iterators
+
+
+class _KeyBatch(list):
+    """A batch of keys as the DataLoader receives it from the sampler: a list of ints that
+    also carries each key's source id, so that ``MixtureDataset.__getitems__`` need not search
+    the offsets for it (it does for any other list). Pickles as itself into workers."""
+
+    def __init__(self, keys: Sequence[int], sources: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.sources = list(sources)
 
 
 @dataclass
@@ -282,7 +294,7 @@ class _Record:
         """What the DataLoader gets: the keys, or one decision tuple per example."""
         a = self.aug
         if a is None:
-            return list(self.keys)
+            return _KeyBatch(self.keys, self.sources)
         return list(zip(self.keys, a.ops, a.bins, a.negate, a.seeds, strict=True))
 
     def to_state(self) -> dict[str, Any]:

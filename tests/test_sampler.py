@@ -651,3 +651,21 @@ def test_default_floor_is_one_percent_shared_by_the_sources() -> None:
     sampler = GARSampler(data, batch_size=2, seed=0)
     assert sampler.policy.floor == pytest.approx(0.01 / 4)
     assert GARSampler(data, batch_size=2, seed=0, floor=0.1).policy.floor == 0.1
+
+
+def test_batches_carry_their_source_ids_and_fetch_like_plain_lists() -> None:
+    """The sampler hands the DataLoader lists of keys that also know each key's source; the
+    dataset then skips searching for it, with the same result, and they survive pickling
+    (the trip to a worker process)."""
+    import pickle
+
+    data = {
+        n: TensorDataset(torch.arange(k) + 100 * i) for i, (n, k) in enumerate([("a", 7), ("b", 5)])
+    }
+    sampler = GARSampler(data, batch_size=6, seed=0)
+    batch = next(iter(sampler))
+    assert isinstance(batch, list)
+    assert batch.sources == [sampler.dataset.locate(k)[0] for k in batch]
+    again = pickle.loads(pickle.dumps(batch))
+    assert again == batch and again.sources == batch.sources
+    assert sampler.dataset.__getitems__(batch) == sampler.dataset.__getitems__(list(batch))
