@@ -290,11 +290,12 @@ class _Record:
     def reference(self) -> bool:
         return self.aug is not None and self.aug.ops[0] == NO_AUGMENTATION
 
-    def batch(self) -> list[Any]:
-        """What the DataLoader gets: the keys, or one decision tuple per example."""
+    def batch(self, sources: bool = True) -> list[Any]:
+        """What the DataLoader gets: the keys (as a :class:`_KeyBatch` with ``sources``), or
+        one decision tuple per example."""
         a = self.aug
         if a is None:
-            return _KeyBatch(self.keys, self.sources)
+            return _KeyBatch(self.keys, self.sources) if sources else list(self.keys)
         return list(zip(self.keys, a.ops, a.bins, a.negate, a.seeds, strict=True))
 
     def to_state(self) -> dict[str, Any]:
@@ -807,7 +808,9 @@ class GARSampler(Sampler[list[int]]):
         self._remember(rec)
         self._pos = rec.position
         it.returned += 1
-        return rec.batch()
+        # In-process loaders get the source ids along (no search in the dataset); for worker
+        # processes a plain list pickles faster and the search runs in the workers.
+        return rec.batch(sources=not it.multi)
 
     def _check_loader(self, loader: Any, it: _GARIterator) -> None:
         workers = int(getattr(loader, "_num_workers", 0))
