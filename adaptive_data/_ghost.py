@@ -440,14 +440,15 @@ class Call:
         if rule is None:  # the probe and GAR refuse such models when they are built
             raise RuntimeError(f"no gradient-norm rule for module {self.entry.name!r}")
         self.check_inputs()
-        return rule(
-            self.entry.module,
-            self.args or (),
-            self.kwargs or {},
-            grad,
-            self.entry.params.keys(),
-            None if direction is None else self.local(direction),
-        )
+        # Modules with a norm rule take one input, passed by position or by name.
+        inputs = [*(self.args or ()), *(self.kwargs or {}).values()]
+        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+            raise RuntimeError(
+                f"module {self.entry.name!r} was called with {len(inputs)} inputs; its "
+                "gradient-norm rule needs exactly one input tensor"
+            )
+        local = None if direction is None else self.local(direction)
+        return rule(self.entry.module, inputs[0], grad, self.entry.params.keys(), local)
 
     def tangents(self, direction: Mapping[str, Tensor]) -> list[Any]:
         if self._tangents is None:

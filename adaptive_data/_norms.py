@@ -4,9 +4,9 @@ and, given a direction ``D``, the module's share ``<g_i(theta_m), D_m>`` of the 
 same per-example pieces (no second pass over the layer).
 
 Used by ``reward="cosine"`` (``GradientProbe(method="ghost")`` and ``GAR``). Each rule receives
-the module, its call's ``args``/``kwargs``, the gradient ``B`` of ``sum_i l_i`` at its output
-(batch in dim 0), the names of its trainable parameters and their directions (``None``: norms
-only), and returns ``(sq, dot)``: float32 ``[N]`` vectors, ``dot`` ``None`` without a direction.
+the module, the input ``x`` of its call, the gradient ``B`` of ``sum_i l_i`` at its output (batch
+in dim 0), the names of its trainable parameters and their directions (``None``: norms only),
+and returns ``(sq, dot)``: float32 ``[N]`` vectors, ``dot`` ``None`` without a direction.
 """
 
 from __future__ import annotations
@@ -21,17 +21,10 @@ from torch.nn import grad as nn_grad
 
 __all__: list[str] = []
 
-NormFn = Callable[
-    [
-        nn.Module,
-        tuple[Any, ...],
-        dict[str, Any],
-        Tensor,
-        Collection[str],
-        Mapping[str, Tensor] | None,
-    ],
-    tuple[Tensor, Tensor | None],
-]
+Names = Collection[str]  # the module's trainable parameters (local names)
+Dir = Mapping[str, Tensor] | None  # their directions, or None for the norms alone
+Pieces = tuple[Tensor, "Tensor | None"]  # (sq, dot), float32 [N] each
+NormFn = Callable[[nn.Module, Tensor, Tensor, Names, Dir], Pieces]
 
 _NORM_RULES: dict[type[nn.Module], NormFn] = {}
 
@@ -83,16 +76,9 @@ class _Sums:
 
 
 @_register(nn.Linear)
-def _linear(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    b: Tensor,
-    names: Collection[str],
-    direction: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def _linear(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
     n = b.shape[0]
-    a = args[0].reshape(n, -1, args[0].shape[-1]).float()  # [N, T, in]
+    a = x.reshape(n, -1, x.shape[-1]).float()  # [N, T, in]
     g = b.reshape(n, -1, b.shape[-1]).float()  # [N, T, out]
     out = _Sums(n, b.device, direction)
     if "weight" in names:
@@ -127,19 +113,11 @@ def _conv_gram_is_cheaper(conv: nn.modules.conv._ConvNd, b: Tensor) -> bool:
 
 
 @_register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    b: Tensor,
-    names: Collection[str],
-    direction: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def _conv(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
     conv = cast(nn.modules.conv._ConvNd, module)
     n = b.shape[0]
     out = _Sums(n, b.device, direction)
     if "weight" in names:
-        x = args[0]
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding: Any = 0
@@ -176,25 +154,18 @@ def _conv(
 
 
 @_register(nn.Embedding)
-def _embedding(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    b: Tensor,
-    names: Collection[str],
-    direction: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def _embedding(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
     emb = cast(nn.Embedding, module)
     n = b.shape[0]
     out = _Sums(n, b.device, direction)
     if "weight" not in names:
         return out.result()
-    idx = args[0].reshape(n, -1)
+    idx = x.reshape(n, -1)
     g = b.reshape(n, idx.shape[1], -1).float()
     if emb.padding_idx is not None:
         g = g.masked_fill((idx == emb.padding_idx).unsqueeze(-1), 0.0)
     if emb.scale_grad_by_freq:
-        counts = torch.bincount(args[0].reshape(-1), minlength=emb.num_embeddings)
+        counts = torch.bincount(x.reshape(-1), minlength=emb.num_embeddings)
         g = g / counts[idx].unsqueeze(-1).float()
     # rows hit by the same index add up: sum over positions t, s with idx_t == idx_s of <g_t, g_s>
     same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
@@ -227,18 +198,11 @@ def _affine_norm(
 
 
 @_register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def _batch_norm(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    b: Tensor,
-    names: Collection[str],
-    direction: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def _batch_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
     bn = cast(nn.modules.batchnorm._BatchNorm, module)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     xhat = F.batch_norm(
-        args[0],
+        x,
         None if batch_stats else bn.running_mean,
         None if batch_stats else bn.running_var,
         None,
@@ -251,16 +215,9 @@ def _batch_norm(
 
 
 @_register(nn.LayerNorm)
-def _layer_norm(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    b: Tensor,
-    names: Collection[str],
-    direction: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def _layer_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
     ln = cast(nn.LayerNorm, module)
-    xhat = F.layer_norm(args[0], ln.normalized_shape, None, None, ln.eps)
+    xhat = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
     k = len(ln.normalized_shape)
     return _affine_norm(
         xhat,
@@ -273,32 +230,18 @@ def _layer_norm(
 
 
 @_register(nn.GroupNorm)
-def _group_norm(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    b: Tensor,
-    names: Collection[str],
-    direction: Mapping[str, Tensor] | None = None,
-) -> tuple[Tensor, Tensor | None]:
+def _group_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
     gn = cast(nn.GroupNorm, module)
-    xhat = F.group_norm(args[0], gn.num_groups, None, None, gn.eps)
+    xhat = F.group_norm(x, gn.num_groups, None, None, gn.eps)
     return _affine_norm(xhat, b, names, [1], torch.Size([gn.num_channels]), direction)
 
 
 if hasattr(nn, "RMSNorm"):
 
     @_register(nn.RMSNorm)
-    def _rms_norm(
-        module: nn.Module,
-        args: tuple,
-        kwargs: dict,
-        b: Tensor,
-        names: Collection[str],
-        direction: Mapping[str, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _rms_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
         shape = torch.Size(module.normalized_shape)  # type: ignore[arg-type]
-        xhat = F.rms_norm(args[0], list(shape), None, module.eps)  # type: ignore[arg-type]
+        xhat = F.rms_norm(x, list(shape), None, module.eps)  # type: ignore[arg-type]
         return _affine_norm(
             xhat, b, names, list(range(b.dim() - len(shape), b.dim())), shape, direction
         )

@@ -85,8 +85,8 @@ def test_norm_and_dot_match_per_example_gradients(case: str, frozen: str | None)
     rule = norm_rule(module)
     assert rule is not None
     with torch.no_grad():
-        sq, dot = rule(module, (x,), {}, b, names, d)
-        sq_only, none = rule(module, (x,), {}, b, names, None)
+        sq, dot = rule(module, x, b, names, d)
+        sq_only, none = rule(module, x, b, names, None)
     want_sq, want_dot = _oracle(module, x, b, d, names)
     torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=1e-5)
     assert dot is not None

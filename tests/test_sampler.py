@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 
 import pytest
@@ -657,8 +658,6 @@ def test_batches_carry_their_source_ids_and_fetch_like_plain_lists() -> None:
     """The sampler hands the DataLoader lists of keys that also know each key's source; the
     dataset then skips searching for it, with the same result, and they survive pickling
     (the trip to a worker process)."""
-    import pickle
-
     data = {
         n: TensorDataset(torch.arange(k) + 100 * i) for i, (n, k) in enumerate([("a", 7), ("b", 5)])
     }
@@ -667,5 +666,6 @@ def test_batches_carry_their_source_ids_and_fetch_like_plain_lists() -> None:
     assert isinstance(batch, list)
     assert batch.sources == [sampler.dataset.locate(k)[0] for k in batch]
     again = pickle.loads(pickle.dumps(batch))
-    assert again == batch and again.sources == batch.sources
+    assert again == batch
+    assert again.sources == batch.sources
     assert sampler.dataset.__getitems__(batch) == sampler.dataset.__getitems__(list(batch))
