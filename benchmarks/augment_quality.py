@@ -14,7 +14,10 @@ Normalize`` on PIL images:
   batch is drawn un-augmented; the rewards of each augmented batch are the probe's cosine
   rewards against the un-augmented batch that follows it (the GAR authors' scheme);
 * ``gar_aug_ref``: the same, but every batch is augmented and the reference is the next
-  (augmented) batch.
+  (augmented) batch;
+* ``gar_frozen``: the control of ``gar_clean_ref``: the same pipeline and schedule (every
+  other batch un-augmented) with both policies frozen at their uniform start, so that the
+  difference to ``gar_clean_ref`` is what the learning adds.
 
 Both GAR arms probe every other step (``GradientProbe(method="ghost", reward="cosine")``,
 after the optimizer step of the earlier batch, before the step on the later one), so they
@@ -70,7 +73,14 @@ CLASSES = (
     "ship",
     "truck",
 )
-ARMS = ("crop_flip", "trivial_augment", "rand_augment", "gar_clean_ref", "gar_aug_ref")
+ARMS = (
+    "crop_flip",
+    "trivial_augment",
+    "rand_augment",
+    "gar_clean_ref",
+    "gar_aug_ref",
+    "gar_frozen",
+)
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 
 
@@ -202,7 +212,10 @@ def run(
     elif arm == "rand_augment":
         augment = v2.RandAugment(num_ops=2, magnitude=9)
     elif arm.startswith("gar"):
-        tf = augment = ad.GARTransform(lr=args.gar_lr)
+        frozen = arm == "gar_frozen"  # the control: the same batches, nothing learned
+        tf = augment = ad.GARTransform(
+            lr=args.gar_lr, learn_ops=not frozen, learn_magnitudes=not frozen
+        )
     else:
         augment = None
     data = Images(*train, pipeline(augment))
@@ -212,14 +225,15 @@ def run(
         batch_size=args.batch,
         seed=seed,
         transform=tf,
-        reference_every=2 if arm == "gar_clean_ref" else None,
+        reference_every=None if tf is None or arm == "gar_aug_ref" else 2,
     )
     loader = DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=args.workers)
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
-    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward="cosine") if tf else None
+    learns = tf is not None and arm != "gar_frozen"
+    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward="cosine") if learns else None
     probe_s = 0.0
     step = 0
     previous: tuple[torch.Tensor, torch.Tensor, int] | None = None
@@ -388,8 +402,9 @@ def main() -> None:
     results["best_fixed"] = best_fixed
     if not args.quick:
         write(args.out, results)
-        if plot(results, args.out.with_name("augment_quality_policy.png")):
-            print(f"wrote {args.out.with_name('augment_quality_policy.png')}")
+        png = args.out.with_name(f"{args.out.stem}_policy.png")
+        if plot(results, png):
+            print(f"wrote {png}")
 
 
 if __name__ == "__main__":
