@@ -85,11 +85,10 @@ class GAR:
 
     Rewards. ``reward="cosine"`` (default): ``<g_i, D> / (||g_i|| ||D||)``, with exact
     per-example gradient norms computed at ``step()`` from the kept inputs and output
-    gradients; ``"dot"``: ``<g_i, D>``. The kept
-    gradients are those of the user's reduced loss: with ``.mean()`` every ``g_i`` is
-    divided by the batch size. That scale cancels in the cosine and in the sampler's default
-    batch normalisation of rewards; with ``normalize="running"``/``"none"`` and the dot
-    reward, use the same reduction throughout.
+    gradients; ``"dot"``: ``<g_i, D>``. The kept gradients are those of the user's reduced
+    loss: with ``.mean()`` every ``g_i`` is divided by the batch size. That scale cancels in
+    the cosine and in the sampler's default batch normalisation of rewards; with
+    ``normalize="running"``/``"none"`` and the dot reward, use the same reduction throughout.
 
     Which batches are rewarded. Every ``every``-th step's batches (``every=1``: all). With a
     transform's ``reference_every``, the un-augmented reference batches are never kept or
@@ -97,16 +96,17 @@ class GAR:
     is rewarded at the next step whose batch is a reference batch (with ``reference_every=2``,
     the very next step; across an epoch's end, the new epoch's first reference batch), never
     against another augmented batch; one that waited more than ``reference_every`` steps (an
-    epoch shorter than that has no reference batch) is dropped. With gradient
-    accumulation (several forward/backward passes between two ``step()`` calls) each
-    micro-batch is kept and rewarded against the accumulated gradient of the next step.
-    When a loader's epoch ends, the last batch is rewarded at the first ``step()`` of the next
-    epoch; after the last epoch it is never rewarded (``close()`` drops it; the sampler counts
-    it in ``batches_dropped_unrewarded`` once it leaves the reward window).
+    epoch shorter than that has no reference batch) is dropped. With gradient accumulation
+    (several forward/backward passes between two ``step()`` calls) each micro-batch is kept
+    and rewarded against the accumulated gradient of the next step. When a loader's epoch
+    ends, the last batch is rewarded at the first ``step()`` of the next epoch; after the last
+    epoch it is never rewarded (``close()`` drops it; the sampler counts it in
+    ``batches_dropped_unrewarded`` once it leaves the reward window).
 
     Memory: the inputs and output gradients of the covered layers for the kept batch (about
     one training step's activations), held from its step to the next; at ``step()`` the
-    current batch's are held as well when every step is rewarded.
+    current batch's are held as well when every step is rewarded. With reference batches,
+    up to ``reference_every`` kept batches wait for one.
 
     DDP: a ``DistributedDataParallel`` model is unwrapped for the hooks; ``.grad`` after its
     backward is the all-reduced one, so ``D`` is the global next-batch gradient. In the
