@@ -55,11 +55,16 @@ def test_augment_cost_quick() -> None:
     assert "num_workers=2, GARSampler+GARTransform" in done.stdout
 
 
-def test_augment_quality_quick(tmp_path: Path) -> None:
-    data = ROOT.parent / "shared" / "data"
-    if not (data / "cifar10-jpeg.tar.gz").is_file():
-        pytest.skip(f"CIFAR-10 not found in {data}")
-    done = _run("benchmarks/augment_quality.py", "--quick", "--cache", str(tmp_path))
+@pytest.fixture(scope="module")
+def cifar_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A decoded-array cache of its own (a fresh machine has none), shared by the CIFAR runs."""
+    if not (ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz").is_file():
+        pytest.skip(f"CIFAR-10 not found in {ROOT.parent / 'shared' / 'data'}")
+    return tmp_path_factory.mktemp("cifar_cache")
+
+
+def test_augment_quality_quick(cifar_cache: Path) -> None:
+    done = _run("benchmarks/augment_quality.py", "--quick", "--cache", str(cifar_cache))
     assert done.returncode == 0, done.stderr
     assert "| 1 | gar_clean_ref |" in done.stdout
 
@@ -80,3 +85,9 @@ def test_dist_cost_quick() -> None:
     done = _run("benchmarks/dist_cost.py", "--quick")
     assert done.returncode == 0, done.stderr
     assert "weights identical on both ranks: True" in done.stdout
+
+
+def test_augment_signal_quick(cifar_cache: Path) -> None:
+    done = _run("benchmarks/augment_signal.py", "--quick", "--cache", str(cifar_cache))
+    assert done.returncode == 0, done.stderr
+    assert "examples per op to see the best" in done.stdout
