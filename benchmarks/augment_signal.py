@@ -8,8 +8,9 @@ positive). As in a GAR batch, the ops are mixed within a batch: in rotation ``j`
 gets op ``(i + j) mod K``, so that over ``K`` rotations every image is seen under every op and
 every batch holds every op about ``B / K`` times. Each batch is rewarded like
 ``augment_quality``'s ``gar_clean_ref`` arm: ``GradientProbe(method="ghost",
-reward="cosine")`` against an un-augmented reference batch of other training images, with the
-SGD optimizer's state. ``R[k, i]`` is image i's reward under op k. Per checkpoint it reports:
+reward="cosine")`` (``--reward dot``: the plain reward) against an un-augmented reference
+batch of other training images, with the SGD optimizer's state. ``R[k, i]`` is image i's
+reward under op k. Per checkpoint it reports:
 
 * ``op_effect[k]``: the mean of ``R[k, :]`` minus the mean over all ops (what the policy should
   learn), and ``spread_ops``: their standard deviation;
@@ -69,9 +70,10 @@ def measure(
     ops: list[tuple[str, float]],
     idx: list[int],
     ref: tuple[torch.Tensor, torch.Tensor],
+    reward: str,
 ) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss(reduction="none")
-    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward="cosine")
+    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward=reward)
     k, n = len(ops), len(idx)
     rewards = torch.empty(k, n, dtype=torch.float64)
     for rotation in range(k):
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="images rewarded per rotation")
     parser.add_argument("--bin", type=int, default=15, help="magnitude bin of every op (of 31)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reward", default="cosine", choices=["cosine", "dot"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "augment_signal.json")
     args = parser.parse_args()
@@ -138,6 +141,7 @@ def main() -> None:
         "train_images": len(data),
         "batch": args.batch,
         "bin": args.bin,
+        "reward": args.reward,
         "magnitudes": dict(ops),
         "checkpoints": {},
     }
@@ -149,7 +153,7 @@ def main() -> None:
                 loss_fn(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
                 opt.step()
             epoch += 1
-        m = measure(model, opt, data, ops, idx, ref)
+        m = measure(model, opt, data, ops, idx, ref, args.reward)
         results["checkpoints"][str(stop)] = m
         top = sorted(m["op_effect"].items(), key=lambda kv: -kv[1])[:3]
         print(
