@@ -28,6 +28,15 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
             nn.Conv2d(8, 16, 3, dilation=2, padding=2, padding_mode="circular"),
             torch.randn(4, 8, 3, 3, generator=g),
         ),
+        # channels_last inputs, as CNNs on CPU are often run (the gradient is made alike)
+        "conv2d_direct_channels_last": (
+            nn.Conv2d(2, 3, 3, padding=1),
+            torch.randn(4, 2, 6, 6, generator=g).contiguous(memory_format=torch.channels_last),
+        ),
+        "conv2d_gram_channels_last": (
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            torch.randn(4, 8, 4, 4, generator=g).contiguous(memory_format=torch.channels_last),
+        ),
         "conv1d": (
             nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2),
             torch.randn(4, 2, 9, generator=g),
@@ -79,6 +88,8 @@ def test_norm_and_dot_match_per_example_gradients(case: str, frozen: str | None)
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
     b = torch.randn(module(x).shape, generator=g)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        b = b.contiguous(memory_format=torch.channels_last)
     d = {n: torch.randn(getattr(module, n).shape, generator=g) for n in names}
     if isinstance(module, nn.Embedding) and module.padding_idx is not None:
         d["weight"][module.padding_idx] = 0  # the padding row gets no gradient
