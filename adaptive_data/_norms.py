@@ -112,20 +112,41 @@ def _conv_gram_is_cheaper(conv: nn.modules.conv._ConvNd, b: Tensor) -> bool:
     return length * (fan_in + conv.out_channels) < conv.out_channels * fan_in
 
 
+def _unfold2d(
+    x: Tensor,
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[int, ...],
+    stride: tuple[int, ...],
+) -> Tensor:
+    """``F.unfold`` ([N, C k k, L]) as one strided view and one copy: several times faster
+    than ``F.unfold`` on CPU for strided convolutions, and the same values."""
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    n, c, h, w = x.shape
+    (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = x.stride()
+    view = x.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw))
+    return view.reshape(n, c * kh * kw, ho * wo)
+
+
 @_register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
     conv = cast(nn.modules.conv._ConvNd, module)
     n = b.shape[0]
     out = _Sums(n, b.device, direction)
     if "weight" in names:
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding: Any = 0
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            # padding modes, and "same" (which may pad one more on the right): pad explicitly
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+            padding: Any = (0,) * (x.dim() - 2)
         else:
             padding = conv.padding
         if _conv_gram_is_cheaper(conv, b):
             # U_i: [C_in k k, L], B_i: [C_out, L]; ||B_i U_i^T||^2 = <U_i^T U_i, B_i^T B_i>
-            u = F.unfold(x.float(), conv.kernel_size, conv.dilation, padding, conv.stride)
+            u = _unfold2d(x.float(), conv.kernel_size, conv.dilation, padding, conv.stride)
             g = b.flatten(2).float()
             out.sq += ((u.transpose(1, 2) @ u) * (g.transpose(1, 2) @ g)).flatten(1).sum(1)
             if out.dot is not None:  # <B_i U_i^T, D> = <B_i, D U_i>

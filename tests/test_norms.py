@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from adaptive_data._norms import _conv_gram_is_cheaper, norm_rule
+from adaptive_data._norms import _conv_gram_is_cheaper, _unfold2d, norm_rule
 
 
 def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -36,6 +36,14 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "conv2d_gram_channels_last": (
             nn.Conv2d(8, 16, 3, stride=2, padding=1),
             torch.randn(4, 8, 4, 4, generator=g).contiguous(memory_format=torch.channels_last),
+        ),
+        "conv2d_same_padding": (
+            nn.Conv2d(2, 3, 4, padding="same"),
+            torch.randn(4, 2, 5, 5, generator=g),
+        ),
+        "conv2d_gram_same_padding": (
+            nn.Conv2d(8, 16, 4, padding="same", dilation=2),
+            torch.randn(4, 8, 3, 3, generator=g),
         ),
         "conv1d": (
             nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2),
@@ -80,6 +88,7 @@ FROZEN = [
 
 
 @pytest.mark.parametrize(("case", "frozen"), FROZEN)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 def test_norm_and_dot_match_per_example_gradients(case: str, frozen: str | None) -> None:
     module, x = CASES[case]
     names = [n for n, p in module.named_parameters() if n != frozen]
@@ -112,3 +121,17 @@ def test_the_gram_cases_take_the_gram_form() -> None:
         if isinstance(module, nn.Conv2d):
             b = module(x)
             assert _conv_gram_is_cheaper(module, b) == ("gram" in case), case
+
+
+@pytest.mark.parametrize(
+    ("stride", "dilation", "padding"), [(1, 1, 0), (2, 1, 1), (1, 2, 2), ((2, 1), (1, 3), (0, 2))]
+)
+def test_unfold_equals_torch_unfold(stride, dilation, padding) -> None:
+    x = torch.randn(3, 4, 9, 8, generator=torch.Generator().manual_seed(0))
+    pair = nn.modules.utils._pair
+    want = torch.nn.functional.unfold(x, (3, 2), dilation, padding, stride)
+    got = _unfold2d(x, (3, 2), pair(dilation), pair(padding), pair(stride))
+    assert torch.equal(got, want)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    got_cl = _unfold2d(channels_last, (3, 2), pair(dilation), pair(padding), pair(stride))
+    assert torch.equal(got_cl, want)
