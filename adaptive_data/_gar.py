@@ -290,6 +290,9 @@ class GAR:
         """
         if not self._handles:
             raise RuntimeError("step() after close(): this GAR's hooks are removed")
+        # This step's batch is complete. From here on no forward is a training batch: the
+        # rules that replay a module's forward (JVP) must not be kept as one.
+        self._current = None
         params = trainable_parameters(self._core)
         if tuple(id(p) for p in params.values()) != self._param_ids:
             raise RuntimeError(
@@ -335,7 +338,6 @@ class GAR:
             self._last_mean = float(finite.mean()) if finite.numel() else math.nan
             out = r
         self._steps += 1
-        self._current = None
         return out
 
     def _awaiting_reference(self) -> bool:
