@@ -23,7 +23,7 @@ from ._direction import (
     trainable_parameters,
     zero_rows,
 )
-from ._ghost import Call, Entry, per_example_dot, register_call_hooks
+from ._ghost import Call, Entry, register_call_hooks
 from ._norms import supported as supported_norms
 from ._probe import REWARDS, _cosine, mean_loss_gradient
 from ._sampler import GARSampler
@@ -406,21 +406,15 @@ class GAR:
         device = next(iter(d.values())).device
         r = torch.zeros(group.n, dtype=torch.float32, device=device)
         sq = torch.zeros_like(r)
+        cosine = self.reward == "cosine"
         with torch.no_grad():
             for kept in group.calls:
-                if self.reward == "cosine":
-                    # Norm rules cover single-output modules; their per-example pieces give
-                    # the norms and the dot at once, with no second pass over the layer.
-                    for grad, _ in kept.grads.values():
-                        sq_m, dot = kept.call.norm_and_dot(grad, d)
-                        assert dot is not None
+                for i, (grad, dim) in kept.grads.items():
+                    dot, sq_m = kept.call.share(i, dim, grad, d, norms=cosine)
+                    r += dot
+                    if sq_m is not None:
                         sq += sq_m
-                        r += dot
-                else:
-                    tangents = kept.call.tangents(d)
-                    for i, (grad, dim) in kept.grads.items():
-                        r += per_example_dot(grad, tangents[i], dim)
-        return _cosine(r, sq, d) if self.reward == "cosine" else r
+        return _cosine(r, sq, d) if cosine else r
 
     # ------------------------------------------------------------------ reading
 

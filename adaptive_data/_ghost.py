@@ -450,6 +450,19 @@ class Call:
         local = None if direction is None else self.local(direction)
         return rule(self.entry.module, inputs[0], grad, self.entry.params.keys(), local)
 
+    def share(
+        self, i: int, dim: int, grad: Tensor, direction: Mapping[str, Tensor], norms: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Output ``i``'s share of ``<g_i, D>`` (``grad``: the gradient at that output, batch in
+        ``dim``) and, with ``norms``, the module's per-example squared gradient norms. With
+        norms, both come from the norm rule's per-example pieces (single-output modules); else
+        from the rule's tangent."""
+        if norms:
+            sq, dot = self.norm_and_dot(grad, direction)
+            assert dot is not None
+            return dot, sq
+        return per_example_dot(grad, self.tangents(direction)[i], dim), None
+
     def tangents(self, direction: Mapping[str, Tensor]) -> list[Any]:
         if self._tangents is None:
             self.check_inputs()
@@ -571,18 +584,13 @@ class GhostRun:
         return spec.unflatten(leaves)
 
     def _on_grad(self, call: Call, i: int, dim: int, grad: Tensor) -> None:
-        if self.sq is not None:
-            # Norm rules cover single-output modules: the same per-example pieces give both.
-            sq, contribution = call.norm_and_dot(grad, self.direction)
-            assert contribution is not None
+        self.active = False  # a replayed forward must not be captured again
+        try:
+            contribution, sq = call.share(i, dim, grad, self.direction, self.sq is not None)
+        finally:
+            self.active = True
+        if sq is not None and self.sq is not None:
             self.sq += sq
-        else:
-            self.active = False  # a replayed forward must not be captured again
-            try:
-                tangent = call.tangents(self.direction)[i]
-            finally:
-                self.active = True
-            contribution = per_example_dot(grad, tangent, dim)
         call.done_one()
         self.r += contribution
         if self.module_sums is not None:
