@@ -32,24 +32,36 @@ class Group:
         """Sum ``values`` (float64) over the ranks; raise after ``timeout_s`` rather than hang."""
         if not self.active:
             return values
+        t = torch.tensor(values, dtype=torch.float64)
+        self._all_reduce(t, what)
+        return t.tolist()
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """The mean of each tensor over the ranks, in one all-reduce; raise after
+        ``timeout_s`` rather than hang."""
+        if not self.active:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self._all_reduce(flat, what)
+        flat /= self.world_size
+        parts = flat.split([t.numel() for t in tensors])
+        return [p.view_as(t) for p, t in zip(parts, tensors, strict=True)]
+
+    def _all_reduce(self, t: torch.Tensor, what: str) -> None:
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
         work = dist.all_reduce(t, async_op=True)
+        failure: Exception | None = None
         try:
             done = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
-            raise RuntimeError(
-                f"rank {self.rank}: {what} waited more than {self.timeout_s:g} s for the other "
-                f"{self.world_size - 1} rank(s). Every rank must call it the same number of times "
-                f"(the collective failed with: {e})"
-            ) from e
+            done, failure = False, e
         if done is False:
             raise RuntimeError(
                 f"rank {self.rank}: {what} waited more than {self.timeout_s:g} s for the other "
                 f"{self.world_size - 1} rank(s). Every rank must call it the same number of times"
-            )
-        return t.tolist()
+                + ("" if failure is None else f" (the collective failed with: {failure})")
+            ) from failure
 
     def check_same(self, value: Any, what: str) -> None:
         """Raise on every rank unless all ranks hold an equal ``value``."""

@@ -389,16 +389,9 @@ class GAR:
             d = mean_loss_gradient(self._core, self.loss_fn, args, kwargs, y_ref, n, params)
         finally:
             self._paused = False
-        if self.sampler._group.active:
-            # The global reference direction: the mean of the ranks' reference gradients.
-            import torch.distributed as dist
-
-            flat = torch.cat([t.reshape(-1) for t in d.values()])
-            dist.all_reduce(flat)
-            flat /= self.sampler.world_size
-            d = dict(zip(d, flat.split([t.numel() for t in d.values()]), strict=True))
-            d = {name: t.view_as(params[name]) for name, t in d.items()}
-        return self._direction(d)
+        # The global reference direction: the mean of the ranks' reference gradients.
+        mean = self.sampler._group.all_reduce_mean(list(d.values()), "GAR's reference gradient")
+        return self._direction(dict(zip(d, mean, strict=True)))
 
     def _rewards(self, group: _Group, d: Direction) -> Tensor | None:
         if group.n is None or not group.calls or any(not c.grads for c in group.calls):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import traceback
@@ -239,6 +240,32 @@ def scenario_ddp_gar(rank: int, world: int) -> dict:
     }
 
 
+def scenario_held_out_gar(rank: int, world: int) -> dict:
+    from adaptive_data._distributed import current_group
+    from adaptive_data._probe import mean_loss_gradient
+
+    parts = [torch.full((2, 3), float(rank)), torch.arange(4.0) * (rank + 1)]
+    mean = current_group(None, None).all_reduce_mean(parts, "a test")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(rank)  # each rank its own reference batch
+    ref = (torch.randn(8, 12, generator=g), torch.randint(0, 3, (8,), generator=g))
+    data = TensorDataset(torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g))
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    sampler = ad.GARSampler(data, batch_size=8, seed=0)
+    gar = ad.GAR(ddp, sampler, reference=itertools.repeat(ref), loss_fn=loss_fn)
+    params = dict(model.named_parameters())
+    local = mean_loss_gradient(model, loss_fn, (ref[0],), {}, ref[1], 8, params)
+    d = gar._reference_direction(params)
+    gar.close()
+    return {
+        "mean": [m.tolist() for m in mean],
+        "direction": torch.cat([t.flatten() for t in d.values()]).tolist(),
+        "local": torch.cat([t.flatten() for t in local.values()]).tolist(),
+    }
+
+
 SCENARIOS = {
     "weights": scenario_weights,
     "resume": scenario_resume,
@@ -246,6 +273,7 @@ SCENARIOS = {
     "extra_update": scenario_extra_update,
     "mismatched_sources": scenario_mismatched_sources,
     "ddp_gar": scenario_ddp_gar,
+    "held_out_gar": scenario_held_out_gar,
 }
 
 
@@ -308,3 +336,14 @@ def test_gar_and_probe_on_a_ddp_model(tmp_path):
     assert results[0]["params"] == results[1]["params"]  # DDP kept the replicas in sync
     assert all(r["grads_untouched"] for r in results)
     assert results[0]["rewarded"] > 0
+
+
+def test_held_out_gar_averages_the_ranks_reference_gradients(tmp_path):
+    world = 2
+    results = launch(tmp_path, world, "held_out_gar")
+    for res in results:
+        assert res["mean"] == [[[0.5] * 3] * 2, [v * 1.5 for v in range(4)]]
+    assert results[0]["direction"] == results[1]["direction"]  # one global direction
+    want = [(a + b) / 2 for a, b in zip(results[0]["local"], results[1]["local"], strict=True)]
+    assert results[0]["direction"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert results[0]["local"] != results[1]["local"]
