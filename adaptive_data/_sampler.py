@@ -54,7 +54,6 @@ _COUNTERS = "counters"
 _TRANSFORM = "transform"
 _RANK = "rank"
 _WORLD_SIZE = "world_size"
-_SYNCED = "synced_updates"
 _REFERENCE_EVERY = "reference_every"
 
 
@@ -261,9 +260,9 @@ class _KeyBatch(list):
     also carries each key's source id, so that ``MixtureDataset.__getitems__`` need not search
     the offsets for it (it does for any other list). Pickles as itself into workers."""
 
-    def __init__(self, keys: Sequence[int], sources: Sequence[int]) -> None:
+    def __init__(self, keys: Sequence[int], sources: list[int]) -> None:
         super().__init__(keys)
-        self.sources = list(sources)
+        self.sources = sources  # the record's own list, never modified: no copy per batch
 
 
 @dataclass
@@ -616,7 +615,6 @@ class GARSampler(Sampler[list[int]]):
         self._drawn = 0
         self._rewarded = 0
         self._dropped_unrewarded = 0
-        self._synced = 0  # updates made (all-reduced with the other ranks, if any)
         self._group.check_same(self._fingerprint(), "the sources and sampler settings")
 
     def _fingerprint(self) -> tuple[Any, ...]:
@@ -687,12 +685,9 @@ class GARSampler(Sampler[list[int]]):
             self._perms[s] = cached
         return cached[1]
 
-    def _shard_size(self, s: int) -> int:
-        return self._shard_sizes[s]
-
     def _take(self, s: int, n: int) -> list[int]:
         """The next ``n`` keys of source ``s`` in its shuffled order (a new order when used up)."""
-        c, size = self._cursors[s], self._shard_size(s)
+        c, size = self._cursors[s], self._shard_sizes[s]
         if c + n < size:  # the common case: one slice
             self._cursors[s] = c + n
             return self._order(s)[c : c + n]
@@ -967,7 +962,6 @@ class GARSampler(Sampler[list[int]]):
                     f"{total / self.world_size:g}. Every rank must update after the same batches "
                     "(skip an update on all ranks or on none)"
                 )
-        self._synced += 1
         self._policy.apply(stats[:width])
         if tf is not None and rec.aug is not None:
             tf.apply(stats[width:])
@@ -1097,7 +1091,6 @@ class GARSampler(Sampler[list[int]]):
             _TRANSFORM: None if self.transform is None else self.transform.state_dict(),
             _RANK: self.rank,
             _WORLD_SIZE: self.world_size,
-            _SYNCED: self._synced,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1170,7 +1163,6 @@ class GARSampler(Sampler[list[int]]):
         self._drawn, self._rewarded, self._dropped_unrewarded = (int(v) for v in state[_COUNTERS])
         if self.transform is not None:
             self.transform.load_state_dict(state[_TRANSFORM])
-        self._synced = int(state.get(_SYNCED, state[_POLICY]["counters"][0]))
         self._iters.clear()
 
     def _choose_restore(self, target: Any) -> tuple[dict[str, Any], list[_Record]]:

@@ -43,7 +43,7 @@ def test_simulated_ranks_draw_disjoint_shards(world):
     for s in samplers:
         keys = []
         for s_id in range(3):
-            keys += s._take(s_id, s._shard_size(s_id))  # one whole round of this rank's shard
+            keys += s._take(s_id, s._shard_sizes[s_id])  # one whole round of this rank's shard
         per_rank.append(keys)
     for a in range(world):
         for b in range(a + 1, world):
