@@ -44,6 +44,17 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
+def paired(values: list[float], base: list[float]) -> dict[str, float]:
+    """:func:`stats` of the ratios of runs made in the same repeat (a spread for the ratio)."""
+    return stats([a / b for a, b in zip(values, base, strict=True)])
+
+
+def ratio_text(s: dict[str, Any]) -> str:
+    """``median (min-max)`` of a case's ``vs_plain_paired`` ratio; empty for the baseline."""
+    p = s.get("vs_plain_paired")
+    return "" if p is None else f"{p['median']:.3f} ({p['min']:.3f}-{p['max']:.3f})"
+
+
 def summary(values: list[float]) -> dict[str, float]:
     """Mean, standard deviation, min, max and median over seeds."""
     return {
@@ -61,11 +72,7 @@ def print_rate_table(cases: dict[str, dict[str, Any]], what: str = "examples/s")
     print("|---|---|---|---|---|")
     for case, variants in cases.items():
         for name, s in variants.items():
-            ratio = ""
-            if "vs_plain_paired" in s:
-                p = s["vs_plain_paired"]
-                ratio = f"{p['median']:.3f} ({p['min']:.3f}-{p['max']:.3f})"
             print(
                 f"| {case}, {name} | {s['median']:,.0f} | {s['min']:,.0f} | "
-                f"{s['max']:,.0f} | {ratio} |"
+                f"{s['max']:,.0f} | {ratio_text(s)} |"
             )

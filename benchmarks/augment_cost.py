@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 
 from adaptive_data import GARSampler, GARTransform
 
-from _common import header, print_rate_table, stats, write
+from _common import header, paired, print_rate_table, stats, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.95
@@ -113,9 +113,7 @@ def time_loaders(n: int, workers: int, repeats: int) -> dict[str, Any]:
     out = {k: stats(v) for k, v in rates.items()}
     base = rates["plain (TrivialAugmentWide)"]
     for name in list(loaders)[1:]:
-        out[name]["vs_plain_paired"] = stats(
-            [a / b for a, b in zip(rates[name], base, strict=True)]
-        )
+        out[name]["vs_plain_paired"] = paired(rates[name], base)
     return out
 
 

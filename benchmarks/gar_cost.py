@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 
-from _common import header, stats, write
+from _common import header, paired, ratio_text, stats, write
 from probe_cost import cases
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,19 +98,13 @@ def main() -> None:
                 times[v].append(loop(args.steps))
         out: dict[str, Any] = {v: {"s_per_step": stats(t)} for v, t in times.items()}
         for v in list(loops)[1:]:
-            out[v]["vs_plain_paired"] = stats(
-                [a / b for a, b in zip(times[v], times["plain"], strict=True)]
-            )
+            out[v]["vs_plain_paired"] = paired(times[v], times["plain"])
         results["models"][name] = out
     print("\n| model | variant | ms per step (median) | x plain (paired median, min-max) |")
     print("|---|---|---|---|")
     for name, out in results["models"].items():
         for v, s in out.items():
-            ratio = ""
-            if "vs_plain_paired" in s:
-                p = s["vs_plain_paired"]
-                ratio = f"{p['median']:.3f} ({p['min']:.3f}-{p['max']:.3f})"
-            print(f"| {name} | {v} | {1000 * s['s_per_step']['median']:.1f} | {ratio} |")
+            print(f"| {name} | {v} | {1000 * s['s_per_step']['median']:.1f} | {ratio_text(s)} |")
     if not args.quick:
         write(args.out, results)
 

@@ -36,7 +36,7 @@ from torch.utils.data import (
 
 from adaptive_data._sampler import GARSampler
 
-from _common import header, print_rate_table, stats, write
+from _common import header, paired, print_rate_table, stats, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.95
@@ -130,9 +130,7 @@ def time_loaders(sources: dict[str, TensorDataset], workers: int, repeats: int) 
     base = out["plain (RandomSampler)"]["median"]
     for name in ("GARSampler", "GARSampler+update"):
         out[name]["vs_plain"] = out[name]["median"] / base
-        # Paired ratios (same repeat), a spread for the ratio itself.
-        paired = [a / b for a, b in zip(rates[name], rates["plain (RandomSampler)"], strict=True)]
-        out[name]["vs_plain_paired"] = stats(paired)
+        out[name]["vs_plain_paired"] = paired(rates[name], rates["plain (RandomSampler)"])
     return out
 
 
