@@ -22,16 +22,22 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_probe_cost_quick() -> None:
-    done = _run("benchmarks/probe_cost.py", "--quick", "--methods", "ghost,jvp,head")
-    assert done.returncode == 0, done.stderr
-    assert "| resnet_bn | ghost |" in done.stdout
+# Scripts that need no data: (script and arguments, a line their --quick output must hold).
+NO_DATA = {
+    "probe_cost": (["--methods", "ghost,jvp,head"], "| resnet_bn | ghost |"),
+    "loader_cost": ([], "num_workers=2, GARSampler"),
+    "augment_cost": ([], "num_workers=2, GARSampler+GARTransform"),
+    "gar_cost": ([], "| resnet_bn | gar_every4 |"),
+    "dist_cost": ([], "weights identical on both ranks: True"),
+}
 
 
-def test_loader_cost_quick() -> None:
-    done = _run("benchmarks/loader_cost.py", "--quick")
+@pytest.mark.parametrize("script", list(NO_DATA))
+def test_quick_run(script: str) -> None:
+    args, expected = NO_DATA[script]
+    done = _run(f"benchmarks/{script}.py", "--quick", *args)
     assert done.returncode == 0, done.stderr
-    assert "num_workers=2, GARSampler" in done.stdout
+    assert expected in done.stdout
 
 
 def test_mixture_quality_quick() -> None:
@@ -47,12 +53,6 @@ def test_mixture_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
     done = _run("benchmarks/mixture_quality.py", str(tmp_path), "--quick")
     assert done.returncode != 0
     assert "Fashion-MNIST not found" in done.stderr
-
-
-def test_augment_cost_quick() -> None:
-    done = _run("benchmarks/augment_cost.py", "--quick")
-    assert done.returncode == 0, done.stderr
-    assert "num_workers=2, GARSampler+GARTransform" in done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +73,6 @@ def test_augment_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
     done = _run("benchmarks/augment_quality.py", str(tmp_path), "--quick", "--cache", str(tmp_path))
     assert done.returncode != 0
     assert "CIFAR-10 not found" in done.stderr
-
-
-def test_gar_cost_quick() -> None:
-    done = _run("benchmarks/gar_cost.py", "--quick")
-    assert done.returncode == 0, done.stderr
-    assert "| resnet_bn | gar_every4 |" in done.stdout
-
-
-def test_dist_cost_quick() -> None:
-    done = _run("benchmarks/dist_cost.py", "--quick")
-    assert done.returncode == 0, done.stderr
-    assert "weights identical on both ranks: True" in done.stdout
 
 
 def test_augment_signal_quick(cifar_cache: Path) -> None:
