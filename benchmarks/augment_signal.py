@@ -21,7 +21,8 @@ reward under op k. Per checkpoint it reports:
 * ``n_needed``: examples per op for the best op's effect to stand 2 standard errors clear of
   zero, ``(2 sd / best effect)^2``, with either noise.
 
-Figures go to ``benchmarks/results/augment_signal.json``.
+Figures go to ``benchmarks/results/augment_signal.json`` (``augment_signal_dot.json`` with
+``--reward dot``).
 
     python benchmarks/augment_signal.py [DATA_DIR]          # a few minutes on 2 cores
     python benchmarks/augment_signal.py [DATA_DIR] --quick  # smoke run, writes nothing
@@ -112,8 +113,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reward", default="cosine", choices=["cosine", "dot"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "augment_signal.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/augment_signal[_dot].json"
+    )
     args = parser.parse_args()
+    if args.out is None:
+        suffix = "" if args.reward == "cosine" else f"_{args.reward}"
+        args.out = RESULTS / f"augment_signal{suffix}.json"
     torch.set_num_threads(args.threads)
     if args.quick:
         args.per_class, args.checkpoints, args.batch = 20, "1", 16
