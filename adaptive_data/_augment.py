@@ -10,6 +10,8 @@ import torch
 from PIL import Image as PILImage
 from torch import Tensor
 
+from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
+
 __all__ = ["KERNELS", "NO_AUGMENTATION", "GARTransform", "apply_op", "trivial_augment_wide_table"]
 
 # Op id carried by a decision that leaves the image as it is (un-augmented reference batches).
@@ -289,8 +291,6 @@ class GARTransform:
         normalize: str = "batch",
         generator: torch.Generator | None = None,
     ) -> None:
-        from ._policy import CategoricalPolicy
-
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator should be a torch.Generator, but got {type(generator).__name__}"
@@ -425,8 +425,6 @@ class GARTransform:
         the op policy's, then each magnitude policy's; see
         :meth:`CategoricalPolicy.statistics`). Sums over ranks are the statistics of the union.
         Examples with op ``NO_AUGMENTATION`` (reference batches) are left out."""
-        from ._policy import check_rewards
-
         check_rewards(rewards, len(ops))
         return self.statistics_of(ops, bins, rewards.detach().to("cpu", torch.float64).tolist())
 
@@ -457,7 +455,7 @@ class GARTransform:
     def apply(self, stats: Sequence[float]) -> None:
         """Update both policies from :meth:`statistics` (of one batch, or summed over ranks)."""
         k = len(self.op_names)
-        width = 5 + 2 * k
+        width = STATS_HEAD + 2 * k
         if stats[0] == 0 and stats[1] == 0:  # no augmented example: a reference batch
             self._reference_skipped += 1
             return
@@ -466,7 +464,7 @@ class GARTransform:
             self._op_policy.apply(stats[:width])
         pos = width
         for pol in self._mag_policies.values():
-            w = 5 + 2 * pol.num_choices
+            w = STATS_HEAD + 2 * pol.num_choices
             part = stats[pos : pos + w]
             pos += w
             if self.learn_magnitudes and (part[0] or part[1]):

@@ -25,6 +25,10 @@ _TINY = 1e-12
 
 _STATE_VERSION = 1
 
+# statistics() lists start with [non-finite rewards, n, sum r, sum r^2], then the per-choice
+# sums and counts.
+STATS_HEAD = 4
+
 
 def _check_positive(name: str, value: Any) -> float:
     if (
@@ -259,12 +263,11 @@ class CategoricalPolicy:
     # ------------------------------------------------------------------ learning
 
     def statistics(self, choices: Tensor | list[int], rewards: Tensor) -> list[float]:
-        """One batch's sufficient statistics for :meth:`apply`: a list of ``5 + 2K`` floats.
+        """One batch's sufficient statistics for :meth:`apply`: a list of ``4 + 2K`` floats.
 
-        ``[non-finite rewards, n, sum r, sum r^2, batches, S_0..S_{K-1}, n_0..n_{K-1}]`` over
-        the finite rewards, with ``S_k``/``n_k`` the sum/count of choice k's and ``batches``
-        = 1. Sums of these lists over several batches (an all-reduce over ranks) are the
-        statistics of their union.
+        ``[non-finite rewards, n, sum r, sum r^2, S_0..S_{K-1}, n_0..n_{K-1}]`` over the finite
+        rewards, with ``S_k``/``n_k`` the sum/count of choice k's. Sums of these lists over
+        several batches (an all-reduce over ranks) are the statistics of their union.
         Validates the arguments (see :meth:`update`).
         """
         if isinstance(choices, Tensor):
@@ -302,7 +305,7 @@ class CategoricalPolicy:
             total_sq.append(v * v)
             sums[choice] += v
             counts[choice] += 1
-        return [float(bad), float(n), _sum(total), _sum(total_sq), 1.0, *sums, *counts]
+        return [float(bad), float(n), _sum(total), _sum(total_sq), *sums, *counts]
 
     def apply(self, stats: Sequence[float]) -> int:
         """Update from :meth:`statistics` (of one batch, or summed over ranks); returns n.
@@ -313,13 +316,13 @@ class CategoricalPolicy:
         the step zero. Every rank that applies the same statistics makes the same step.
         """
         k = self.num_choices
-        if len(stats) != 5 + 2 * k:
+        if len(stats) != STATS_HEAD + 2 * k:
             raise ValueError(
-                f"stats should hold 5 + 2K = {5 + 2 * k} numbers, but got {len(stats)}"
+                f"stats should hold 4 + 2K = {STATS_HEAD + 2 * k} numbers, but got {len(stats)}"
             )
-        bad, n_f, total, total_sq = (float(v) for v in stats[:4])
-        sums = [float(v) for v in stats[5 : 5 + k]]
-        counts = [float(v) for v in stats[5 + k :]]
+        bad, n_f, total, total_sq = (float(v) for v in stats[:STATS_HEAD])
+        sums = [float(v) for v in stats[STATS_HEAD : STATS_HEAD + k]]
+        counts = [float(v) for v in stats[STATS_HEAD + k :]]
         n = round(n_f)
         self._nonfinite += round(bad)
         self._updates += 1

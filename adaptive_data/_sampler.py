@@ -21,7 +21,7 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ._augment import NO_AUGMENTATION, GARTransform
 from ._distributed import current_group
-from ._policy import CategoricalPolicy, check_rewards
+from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
 
 __all__ = ["GARSampler", "MixtureDataset"]
 
@@ -944,7 +944,7 @@ class GARSampler(Sampler[list[int]]):
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
         stats = self._policy.statistics_of(rec.sources, r)
         width, k = len(stats), len(self.sizes)
-        own = stats[5:width]  # this rank's per-source sums and counts, for metrics()
+        own = stats[STATS_HEAD:width]  # this rank's per-source sums and counts, for metrics()
         tf = self.transform
         if tf is not None and rec.aug is not None:
             stats += tf.statistics_of(rec.aug.ops, rec.aug.bins, r)

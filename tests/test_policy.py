@@ -170,6 +170,18 @@ def test_bad_update_inputs_raise():
         policy.load_state_dict(CategoricalPolicy(5).state_dict())
 
 
+def test_statistics_layout_and_wrong_length_apply():
+    """statistics() is [non-finite, n, sum r, sum r^2, S_0..S_{K-1}, n_0..n_{K-1}]; apply()
+    refuses a list of another length (a rank's list cut or padded by mistake)."""
+    policy = CategoricalPolicy(3)
+    r = torch.tensor([1.0, float("nan"), 2.0, -1.0], dtype=torch.float64)
+    stats = policy.statistics(torch.tensor([0, 1, 2, 2]), r)
+    assert stats == [1.0, 3.0, 2.0, 6.0, 1.0, 0.0, 1.0, 1.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match=r"should hold 4 \+ 2K = 10 numbers, but got 11"):
+        policy.apply([*stats, 1.0])
+    assert policy.metrics()["updates"] == 0
+
+
 def test_sample_needs_a_generator():
     policy = CategoricalPolicy(3)
     with pytest.raises(TypeError, match=r"generator should be a torch.Generator, but got NoneType"):
