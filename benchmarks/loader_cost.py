@@ -9,6 +9,9 @@
   ``num_workers`` 0 and 2: over ``GARSampler`` (with and without an ``update()`` per batch)
   and, as the plain baseline, over ``ConcatDataset`` of the same sources with
   ``shuffle=True`` (a ``RandomSampler``). The target is at least 0.95x the plain loader.
+  A diagnostic variant, ``GARSampler, draws replayed``, hands out batches drawn by a
+  GARSampler beforehand instead of drawing them (everything else as GARSampler): the
+  difference to ``GARSampler`` is what drawing from the policy costs inside the loop.
 
 Variants are interleaved, repeated, and the median and spread reported. Figures go to
 ``benchmarks/results/loader_cost.json``.
@@ -34,7 +37,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from adaptive_data._sampler import GARSampler
+from adaptive_data._sampler import GARSampler, _Record
 
 from _common import header, paired, print_rate_table, stats, write
 
@@ -52,6 +55,22 @@ def make_sources(per_source: int) -> dict[str, TensorDataset]:
         )
         for i in range(3)
     }
+
+
+class ReplayedGARSampler(GARSampler):
+    """A GARSampler that hands out ``batches`` (keys and their source ids, drawn beforehand)
+    in turn instead of drawing from its policy; the rest of its work is unchanged. A diagnostic
+    (it overrides a private method), not something to train with."""
+
+    def __init__(self, *args: Any, batches: list[tuple[list[int], list[int]]], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._batches = batches
+        self._served = 0
+
+    def _draw(self) -> _Record:
+        keys, sources = self._batches[self._served % len(self._batches)]
+        self._served += 1
+        return _Record(self._next_id, self._epoch or 0, self._pos + 1, keys, sources)
 
 
 def time_keys(sources: dict[str, TensorDataset], n_keys: int, repeats: int) -> dict[str, Any]:
@@ -103,6 +122,11 @@ def time_loaders(sources: dict[str, TensorDataset], workers: int, repeats: int) 
     gar_loader = DataLoader(gar.dataset, batch_sampler=gar, **kw)
     gar_u = GARSampler(sources, batch_size=BATCH, seed=0, num_batches=len(plain))
     gar_u_loader = DataLoader(gar_u.dataset, batch_sampler=gar_u, **kw)
+    drawn = [(list(b), list(b.sources)) for b in GARSampler(sources, batch_size=BATCH, seed=1)]
+    replayed = ReplayedGARSampler(
+        sources, batch_size=BATCH, seed=0, num_batches=len(plain), batches=drawn
+    )
+    replayed_loader = DataLoader(replayed.dataset, batch_sampler=replayed, **kw)
     r = torch.randn(BATCH, generator=torch.Generator().manual_seed(0))
 
     def epoch(loader: DataLoader, sampler: GARSampler | None) -> int:
@@ -117,6 +141,7 @@ def time_loaders(sources: dict[str, TensorDataset], workers: int, repeats: int) 
         "plain (RandomSampler)": (plain, None),
         "GARSampler": (gar_loader, None),
         "GARSampler+update": (gar_u_loader, gar_u),
+        "GARSampler, draws replayed": (replayed_loader, None),
     }
     for loader, sampler in variants.values():  # warm-up: start workers, touch pages
         epoch(loader, sampler)
@@ -128,7 +153,7 @@ def time_loaders(sources: dict[str, TensorDataset], workers: int, repeats: int) 
             rates[name].append(n / (time.perf_counter() - t))
     out = {k: stats(v) for k, v in rates.items()}
     base = out["plain (RandomSampler)"]["median"]
-    for name in ("GARSampler", "GARSampler+update"):
+    for name in ("GARSampler", "GARSampler+update", "GARSampler, draws replayed"):
         out[name]["vs_plain"] = out[name]["median"] / base
         out[name]["vs_plain_paired"] = paired(rates[name], rates["plain (RandomSampler)"])
     return out

@@ -75,7 +75,26 @@ def test_augment_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
     assert "CIFAR-10 not found" in done.stderr
 
 
-def test_augment_signal_quick(cifar_cache: Path) -> None:
-    done = _run("benchmarks/augment_signal.py", "--quick", "--cache", str(cifar_cache))
+@pytest.mark.parametrize("reference", ["train", "heldout"])
+def test_augment_signal_quick(cifar_cache: Path, reference: str) -> None:
+    done = _run(
+        "benchmarks/augment_signal.py",
+        "--quick",
+        "--cache",
+        str(cifar_cache),
+        "--reference",
+        reference,
+    )
     assert done.returncode == 0, done.stderr
     assert "examples per op to see the best" in done.stdout
+
+
+def test_augment_signal_compares_committed_runs() -> None:
+    """--compare reads result files (no data needed): one column per file, Identity's row 0."""
+    results = ROOT / "benchmarks" / "results"
+    files = [results / "augment_signal_bin3.json", results / "augment_signal_bin27.json"]
+    done = _run("benchmarks/augment_signal.py", "--compare", *map(str, files))
+    assert done.returncode == 0, done.stderr
+    assert "| op | cosine bin 3 ref train | cosine bin 27 ref train |" in done.stdout
+    # One table per checkpoint; Identity minus itself is 0 against every reference batch.
+    assert done.stdout.count("| Identity | +0.0000 ± 0.0000 | +0.0000 ± 0.0000 |") == 3
