@@ -443,6 +443,14 @@ class GARTransform:
             raise ValueError(
                 f"ops should lie in [0, {k}) or be NO_AUGMENTATION, but got {list(ops)}"
             )
+        for i in keep:
+            pol = self._mag_policies.get(ops[i])
+            n_bins = pol.num_choices if pol is not None else 1  # ops without magnitudes: bin 0
+            if not 0 <= bins[i] < n_bins:
+                raise ValueError(
+                    f"bins should lie in [0, {n_bins}) for op {self.op_names[ops[i]]!r}, but "
+                    f"example {i} has bin {bins[i]}"
+                )
         stats = self._op_policy.statistics_of([ops[i] for i in keep], [r_all[i] for i in keep])
         by_op: dict[int, list[int]] = {}
         for i in keep:

@@ -219,6 +219,26 @@ def test_frozen_policies_do_not_move():
         assert (tf.magnitude_weights == mags0) != learn_mags
 
 
+@pytest.mark.parametrize(
+    ("ops", "bins", "match"),
+    [
+        ([1, 2], [0, 0], r"ops should lie in \[0, 2\) or be NO_AUGMENTATION"),
+        ([1, 1], [-1, 0], r"bins should lie in \[0, 4\) for op 'Rotate', but example 0 has bin -1"),
+        ([1, 1], [0, 4], r"bins should lie in \[0, 4\) for op 'Rotate', but example 1 has bin 4"),
+        ([0, 1], [2, 0], r"bins should lie in \[0, 1\) for op 'Identity', but example 0 has bin 2"),
+        ([1], [0], r"rewards should have shape \(1,\), one per example, but got shape=\(2,\)"),
+        ([1, 1], [0], r"ops, bins and rewards should have the same length, got 2, 1, 2"),
+    ],
+)
+def test_bad_update_inputs_raise_and_leave_the_policies(ops, bins, match):
+    tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
+    before = (tf.op_weights, tf.magnitude_weights)
+    with pytest.raises(ValueError, match=match):
+        tf.update(ops, bins, torch.tensor([5.0, 0.0]))
+    assert (tf.op_weights, tf.magnitude_weights) == before
+    assert tf.metrics()["updates"] == 0
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     rewards=st.lists(
