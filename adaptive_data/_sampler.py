@@ -610,6 +610,7 @@ class GARSampler(Sampler[list[int]]):
         self._bound: list[_GARIterator] = []  # iterators created by loaders, for superseding
         self._active: _GARIterator | None = None
         self._pending: list[dict[str, Any]] = []  # loaded states not yet consumed by an epoch
+        self._live: dict[str, Any] | None = None  # the one of them the sampler holds now
         self._history: list[tuple[int, list[float]]] = []
         self._reward_means = [math.nan] * len(srcs)
         self._drawn = 0
@@ -666,6 +667,7 @@ class GARSampler(Sampler[list[int]]):
                 f"epoch should be a non-negative integer value, but got epoch={epoch!r}"
             )
         self._next_epoch = epoch
+        self._refresh_pending()
 
     # ------------------------------------------------------------------ drawing
 
@@ -741,8 +743,15 @@ class GARSampler(Sampler[list[int]]):
         target = it.target
         if self._pending:
             state, replay = self._choose_restore(target)
-            self._apply(state)
-            self._pending = []
+            if state is not self._live:  # else the sampler holds it, with any later update
+                self._apply(state)
+            self._pending, self._live = [], None
+            if isinstance(target, tuple) and target[2] >= self.num_batches:
+                # A StatefulDataLoader restoring an iterator that had finished its epoch builds
+                # it (its workers prefetch from it) only to drop it for a new one: this
+                # iterator yields nothing, and the next one starts the next epoch.
+                it.started = it.exhausted = True
+                return
             in_progress = state[_EPOCH] is not None and state[_POSITION] < self.num_batches
             if target == "fresh" or not in_progress:
                 self._new_epoch()
@@ -788,6 +797,8 @@ class GARSampler(Sampler[list[int]]):
             if loader is not None:
                 self._check_loader(loader, it)
             self._start(it)
+            if it.exhausted:
+                raise StopIteration
         elif self._active is not it:
             raise RuntimeError(
                 "this iteration over the GARSampler was superseded by a newer one (another "
@@ -969,6 +980,7 @@ class GARSampler(Sampler[list[int]]):
         self._rewarded += 1
         self._fold_reward_means(own[:k], own[k:])
         self._history.append((rec.id, self._policy.probs_list()))
+        self._refresh_pending()
 
     def _fold_reward_means(self, sums: list[float], counts: list[float]) -> None:
         """Running mean (momentum 0.9) of each source's finite raw rewards, for metrics()."""
@@ -1044,9 +1056,11 @@ class GARSampler(Sampler[list[int]]):
         but not yet delivered (they are re-yielded first on resume, exactly as drawn) and the
         delivered batches still waiting for rewards. Torch tensors and Python scalars only.
         """
-        if self._pending:  # loaded but not yet resumed: the loaded state is the state
-            return copy.deepcopy(self._pending[-1])
-        position = self._pos
+        if self._live is not None:  # loaded, not yet resumed: the loaded state, with any update
+            return copy.deepcopy(self._live)
+        return self._state()
+
+    def _state(self, yielded: int | None = None) -> dict[str, Any]:
         it = self._active
         if it is not None and self._epoch is not None:
             d = self._delivered(it)
@@ -1056,15 +1070,15 @@ class GARSampler(Sampler[list[int]]):
                     "inside the loop"
                 )
             position = self._pos - it.returned + d
-        window = [
-            r.to_state()
-            for r in self._records.values()
-            if r.epoch == self._epoch and r.position > position
-        ]
+            cut = it.first_id + d  # the first batch drawn but not yet delivered
+        else:
+            position = self._pos
+            cut = self._replay[0].id if self._replay else self._next_id
+        # Ids, not epoch numbers, tell the drawn-but-undelivered batches apart: an epoch
+        # number can repeat (set_epoch).
+        window = [r.to_state() for r in self._records.values() if r.id >= cut]
         unrewarded = [
-            r.to_state()
-            for r in self._records.values()
-            if not r.rewarded and not (r.epoch == self._epoch and r.position > position)
+            r.to_state() for r in self._records.values() if r.id < cut and not r.rewarded
         ]
         return {
             _VERSION: _STATE_VERSION,
@@ -1077,7 +1091,7 @@ class GARSampler(Sampler[list[int]]):
             _NEXT_EPOCH: self._next_epoch,
             _EPOCH: self._epoch,
             _POSITION: position,
-            _YIELDED: self._pos,
+            _YIELDED: self._pos if yielded is None else yielded,
             _CHOICE_GEN: self._choice_gen.get_state(),
             _ROUNDS: list(self._rounds),
             _CURSORS: list(self._cursors),
@@ -1141,7 +1155,19 @@ class GARSampler(Sampler[list[int]]):
         loaded = copy.deepcopy(dict(state))
         self._apply(loaded)
         self._pending.append(loaded)
+        self._live = loaded
         self._active = None
+
+    def _refresh_pending(self) -> None:
+        """Between ``load_state_dict()`` and the first batch, a change to the sampler (a
+        delayed ``update()`` of a batch from before the checkpoint, ``set_epoch()``) replaces
+        the loaded state it holds, so that resuming keeps the change (and ``state_dict()``
+        returns it)."""
+        if self._live is None:
+            return
+        fresh = self._state(yielded=int(self._live[_YIELDED]))
+        self._pending = [fresh if s is self._live else s for s in self._pending]
+        self._live = fresh
 
     def _apply(self, state: Mapping[str, Any]) -> None:
         self._policy.load_state_dict(state[_POLICY])
@@ -1186,7 +1212,17 @@ class GARSampler(Sampler[list[int]]):
                 f"{pos}); load the sampler state saved with the loader's"
             )
         state = max(fits, key=lambda s: (s[_POLICY]["counters"][0], s[_POSITION]))
-        if state[_POSITION] < pos:
+        ahead = [s for s in self._pending if s[_EPOCH] == epoch and s[_POSITION] > pos]
+        if state[_POSITION] < pos and ahead:
+            warnings.warn(
+                f"the StatefulDataLoader's state is at batch {pos} of epoch {epoch}, behind the "
+                f"GARSampler state loaded beside it (batch {ahead[0][_POSITION]}): a loader with "
+                "snapshot_every_n_steps > 1 stores its position only every n batches, so the "
+                "resume is not exact (it continues from the loader's older copy of the sampler). "
+                "Use snapshot_every_n_steps=1 to resume exactly",
+                stacklevel=4,
+            )
+        elif state[_POSITION] < pos:
             warnings.warn(
                 f"resuming from the sampler state the StatefulDataLoader stored when it drew batch "
                 f"{pos}; policy updates made after that are not in it. Save sampler.state_dict() "
