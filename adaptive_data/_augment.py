@@ -10,6 +10,7 @@ import torch
 from PIL import Image as PILImage
 from torch import Tensor
 
+from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
 
 __all__ = ["KERNELS", "NO_AUGMENTATION", "GARTransform", "apply_op", "trivial_augment_wide_table"]
@@ -38,7 +39,7 @@ KERNELS = (
 )
 """The op names :class:`GARTransform` can apply (the keys an op table may use)."""
 _NEEDS_MAGNITUDE = frozenset(KERNELS[1:12])
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the history as float64 tensors
 
 # Step sizes of the exponentiated-gradient policies. Its step for a choice is its summed
 # z-scored reward over N * p (importance weighting): with a batch of 128 spread over 14 ops,
@@ -321,7 +322,8 @@ class GARTransform:
                 self._mag_policies[i] = policy(len(mags), magnitude_lr)
         self._max_bins = max((len(m) for m, _ in self.table.values() if m is not None), default=1)
         self._bin_probs: Tensor | None = None  # [ops, max_bins] cache for drawing
-        self._history: list[tuple[int, list[float], list[float]]] = []
+        # One row per update: [update, op probabilities..., expected bin of each op...].
+        self._history = History(1 + 2 * len(self.op_names))
         self._initial = (0, self._op_policy.probs_list(), self._mean_bins())
         self._updates = 0
         self._reference_skipped = 0
@@ -479,7 +481,7 @@ class GARTransform:
                 pol.apply(part)
         self._bin_probs = None
         self._updates += 1
-        self._history.append((self._updates, self._op_policy.probs_list(), self._mean_bins()))
+        self._history.append([self._updates, *self._op_policy.probs_list(), *self._mean_bins()])
 
     def update(self, ops: Sequence[int], bins: Sequence[int], rewards: Tensor) -> None:
         """Learn from one batch: ``ops``/``bins`` of each example and its reward ``[N]``.
@@ -505,15 +507,17 @@ class GARTransform:
         """One entry per update: ``{"update": n, "op_weights": {...}, "magnitude": {...}}``;
         ``magnitude`` is each op's expected bin as a fraction of its range (0 = first bin,
         1 = last). The first entry (``update=0``) holds the initial policy."""
-        out = []
-        for n, ops, mags in [self._initial, *self._history]:
-            out.append(
-                {
-                    "update": n,
-                    "op_weights": dict(zip(self.op_names, ops, strict=True)),
-                    "magnitude": {self.op_names[i]: mags[i] for i in self._mag_policies},
-                }
-            )
+        k = len(self.op_names)
+
+        def entry(n: float, ops: list[float], mags: list[float]) -> dict[str, Any]:
+            return {
+                "update": int(n),
+                "op_weights": dict(zip(self.op_names, ops, strict=True)),
+                "magnitude": {self.op_names[i]: mags[i] for i in self._mag_policies},
+            }
+
+        out = [entry(*self._initial)]
+        out += [entry(row[0], row[1 : 1 + k], row[1 + k :]) for row in self._history.rows()]
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -544,7 +548,7 @@ class GARTransform:
                 self.op_names[i]: p.state_dict() for i, p in self._mag_policies.items()
             },
             "counters": [self._updates, self._reference_skipped, self._nonfinite],
-            "history": [(n, list(o), list(m)) for n, o, m in self._history],
+            "history": self._history.state(),
         }
 
     def check_state(self, state: Any) -> None:
@@ -570,5 +574,5 @@ class GARTransform:
         self._updates, self._reference_skipped, self._nonfinite = (
             int(v) for v in state["counters"]
         )
-        self._history = [(int(n), list(o), list(m)) for n, o, m in state["history"]]
+        self._history.load(state["history"])
         self._bin_probs = None

@@ -21,12 +21,13 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ._augment import NO_AUGMENTATION, GARTransform
 from ._distributed import current_group
+from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
 
 __all__ = ["GARSampler", "MixtureDataset"]
 
 _MASK64 = (1 << 64) - 1
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the history as float64 tensors
 # Total probability mass of the default exploration floor, shared equally by the sources.
 DEFAULT_FLOOR = 0.01
 
@@ -611,7 +612,7 @@ class GARSampler(Sampler[list[int]]):
         self._active: _GARIterator | None = None
         self._pending: list[dict[str, Any]] = []  # loaded states not yet consumed by an epoch
         self._live: dict[str, Any] | None = None  # the one of them the sampler holds now
-        self._history: list[tuple[int, list[float]]] = []
+        self._history = History(1 + len(srcs))  # one row per update: [batch id, weights...]
         self._reward_means = [math.nan] * len(srcs)
         self._drawn = 0
         self._rewarded = 0
@@ -979,7 +980,7 @@ class GARSampler(Sampler[list[int]]):
         rec.rewarded = True
         self._rewarded += 1
         self._fold_reward_means(own[:k], own[k:])
-        self._history.append((rec.id, self._policy.probs_list()))
+        self._history.append([rec.id, *self._policy.probs_list()])
         self._refresh_pending()
 
     def _fold_reward_means(self, sums: list[float], counts: list[float]) -> None:
@@ -1010,7 +1011,8 @@ class GARSampler(Sampler[list[int]]):
             {"batch": None, "weights": dict(zip(self.names, self._initial_weights, strict=True))}
         ]
         out += [
-            {"batch": b, "weights": dict(zip(self.names, p, strict=True))} for b, p in self._history
+            {"batch": int(b), "weights": dict(zip(self.names, p, strict=True))}
+            for b, *p in self._history.rows()
         ]
         return out
 
@@ -1077,9 +1079,7 @@ class GARSampler(Sampler[list[int]]):
         # Ids, not epoch numbers, tell the drawn-but-undelivered batches apart: an epoch
         # number can repeat (set_epoch).
         window = [r.to_state() for r in self._records.values() if r.id >= cut]
-        unrewarded = [
-            r.to_state() for r in self._records.values() if r.id < cut and not r.rewarded
-        ]
+        unrewarded = [r.to_state() for r in self._records.values() if r.id < cut and not r.rewarded]
         return {
             _VERSION: _STATE_VERSION,
             _NAMES: list(self.names),
@@ -1098,7 +1098,7 @@ class GARSampler(Sampler[list[int]]):
             _NEXT_ID: self._next_id,
             _WINDOW: window,
             _UNREWARDED: unrewarded,
-            _HISTORY: [(b, list(p)) for b, p in self._history],
+            _HISTORY: self._history.state(),
             _REWARD_MEANS: list(self._reward_means),
             _COUNTERS: [self._drawn, self._rewarded, self._dropped_unrewarded],
             _REFERENCE_EVERY: self.reference_every,
@@ -1184,7 +1184,7 @@ class GARSampler(Sampler[list[int]]):
         for r in state[_WINDOW]:
             self._records[int(r["id"])] = _Record.from_state(r)
         self._replay = deque(_Record.from_state(r) for r in state[_WINDOW])
-        self._history = [(b, list(p)) for b, p in state[_HISTORY]]
+        self._history.load(state[_HISTORY])
         self._reward_means = [float(v) for v in state[_REWARD_MEANS]]
         self._drawn, self._rewarded, self._dropped_unrewarded = (int(v) for v in state[_COUNTERS])
         if self.transform is not None:
