@@ -49,6 +49,7 @@ _CURSORS = "cursors"
 _NEXT_ID = "next_id"
 _WINDOW = "window"
 _UNREWARDED = "unrewarded"
+_SPENT = "spent"
 _HISTORY = "history"
 _REWARD_MEANS = "reward_means"
 _COUNTERS = "counters"
@@ -285,10 +286,25 @@ class _Record:
     sources: list[int]  # [B] source ids
     rewarded: bool = False
     aug: _Decisions | None = None  # when the sampler has a transform
+    # Drawn but never delivered: the loop left its epoch before the batch arrived.
+    lost: bool = False
+    # Restored without keys (a rewarded or lost batch holds only its place in the window).
+    was_reference: bool = False
 
     @property
     def reference(self) -> bool:
-        return self.aug is not None and self.aug.ops[0] == NO_AUGMENTATION
+        return self.was_reference or (self.aug is not None and self.aug.ops[0] == NO_AUGMENTATION)
+
+    def spent_row(self) -> list[int]:
+        """A rewarded or lost batch in a state: what keeps its place in the reward window."""
+        return [self.id, self.epoch, self.position, self.rewarded, self.lost, self.reference]
+
+    @classmethod
+    def from_spent_row(cls, row: Sequence[int]) -> _Record:
+        i, epoch, position, rewarded, lost, reference = (int(v) for v in row)
+        rec = cls(i, epoch, position, [], [], rewarded=bool(rewarded), lost=bool(lost))
+        rec.was_reference = bool(reference)
+        return rec
 
     def batch(self, sources: bool = True) -> list[Any]:
         """What the DataLoader gets: the keys (as a :class:`_KeyBatch` with ``sources``), or
@@ -860,6 +876,17 @@ class GARSampler(Sampler[list[int]]):
             return None
         return min(n, it.returned)
 
+    def _lost_ids(self) -> set[int]:
+        """Ids of batches that earlier iterations drew but never delivered."""
+        lost: set[int] = set()
+        for it in self._iters:
+            if it is self._active or it.foreign is not None:
+                continue
+            d = self._delivered(it)
+            if d is not None:
+                lost.update(range(it.first_id + d, it.first_id + it.returned))
+        return lost
+
     def _received(self) -> _Record:
         for it in reversed(self._iters):
             d = self._delivered(it)
@@ -911,6 +938,16 @@ class GARSampler(Sampler[list[int]]):
                 f"batch={batch} is older than the last reward_window={self.reward_window} batches "
                 "(or was drawn before the checkpoint and already rewarded); its keys are gone"
             )
+        if any(r.id == batch for r in self._replay):
+            raise ValueError(
+                f"batch={batch} was drawn before the checkpoint but not yet delivered: the "
+                "resumed loop hands it out again first"
+            )
+        if rec.lost:
+            raise ValueError(
+                f"batch={batch} was prefetched but never delivered: the training loop left its "
+                "epoch before it arrived"
+            )
         for it in self._iters:
             if it.first_id <= batch < it.first_id + it.returned:
                 d = self._delivered(it)
@@ -948,11 +985,11 @@ class GARSampler(Sampler[list[int]]):
         a hang.
         """
         rec = self._received() if batch is None else self._lookup(batch)
-        check_rewards(rewards, len(rec.keys))
         if rec.rewarded:
             raise ValueError(
                 f"batch {rec.id} already received its rewards; each batch is updated at most once"
             )
+        check_rewards(rewards, len(rec.keys))
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
         stats = self._policy.statistics_of(rec.sources, r)
         width, k = len(stats), len(self.sizes)
@@ -1078,8 +1115,16 @@ class GARSampler(Sampler[list[int]]):
             cut = self._replay[0].id if self._replay else self._next_id
         # Ids, not epoch numbers, tell the drawn-but-undelivered batches apart: an epoch
         # number can repeat (set_epoch).
-        window = [r.to_state() for r in self._records.values() if r.id >= cut]
-        unrewarded = [r.to_state() for r in self._records.values() if r.id < cut and not r.rewarded]
+        lost = self._lost_ids()
+        window, unrewarded, spent = [], [], []
+        for r in self._records.values():
+            if r.id >= cut:
+                window.append(r.to_state())
+            elif r.rewarded or r.lost or r.id in lost:
+                r.lost = r.lost or r.id in lost
+                spent.append(r.spent_row())
+            else:
+                unrewarded.append(r.to_state())
         return {
             _VERSION: _STATE_VERSION,
             _NAMES: list(self.names),
@@ -1098,6 +1143,7 @@ class GARSampler(Sampler[list[int]]):
             _NEXT_ID: self._next_id,
             _WINDOW: window,
             _UNREWARDED: unrewarded,
+            _SPENT: torch.tensor(spent, dtype=torch.long).reshape(len(spent), 6),
             _HISTORY: self._history.state(),
             _REWARD_MEANS: list(self._reward_means),
             _COUNTERS: [self._drawn, self._rewarded, self._dropped_unrewarded],
@@ -1178,11 +1224,11 @@ class GARSampler(Sampler[list[int]]):
         self._rounds = [int(v) for v in state[_ROUNDS]]
         self._cursors = [int(v) for v in state[_CURSORS]]
         self._next_id = int(state[_NEXT_ID])
-        self._records = OrderedDict()
-        for r in state[_UNREWARDED]:
-            self._records[int(r["id"])] = _Record.from_state(r)
-        for r in state[_WINDOW]:
-            self._records[int(r["id"])] = _Record.from_state(r)
+        # The reward window as it was, oldest first: the batches that can still be rewarded
+        # with their keys, the rewarded and lost ones as placeholders (same eviction order).
+        records = [_Record.from_state(r) for r in (*state[_UNREWARDED], *state[_WINDOW])]
+        records += [_Record.from_spent_row(row) for row in state[_SPENT].tolist()]
+        self._records = OrderedDict((r.id, r) for r in sorted(records, key=lambda r: r.id))
         self._replay = deque(_Record.from_state(r) for r in state[_WINDOW])
         self._history.load(state[_HISTORY])
         self._reward_means = [float(v) for v in state[_REWARD_MEANS]]

@@ -469,6 +469,57 @@ def test_resume_when_every_epoch_has_the_same_number():
     assert second.weights == full.weights
 
 
+def test_batches_never_delivered_stay_unrewardable_after_a_resume():
+    """Prefetched at a break and never delivered, or prefetched at the checkpoint and not yet
+    delivered again: update(batch=) refuses them after the resume as it did before."""
+    s = make()
+    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True)
+    for t, _ in enumerate(loader):
+        if t == 1:
+            break  # batches 2.. were prefetched and are never delivered
+    it = iter(loader)
+    next(it)
+    with pytest.raises(ValueError, match=r"batch=3 was prefetched but never delivered"):
+        s.update(torch.zeros(5), batch=3)
+    pending = s.last_batch + 1  # drawn by the workers, not yet delivered
+    state = s.state_dict()
+    del it, loader
+    r = make()
+    r.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"batch=3 was prefetched but never delivered"):
+        r.update(torch.zeros(5), batch=3)
+    with pytest.raises(ValueError, match=rf"batch={pending} was drawn before the checkpoint but"):
+        r.update(torch.zeros(5), batch=pending)
+
+
+def test_the_reward_window_is_restored_with_its_order():
+    """Rewarded batches keep their place in the window after a resume, so the same batches
+    leave it as in an uninterrupted run."""
+
+    def go(s, it, n, every):
+        for t in range(n):
+            keys = next(it)
+            if every and t % every == 0:
+                s.update(reward_of(*s.decode(keys)))
+
+    full = make(num_batches=40, reward_window=4)
+    it = iter(full)
+    go(full, it, 6, every=2)
+    old = full.last_batch - 2  # received, never rewarded, still in the window
+    state = full.state_dict()
+    resumed = make(num_batches=40, reward_window=4)
+    resumed.load_state_dict(state)
+    for s in (full, resumed):  # a rewarded batch in the window stays rewarded
+        with pytest.raises(ValueError, match=r"batch 4 already received its rewards"):
+            s.update(torch.zeros(5), batch=4)
+    go(full, it, 2, every=0)
+    go(resumed, iter(resumed), 2, every=0)
+    for s in (full, resumed):
+        with pytest.raises(ValueError, match=rf"batch={old} is older than the last"):
+            s.update(torch.zeros(5), batch=old)
+    assert resumed.metrics() == full.metrics()
+
+
 def test_stateful_dataloader_snapshotting_every_few_steps_warns_that_it_lags():
     """snapshot_every_n_steps > 1: the loader's stored position lags the sampler state saved
     beside it, so the resume cannot be exact; the warning names the setting to change."""
