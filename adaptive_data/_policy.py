@@ -152,46 +152,13 @@ class CategoricalPolicy:
                 f"but got num_choices={num_choices!r}"
             )
         k = num_choices
-        if floor is None:
-            floor = 0.05 / k
-        if (
-            isinstance(floor, bool)
-            or not isinstance(floor, int | float)
-            or not math.isfinite(floor)
-            or floor < 0
-            or floor * k >= 1
-        ):
-            raise ValueError(
-                f"floor should be a number in [0, 1/num_choices) = [0, {1 / k:.6g}), "
-                f"but got floor={floor!r}"
-            )
-        if rule not in RULES:
-            raise ValueError(f"rule should be one of {', '.join(RULES)}, but got rule={rule!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalize should be one of {', '.join(NORMALIZATIONS)}, "
-                f"but got normalize={normalize!r}"
-            )
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, int | float)
-            or not 0 <= momentum < 1
-        ):
-            raise ValueError(
-                f"momentum should be a number in [0, 1), but got momentum={momentum!r}"
-            )
         if names is not None:
             names = [str(n) for n in names]
             if len(names) != k:
                 raise ValueError(f"names should have {k} entries, but got {len(names)}: {names}")
         self.num_choices = k
         self.names = names
-        self.floor = float(floor)
-        self.lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr)
-        self.max_step = _check_positive("max_step", max_step)
-        self.rule = rule
-        self.normalize = normalize
-        self.momentum = float(momentum)
+        self._configure(floor, lr, rule, normalize, momentum, max_step)
 
         w = initial_weights(weights, k, names, sizes)
         q = (w - self.floor).clamp_min(0.0)
@@ -259,6 +226,52 @@ class CategoricalPolicy:
         if self._p_tensor is None:
             self._p_tensor = torch.tensor(self._p, dtype=torch.float64)
         return torch.multinomial(self._p_tensor, n, replacement=True, generator=generator)
+
+    def _configure(
+        self,
+        floor: float | None,
+        lr: float | None,
+        rule: str,
+        normalize: str,
+        momentum: float,
+        max_step: float,
+    ) -> None:
+        """Check and set the configuration (from the constructor or a loaded state)."""
+        k = self.num_choices
+        if floor is None:
+            floor = 0.05 / k
+        if (
+            isinstance(floor, bool)
+            or not isinstance(floor, int | float)
+            or not math.isfinite(floor)
+            or floor < 0
+            or floor * k >= 1
+        ):
+            raise ValueError(
+                f"floor should be a number in [0, 1/num_choices) = [0, {1 / k:.6g}), "
+                f"but got floor={floor!r}"
+            )
+        if rule not in RULES:
+            raise ValueError(f"rule should be one of {', '.join(RULES)}, but got rule={rule!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalize should be one of {', '.join(NORMALIZATIONS)}, "
+                f"but got normalize={normalize!r}"
+            )
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, int | float)
+            or not 0 <= momentum < 1
+        ):
+            raise ValueError(
+                f"momentum should be a number in [0, 1), but got momentum={momentum!r}"
+            )
+        self.floor = float(floor)
+        self.lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr)
+        self.max_step = _check_positive("max_step", max_step)
+        self.rule = rule
+        self.normalize = normalize
+        self.momentum = float(momentum)
 
     # ------------------------------------------------------------------ learning
 
@@ -432,9 +445,9 @@ class CategoricalPolicy:
         if logits.shape != (self.num_choices,) or not bool(torch.isfinite(logits).all()):
             raise ValueError(f"state holds invalid logits: {logits.tolist()}")
         cfg = state["config"]
-        self.floor, self.lr, self.rule = float(cfg["floor"]), float(cfg["lr"]), cfg["rule"]
-        self.normalize, self.momentum = cfg["normalize"], float(cfg["momentum"])
-        self.max_step = float(cfg["max_step"])
+        self._configure(
+            cfg["floor"], cfg["lr"], cfg["rule"], cfg["normalize"], cfg["momentum"], cfg["max_step"]
+        )
         self._logits = logits.tolist()
         self._settle()
         self._mean, self._var, self._stats_weight = (float(v) for v in state["running"])

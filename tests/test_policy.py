@@ -182,6 +182,26 @@ def test_statistics_layout_and_wrong_length_apply():
     assert policy.metrics()["updates"] == 0
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("lr", -0.3, r"lr should be a positive"),
+        ("rule", "adam", r"rule should be one of reinforce, exp_grad, but got rule='adam'"),
+        ("floor", 0.5, r"floor should be a number in \[0, 1/num_choices\)"),
+        ("momentum", 1.0, r"momentum should be a number in \[0, 1\)"),
+    ],
+)
+def test_a_state_with_a_bad_configuration_is_refused(field, value, match):
+    """The configuration comes from the state, so it is checked as the constructor's is (a
+    negative lr would make the policy move away from high rewards)."""
+    state = CategoricalPolicy(3).state_dict()
+    state["config"][field] = value
+    policy = CategoricalPolicy(3, lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        policy.load_state_dict(state)
+    assert policy.lr == 0.1
+
+
 def test_sample_needs_a_generator():
     policy = CategoricalPolicy(3)
     with pytest.raises(TypeError, match=r"generator should be a torch.Generator, but got NoneType"):
