@@ -92,7 +92,9 @@ class GAR:
 
     Which batches are rewarded. Every ``every``-th step's batches (``every=1``: all). With a
     transform's ``reference_every``, the un-augmented reference batches are never kept or
-    rewarded: they are the reference of the augmented batches before them. An augmented batch
+    rewarded: they are the reference of the augmented batches before them, and ``every``
+    counts the augmented batches (every ``every``-th of them is kept, whatever the epochs'
+    lengths). An augmented batch
     is rewarded at the next step whose batch is a reference batch (with ``reference_every=2``,
     the very next step; across an epoch's end, the new epoch's first reference batch), never
     against another augmented batch; one that waited more than ``reference_every`` steps (an
@@ -119,7 +121,8 @@ class GAR:
         sampler: the :class:`GARSampler` the loop's loader iterates.
         optimizer: SGD, Adam or AdamW over the model's parameters; ``D`` is preconditioned
             by its state (the step it really takes). ``None``: plain gradients.
-        every: reward the batches of every ``every``-th step only (>= 1).
+        every: reward the batches of every ``every``-th step only (>= 1); with reference
+            batches, every ``every``-th augmented batch.
         reward: ``"cosine"`` or ``"dot"``.
         reference: ``None`` (next batch) or an iterator of ``(x_ref, y_ref)`` batches, e.g.
             ``iter(ReferenceBatches(target, 128))``.
@@ -191,6 +194,8 @@ class GAR:
         self._frozen_rows = gradient_free_rows(core, params)
         self._devices = cuda_devices(core)
         self._steps = 0
+        self._augmented = 0  # augmented batches seen (with reference batches)
+        self._last_augmented: int | None = None
         self._groups: list[_Group] = []
         self._current: _Group | None = None
         self._paused = False
@@ -232,7 +237,8 @@ class GAR:
         self._current = None
         if self._paused or not (torch.is_grad_enabled() and module.training):
             return
-        if self._steps % self.every:
+        counting_batches = bool(self.sampler.reference_every)
+        if not counting_batches and self._steps % self.every:
             return
         try:
             batch = self.sampler.last_batch
@@ -240,6 +246,15 @@ class GAR:
             return  # no batch received from the sampler's loader yet (a warm-up forward)
         if self.sampler.is_reference(batch):
             return
+        if counting_batches:
+            # With reference batches, every k-th *augmented* batch is kept: counting steps
+            # would line the kept steps up with the reference batches in every other epoch
+            # of odd length, and nothing would be rewarded in those epochs.
+            if batch != self._last_augmented:
+                self._last_augmented = batch
+                self._augmented += 1
+            if (self._augmented - 1) % self.every:
+                return
         # A second forward of the same batch (before the same step) replaces the first.
         self._groups = [g for g in self._groups if g.batch != batch]
         self._current = _Group(batch, self._steps)

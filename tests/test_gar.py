@@ -233,6 +233,23 @@ def test_reference_batches_of_a_transform_are_not_rewarded():
     assert m["augment/reference_batches_skipped"] == 0
 
 
+def test_every_k_counts_augmented_batches_across_odd_length_epochs():
+    """every=2 with reference_every=2 and epochs of 7 batches (positions 1, 3, 5, 7
+    augmented): every other augmented batch is rewarded in every epoch. Counting steps would
+    keep only reference batches (even positions) in the second epoch and reward nothing."""
+    tf = ad.GARTransform(["Identity", "Invert"])
+    model = mlp()
+    sampler = ad.GARSampler(
+        Images(tf), batch_size=5, seed=0, transform=tf, reference_every=2, num_batches=7
+    )
+    gar = ad.GAR(model, sampler, every=2)
+    run(model, sampler, gar, epochs=3)  # batch ids 0-6, 7-13, 14-20
+    rewarded = [h["batch"] for h in sampler.history[1:]]
+    # augmented ids: 0 2 4 6 | 7 9 11 13 | 14 16 18 20; every other one is kept (6 is rewarded
+    # against the next epoch's first reference batch, id 8)
+    assert rewarded == [0, 4, 7, 11, 14, 18]
+
+
 def test_augmented_batches_wait_for_the_next_reference_batch():
     """reference_every=3: positions 1 and 2 are both rewarded against position 3's gradient,
     never against each other; the epoch's last two wait for a reference that never comes."""
