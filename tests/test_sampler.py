@@ -345,16 +345,18 @@ def test_resume_mid_epoch_under_a_dataloader(workers):
     assert second.weights == full.weights
 
 
-@pytest.mark.parametrize(("workers", "save_sampler"), [(0, False), (2, True)])
-def test_resume_under_stateful_dataloader(workers, save_sampler):
-    def loader_for(s):
-        return StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=workers)
-
+def resume_through(loader_for, total: int, before, rest: int, save_sampler: bool = True):
+    """Train ``total`` epochs uninterrupted, and again with a checkpoint (the loader's state,
+    and the sampler's if ``save_sampler``) after the ``train()`` runs ``before`` ((epochs,
+    stop) each), resumed into fresh objects for ``rest`` epochs. UserWarnings are errors.
+    Returns (uninterrupted sampler, resumed sampler, expected batches, batches seen)."""
     full = make()
-    expected = train(full, loader_for(full), epochs=2)
+    expected = train(full, loader_for(full), epochs=total)
     first = make()
     loader = loader_for(first)
-    got = train(first, loader, epochs=1, stop=4)
+    got = []
+    for epochs, stop in before:
+        got += train(first, loader, epochs=epochs, stop=stop)
     loader_state = loader.state_dict()
     sampler_state = first.state_dict() if save_sampler else None
     del loader
@@ -366,7 +368,16 @@ def test_resume_under_stateful_dataloader(workers, save_sampler):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*set_vital.*")
-        got += train(second, loader2, epochs=2)
+        got += train(second, loader2, epochs=rest)
+    return full, second, expected, got
+
+
+@pytest.mark.parametrize(("workers", "save_sampler"), [(0, False), (2, True)])
+def test_resume_under_stateful_dataloader(workers, save_sampler):
+    def loader_for(s):
+        return StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=workers)
+
+    full, second, expected, got = resume_through(loader_for, 2, [(1, 4)], 2, save_sampler)
     assert got == expected
     assert second.weights == full.weights
 
@@ -382,18 +393,7 @@ def test_resume_under_stateful_dataloader_saved_between_epochs(workers, persiste
             s.dataset, batch_sampler=s, num_workers=workers, persistent_workers=persistent
         )
 
-    full = make()
-    expected = train(full, loader_for(full), epochs=3)
-    first = make()
-    loader = loader_for(first)
-    got = train(first, loader, epochs=1)
-    loader_state, sampler_state = loader.state_dict(), first.state_dict()
-    del loader
-    second = make()
-    loader2 = loader_for(second)
-    loader2.load_state_dict(loader_state)
-    second.load_state_dict(sampler_state)
-    got += train(second, loader2, epochs=2)
+    full, second, expected, got = resume_through(loader_for, 3, [(1, None)], 2)
     assert got == expected
     assert second.weights == full.weights
     assert second.metrics()["batches_drawn"] == full.metrics()["batches_drawn"]
@@ -701,19 +701,7 @@ def test_resume_under_stateful_dataloader_with_persistent_workers_in_a_later_epo
             s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True, prefetch_factor=3
         )
 
-    full = make()
-    expected = train(full, loader_for(full), epochs=3)
-    first = make()
-    loader = loader_for(first)
-    got = train(first, loader, epochs=2)
-    got += train(first, loader, epochs=1, stop=2)
-    loader_state, sampler_state = loader.state_dict(), first.state_dict()
-    del loader
-    second = make()
-    loader2 = loader_for(second)
-    loader2.load_state_dict(loader_state)
-    second.load_state_dict(sampler_state)
-    got += train(second, loader2, epochs=1)
+    full, second, expected, got = resume_through(loader_for, 3, [(2, None), (1, 2)], 1)
     assert got == expected
     assert second.weights == full.weights
 
