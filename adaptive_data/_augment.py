@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from torch import Tensor
 
 from ._history import History
-from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
+from ._policy import DEFAULT_LR, STATS_HEAD, CategoricalPolicy, check_rewards
 
 __all__ = ["KERNELS", "NO_AUGMENTATION", "GARTransform", "apply_op", "trivial_augment_wide_table"]
 
@@ -39,7 +39,7 @@ KERNELS = (
 )
 """The op names :class:`GARTransform` can apply (the keys an op table may use)."""
 _NEEDS_MAGNITUDE = frozenset(KERNELS[1:12])
-_STATE_VERSION = 2  # 2: the history as float64 tensors
+_STATE_VERSION = 2  # 2: the history as float64 tensors, the op table
 
 # Step sizes of the exponentiated-gradient policies. Its step for a choice is its summed
 # z-scored reward over N * p (importance weighting): with a batch of 128 spread over 14 ops,
@@ -92,6 +92,15 @@ def _check_image(image: Any) -> None:
             )
         return
     if isinstance(image, Tensor):
+        from torchvision import tv_tensors
+
+        if isinstance(image, tv_tensors.TVTensor) and not isinstance(
+            image, (tv_tensors.Image, tv_tensors.Video)
+        ):
+            raise TypeError(
+                f"GARTransform augments images, but got a tv_tensors.{type(image).__name__} (as "
+                "TrivialAugmentWide, it does not take masks, boxes or keypoints)"
+            )
         if image.dtype != torch.uint8:
             raise TypeError(
                 "image tensors should have dtype torch.uint8 (as for TrivialAugmentWide; convert "
@@ -128,6 +137,7 @@ def apply_op(
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
+    _check_image(image)
     if interpolation is None:
         interpolation = InterpolationMode.NEAREST
     if op == "Identity":
@@ -179,6 +189,11 @@ def apply_op(
     raise ValueError(f"unknown op {op!r}; the ops are {', '.join(KERNELS)}")
 
 
+# Ops whose magnitude is a bit count or a fraction of the image's range (torchvision raises
+# outside these, at the first image): checked when a table is given.
+_RANGES = {"Posterize": (0.0, 8.0), "Solarize": (0.0, 1.0)}
+
+
 def _resolve_table(ops: Any, num_bins: int) -> dict[str, tuple[list[float] | None, bool]]:
     default = trivial_augment_wide_table(num_bins)
     if ops is None:
@@ -210,6 +225,13 @@ def _resolve_table(ops: Any, num_bins: int) -> dict[str, tuple[list[float] | Non
                 )
             if not bool(torch.isfinite(values).all()):
                 raise ValueError(f"op {name!r} has non-finite magnitudes: {values.tolist()}")
+            lo, hi = _RANGES.get(name, (-math.inf, math.inf))
+            bad = [v for v in values.tolist() if not lo <= v <= hi]
+            if bad or (signed and name in _RANGES):
+                raise ValueError(
+                    f"op {name!r} takes unsigned magnitudes in [{lo:g}, {hi:g}], but got "
+                    + (f"{bad}" if bad else "signed=True")
+                )
             table[name] = (values.tolist(), bool(signed))
     elif isinstance(ops, Sequence):
         # Names from TrivialAugmentWide's table, or ops without a magnitude (Invert).
@@ -296,16 +318,27 @@ class GARTransform:
             raise TypeError(
                 f"generator should be a torch.Generator, but got {type(generator).__name__}"
             )
+        for name, flag in (("learn_ops", learn_ops), ("learn_magnitudes", learn_magnitudes)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} should be a bool, but got {name}={flag!r}")
+        if fill is not None and not (
+            isinstance(fill, int | float)
+            or (isinstance(fill, Sequence) and all(isinstance(v, int | float) for v in fill))
+        ):
+            raise TypeError(
+                "fill should be None, a number or a sequence of numbers (one per channel), used "
+                f"for every image, but got fill={fill!r}"
+            )
         self.table = _resolve_table(ops, num_magnitude_bins)
         self.op_names = list(self.table)
         self.interpolation = interpolation
         self.fill = fill
-        self.learn_ops = bool(learn_ops)
-        self.learn_magnitudes = bool(learn_magnitudes)
+        self.learn_ops = learn_ops
+        self.learn_magnitudes = learn_magnitudes
         self.generator = generator
 
-        if lr is None and rule == "exp_grad":
-            lr = DEFAULT_OP_LR
+        if lr is None:
+            lr = DEFAULT_OP_LR if rule == "exp_grad" else DEFAULT_LR.get(rule)
         if magnitude_lr is None and lr is not None:
             magnitude_lr = lr * MAGNITUDE_LR_RATIO
 
@@ -352,9 +385,16 @@ class GARTransform:
 
     def magnitude(self, op: int, bin: int, negate: bool = False) -> float | None:
         """The magnitude value of bin ``bin`` of op number ``op`` (``None`` if it has none)."""
+        if not 0 <= op < len(self.op_names):
+            raise ValueError(f"op should lie in [0, {len(self.op_names)}), but got op={op}")
         mags, signed = self.table[self.op_names[op]]
         if mags is None:
             return None
+        if not 0 <= bin < len(mags):
+            raise ValueError(
+                f"bin should lie in [0, {len(mags)}) for op {self.op_names[op]!r}, but got "
+                f"bin={bin}"
+            )
         return -mags[bin] if (signed and negate) else mags[bin]
 
     # ------------------------------------------------------------------ applying
@@ -422,11 +462,17 @@ class GARTransform:
                 "should contain the very object passed as transform=)"
             )
 
-    def statistics(self, ops: Sequence[int], bins: Sequence[int], rewards: Tensor) -> list[float]:
+    def statistics(
+        self, ops: Sequence[int] | Tensor, bins: Sequence[int] | Tensor, rewards: Tensor
+    ) -> list[float]:
         """One batch's sufficient statistics for :meth:`apply` (a fixed-length list of floats:
         the op policy's, then each magnitude policy's; see
         :meth:`CategoricalPolicy.statistics`). Sums over ranks are the statistics of the union.
         Examples with op ``NO_AUGMENTATION`` (reference batches) are left out."""
+        if isinstance(ops, Tensor):  # as draw() returns them
+            ops = ops.tolist()
+        if isinstance(bins, Tensor):
+            bins = bins.tolist()
         check_rewards(rewards, len(ops))
         return self.statistics_of(ops, bins, rewards.detach().to("cpu", torch.float64).tolist())
 
@@ -483,8 +529,11 @@ class GARTransform:
         self._updates += 1
         self._history.append([self._updates, *self._op_policy.probs_list(), *self._mean_bins()])
 
-    def update(self, ops: Sequence[int], bins: Sequence[int], rewards: Tensor) -> None:
-        """Learn from one batch: ``ops``/``bins`` of each example and its reward ``[N]``.
+    def update(
+        self, ops: Sequence[int] | Tensor, bins: Sequence[int] | Tensor, rewards: Tensor
+    ) -> None:
+        """Learn from one batch: ``ops``/``bins`` of each example (lists of ints, or the
+        Tensors :meth:`draw` returns) and its reward ``[N]``.
 
         Examples with op ``NO_AUGMENTATION`` (reference batches) are left out. The op policy
         gets every reward; each op's magnitude policy gets the rewards of its own examples.
@@ -543,6 +592,10 @@ class GARTransform:
             "version": _STATE_VERSION,
             "ops": list(self.op_names),
             "bins": [len(m) if m is not None else 0 for m, _ in self.table.values()],
+            "table": {
+                k: (None if m is None else torch.tensor(m, dtype=torch.float64), sg)
+                for k, (m, sg) in self.table.items()
+            },
             "op_policy": self._op_policy.state_dict(),
             "magnitude_policies": {
                 self.op_names[i]: p.state_dict() for i, p in self._mag_policies.items()
@@ -550,6 +603,9 @@ class GARTransform:
             "counters": [self._updates, self._reference_skipped, self._nonfinite],
             "history": self._history.state(),
         }
+
+    def _table_state(self) -> dict[str, tuple[list[float] | None, bool]]:
+        return {k: (None if m is None else list(m), bool(sg)) for k, (m, sg) in self.table.items()}
 
     def check_state(self, state: Any) -> None:
         """Raise unless ``state`` is a :meth:`state_dict` of a transform with this op table."""
@@ -563,6 +619,16 @@ class GARTransform:
             raise ValueError(
                 f"state is for ops {list(state['ops'])} with bins {list(state['bins'])}, but "
                 f"this transform has ops {self.op_names} with bins {bins}"
+            )
+        mine = self._table_state()
+        theirs = {
+            k: (None if m is None else torch.as_tensor(m).tolist(), bool(sg))
+            for k, (m, sg) in state["table"].items()
+        }
+        if theirs != mine:
+            diff = [k for k in mine if theirs.get(k) != mine[k]]
+            raise ValueError(
+                f"state is for another op table: op(s) {diff} have other magnitudes or signs"
             )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -172,7 +172,12 @@ class MixtureDataset(Dataset):
         return s, key - self.offsets[s]
 
     def decode(self, keys: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
-        """Source ids and in-source indices of a batch of keys: two int64 Tensors ``[N]``."""
+        """Source ids and in-source indices of a batch of keys: two int64 Tensors ``[N]``.
+
+        Decision keys ``(key, op, bin, negate, seed)`` (a sampler with a transform) decode by
+        their key."""
+        if len(keys) and isinstance(keys[0], tuple):
+            keys = [k[0] for k in keys]
         k = torch.as_tensor(keys, dtype=torch.long).flatten()
         if k.numel() and (int(k.min()) < 0 or int(k.max()) >= self.offsets[-1]):
             raise IndexError(

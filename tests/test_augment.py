@@ -152,6 +152,20 @@ def test_subset_of_the_default_ops():
         (None, {"num_magnitude_bins": 1}, ValueError, r"num_bins=1"),
         (None, {"floor": 0.5}, ValueError, r"floor=0.5"),
         (None, {"generator": 3}, TypeError, r"generator should be a torch.Generator"),
+        (
+            {"Posterize": ([4.0, 9.0], False)},
+            {},
+            ValueError,
+            r"'Posterize' takes unsigned magnitudes in \[0, 8\], but got \[9.0\]",
+        ),
+        (
+            {"Solarize": ([0.0, 0.5], True)},
+            {},
+            ValueError,
+            r"'Solarize' takes unsigned magnitudes in \[0, 1\], but got signed=True",
+        ),
+        (None, {"learn_ops": "no"}, TypeError, r"learn_ops should be a bool, but got"),
+        (None, {"fill": {torch.Tensor: 128}}, TypeError, r"fill should be None, a number"),
     ],
 )
 def test_bad_tables_raise(ops, kwargs, error, match):
@@ -167,6 +181,11 @@ def test_bad_tables_raise(ops, kwargs, error, match):
         (torch.zeros(4, 8, 8, dtype=torch.uint8), ValueError, r"shape=\(4, 8, 8\)"),
         (Image.new("RGBA", (8, 8)), TypeError, r"mode='RGBA'"),
         ([[0]], TypeError, r"but got list"),
+        (
+            tv_tensors.Mask(torch.zeros(1, 8, 8, dtype=torch.uint8)),
+            TypeError,
+            r"augments images, but got a tv_tensors.Mask",
+        ),
     ],
 )
 def test_unsupported_images_raise(image, error, match):
@@ -293,6 +312,41 @@ def test_state_dict_round_trip_of_both_policies():
     assert b.magnitude_weights == a.magnitude_weights
     with pytest.raises(ValueError, match=r"this transform has ops \['Identity'\]"):
         GARTransform(["Identity"]).load_state_dict(a.state_dict())
+    # Same op names and bin counts, other magnitudes or signs: another table all the same.
+    small = GARTransform({"Identity": (None, False), "Rotate": ([0.0, 10.0], True)})
+    other = GARTransform({"Identity": (None, False), "Rotate": ([0.0, 90.0], False)})
+    with pytest.raises(ValueError, match=r"another op table: op\(s\) \['Rotate'\]"):
+        other.load_state_dict(small.state_dict())
+
+
+def test_update_takes_the_tensors_draw_returns():
+    """draw() returns Tensors; update() takes them as it takes lists (the same step)."""
+    a, b = GARTransform(["Identity", "Rotate"]), GARTransform(["Identity", "Rotate"])
+    ops, bins, _ = a.draw(16, torch.Generator().manual_seed(0))
+    r = bins.double() + ops.double()
+    a.update(ops, bins, r)
+    b.update(ops.tolist(), bins.tolist(), r)
+    assert a.op_weights == b.op_weights
+    assert a.magnitude_weights == b.magnitude_weights
+    assert a.magnitude_weights != GARTransform(["Identity", "Rotate"]).magnitude_weights
+
+
+def test_magnitude_checks_its_op_and_bin():
+    tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
+    assert tf.magnitude(1, 3) == 135.0
+    assert tf.magnitude(1, 3, negate=True) == -135.0
+    assert tf.magnitude(0, 0) is None
+    with pytest.raises(ValueError, match=r"bin should lie in \[0, 4\) for op 'Rotate', but got"):
+        tf.magnitude(1, -1)
+    with pytest.raises(ValueError, match=r"op should lie in \[0, 2\), but got op=-1"):
+        tf.magnitude(-1, 0)
+
+
+def test_reinforce_magnitude_step_defaults_to_a_fraction_of_the_op_step():
+    tf = GARTransform(["Identity", "Rotate"], rule="reinforce")
+    op_lr = tf.state_dict()["op_policy"]["config"]["lr"]
+    mag_lr = tf.state_dict()["magnitude_policies"]["Rotate"]["config"]["lr"]
+    assert mag_lr == pytest.approx(0.3 * op_lr)
 
 
 def test_metrics_are_flat_and_history_records_updates():
@@ -366,6 +420,27 @@ def test_workers_apply_exactly_the_decisions_in_the_keys():
     for x, k in zip(xs, keys, strict=True):
         again = torch.stack([item[0] for item in s.dataset.__getitems__(k)])
         assert torch.equal(x, again)
+
+
+def test_decode_takes_decision_keys():
+    tf = GARTransform()
+    s = GARSampler(
+        {"a": Images(24, pipeline(tf)), "b": Images(8, pipeline(tf))},
+        batch_size=8,
+        seed=3,
+        transform=tf,
+    )
+    keys = next(iter(s))
+    assert isinstance(keys[0], tuple)
+    src, idx = s.decode(keys)
+    plain_src, plain_idx = s.decode([k[0] for k in keys])
+    assert torch.equal(src, plain_src)
+    assert torch.equal(idx, plain_idx)
+
+
+def test_apply_op_checks_its_image():
+    with pytest.raises(TypeError, match=r"dtype torch.uint8 .* but got dtype=torch.float32"):
+        apply_op(torch.zeros(3, 8, 8), "Solarize", 0.5)
 
 
 def test_fetching_leaves_the_global_rng_alone():
