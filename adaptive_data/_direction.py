@@ -98,13 +98,17 @@ def precondition(
       uses ``P = I``.
     * A parameter the optimizer does not own does not move: its entry of ``D`` is zero.
     * ``maximize=True`` flips the sign.
-    Common positive factors (the learning rate, Adam's ``1/(1 - beta1**step)``) are left out.
+    Common positive factors (the largest learning rate, Adam's ``1/(1 - beta1**step)``) are
+    left out; parameter groups with a smaller learning rate are scaled by their rate over it.
     The caller has checked ``optimizer`` with :func:`check_optimizer`.
     """
     if optimizer is None:
         return dict(direction)
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    # The learning rate is a common factor only within a group: groups with other rates are
+    # scaled relative to the largest (one group: no scaling).
+    top_lr = max(float(g["lr"]) for g in optimizer.param_groups)
     out: Direction = {}
     for name, d in direction.items():
         p = params[name]
@@ -119,6 +123,9 @@ def precondition(
             beta2 = float(group["betas"][1])
             denom = (v.detach() / (1.0 - beta2**step)).sqrt_().add_(float(group["eps"]))
             d = d / denom.to(d.dtype)
+        lr = float(group["lr"])
+        if lr != top_lr:
+            d = d * (lr / top_lr if top_lr > 0 else 0.0)
         if group.get("maximize", False):
             d = -d
         out[name] = d

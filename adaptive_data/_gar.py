@@ -270,6 +270,8 @@ class GAR:
         group = self._current
         if group is None:
             return
+        if self.reward == "cosine" and any(k.call.entry is entry for k in group.calls):
+            _ghost.refuse_repeated_call(entry, module)
         # Detached views share the inputs' version counters: in-place edits are still caught.
         kept = _Kept(
             Call(entry, _detach(args), _detach(kwargs), self._rng_snapshots.pop(id(entry), None))

@@ -347,6 +347,17 @@ class Entry:
     norm: NormFn | None = None  # its per-example gradient-norm rule, if one exists
 
 
+def refuse_repeated_call(entry: Entry, module: nn.Module) -> None:
+    """The cosine reward's per-example norms are per call: a layer that runs twice in one
+    forward gets a gradient whose norm has cross terms between the calls that the per-call
+    norms miss, so the cosine would be wrong. Raise instead."""
+    raise ValueError(
+        f"reward='cosine' needs each covered layer to run once per forward, but module "
+        f"{entry.name!r} ({type(module).__name__}) ran again in the same forward; use "
+        "reward='dot' (exact for layers called several times)"
+    )
+
+
 def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> list[Entry]:
     """Assign every trainable parameter to the modules whose rule covers it.
 
@@ -357,7 +368,11 @@ def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> li
     entries: list[Entry] = []
     covered_by_parent: set[str] = set()
     uncovered: list[str] = []
+    seen: set[int] = set()
     for mod_name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen:  # one module under two names: its calls are hooked once
+            continue
+        seen.add(id(module))
         if isinstance(module, nn.Embedding) and module.max_norm is not None:
             raise ValueError(
                 f"module {mod_name!r} is an Embedding with max_norm={module.max_norm}, which "
@@ -540,6 +555,7 @@ class GhostRun:
         self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self.active = True
         self._rng: dict[int, RngSnapshot] = {}
+        self._called: set[int] = set()  # entries already called (reward="cosine")
         self._handles: list[Any] = register_call_hooks(entries, self._before, self._after)
 
     def close(self) -> None:
@@ -564,6 +580,10 @@ class GhostRun:
     ) -> Any:
         if not self.active:
             return None
+        if self.sq is not None:
+            if id(entry) in self._called:
+                refuse_repeated_call(entry, module)
+            self._called.add(id(entry))
         call = Call(entry, args, kwargs, self._rng.pop(id(entry), None))
         leaves, spec = tree_flatten(output)
         dims = entry.rule.batch_dims(module, len(leaves))

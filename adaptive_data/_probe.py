@@ -59,12 +59,16 @@ def mean_loss_gradient(
 
 
 def _cosine(dot: Tensor, sq_norms: Tensor, d: Direction) -> Tensor:
-    """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0."""
+    """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0, NaN where either is not
+    finite."""
     d_norm = torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in d.values()])
     )
     denom = sq_norms.clamp_min(0).sqrt() * d_norm.to(sq_norms.device)
-    return torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
+    cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
+    # A non-finite gradient gives a NaN reward (dropped and counted downstream), never a 0.
+    finite = torch.isfinite(dot) & torch.isfinite(sq_norms) & torch.isfinite(d_norm)
+    return torch.where(finite, cos, torch.nan)
 
 
 # What a method returns: r [N], and the squared per-example gradient norms [N] where the method

@@ -1,0 +1,116 @@
+"""GradientProbe and GAR on models that share layers, optimizers with several learning rates,
+and non-finite gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import adaptive_data as ad
+
+
+def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def direction(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()
+    }
+
+
+def loop_oracle(model, x, y, d, cosine=False):
+    """One autograd call per example: r_i = <g_i, D> (or the cosine)."""
+    params = dict(model.named_parameters())
+    dd = torch.cat([d[n].flatten() for n in params])
+    out = []
+    for i in range(len(x)):
+        loss = ce(model(x[i : i + 1]), y[i : i + 1]).sum()
+        g = torch.cat([t.flatten() for t in torch.autograd.grad(loss, list(params.values()))])
+        out.append(torch.dot(g, dd) / (g.norm() * dd.norm()) if cosine else torch.dot(g, dd))
+    return torch.stack(out)
+
+
+class Aliased(nn.Module):
+    """A module registered under two names, called once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.alias = self.first
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.first(x)))
+
+
+def test_a_module_under_two_names_is_counted_once():
+    torch.manual_seed(0)
+    model = Aliased()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    d = direction(model)
+    for reward in ("dot", "cosine"):
+        got = ad.GradientProbe(model, ce, reward=reward)(x, y, direction=d)
+        torch.testing.assert_close(got, loop_oracle(model, x, y, d, reward == "cosine"))
+
+
+def test_cosine_refuses_a_layer_called_twice_and_dot_stays_exact():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    d = direction(model)
+    with pytest.raises(ValueError, match=r"module '0' \(Linear\) ran again in the same forward"):
+        ad.GradientProbe(model, ce, reward="cosine")(x, y, direction=d)
+    torch.testing.assert_close(
+        ad.GradientProbe(model, ce)(x, y, direction=d), loop_oracle(model, x, y, d)
+    )
+
+    sampler = ad.GARSampler(
+        TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=5, seed=0
+    )
+    gar = ad.GAR(model, sampler)  # reward="cosine" by default
+    xb, _ = next(iter(DataLoader(sampler.dataset, batch_sampler=sampler)))
+    with pytest.raises(ValueError, match=r"ran again in the same forward; use reward='dot'"):
+        model(xb)
+    gar.close()
+
+
+def test_parameter_groups_with_other_learning_rates_scale_the_direction():
+    """SGD moves each group by its own rate: D is scaled by each group's rate relative to the
+    largest (one group: unchanged)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    d = direction(model)
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 1e-2},
+            {"params": model[2].parameters(), "lr": 1e-5},
+        ]
+    )
+    got = ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=d, optimizer=opt)
+    scaled = {n: t * (1.0 if n.startswith("0.") else 1e-3) for n, t in d.items()}
+    oracle = ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=scaled)
+    torch.testing.assert_close(got, oracle)
+    one = torch.optim.SGD(model.parameters(), lr=0.3)
+    plain = ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=d)
+    torch.testing.assert_close(
+        ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=d, optimizer=one), plain
+    )
+
+
+@pytest.mark.parametrize("method", ["ghost", "per_sample"])
+def test_a_nonfinite_gradient_gives_a_nan_cosine_not_zero(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    x[1, 0] = float("nan")
+    r = ad.GradientProbe(model, ce, method=method, reward="cosine", verify="never")(
+        x, y, direction=direction(model)
+    )
+    assert torch.isnan(r[1])
+    assert bool(torch.isfinite(r[[0, 2, 3]]).all())
