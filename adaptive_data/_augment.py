@@ -134,10 +134,15 @@ def apply_op(
     threshold is ``magnitude`` times the image's maximum value. Returns the same type as
     ``image`` (PIL image, Tensor or ``tv_tensors.Image``).
     """
+    _check_image(image)
+    return _kernel(image, op, magnitude, interpolation, fill)
+
+
+def _kernel(image: Any, op: str, magnitude: float, interpolation: Any, fill: Any) -> Any:
+    """:func:`apply_op` on an image already checked (GARTransform checks once per call)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    _check_image(image)
     if interpolation is None:
         interpolation = InterpolationMode.NEAREST
     if op == "Identity":
@@ -403,13 +408,8 @@ class GARTransform:
         if op == NO_AUGMENTATION:
             return image
         value = self.magnitude(op, bin, negate)
-        return apply_op(
-            image,
-            self.op_names[op],
-            0.0 if value is None else value,
-            interpolation=self.interpolation,
-            fill=self.fill,
-        )
+        name = self.op_names[op]
+        return _kernel(image, name, 0.0 if value is None else value, self.interpolation, self.fill)
 
     def __call__(self, image: Any) -> Any:
         _check_image(image)

@@ -48,6 +48,7 @@ class _Group:
     step: int  # the number of step() calls made before its forward
     calls: list[_Kept] = field(default_factory=list)
     n: int | None = None  # batch size, from the first output seen
+    entries: set[int] = field(default_factory=set)  # ids of the entries called (cosine check)
 
 
 def _detach(tree: Any) -> Any:
@@ -270,8 +271,10 @@ class GAR:
         group = self._current
         if group is None:
             return
-        if self.reward == "cosine" and any(k.call.entry is entry for k in group.calls):
-            _ghost.refuse_repeated_call(entry, module)
+        if self.reward == "cosine":
+            if id(entry) in group.entries:
+                _ghost.refuse_repeated_call(entry, module)
+            group.entries.add(id(entry))
         # Detached views share the inputs' version counters: in-place edits are still caught.
         kept = _Kept(
             Call(entry, _detach(args), _detach(kwargs), self._rng_snapshots.pop(id(entry), None))

@@ -266,9 +266,12 @@ class CategoricalPolicy:
             raise ValueError(
                 f"momentum should be a number in [0, 1), but got momentum={momentum!r}"
             )
+        lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr)
+        max_step = _check_positive("max_step", max_step)
+        # Set only once every value passed, so a refused state leaves the policy as it was.
         self.floor = float(floor)
-        self.lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr)
-        self.max_step = _check_positive("max_step", max_step)
+        self.lr = lr
+        self.max_step = max_step
         self.rule = rule
         self.normalize = normalize
         self.momentum = float(momentum)

@@ -300,9 +300,9 @@ class _Record:
     def reference(self) -> bool:
         return self.was_reference or (self.aug is not None and self.aug.ops[0] == NO_AUGMENTATION)
 
-    def spent_row(self) -> list[int]:
+    def spent_row(self, lost: bool) -> list[int]:
         """A rewarded or lost batch in a state: what keeps its place in the reward window."""
-        return [self.id, self.epoch, self.position, self.rewarded, self.lost, self.reference]
+        return [self.id, self.epoch, self.position, self.rewarded, lost, self.reference]
 
     @classmethod
     def from_spent_row(cls, row: Sequence[int]) -> _Record:
@@ -1126,8 +1126,7 @@ class GARSampler(Sampler[list[int]]):
             if r.id >= cut:
                 window.append(r.to_state())
             elif r.rewarded or r.lost or r.id in lost:
-                r.lost = r.lost or r.id in lost
-                spent.append(r.spent_row())
+                spent.append(r.spent_row(r.lost or r.id in lost))
             else:
                 unrewarded.append(r.to_state())
         return {
