@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,8 @@ from ._sampler import GARSampler
 from ._state import RngSnapshot, cuda_devices
 
 __all__ = ["GAR"]
+
+_STATE_VERSION = 1
 
 
 @dataclass
@@ -162,6 +164,15 @@ class GAR:
                     f"gradient, but got loss_fn={loss_fn!r}"
                 )
             reference = iter(reference)
+        if reference is None and len(sampler.names) > 1:
+            raise ValueError(
+                f"GAR over a mixture of {len(sampler.names)} sources needs reference= batches "
+                "from data you trust (a target or validation split), e.g. "
+                "reference=ReferenceBatches(val_set, 128), with loss_fn: a reference drawn from "
+                "the training mixture itself lets the mixture run away onto the sources it "
+                "favours (docs/concepts.md, 'Which reference'). The next-batch reference "
+                "(reference=None) is for augmentation over one trusted source"
+            )
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         params = trainable_parameters(core)
         if not params:
@@ -195,6 +206,10 @@ class GAR:
         self._frozen_rows = gradient_free_rows(core, params)
         self._devices = cuda_devices(core)
         self._steps = 0
+        self._seen = sampler.deliveries  # deliveries paired with a training forward so far
+        self._step_batches: list[int] = []  # batches received since the last step, in order
+        self._forwards = 0  # training forwards since the last step
+        self._last_step_batches: list[int] = []  # the batches of the last step
         self._augmented = 0  # augmented batches seen (with reference batches)
         self._last_augmented: int | None = None
         self._groups: list[_Group] = []
@@ -234,19 +249,28 @@ class GAR:
     # ------------------------------------------------------------------ hooks
 
     def _begin(self, module: nn.Module, args: tuple) -> None:
-        """Root forward: decide whether this batch is kept, and for which sampler batch."""
+        """Root forward: pair it with the batch the loop received, decide whether to keep it.
+
+        The k-th training forward after a ``step()`` belongs to the k-th batch the tracked
+        loader delivered after that step (a Trainer may fetch all its accumulation
+        micro-batches first); a forward with no new delivery repeats the last batch.
+        ``step()`` checks that the pairing was unambiguous.
+        """
         self._current = None
         if self._paused or not (torch.is_grad_enabled() and module.training):
             return
-        counting_batches = bool(self.sampler.reference_every)
-        if not counting_batches and self._steps % self.every:
-            return
-        try:
-            batch = self.sampler.last_batch
-        except RuntimeError:
-            return  # no batch received from the sampler's loader yet (a warm-up forward)
+        self._forwards += 1
+        if self.sampler.deliveries > self._seen:
+            batch = self.sampler.delivery(self._seen)
+            self._seen += 1
+            self._step_batches.append(batch)
+        elif self._step_batches:
+            batch = self._step_batches[-1]  # a second forward of the same batch
+        else:
+            return  # no batch received since the last step (a warm-up forward)
         if self.sampler.is_reference(batch):
             return
+        counting_batches = bool(self.sampler.reference_every)
         if counting_batches:
             # With reference batches, every k-th *augmented* batch is kept: counting steps
             # would line the kept steps up with the reference batches in every other epoch
@@ -256,6 +280,8 @@ class GAR:
                 self._augmented += 1
             if (self._augmented - 1) % self.every:
                 return
+        elif self._steps % self.every:
+            return
         # A second forward of the same batch (before the same step) replaces the first.
         self._groups = [g for g in self._groups if g.batch != batch]
         self._current = _Group(batch, self._steps)
@@ -313,6 +339,7 @@ class GAR:
         # This step's batch is complete. From here on no forward is a training batch: the
         # rules that replay a module's forward (JVP) must not be kept as one.
         self._current = None
+        self._check_pairing()
         params = trainable_parameters(self._core)
         if tuple(id(p) for p in params.values()) != self._param_ids:
             raise RuntimeError(
@@ -360,16 +387,38 @@ class GAR:
         self._steps += 1
         return out
 
+    def _check_pairing(self) -> None:
+        """Raise if this step's forwards cannot be told apart by batch; reset the count."""
+        pending = self.sampler.deliveries - self._seen
+        received, forwards = len(self._step_batches), self._forwards
+        self._last_step_batches, self._step_batches, self._forwards = self._step_batches, [], 0
+        if pending > 0:
+            raise RuntimeError(
+                f"{pending} batch(es) received from the tracked loader had no training forward "
+                "before this step(): GAR pairs the k-th training forward after a step with the "
+                "k-th batch received after it, so train on every batch the loop receives, in "
+                "order (or track the iterable the loop itself consumes, not one that reads ahead)"
+            )
+        if received > 1 and forwards != received:
+            raise RuntimeError(
+                f"{forwards} training forwards ran on the {received} batches received since "
+                "the last step(): which forward belongs to which batch is ambiguous. Run one "
+                "forward per received batch between two step() calls"
+            )
+        if forwards and not received and self.sampler.metrics()["batches_drawn"]:
+            raise RuntimeError(
+                "the model ran a training forward, but no batch reached the loop through "
+                "sampler.track(): wrap the iterable the loop consumes, loader = "
+                "sampler.track(loader), so GAR knows which batch each forward belongs to"
+            )
+
     def _awaiting_reference(self) -> bool:
         """With a transform's reference batches (``reference_every``), whether the batch just
         trained on is an augmented one: its gradient is then not the reference of the kept
         augmented batches, which wait for the next un-augmented batch's."""
-        if not self.sampler.reference_every:
+        if not self.sampler.reference_every or not self._last_step_batches:
             return False
-        try:
-            return not self.sampler.is_reference(self.sampler.last_batch)
-        except (RuntimeError, ValueError):
-            return False  # no batch received from the sampler's loader
+        return not self.sampler.is_reference(self._last_step_batches[-1])
 
     def _drop_stale(self) -> None:
         """Drop kept batches that waited more than ``reference_every`` steps for a reference
@@ -428,6 +477,78 @@ class GAR:
                     if sq_m is not None:
                         sq += sq_m
         return _cosine(r, sq, d) if cosine else r
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """GAR's counters and the held-out reference stream's position; call between steps.
+
+        With ``every > 1`` or reference batches, which batches are kept depends on these
+        counters, so a resumed run that loads them (with the sampler's state) rewards the
+        batches an uninterrupted one rewards. The batches kept but not yet rewarded at the
+        checkpoint (the next-batch mode's last batch; augmented batches waiting for a
+        reference batch) are not saved (they hold a step's activations): a resumed run
+        counts them in ``metrics()["batches_dropped"]`` and never rewards them. In the
+        held-out mode every kept batch is rewarded at its own step, so nothing is lost. The
+        reference iterator's position is saved when it has ``state_dict()``
+        (:class:`ReferenceBatches` has); another iterator restarts where it stands.
+        """
+        ref = self._reference
+        ref_state = ref.state_dict() if ref is not None and hasattr(ref, "state_dict") else None
+        return {
+            "version": _STATE_VERSION,
+            "mode": "next batch" if ref is None else "held-out",
+            "every": self.every,
+            "reward": self.reward,
+            "steps": self._steps,
+            "augmented": self._augmented,
+            "last_augmented": self._last_augmented,
+            "rewarded": self._rewarded,
+            "dropped": self._dropped + len(self._groups),
+            "last_mean": self._last_mean,
+            "reference": ref_state,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (load the sampler's state beside it). Raises if the
+        state was saved by a GAR with another mode, ``every`` or reward."""
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"state should be a GAR.state_dict() of version {_STATE_VERSION}, but got "
+                + (
+                    f"version={state.get('version')!r}"
+                    if isinstance(state, Mapping)
+                    else type(state).__name__
+                )
+            )
+        missing = sorted(
+            {"mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded"}
+            | {"dropped", "last_mean", "reference"} - set(state)
+        )
+        if missing:
+            raise ValueError(f"GAR state is missing the key(s) {missing}")
+        mode = "next batch" if self._reference is None else "held-out"
+        for key, mine in (("mode", mode), ("every", self.every), ("reward", self.reward)):
+            if state[key] != mine:
+                raise ValueError(f"state has {key}={state[key]!r}, but this GAR has {key}={mine!r}")
+        if state["reference"] is not None and self._reference is not None:
+            if not hasattr(self._reference, "load_state_dict"):
+                raise ValueError(
+                    "state holds the reference stream's position, but this GAR's reference "
+                    f"iterator ({type(self._reference).__name__}) has no load_state_dict()"
+                )
+            self._reference.load_state_dict(state["reference"])
+        self._steps = int(state["steps"])
+        self._augmented = int(state["augmented"])
+        last = state["last_augmented"]
+        self._last_augmented = None if last is None else int(last)
+        self._rewarded = int(state["rewarded"])
+        self._dropped = int(state["dropped"])
+        self._last_mean = float(state["last_mean"])
+        self._groups.clear()
+        self._current = None
+        self._seen = self.sampler.deliveries
+        self._step_batches, self._last_step_batches, self._forwards = [], [], 0
 
     # ------------------------------------------------------------------ reading
 

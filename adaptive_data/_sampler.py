@@ -6,9 +6,7 @@ import bisect
 import copy
 import math
 import sys
-import types
 import warnings
-import weakref
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Sampler
-from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ._augment import NO_AUGMENTATION, GARTransform
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
+from ._tracking import TrackedLoader, _Pass
 
 __all__ = ["GARSampler", "MixtureDataset"]
 
@@ -353,26 +351,20 @@ class _Record:
 class _GARIterator:
     """What ``iter(sampler)`` returns: yields lists of keys, one batch per ``next()``.
 
-    It remembers the DataLoader iterator that created it (weakly) so the sampler can read how
-    many of its batches that loader has delivered. Stateful (torchdata): its state is its
-    position in the epoch, which StatefulDataLoader stores beside the sampler's own state.
+    Stateful (torchdata): its state is its position in the epoch, which StatefulDataLoader
+    stores beside the sampler's own state. When a :class:`TrackedLoader` pass is open as it
+    yields its first batch, it is bound to that pass, whose count says how many of its
+    batches reached the loop.
     """
 
-    def __init__(self, sampler: GARSampler, loader_iter: Any) -> None:
+    def __init__(self, sampler: GARSampler) -> None:
         self._sampler = sampler
-        self.loader = weakref.ref(loader_iter) if loader_iter is not None else None
         self.started = False
         self.exhausted = False
         self.first_id = 0
         self.returned = 0  # batches handed out by __next__
-        self.calls = 0  # __next__ calls, StopIteration included
-        self.last_seen: int | None = None  # the loader's _num_yielded at the last call
-        self.loader_base = 0  # the loader's _num_yielded when this iterator starts counting
-        self.frozen: int | None = None  # delivered count, fixed once a newer iterator took over
-        self.multi: bool | None = None  # loader with worker processes
-        self.prefetch = 0  # prefetch_factor * num_workers of that loader
+        self.tracker: _Pass | None = None
         self.target: Any = None  # from load_state_dict: None, "fresh" or an epoch position
-        self.foreign: str | None = None  # another batch sampler between us and the DataLoader
 
     def __iter__(self) -> _GARIterator:
         return self
@@ -394,29 +386,6 @@ class _GARIterator:
         self.target = (
             ("at", int(state["epoch"]), int(state["position"])) if state["started"] else "fresh"
         )
-        if state["started"]:
-            # The StatefulDataLoader restores its own count of delivered batches (= position).
-            self.loader_base = int(state["position"])
-
-
-def _calling_loader_iter(sampler: GARSampler) -> tuple[Any, str | None]:
-    """The DataLoader iterator whose ``iter(batch_sampler)`` call is running, if any.
-
-    Returns ``(loader iterator or None, foreign)``: ``foreign`` names the batch sampler that
-    wraps this one when a DataLoader iterates *it* (then deliveries cannot be matched).
-    """
-    frame: types.FrameType | None = sys._getframe(2)
-    for _ in range(10):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, _BaseDataLoaderIter):
-            index_sampler = getattr(owner, "_index_sampler", None)
-            if index_sampler is sampler:
-                return owner, None
-            return None, type(index_sampler).__name__
-        frame = frame.f_back
-    return None, None
 
 
 # ---------------------------------------------------------------------- the sampler
@@ -435,7 +404,7 @@ class GARSampler(Sampler[list[int]]):
     Pass it as ``batch_sampler`` with ``dataset=sampler.dataset``::
 
         sampler = GARSampler({"clean": a, "web": b}, batch_size=64, seed=0)
-        loader = DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=2)
+        loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=2))
         for x, y in loader:
             ...                        # the user's own step; r = probe(x, y, reference=...)
             sampler.update(r)          # rewards [B] of the batch just received
@@ -447,18 +416,13 @@ class GARSampler(Sampler[list[int]]):
     ``len(sampler)`` batches. All randomness is in ``torch.Generator`` objects in the main
     process; keys are plain ints and workers hold no state. Cost: O(batch_size + K) per batch.
 
-    Reward attribution. ``update(r)`` gives ``r`` to the batch the training loop most recently
-    received. ``iter(sampler)`` is called by the DataLoader iterator (``_BaseDataLoaderIter``)
-    itself; the sampler keeps a weak reference to that caller and, at ``update()``, reads how
-    many batches it has delivered (its ``_num_yielded``). Batches are delivered in the order
-    the sampler yields them, so the n-th delivered batch is the n-th yielded one, whatever
-    ``num_workers``/``prefetch_factor``: prefetched batches are never mistaken for delivered
-    ones. After a ``break`` or at the end of a non-persistent epoch the loader iterator is
-    gone; the count is then inferred from the sampler's own calls (one per delivered batch,
-    after ``prefetch_factor * num_workers`` prefetches). Iterated without a DataLoader, the
-    last yielded batch is the received one. ``update(r, batch=i)`` attributes to batch ``i``
-    (read ``sampler.last_batch`` when the batch arrives): the delayed form for next-batch
-    rewards. Limits: one loader at a time over a sampler; ``in_order=True`` (the default).
+    Reward attribution. Wrap the iterable the loop consumes, ``loader = sampler.track(loader)``
+    (:meth:`track`): it counts the batches it hands to the loop, and every stack below it
+    (workers, prefetch, accelerate's read-ahead) delivers the sampler's batches in the order
+    they were drawn, so ``update(r)`` gives ``r`` to the batch the loop received most
+    recently. ``update(r, batch=i)`` attributes to batch ``i`` (read :attr:`last_batch` when
+    the batch arrives): the delayed form. Without tracking, ``update(r)`` raises instead of
+    guessing. Limits: docs/howto-mixture.md, "Which batch the loop holds".
 
     Policy lag. Prefetched batches were drawn before the updates of the batches ahead of
     them; with ``P = prefetch_factor * num_workers`` a batch reflects the updates of batches
@@ -629,7 +593,10 @@ class GARSampler(Sampler[list[int]]):
         self._records: OrderedDict[int, _Record] = OrderedDict()
         self._replay: deque[_Record] = deque()
         self._iters: deque[_GARIterator] = deque(maxlen=8)  # started iterators, oldest first
-        self._bound: list[_GARIterator] = []  # iterators created by loaders, for superseding
+        self._open: _Pass | None = None  # the tracked pass the next iteration belongs to
+        self._deliveries: deque[int] = deque(maxlen=reward_window)  # ids handed to the loop
+        self._num_deliveries = 0
+        self._last_received: int | None = None
         self._active: _GARIterator | None = None
         self._pending: list[dict[str, Any]] = []  # loaded states not yet consumed by an epoch
         self._live: dict[str, Any] | None = None  # the one of them the sampler holds now
@@ -659,25 +626,63 @@ class GARSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> _GARIterator:
-        loader_iter, foreign = _calling_loader_iter(self)
-        it = _GARIterator(self, loader_iter)
-        it.foreign = foreign
-        if loader_iter is not None:
-            # A loader that re-creates its sampler iterator (persistent workers, a restore)
-            # stops delivering from the old one: freeze the old one's count before the loader
-            # resets it.
-            alive = []
-            for old in self._bound:
-                ref = old.loader() if old.loader is not None else None
-                if ref is None:
-                    continue
-                if ref is loader_iter and old.frozen is None:
-                    old.frozen = max(
-                        0, int(getattr(loader_iter, "_num_yielded", 0)) - old.loader_base
-                    )
-                alive.append(old)
-            self._bound = [*alive[-7:], it]
-        return it
+        return _GARIterator(self)
+
+    def track(self, loader: Any) -> TrackedLoader:
+        """Wrap the iterable the training loop consumes, so rewards find their batch.
+
+        ``loader`` is the *outermost* iterable the loop iterates: the DataLoader over this
+        sampler, or what wraps it (accelerate's prepared loader, torchdata's
+        StatefulDataLoader). The k-th batch it hands to the loop in one pass is the k-th
+        batch the sampler yielded in that pass, whatever prefetching or read-ahead happens
+        below. ``update(r)``, :attr:`last_batch`, :meth:`state_dict` and :class:`GAR` need
+        it. Raises (at ``iter()``) for a loader whose batches cannot be matched: another
+        batch sampler wrapping this one, ``in_order=False``. Limits and the stacks it was
+        tested in: docs/howto-mixture.md, "Which batch the loop holds".
+        """
+        return TrackedLoader(self, loader)
+
+    def _open_pass(self, skip: int, workers: int) -> _Pass:
+        """A tracked iterable starts a pass: the next sampler iteration to yield is its own."""
+        p = _Pass(skip, workers)
+        self._open = p
+        return p
+
+    def _deliver(self, p: _Pass) -> None:
+        """A tracked iterable handed one more batch to the loop."""
+        it = p.it
+        if it is None:
+            raise RuntimeError(
+                "the tracked iterable delivered a batch, but this GARSampler drew none in this "
+                "pass: track the loader whose batch_sampler is this sampler"
+            )
+        n = p.skip + p.delivered + 1
+        if n > it.returned:
+            raise RuntimeError(
+                f"the tracked iterable delivered its batch {n} of this pass, but the sampler has "
+                f"yielded only {it.returned}: its batches are not this sampler's, in order"
+            )
+        p.delivered += 1
+        bid = it.first_id + n - 1
+        self._deliveries.append(bid)
+        self._num_deliveries += 1
+        self._last_received = bid
+
+    @property
+    def deliveries(self) -> int:
+        """How many batches tracked loaders have handed to the training loop, in total (this
+        process, since construction)."""
+        return self._num_deliveries
+
+    def delivery(self, i: int) -> int:
+        """Id of the ``i``-th batch (0-based, in :attr:`deliveries`' count) handed to the loop;
+        the last ``reward_window`` deliveries are kept."""
+        first = self._num_deliveries - len(self._deliveries)
+        if isinstance(i, bool) or not isinstance(i, int) or not first <= i < self._num_deliveries:
+            raise IndexError(
+                f"delivery should be an int in [{first}, {self._num_deliveries}), but got i={i!r}"
+            )
+        return self._deliveries[i - first]
 
     def set_epoch(self, epoch: int) -> None:
         """Number the next epoch ``epoch`` (its generator is seeded from ``(seed, epoch)``).
@@ -809,15 +814,9 @@ class GARSampler(Sampler[list[int]]):
             self._choice_gen.manual_seed(_mix(self.seed, 2, self._epoch, self.rank))
 
     def _next_batch(self, it: _GARIterator) -> list[int]:
-        it.calls += 1
-        loader = it.loader() if it.loader is not None else None
-        if loader is not None:
-            it.last_seen = getattr(loader, "_num_yielded", None)
         if it.exhausted:
             raise StopIteration
         if not it.started:
-            if loader is not None:
-                self._check_loader(loader, it)
             self._start(it)
             if it.exhausted:
                 raise StopIteration
@@ -829,6 +828,8 @@ class GARSampler(Sampler[list[int]]):
         if self._pos >= self.num_batches:
             it.exhausted = True
             raise StopIteration
+        if it.tracker is None and self._open is not None and self._open.it is None:
+            it.tracker, self._open.it = self._open, it
         rec = self._replay.popleft() if self._replay else self._draw()
         if rec.id >= self._next_id:
             self._next_id = rec.id + 1
@@ -837,82 +838,54 @@ class GARSampler(Sampler[list[int]]):
         self._pos = rec.position
         it.returned += 1
         # In-process loaders get the source ids along (no search in the dataset); for worker
-        # processes a plain list pickles faster and the search runs in the workers.
-        return rec.batch(sources=not it.multi)
-
-    def _check_loader(self, loader: Any, it: _GARIterator) -> None:
-        workers = int(getattr(loader, "_num_workers", 0))
-        it.multi = workers > 0
-        if it.multi:
-            it.prefetch = int(getattr(loader, "_prefetch_factor", 2) or 0) * workers
-            if getattr(loader, "_in_order", True) is False:
-                raise ValueError(
-                    "GARSampler needs the DataLoader to deliver batches in order to attribute "
-                    "rewards, but got in_order=False"
-                )
-            if it.prefetch >= self.reward_window:
-                raise ValueError(
-                    f"reward_window={self.reward_window} should exceed prefetch_factor * "
-                    f"num_workers = {it.prefetch}"
-                )
+        # processes (or a loader not tracked) a plain list pickles faster.
+        return rec.batch(sources=it.tracker is not None and not it.tracker.workers)
 
     # ------------------------------------------------------------------ attribution
 
-    def _delivered(self, it: _GARIterator) -> int | None:
-        """How many of ``it``'s batches reached the training loop (None: cannot tell)."""
-        if it.foreign is not None:
-            raise RuntimeError(
-                f"this GARSampler is iterated by another batch sampler ({it.foreign}) inside a "
-                "DataLoader, so the batches the loop receives cannot be matched to the ones it "
-                "drew; pass the GARSampler itself as the DataLoader's batch_sampler"
-            )
-        if it.frozen is not None:
-            return min(it.frozen, it.returned)
-        if it.loader is None:
+    def _delivered(self, it: _GARIterator) -> int:
+        """How many of ``it``'s batches went past the loop: delivered to it, or dropped by a
+        skipping wrapper on the way. Without tracking, every batch yielded counts (the state
+        a StatefulDataLoader snapshots when it draws a batch is then exact)."""
+        p = it.tracker
+        if p is None:
             return it.returned
-        loader = it.loader()
-        if loader is not None and getattr(loader, "_sampler_iter", None) is it:
-            return int(loader._num_yielded) - it.loader_base
-        # The loader iterator is gone (a break, the end of a non-persistent epoch).
-        if not it.multi:
-            return it.returned
-        n = max(0, it.calls - it.prefetch)
-        if n > 0 and it.last_seen is not None and it.last_seen + 1 - it.loader_base != n:
-            return None
-        return min(n, it.returned)
+        return min(p.skip + p.delivered, it.returned)
 
     def _lost_ids(self) -> set[int]:
-        """Ids of batches that earlier iterations drew but never delivered."""
+        """Ids of batches that were drawn but never delivered: skipped by a wrapper, or left
+        behind by an iteration that ended early."""
         lost: set[int] = set()
         for it in self._iters:
-            if it is self._active or it.foreign is not None:
+            p = it.tracker
+            if p is not None and p.skip:
+                lost.update(range(it.first_id, it.first_id + min(p.skip, it.returned)))
+            if it is self._active:
                 continue
-            d = self._delivered(it)
-            if d is not None:
-                lost.update(range(it.first_id + d, it.first_id + it.returned))
+            lost.update(range(it.first_id + self._delivered(it), it.first_id + it.returned))
         return lost
 
     def _received(self) -> _Record:
-        for it in reversed(self._iters):
-            d = self._delivered(it)
-            if d is None:
-                raise RuntimeError(
-                    "cannot tell which batch was received last: the DataLoader iterator is gone "
-                    "and its delivery count could not be inferred; call update() inside the loop "
-                    "or pass update(r, batch=sampler.last_batch read inside the loop)"
-                )
-            if d > 0:
-                bid = it.first_id + d - 1
-                rec = self._records.get(bid)
-                if rec is None:
-                    raise RuntimeError(
-                        f"batch {bid} is older than the last reward_window={self.reward_window} "
-                        "batches; its keys are gone"
-                    )
-                return rec
-        raise RuntimeError(
-            "update() was called before any batch was received from a loader over this sampler"
-        )
+        it = self._active
+        if it is not None and it.tracker is None and it.returned:
+            raise RuntimeError(
+                "GARSampler cannot tell which batch the training loop holds: its batches are "
+                "not iterated through sampler.track(). Wrap the iterable the loop consumes, "
+                "loader = sampler.track(loader), or pass update(r, batch=id)"
+            )
+        bid = self._last_received
+        if bid is None:
+            raise RuntimeError(
+                "update() was called before any batch was received through "
+                "sampler.track(loader)"
+            )
+        rec = self._records.get(bid)
+        if rec is None:
+            raise RuntimeError(
+                f"batch {bid} is older than the last reward_window={self.reward_window} "
+                "batches; its keys are gone"
+            )
+        return rec
 
     def is_reference(self, batch: int) -> bool:
         """Whether batch ``batch`` (an id from :attr:`last_batch`) is an un-augmented reference
@@ -955,8 +928,14 @@ class GARSampler(Sampler[list[int]]):
             )
         for it in self._iters:
             if it.first_id <= batch < it.first_id + it.returned:
+                p = it.tracker
+                if p is not None and batch < it.first_id + p.skip:
+                    raise ValueError(
+                        f"batch={batch} was skipped by a wrapper of the loader (skip_batches="
+                        f"{p.skip}) and never delivered"
+                    )
                 d = self._delivered(it)
-                if d is not None and batch >= it.first_id + d:
+                if batch >= it.first_id + d:
                     state = (
                         "is still prefetched"
                         if it is self._active and not it.exhausted
@@ -1108,11 +1087,6 @@ class GARSampler(Sampler[list[int]]):
         it = self._active
         if it is not None and self._epoch is not None:
             d = self._delivered(it)
-            if d is None:
-                raise RuntimeError(
-                    "state_dict(): cannot tell how many batches the loader delivered; call it "
-                    "inside the loop"
-                )
             position = self._pos - it.returned + d
             cut = it.first_id + d  # the first batch drawn but not yet delivered
         else:

@@ -229,7 +229,7 @@ def main() -> None:
     model = cnn(16).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     sampler = ad.GARSampler(data, batch_size=128, seed=args.seed)
-    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     loss_fn = nn.CrossEntropyLoss()
     results: dict[str, Any] = {
         **header(),

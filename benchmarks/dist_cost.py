@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, store: str, out: str, updates: int, repeats: 
     rewards = [torch.randn(BATCH, generator=g) for _ in range(64)]
 
     def run(s: ad.GARSampler) -> float:
-        it = iter(s)
+        it = iter(s.track(s))
         t = time.perf_counter()
         for i in range(updates):
             next(it)

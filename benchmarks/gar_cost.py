@@ -45,7 +45,7 @@ def make_loop(
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     sampler = ad.GARSampler(batches, batch_size=BATCH, seed=0, num_batches=10**9)
-    loader = iter(DataLoader(sampler.dataset, batch_sampler=sampler))
+    loader = iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)))
     gar = ad.GAR(model, sampler, optimizer=opt, every=every) if every else None
 
     def steps(n: int) -> float:

@@ -83,7 +83,7 @@ def time_keys(sources: dict[str, TensorDataset], n_keys: int, repeats: int) -> d
             s = GARSampler(sources, batch_size=BATCH, seed=0, num_batches=n_keys // BATCH)
             r = torch.randn(BATCH, generator=g)
             n = 0
-            for keys in s:
+            for keys in s.track(s):
                 n += len(keys)
                 if update:
                     s.update(r)
@@ -119,14 +119,14 @@ def time_loaders(sources: dict[str, TensorDataset], workers: int, repeats: int) 
         kw["persistent_workers"] = True
     plain = DataLoader(ConcatDataset(list(sources.values())), batch_size=BATCH, shuffle=True, **kw)
     gar = GARSampler(sources, batch_size=BATCH, seed=0, num_batches=len(plain))
-    gar_loader = DataLoader(gar.dataset, batch_sampler=gar, **kw)
+    gar_loader = gar.track(DataLoader(gar.dataset, batch_sampler=gar, **kw))
     gar_u = GARSampler(sources, batch_size=BATCH, seed=0, num_batches=len(plain))
-    gar_u_loader = DataLoader(gar_u.dataset, batch_sampler=gar_u, **kw)
+    gar_u_loader = gar_u.track(DataLoader(gar_u.dataset, batch_sampler=gar_u, **kw))
     drawn = [(list(b), list(b.sources)) for b in GARSampler(sources, batch_size=BATCH, seed=1)]
     replayed = ReplayedGARSampler(
         sources, batch_size=BATCH, seed=0, num_batches=len(plain), batches=drawn
     )
-    replayed_loader = DataLoader(replayed.dataset, batch_sampler=replayed, **kw)
+    replayed_loader = replayed.track(DataLoader(replayed.dataset, batch_sampler=replayed, **kw))
     r = torch.randn(BATCH, generator=torch.Generator().manual_seed(0))
 
     def epoch(loader: DataLoader, sampler: GARSampler | None) -> int:

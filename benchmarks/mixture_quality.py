@@ -191,7 +191,7 @@ def run(
         sampler = ad.GARSampler(sources, rule=rule, lr=lr, **kw)
     else:
         sampler = ad.GARSampler(sources, **kw)
-    loader = DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=0)
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=0))
     probe = ad.GradientProbe(model, loss_fn, method="ghost", reward=reward) if gar else None
     ref = ad.ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar else None
     probe_time = 0.0

@@ -53,7 +53,7 @@ def main() -> None:
 
     dd = build(args.seed)
     sampler = ad.GARSampler(dd, batch_size=32, seed=args.seed, names=["curated", "web", "scraped"])
-    loader = DataLoader(sampler.dataset, batch_sampler=sampler)  # batches are dicts of tensors
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))  # batches are dicts of tensors
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -55,7 +55,7 @@ def main() -> None:
 
     train, test = sources()
     sampler = ad.GARSampler(train, batch_size=32, seed=0)  # this rank's shards and keys
-    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts it)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
     ddp = nn.parallel.DistributedDataParallel(model)

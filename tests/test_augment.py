@@ -394,7 +394,7 @@ def collect(nw: int, update: bool, **kw):
     tf = GARTransform(num_magnitude_bins=8)
     data = Images(96, pipeline(tf))
     s = GARSampler(data, batch_size=8, seed=3, transform=tf, **kw)
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=nw)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=nw))
     xs, keys = [], []
     for x, _ in loader:
         xs.append(x)
@@ -449,7 +449,7 @@ def test_fetching_leaves_the_global_rng_alone():
     s = GARSampler(Images(24, pipeline(tf)), batch_size=8, seed=3, transform=tf)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    for keys in s:
+    for keys in s.track(s):
         s.dataset.__getitems__(keys)
         s.dataset[keys[0]]
     assert torch.equal(torch.get_rng_state(), before)
@@ -461,7 +461,7 @@ def test_rewards_reach_the_op_that_made_the_image():
     tf = GARTransform(["Identity", "Invert"], lr=0.3)
     data = Images(64, v2.Compose([tf]), value=10)
     s = GARSampler(data, batch_size=16, seed=0, transform=tf, num_batches=40)
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=3)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=3))
     for t, (x, _) in enumerate(loader):
         if t % 3 == 0:  # skipped updates too
             s.update((x.float().mean((1, 2, 3)) > 100).double())
@@ -473,7 +473,7 @@ def test_reference_batches_are_unaugmented_and_train_only_the_mixture():
     data = {"a": Images(40, v2.Compose([tf]), value=10), "b": Images(40, v2.Compose([tf]))}
     s = GARSampler(data, batch_size=4, seed=0, transform=tf, reference_every=3, num_batches=9)
     seen = []
-    for x, _ in DataLoader(s.dataset, batch_sampler=s):
+    for x, _ in s.track(DataLoader(s.dataset, batch_sampler=s)):
         ref = s.is_reference(s.last_batch)
         seen.append(ref)
         rec = s._records[s.last_batch]
@@ -494,10 +494,10 @@ def test_transform_missing_from_the_pipeline_is_detected():
     data = {"with": Images(8, pipeline(tf)), "without": Images(8, pipeline(GARTransform()))}
     s = GARSampler(data, batch_size=8, seed=0, transform=tf)
     with pytest.raises(RuntimeError, match=r"of source 'without' was fetched: this GARTransform"):
-        for _ in DataLoader(s.dataset, batch_sampler=s):
+        for _ in s.track(DataLoader(s.dataset, batch_sampler=s)):
             pass
     with pytest.raises(RuntimeError, match=r"not in that source's pipeline"):
-        for _ in DataLoader(s.dataset, batch_sampler=s, num_workers=1):
+        for _ in s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=1)):
             pass
 
 
@@ -505,13 +505,13 @@ def test_transform_twice_in_a_pipeline_is_refused():
     tf = GARTransform()
     s = GARSampler(Images(8, v2.Compose([tf, tf])), batch_size=4, seed=0, transform=tf)
     with pytest.raises(RuntimeError, match=r"called twice for one example"):
-        next(iter(DataLoader(s.dataset, batch_sampler=s)))
+        next(iter(s.track(DataLoader(s.dataset, batch_sampler=s))))
 
 
 def test_sampler_resume_restores_keys_and_both_policies():
     def run(s, n, start=0):
         out = []
-        it = iter(s)
+        it = iter(s.track(s))
         for _ in range(n):
             keys = next(it)
             out.append(keys)
@@ -564,7 +564,7 @@ def test_resume_under_stateful_dataloader_with_workers():
     def make():
         tf = GARTransform(num_magnitude_bins=5, lr=0.5)
         s = GARSampler(Images(40, pipeline(tf)), batch_size=4, seed=2, transform=tf)
-        return s, StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=2)
+        return s, s.track(StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=2))
 
     def train(s, loader, epochs, stop=None):
         out = []

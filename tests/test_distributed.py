@@ -121,7 +121,7 @@ def _worker(rank: int, world: int, store: str, out: str, scenario: str) -> None:
 
 def _train(s: ad.GARSampler, rank: int, batches: int, epochs: int = 1):
     keys, weights = [], []
-    loader = DataLoader(s.dataset, batch_sampler=s)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s))
     for _ in range(epochs):
         for t, (sid, idx) in enumerate(loader):
             if t >= batches:
@@ -138,7 +138,7 @@ def scenario_weights(rank: int, world: int) -> dict:
     keys, weights = _train(s, rank, batches=30)
     # a transform's policies are all-reduced too (rewards from the decisions)
     t = ad.GARSampler(sources((60, 60, 60)), batch_size=6, seed=1, transform=tf)
-    for _ in iter(t):
+    for _ in t.track(t):
         rec = t._records[t.last_batch]
         ops = torch.tensor(rec.aug.ops, dtype=torch.float64)
         t.update(ops * (rank + 1) + torch.tensor(rec.aug.bins, dtype=torch.float64))
@@ -157,7 +157,7 @@ def scenario_resume(rank: int, world: int) -> dict:
     full = make()
     expected, _ = _train(full, rank, batches=10**6, epochs=2)
     first = make()
-    it = iter(first)
+    it = iter(first.track(first))
     got = []
     for _ in range(5):
         keys = next(it)
@@ -173,7 +173,7 @@ def scenario_resume(rank: int, world: int) -> dict:
 
 def scenario_skipped_update(rank: int, world: int) -> dict:
     s = ad.GARSampler(sources(), batch_size=4, seed=0, sync_timeout_s=5)
-    it = iter(s)
+    it = iter(s.track(s))
     next(it)
     if rank == 0:
         next(it)  # rank 0 skips batch 0's update: its update rewards batch 1
@@ -186,7 +186,7 @@ def scenario_skipped_update(rank: int, world: int) -> dict:
 
 def scenario_extra_update(rank: int, world: int) -> dict:
     s = ad.GARSampler(sources(), batch_size=4, seed=0, sync_timeout_s=3)
-    it = iter(s)
+    it = iter(s.track(s))
     next(it)
     s.update(torch.ones(4))
     if rank == 0:
@@ -219,10 +219,13 @@ def scenario_ddp_gar(rank: int, world: int) -> dict:
         for i in range(3)
     }
     sampler = ad.GARSampler(data, batch_size=8, seed=0)
-    probe = ad.GradientProbe(ddp, nn.CrossEntropyLoss(reduction="none"))
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    probe = ad.GradientProbe(ddp, loss_fn)
+    held_out = TensorDataset(torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g))
+    reference = ad.ReferenceBatches(held_out, 8, seed=rank)  # each rank its own reference
     grads_untouched = True
-    with ad.GAR(ddp, sampler, optimizer=opt) as gar:
-        for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+    with ad.GAR(ddp, sampler, optimizer=opt, reference=reference, loss_fn=loss_fn) as gar:
+        for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
             opt.zero_grad()
             nn.functional.cross_entropy(ddp(x), y).backward()
             before = [p.grad.clone() for p in model.parameters()]

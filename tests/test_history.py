@@ -58,7 +58,7 @@ def test_sampler_history_survives_a_resume_past_several_blocks():
     data = {"a": torch.arange(40), "b": torch.arange(30)}
     s = GARSampler(data, batch_size=4, seed=0, num_batches=1000)
     g = torch.Generator().manual_seed(0)
-    it = iter(s)
+    it = iter(s.track(s))
     for _ in range(600):  # past two blocks of 256
         next(it)
         s.update(torch.randn(4, generator=g))

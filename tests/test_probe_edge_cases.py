@@ -73,7 +73,7 @@ def test_cosine_refuses_a_layer_called_twice_and_dot_stays_exact():
         TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=5, seed=0
     )
     gar = ad.GAR(model, sampler)  # reward="cosine" by default
-    xb, _ = next(iter(DataLoader(sampler.dataset, batch_sampler=sampler)))
+    xb, _ = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     with pytest.raises(ValueError, match=r"ran again in the same forward; use reward='dot'"):
         model(xb)
     gar.close()

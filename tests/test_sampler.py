@@ -171,7 +171,7 @@ def test_update_attributes_to_the_batch_just_received(workers, prefetch, persist
     kw = {"num_workers": workers}
     if workers:
         kw.update(prefetch_factor=prefetch, persistent_workers=persistent)
-    loader = DataLoader(s.dataset, batch_sampler=s, **kw)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, **kw))
     oracle = Oracle(s)
     train(s, loader, epochs=3, k=k, stop=stop, oracle=oracle)
     assert torch.allclose(s.policy.probs, oracle.policy.probs, rtol=0, atol=1e-12)
@@ -181,7 +181,7 @@ def test_update_attributes_to_the_batch_just_received(workers, prefetch, persist
 @pytest.mark.parametrize("loader_cls", [DataLoader, StatefulDataLoader])
 def test_delayed_rewards_by_batch_id(loader_cls):
     s = make()
-    loader = loader_cls(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=3)
+    loader = s.track(loader_cls(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=3))
     oracle = Oracle(s)
     train(s, loader, epochs=2, delayed=True, oracle=oracle)
     assert torch.allclose(s.policy.probs, oracle.policy.probs, rtol=0, atol=1e-12)
@@ -190,7 +190,7 @@ def test_delayed_rewards_by_batch_id(loader_cls):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_update_after_break_and_after_the_epoch(workers):
     s = make()
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=workers)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=workers))
     oracle = Oracle(s)
     for sid, idx in loader:
         last = (sid, idx)
@@ -207,7 +207,7 @@ def test_update_after_break_and_after_the_epoch(workers):
 
 def test_iterated_directly_counts_batches():
     s = make()
-    it = iter(s)
+    it = iter(s.track(s))
     keys = next(it)
     src, idx = s.decode(keys)
     s.update(reward_of(src, idx))
@@ -220,7 +220,7 @@ def test_unmatchable_rewards_raise():
     s = make()
     with pytest.raises(RuntimeError, match=r"before any batch was received"):
         s.update(torch.zeros(5))
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=2)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=2))
     it = iter(loader)
     next(it)
     bid = s.last_batch
@@ -244,7 +244,7 @@ def test_unmatchable_rewards_raise():
 
 def test_nonfinite_rewards_are_counted_and_skipped():
     s = make()
-    it = iter(s)
+    it = iter(s.track(s))
     next(it)
     s.update(torch.tensor([math.nan, math.inf, 1e30, -1e30, 0.0]))
     m = s.metrics()
@@ -257,7 +257,7 @@ def test_nonfinite_rewards_are_counted_and_skipped():
 
 def test_in_order_false_is_refused():
     s = make()
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=1, in_order=False)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=1, in_order=False))
     with pytest.raises(ValueError, match=r"in order .* but got in_order=False"):
         next(iter(loader))
 
@@ -273,10 +273,10 @@ def test_same_seed_same_batches_with_any_num_workers():
     runs = []
     for workers in (0, 1, 2):
         s = make(seed=3)
-        runs.append(keys_of(DataLoader(s.dataset, batch_sampler=s, num_workers=workers)))
+        runs.append(keys_of(s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=workers))))
     assert runs[0] == runs[1] == runs[2]
     s = make(seed=4)
-    assert keys_of(DataLoader(s.dataset, batch_sampler=s)) != runs[0]
+    assert keys_of(s.track(DataLoader(s.dataset, batch_sampler=s))) != runs[0]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -284,7 +284,7 @@ def test_same_seed_same_run_with_updates(workers):
     out = []
     for _ in range(2):
         s = make()
-        loader = DataLoader(s.dataset, batch_sampler=s, num_workers=workers)
+        loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=workers))
         out.append((train(s, loader, epochs=2), s.weights))
     assert out[0] == out[1]
 
@@ -296,7 +296,7 @@ def direct_run(s: GARSampler, n: int) -> list[list[int]]:
     """n batches straight from the sampler (epochs chained), updating after each."""
     out: list[list[int]] = []
     while len(out) < n:
-        for keys in s:
+        for keys in s.track(s):
             out.append(keys)
             s.update(reward_of(*s.decode(keys)))
             if len(out) == n:
@@ -330,16 +330,16 @@ def test_resume_mid_epoch_under_a_dataloader(workers):
     """The batches prefetched at the checkpoint are re-yielded exactly as drawn."""
     full = make()
     expected = train(
-        full, DataLoader(full.dataset, batch_sampler=full, num_workers=workers), epochs=2
+        full, full.track(DataLoader(full.dataset, batch_sampler=full, num_workers=workers)), epochs=2
     )
     first = make()
     got = train(
-        first, DataLoader(first.dataset, batch_sampler=first, num_workers=workers), epochs=1, stop=3
+        first, first.track(DataLoader(first.dataset, batch_sampler=first, num_workers=workers)), epochs=1, stop=3
     )
     state = first.state_dict()
     second = make()
     second.load_state_dict(state)
-    loader = DataLoader(second.dataset, batch_sampler=second, num_workers=workers)
+    loader = second.track(DataLoader(second.dataset, batch_sampler=second, num_workers=workers))
     got += train(second, loader, epochs=2)
     assert got == expected
     assert second.weights == full.weights
@@ -375,7 +375,7 @@ def resume_through(loader_for, total: int, before, rest: int, save_sampler: bool
 @pytest.mark.parametrize(("workers", "save_sampler"), [(0, False), (2, True)])
 def test_resume_under_stateful_dataloader(workers, save_sampler):
     def loader_for(s):
-        return StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=workers)
+        return s.track(StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=workers))
 
     full, second, expected, got = resume_through(loader_for, 2, [(1, 4)], 2, save_sampler)
     assert got == expected
@@ -389,9 +389,9 @@ def test_resume_under_stateful_dataloader_saved_between_epochs(workers, persiste
     prefetches from it; that must not start (and use up) an epoch."""
 
     def loader_for(s):
-        return StatefulDataLoader(
+        return s.track(StatefulDataLoader(
             s.dataset, batch_sampler=s, num_workers=workers, persistent_workers=persistent
-        )
+        ))
 
     full, second, expected, got = resume_through(loader_for, 3, [(1, None)], 2)
     assert got == expected
@@ -403,7 +403,7 @@ def test_changes_between_load_and_the_first_batch_are_kept():
     """A delayed update of the last batch before the checkpoint, and set_epoch(), made after
     load_state_dict() and before the loop starts, survive the resume (and state_dict())."""
     full = make()
-    it = iter(full)
+    it = iter(full.track(full))
     for _ in range(3):
         keys = next(it)
     last = full.last_batch
@@ -444,7 +444,7 @@ def test_resume_when_every_epoch_has_the_same_number():
 
     def run(s, epochs, stop=None):
         out = []
-        loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2)
+        loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=2))
         for e in range(epochs):
             s.set_epoch(0)
             for t, (sid, idx) in enumerate(loader):
@@ -461,7 +461,7 @@ def test_resume_when_every_epoch_has_the_same_number():
     state = first.state_dict()
     second = make()
     second.load_state_dict(state)
-    loader = DataLoader(second.dataset, batch_sampler=second, num_workers=2)
+    loader = second.track(DataLoader(second.dataset, batch_sampler=second, num_workers=2))
     for sid, idx in loader:
         got.append((sid * 100 + idx).tolist())
         second.update(reward_of(sid, idx))
@@ -473,7 +473,7 @@ def test_batches_never_delivered_stay_unrewardable_after_a_resume():
     """Prefetched at a break and never delivered, or prefetched at the checkpoint and not yet
     delivered again: update(batch=) refuses them after the resume as it did before."""
     s = make()
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True))
     for t, _ in enumerate(loader):
         if t == 1:
             break  # batches 2.. were prefetched and are never delivered
@@ -503,7 +503,7 @@ def test_the_reward_window_is_restored_with_its_order():
                 s.update(reward_of(*s.decode(keys)))
 
     full = make(num_batches=40, reward_window=4)
-    it = iter(full)
+    it = iter(full.track(full))
     go(full, it, 6, every=2)
     old = full.last_batch - 2  # received, never rewarded, still in the window
     state = full.state_dict()
@@ -525,9 +525,9 @@ def test_stateful_dataloader_snapshotting_every_few_steps_warns_that_it_lags():
     beside it, so the resume cannot be exact; the warning names the setting to change."""
 
     def loader_for(s):
-        return StatefulDataLoader(
+        return s.track(StatefulDataLoader(
             s.dataset, batch_sampler=s, num_workers=2, snapshot_every_n_steps=3
-        )
+        ))
 
     first = make()
     loader = loader_for(first)
@@ -544,12 +544,12 @@ def test_stateful_dataloader_snapshotting_every_few_steps_warns_that_it_lags():
 
 def test_stateful_dataloader_alone_with_workers_warns_about_the_policy():
     first = make()
-    loader = StatefulDataLoader(first.dataset, batch_sampler=first, num_workers=2)
+    loader = first.track(StatefulDataLoader(first.dataset, batch_sampler=first, num_workers=2))
     train(first, loader, epochs=1, stop=4)
     state = loader.state_dict()
     del loader
     second = make()
-    loader2 = StatefulDataLoader(second.dataset, batch_sampler=second, num_workers=2)
+    loader2 = second.track(StatefulDataLoader(second.dataset, batch_sampler=second, num_workers=2))
     loader2.load_state_dict(state)
     with pytest.warns(UserWarning, match=r"policy updates made after that are not in it"):
         train(second, loader2, epochs=1)
@@ -583,7 +583,7 @@ def test_datasetdict_sources():
     s = GARSampler(dd, batch_size=4, seed=0, names=["train", "extra"])
     assert s.names == ["train", "extra"]
     assert set(s.weights) == {"train", "extra"}
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=0)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=0))
     for batch in loader:
         assert set(batch) == {"sid", "x"}
         assert batch["sid"].shape == (4,)
@@ -683,7 +683,7 @@ def test_persistent_workers_update_before_the_next_epochs_first_batch():
     """A new epoch's iterator prefetches at once; the update still goes to the last batch."""
     s = make()
     oracle = Oracle(s)
-    loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True))
     last = None
     for _ in range(3):
         it = iter(loader)
@@ -697,9 +697,9 @@ def test_persistent_workers_update_before_the_next_epochs_first_batch():
 
 def test_resume_under_stateful_dataloader_with_persistent_workers_in_a_later_epoch():
     def loader_for(s):
-        return StatefulDataLoader(
+        return s.track(StatefulDataLoader(
             s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True, prefetch_factor=3
-        )
+        ))
 
     full, second, expected, got = resume_through(loader_for, 3, [(2, None), (1, 2)], 1)
     assert got == expected
@@ -709,24 +709,33 @@ def test_resume_under_stateful_dataloader_with_persistent_workers_in_a_later_epo
 def test_a_wrapping_batch_sampler_is_refused_not_misattributed():
     s = make()
 
-    class Wrapper:
+    class Hidden:  # hides what it iterates
         def __iter__(self):
             yield from s
 
         def __len__(self):
             return len(s)
 
-    loader = DataLoader(s.dataset, batch_sampler=Wrapper(), num_workers=2)
-    it = iter(loader)
+    class Exposed(Hidden):  # says what it wraps, through the usual public attribute
+        batch_sampler = s
+
+    loader = s.track(DataLoader(s.dataset, batch_sampler=Hidden(), num_workers=2))
+    with pytest.raises(ValueError, match=r"draws its batches from a Hidden, not from this"):
+        iter(loader)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=Exposed(), num_workers=2))
+    with pytest.raises(ValueError, match=r"a Exposed wraps this GARSampler"):
+        iter(loader)
+    # Not tracked: the sampler cannot tell which batch the loop holds, and says so.
+    it = iter(DataLoader(s.dataset, batch_sampler=Exposed(), num_workers=2))
     next(it)
-    with pytest.raises(RuntimeError, match=r"iterated by another batch sampler \(Wrapper\)"):
+    with pytest.raises(RuntimeError, match=r"not iterated through sampler.track\(\)"):
         s.update(torch.zeros(5))
     del it
 
 
 def test_metrics_and_history():
     s = make()
-    it = iter(s)
+    it = iter(s.track(s))
     for _ in range(3):
         keys = next(it)
         s.update(reward_of(*s.decode(keys)))
@@ -770,7 +779,7 @@ def test_end_to_end_with_the_probe_downweights_random_labels():
     probe = ad.GradientProbe(model, loss_fn)
     sampler = GARSampler(sources, batch_size=32, seed=0)
     reference = ReferenceBatches(TensorDataset(x[ref], y[ref]), batch_size=64, seed=0)
-    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     for _ in range(2):
         for xb, yb in loader:
             sampler.update(probe(xb, yb, reference=tuple(next(reference))))
@@ -785,7 +794,7 @@ def test_delayed_reward_across_a_checkpoint():
 
     def run(sampler, n, pending=None):
         out = []
-        it = iter(sampler)
+        it = iter(sampler.track(sampler))
         for _ in range(n):
             keys = next(it)
             out.append(keys)
@@ -821,7 +830,7 @@ def test_batches_carry_their_source_ids_and_fetch_like_plain_lists() -> None:
         n: TensorDataset(torch.arange(k) + 100 * i) for i, (n, k) in enumerate([("a", 7), ("b", 5)])
     }
     sampler = GARSampler(data, batch_size=6, seed=0)
-    batch = next(iter(sampler))
+    batch = next(iter(sampler.track(sampler)))
     assert isinstance(batch, list)
     assert batch.sources == [sampler.dataset.locate(k)[0] for k in batch]
     again = pickle.loads(pickle.dumps(batch))
