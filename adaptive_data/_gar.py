@@ -32,6 +32,8 @@ from ._state import RngSnapshot, cuda_devices
 __all__ = ["GAR"]
 
 _STATE_VERSION = 1
+_STATE_KEYS = ("mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded")
+_STATE_KEYS += ("dropped", "last_mean", "reference")
 
 
 @dataclass
@@ -521,10 +523,7 @@ class GAR:
                     else type(state).__name__
                 )
             )
-        missing = sorted(
-            {"mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded"}
-            | {"dropped", "last_mean", "reference"} - set(state)
-        )
+        missing = sorted(set(_STATE_KEYS) - set(state))
         if missing:
             raise ValueError(f"GAR state is missing the key(s) {missing}")
         mode = "next batch" if self._reference is None else "held-out"

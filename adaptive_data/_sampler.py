@@ -876,8 +876,7 @@ class GARSampler(Sampler[list[int]]):
         bid = self._last_received
         if bid is None:
             raise RuntimeError(
-                "update() was called before any batch was received through "
-                "sampler.track(loader)"
+                "update() was called before any batch was received through sampler.track(loader)"
             )
         rec = self._records.get(bid)
         if rec is None:

@@ -221,7 +221,9 @@ def scenario_ddp_gar(rank: int, world: int) -> dict:
     sampler = ad.GARSampler(data, batch_size=8, seed=0)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     probe = ad.GradientProbe(ddp, loss_fn)
-    held_out = TensorDataset(torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g))
+    held_out = TensorDataset(
+        torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g)
+    )
     reference = ad.ReferenceBatches(held_out, 8, seed=rank)  # each rank its own reference
     grads_untouched = True
     with ad.GAR(ddp, sampler, optimizer=opt, reference=reference, loss_fn=loss_fn) as gar:

@@ -330,11 +330,16 @@ def test_resume_mid_epoch_under_a_dataloader(workers):
     """The batches prefetched at the checkpoint are re-yielded exactly as drawn."""
     full = make()
     expected = train(
-        full, full.track(DataLoader(full.dataset, batch_sampler=full, num_workers=workers)), epochs=2
+        full,
+        full.track(DataLoader(full.dataset, batch_sampler=full, num_workers=workers)),
+        epochs=2,
     )
     first = make()
     got = train(
-        first, first.track(DataLoader(first.dataset, batch_sampler=first, num_workers=workers)), epochs=1, stop=3
+        first,
+        first.track(DataLoader(first.dataset, batch_sampler=first, num_workers=workers)),
+        epochs=1,
+        stop=3,
     )
     state = first.state_dict()
     second = make()
@@ -389,9 +394,11 @@ def test_resume_under_stateful_dataloader_saved_between_epochs(workers, persiste
     prefetches from it; that must not start (and use up) an epoch."""
 
     def loader_for(s):
-        return s.track(StatefulDataLoader(
-            s.dataset, batch_sampler=s, num_workers=workers, persistent_workers=persistent
-        ))
+        return s.track(
+            StatefulDataLoader(
+                s.dataset, batch_sampler=s, num_workers=workers, persistent_workers=persistent
+            )
+        )
 
     full, second, expected, got = resume_through(loader_for, 3, [(1, None)], 2)
     assert got == expected
@@ -525,9 +532,9 @@ def test_stateful_dataloader_snapshotting_every_few_steps_warns_that_it_lags():
     beside it, so the resume cannot be exact; the warning names the setting to change."""
 
     def loader_for(s):
-        return s.track(StatefulDataLoader(
-            s.dataset, batch_sampler=s, num_workers=2, snapshot_every_n_steps=3
-        ))
+        return s.track(
+            StatefulDataLoader(s.dataset, batch_sampler=s, num_workers=2, snapshot_every_n_steps=3)
+        )
 
     first = make()
     loader = loader_for(first)
@@ -697,9 +704,15 @@ def test_persistent_workers_update_before_the_next_epochs_first_batch():
 
 def test_resume_under_stateful_dataloader_with_persistent_workers_in_a_later_epoch():
     def loader_for(s):
-        return s.track(StatefulDataLoader(
-            s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True, prefetch_factor=3
-        ))
+        return s.track(
+            StatefulDataLoader(
+                s.dataset,
+                batch_sampler=s,
+                num_workers=2,
+                persistent_workers=True,
+                prefetch_factor=3,
+            )
+        )
 
     full, second, expected, got = resume_through(loader_for, 3, [(2, None), (1, 2)], 1)
     assert got == expected
