@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = ["add_arguments", "run"]
 
@@ -43,8 +43,12 @@ class Digits:
         return self.transform(self.x[i]), self.y[i]
 
 
-def load(seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], tuple[Any, Any]]:
-    """Three training sources and a test split cut from the 1,797 digits (fixed data seed)."""
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def load(seed: int) -> tuple[dict[str, Split], Split, Split]:
+    """Three training sources, a clean validation split (GAR's trusted reference) and a test
+    split, cut from the 1,797 digits (fixed data seed)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -53,7 +57,7 @@ def load(seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], tuple
     y = torch.tensor(digits.target)
     g = torch.Generator().manual_seed(1234 + seed)
     perm = torch.randperm(len(x), generator=g)
-    test, train = perm[:400], perm[400:]
+    test, val, train = perm[:400], perm[400:550], perm[550:]
     parts = train.chunk(3)
     noisy = x[parts[2]].float() + 120 * torch.randn(len(parts[2]), 1, 8, 8, generator=g)
     sources = {
@@ -61,7 +65,7 @@ def load(seed: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], tuple
         "random_labels": (x[parts[1]], torch.randint(0, 10, (len(parts[1]),), generator=g)),
         "pixel_noise": (noisy.clamp(0, 255).round().to(torch.uint8), y[parts[2]]),
     }
-    return sources, (x[test].float().div(255), y[test])
+    return sources, (x[val].float().div(255), y[val]), (x[test].float().div(255), y[test])
 
 
 def model_for(seed: int) -> nn.Module:
@@ -104,8 +108,9 @@ class Progress:
 
 def train(
     learn: bool,
-    sources: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    test: tuple[torch.Tensor, torch.Tensor],
+    sources: dict[str, Split],
+    val: Split,
+    test: Split,
     args: argparse.Namespace,
     progress: Progress,
 ) -> dict[str, Any]:
@@ -122,7 +127,11 @@ def train(
     model = model_for(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     loss_fn = nn.CrossEntropyLoss()
-    gar = ad.GAR(model, sampler, optimizer=opt) if learn else None
+    gar = None
+    if learn:  # the mixture learns from a clean validation split: data the user trusts
+        reference = ad.ReferenceBatches(TensorDataset(*val), 64, seed=args.seed)
+        per_example = nn.CrossEntropyLoss(reduction="none")
+        gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=per_example)
     t0 = time.perf_counter()
     for _ in range(args.epochs):
         for x, y in loader:
@@ -190,19 +199,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"--epochs and --batch-size should be >= 1, got {args.epochs} and {args.batch_size}"
         )
     torch.set_num_threads(args.threads)
-    sources, test = load(args.seed)
+    sources, val, test = load(args.seed)
     steps = args.epochs * (sum(len(x) for x, _ in sources.values()) // args.batch_size)
     print(
         "adaptive_data demo: digits (scikit-learn) from three sources, "
         + ", ".join(f"{n} ({len(sources[n][0])})" for n in SOURCES)
-        + f"; {len(test[0])} clean test digits. Training a small CNN twice for "
-        f"{args.epochs} epochs: with GAR (learned mixture and augmentation) and with the "
-        "uniform mixture and uniform augmentation.",
+        + f"; {len(val[0])} clean validation digits (GAR's reference), {len(test[0])} clean "
+        f"test digits. Training a small CNN twice for {args.epochs} epochs: with GAR (learned "
+        "mixture and augmentation) and with the uniform mixture and uniform augmentation.",
         flush=True,
     )
     progress = Progress(2 * steps, enabled=not args.no_progress)
-    gar = train(True, sources, test, args, progress)
-    uniform = train(False, sources, test, args, progress)
+    gar = train(True, sources, val, test, args, progress)
+    uniform = train(False, sources, val, test, args, progress)
     print()
     print("| source | GAR weight | uniform weight |")
     print("|---|---|---|")
@@ -222,6 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "sources": {n: len(sources[n][0]) for n in SOURCES},
+        "validation_examples": len(val[0]),
         "test_examples": len(test[0]),
         "gar": {k: v for k, v in gar.items() if k != "history"},
         "uniform": {k: v for k, v in uniform.items() if k != "history"},

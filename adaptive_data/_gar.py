@@ -270,10 +270,9 @@ class GAR:
             batch = self._step_batches[-1]  # a second forward of the same batch
         else:
             return  # no batch received since the last step (a warm-up forward)
-        if self.sampler.is_reference(batch):
-            return
-        counting_batches = bool(self.sampler.reference_every)
-        if counting_batches:
+        if self._reference is None and self.sampler.reference_every:
+            if self.sampler.is_reference(batch):
+                return  # the next-batch reference of the augmented batches before it
             # With reference batches, every k-th *augmented* batch is kept: counting steps
             # would line the kept steps up with the reference batches in every other epoch
             # of odd length, and nothing would be rewarded in those epochs.
