@@ -64,78 +64,41 @@ class GAR:
 
     ::
 
-        gar = GAR(model, sampler, optimizer=opt)
-        for x, y in loader:                  # loader over sampler, as usual
+        loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+        gar = GAR(model, sampler, optimizer=opt, reference=ReferenceBatches(val, 128),
+                  loss_fn=per_example_loss)
+        for x, y in loader:
             opt.zero_grad()
-            loss = loss_fn(model(x), y).mean()
-            loss.backward()
+            loss_fn(model(x), y).mean().backward()
             gar.step()                       # before opt.step()
             opt.step()
 
-    Next-batch reference (default; the GAR authors' choice). While the loop runs forward and
-    backward on batch t, hooks on the covered layers keep each layer's inputs and the
-    gradient at its output. At the next ``gar.step()`` (step t+1) the gradient that the
-    user's backward just left in ``.grad`` (batch t+1's, preconditioned by the optimizer's
-    state when ``optimizer`` is given) is the direction ``D``, and each kept layer gives its
-    share of ``<g_i, D>`` for every example of batch t, as ``method="ghost"`` computes it
-    (docs/concepts.md): no extra forward or backward. The rewards go to
-    ``sampler.update(r, batch=t)``. The tangents use the parameters of step t+1: exact for
-    layers affine in their parameters (Linear, Conv, Embedding, the norms' affine part),
-    first order in the step for the others (attention, modules covered by a JVP replay).
-
-    Held-out reference (``reference=`` an iterator of ``(x_ref, y_ref)`` batches, with
-    ``loss_fn``): ``D`` is the gradient of the reference batch's mean loss, computed at
-    ``step()`` with one extra forward and backward (the model's buffers and ``.grad`` left as
-    they were), and the batch just trained on is rewarded at once.
-
-    Rewards. ``reward="cosine"`` (default): ``<g_i, D> / (||g_i|| ||D||)``, with exact
-    per-example gradient norms computed at ``step()`` from the kept inputs and output
-    gradients; ``"dot"``: ``<g_i, D>``. The kept gradients are those of the user's reduced
-    loss: with ``.mean()`` every ``g_i`` is divided by the batch size. That scale cancels in
-    the cosine and in the sampler's default batch normalisation of rewards; with
-    ``normalize="running"``/``"none"`` and the dot reward, use the same reduction throughout.
-
-    Which batches are rewarded. Every ``every``-th step's batches (``every=1``: all). With a
-    transform's ``reference_every``, the un-augmented reference batches are never kept or
-    rewarded: they are the reference of the augmented batches before them, and ``every``
-    counts the augmented batches (every ``every``-th of them is kept, whatever the epochs'
-    lengths). An augmented batch
-    is rewarded at the next step whose batch is a reference batch (with ``reference_every=2``,
-    the very next step; across an epoch's end, the new epoch's first reference batch), never
-    against another augmented batch; one that waited more than ``reference_every`` steps (an
-    epoch shorter than that has no reference batch) is dropped. With gradient accumulation
-    (several forward/backward passes between two ``step()`` calls) each micro-batch is kept
-    and rewarded against the accumulated gradient of the next step. When a loader's epoch
-    ends, the last batch is rewarded at the first ``step()`` of the next epoch; after the last
-    epoch it is never rewarded (``close()`` drops it; the sampler counts it in
-    ``batches_dropped_unrewarded`` once it leaves the reward window).
-
-    Memory: the inputs and output gradients of the covered layers for the kept batch (about
-    one training step's activations), held from its step to the next; at ``step()`` the
-    current batch's are held as well when every step is rewarded. With reference batches,
-    up to ``reference_every`` kept batches wait for one.
-
-    DDP: a ``DistributedDataParallel`` model is unwrapped for the hooks; ``.grad`` after its
-    backward is the all-reduced one, so ``D`` is the global next-batch gradient. In the
-    held-out mode the ranks' reference gradients are averaged (one all-reduce of the
-    parameters' size per step), so ``D`` is global too. Each rank rewards its own batch and
-    the sampler all-reduces the reward statistics.
+    Hooks on the covered layers keep each training batch's layer inputs and output
+    gradients; ``step()`` turns them into each example's share of ``<g_i, D>`` (or its
+    cosine), ``D`` the optimizer-preconditioned gradient of a held-out reference batch
+    (``reference=``; required for a mixture of several sources) or, without one, of the next
+    training batch (augmentation over one trusted source; no extra forward or backward), and
+    gives them to ``sampler.update``. The k-th training forward after a ``step()`` belongs
+    to the k-th batch the tracked loader delivered after it. Semantics, memory and cost:
+    docs/howto-gar.md; resume: docs/howto-resume.md.
 
     Args:
         model: the model the loop trains (or its DDP wrapper).
-        sampler: the :class:`GARSampler` the loop's loader iterates.
+        sampler: the :class:`GARSampler` whose tracked loader (``sampler.track``) the loop
+            iterates.
         optimizer: SGD, Adam or AdamW over the model's parameters; ``D`` is preconditioned
             by its state (the step it really takes). ``None``: plain gradients.
-        every: reward the batches of every ``every``-th step only (>= 1); with reference
-            batches, every ``every``-th augmented batch.
+        every: reward the batches of every ``every``-th step only (>= 1); with next-batch
+            references of a transform, every ``every``-th augmented batch.
         reward: ``"cosine"`` or ``"dot"``.
-        reference: ``None`` (next batch) or an iterator of ``(x_ref, y_ref)`` batches, e.g.
-            ``iter(ReferenceBatches(target, 128))``.
+        reference: an iterator of held-out ``(x_ref, y_ref)`` batches, e.g.
+            ``ReferenceBatches(target, 128)``; ``None``: the next batch (one source only).
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; needed with
             ``reference``.
 
     Raises at construction for a model without a layer the ghost rules cover, an optimizer
-    that does not own the model's trainable parameters, or bad arguments.
+    that does not own the model's trainable parameters, a mixture without ``reference``, or
+    bad arguments.
     """
 
     def __init__(

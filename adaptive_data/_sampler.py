@@ -409,25 +409,12 @@ class GARSampler(Sampler[list[int]]):
             ...                        # the user's own step; r = probe(x, y, reference=...)
             sampler.update(r)          # rewards [B] of the batch just received
 
-    Drawing. Each batch is drawn lazily when the DataLoader asks for it: ``batch_size`` source
-    choices from the current policy (one ``torch.multinomial`` with the sampler's generator),
-    then, inside each source, the next examples of that source's shuffled order (a fresh
-    permutation, seeded from ``(seed, source, round)``, each time one is used up). An epoch is
-    ``len(sampler)`` batches. All randomness is in ``torch.Generator`` objects in the main
-    process; keys are plain ints and workers hold no state. Cost: O(batch_size + K) per batch.
-
-    Reward attribution. Wrap the iterable the loop consumes, ``loader = sampler.track(loader)``
-    (:meth:`track`): it counts the batches it hands to the loop, and every stack below it
-    (workers, prefetch, accelerate's read-ahead) delivers the sampler's batches in the order
-    they were drawn, so ``update(r)`` gives ``r`` to the batch the loop received most
-    recently. ``update(r, batch=i)`` attributes to batch ``i`` (read :attr:`last_batch` when
-    the batch arrives): the delayed form. Without tracking, ``update(r)`` raises instead of
-    guessing. Limits: docs/howto-mixture.md, "Which batch the loop holds".
-
-    Policy lag. Prefetched batches were drawn before the updates of the batches ahead of
-    them; with ``P = prefetch_factor * num_workers`` a batch reflects the updates of batches
-    up to about ``P`` earlier. With updates, keys therefore depend on ``P``; without, they
-    depend on the seed only.
+    Each batch is drawn lazily from the current policy (``batch_size`` source choices, then
+    each source's next examples in its shuffled order), with all randomness in generators of
+    the main process; :meth:`track` tells it which batch the loop holds, :meth:`update` learns
+    from that batch's rewards. Cost: O(batch_size + K) per batch. Drawing, attribution and
+    the policy lag: docs/howto-mixture.md; resume: docs/howto-resume.md; DDP:
+    docs/howto-ddp.md.
 
     Args:
         sources: ``{name: dataset}``, a list (names ``"0"``, ``"1"``, ...) or a Hugging Face
@@ -464,14 +451,8 @@ class GARSampler(Sampler[list[int]]):
         sync_timeout_s: how long a distributed ``update()`` waits for the other ranks before
             it raises (instead of hanging).
 
-    Distributed (``torch.distributed`` initialised, e.g. under ``torchrun``). Each rank draws
-    its own keys, from generators seeded from ``(seed, rank, epoch)``, and only from its shard
-    of each source (positions ``rank, rank + W, ...`` of the source's shuffled order, as
-    ``DistributedSampler``), so ranks never draw the same example in one pass over a source.
-    ``len(sampler)`` is per rank (default ``total // (batch_size * W)``). ``update()`` is a
-    collective: the reward statistics are all-reduced so every rank holds the same weights.
-    At construction, ranks check they hold the same sources and settings. ``state_dict()`` is
-    per rank; resume every rank from its own state with the same world size.
+    Under ``torch.distributed`` each rank draws from its own shard of every source and
+    ``update()`` is a collective that keeps the ranks' weights identical (docs/howto-ddp.md).
     """
 
     def __init__(
