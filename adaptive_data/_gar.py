@@ -140,8 +140,9 @@ class GAR:
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; needed with
             ``reference``.
 
-    Raises at construction for a model without a layer the ghost rules cover, an optimizer
-    that does not own the model's trainable parameters, or bad arguments.
+    Raises at construction for a model without a layer the ghost rules cover, an FSDP or
+    DeepSpeed model, an optimizer that does not own the model's trainable parameters, or bad
+    arguments.
     """
 
     def __init__(

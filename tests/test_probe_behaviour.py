@@ -374,7 +374,7 @@ def test_unsupported_or_foreign_optimizer(mlp_setup) -> None:
     model, x, y, d = mlp_setup
     probe = ad.GradientProbe(model, loss_fn)
     with pytest.raises(
-        TypeError, match=r"optimizer should be a torch.optim.Optimizer .* but got Linear"
+        TypeError, match=r"optimizer should be a torch.optim.Optimizer .* but got Sequential"
     ):
         probe(x, y, direction=d, optimizer=model)
     other = nn.Linear(2, 2)
