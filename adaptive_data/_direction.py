@@ -44,24 +44,29 @@ def check_unsharded(model: nn.Module) -> None:
     ``FullyShardedDataParallel`` wrapper, ``fully_shard``'s ``FSDPModule``, ``DTensor``
     parameters) and DeepSpeed (its engine, ZeRO-3 partitioned parameters). Their ``.grad`` and
     optimizer state do not hold each parameter whole on a rank, which the rewards need."""
+    # A model can only be sharded by a package already imported: looking the types up in
+    # sys.modules costs nothing and imports nothing (torch.distributed.fsdp takes seconds).
     found = None
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
-
-        kinds: tuple[type, ...] = (FullyShardedDataParallel,)
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:  # torch < 2.6
-            pass
-        else:
-            kinds += (FSDPModule,)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kinds = tuple(
+        kind
+        for kind in (
+            getattr(fsdp, name, None) for name in ("FullyShardedDataParallel", "FSDPModule")
+        )
+        if isinstance(kind, type)
+    )
+    if kinds:
         for module in model.modules():
             if isinstance(module, kinds):
                 found = f"FSDP ({type(module).__name__})"
                 break
-        if found is None and any(isinstance(p, DTensor) for p in model.parameters()):
-            found = "DTensor parameters (FSDP's fully_shard or tensor parallelism)"
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if (
+        found is None
+        and isinstance(dtensor, type)
+        and any(isinstance(p, dtensor) for p in model.parameters())
+    ):
+        found = "DTensor parameters (FSDP's fully_shard or tensor parallelism)"
     deepspeed = sys.modules.get("deepspeed")  # only a program that uses DeepSpeed imports it
     if found is None and deepspeed is not None:
         engine = getattr(deepspeed, "DeepSpeedEngine", None)

@@ -202,6 +202,15 @@ def test_fsdp_models_are_refused(one_process_group) -> None:
     fully_shard(inner[1], mesh=init_device_mesh("cpu", (1,)))
     with pytest.raises(TypeError, match=r"model is sharded by FSDP \(FSDPSequential\)"):
         ad.GAR(inner, sampler)
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    parallel = mlp()  # tensor parallelism: DTensor parameters without FSDP
+    weight = parallel[0].weight.detach()
+    parallel[0].weight = nn.Parameter(
+        distribute_tensor(weight, init_device_mesh("cpu", (1,)), [Replicate()])
+    )
+    with pytest.raises(TypeError, match=r"model is sharded by DTensor parameters"):
+        ad.GradientProbe(parallel, LOSS)
 
 
 def test_deepspeed_models_are_refused(monkeypatch) -> None:
