@@ -17,6 +17,7 @@ from ._batch import batch_size, call_args, check_same_batch
 from ._direction import (
     Direction,
     check_optimizer,
+    check_unsharded,
     first_nonfinite,
     gradient_free_rows,
     precondition,
@@ -33,7 +34,7 @@ __all__ = ["GAR"]
 
 _STATE_VERSION = 1
 _STATE_KEYS = ("mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded")
-_STATE_KEYS += ("dropped", "last_mean", "reference")
+_STATE_KEYS += ("dropped", "skipped_nonfinite", "last_mean", "reference")
 
 
 @dataclass
@@ -82,12 +83,21 @@ class GAR:
     to the k-th batch the tracked loader delivered after it. Semantics, memory and cost:
     docs/howto-gar.md; resume: docs/howto-resume.md.
 
+    Mixed precision: call ``step()`` after ``scaler.unscale_(optimizer)`` (a scaled ``.grad``
+    scales ``D``, and with it the dot reward, by the scaler's factor). A step whose ``.grad``
+    holds NaN or inf, which a ``GradScaler`` skips, is skipped by ``step()`` too: no error, no
+    reward, the step's batch dropped, a batch kept before it rewarded at the next step, and
+    the step counted in ``metrics()["steps_skipped_nonfinite"]``. Autocast (bf16, fp16)
+    forwards work. FSDP and DeepSpeed (flattened, sharded parameters) are refused.
+
     Args:
         model: the model the loop trains (or its DDP wrapper).
         sampler: the :class:`GARSampler` whose tracked loader (``sampler.track``) the loop
             iterates.
-        optimizer: SGD, Adam or AdamW over the model's parameters; ``D`` is preconditioned
-            by its state (the step it really takes). ``None``: plain gradients.
+        optimizer: the optimizer over the model's parameters (or a wrapper exposing it as
+            ``.optimizer``, such as accelerate's prepared one); ``D`` is preconditioned by its
+            state (the step it really takes; docs/concepts.md lists the optimizers, others
+            get one warning and the plain gradient). ``None``: plain gradients.
         every: reward the batches of every ``every``-th step only (>= 1); with next-batch
             references of a transform, every ``every``-th augmented batch.
         reward: ``"cosine"`` or ``"dot"``.
@@ -96,9 +106,9 @@ class GAR:
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; needed with
             ``reference``.
 
-    Raises at construction for a model without a layer the ghost rules cover, an optimizer
-    that does not own the model's trainable parameters, a mixture without ``reference``, or
-    bad arguments.
+    Raises at construction for a model without a layer the ghost rules cover, an FSDP or
+    DeepSpeed model, an optimizer that does not own the model's trainable parameters, a
+    mixture without ``reference``, or bad arguments.
     """
 
     def __init__(
@@ -138,12 +148,13 @@ class GAR:
                 "favours (docs/concepts.md, 'Which reference'). The next-batch reference "
                 "(reference=None) is for augmentation over one trusted source"
             )
+        check_unsharded(model)
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         params = trainable_parameters(core)
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
-        if optimizer is not None:
-            check_optimizer(optimizer, params)
+        # The optimizer that holds the state, behind wrappers such as accelerate's.
+        inner = None if optimizer is None else check_optimizer(optimizer, params)
         entries = _ghost.plan(core, params, fallback="jvp")
         if not any(e.rule is not _ghost.FALLBACK_RULE for e in entries):
             allowed = ", ".join(sorted(cls.__name__ for cls in _ghost.ghost_rules()))
@@ -161,6 +172,7 @@ class GAR:
         self.model = model
         self.sampler = sampler
         self.optimizer = optimizer
+        self._optimizer = inner
         self.every = every
         self.reward = reward
         self.loss_fn = loss_fn
@@ -182,6 +194,7 @@ class GAR:
         self._paused = False
         self._rewarded = 0
         self._dropped = 0
+        self._skipped_nonfinite = 0
         self._last_mean = math.nan
         self._rng_snapshots: dict[int, RngSnapshot] = {}
         self._handles: list[Any] = [
@@ -310,6 +323,8 @@ class GAR:
                 "the model's trainable parameters changed since this GAR was built "
                 "(requires_grad toggled or parameters replaced); build a new GAR"
             )
+        if self._skip_nonfinite(params):
+            return None
         if self._reference is None:
             missing = [name for name, p in params.items() if p.grad is None]
             if len(missing) == len(params):
@@ -395,14 +410,27 @@ class GAR:
             self._groups.remove(group)
         self._dropped += len(stale)
 
+    def _skip_nonfinite(self, params: dict[str, nn.Parameter]) -> bool:
+        """Whether ``.grad`` holds NaN or inf, as on the steps a ``GradScaler`` skips: GAR then
+        skips the step too. The batches trained at this step are dropped (the optimizer does
+        not step on their non-finite gradients); batches kept at earlier steps wait for the
+        next step's gradient (the weights have not moved). Checked only while a batch is
+        kept (one reduction per parameter and a host sync, as the scaler's own check)."""
+        if not self._groups:
+            return False
+        grads = {name: p.grad for name, p in params.items() if p.grad is not None}
+        if first_nonfinite(grads) is None:
+            return False
+        trained = [g for g in self._groups if g.step >= self._steps]
+        for group in trained:
+            self._groups.remove(group)
+        self._dropped += len(trained)
+        self._skipped_nonfinite += 1
+        self._steps += 1
+        return True
+
     def _direction(self, grads: Direction) -> Direction:
-        bad = first_nonfinite(grads)
-        if bad is not None:
-            raise ValueError(
-                f"the gradient of {bad!r} in .grad contains NaN or inf; GAR does not use it as "
-                "a reference direction (skip step() on such steps)"
-            )
-        d = precondition(dict(grads), self._params, self.optimizer)
+        d = precondition(dict(grads), self._params, self._optimizer)
         if self._frozen_rows:
             d = zero_rows(d, self._frozen_rows)
         return d
@@ -424,7 +452,11 @@ class GAR:
             self._paused = False
         # The global reference direction: the mean of the ranks' reference gradients.
         mean = self.sampler._group.all_reduce_mean(list(d.values()), "GAR's reference gradient")
-        return self._direction(dict(zip(d, mean, strict=True)))
+        d = dict(zip(d, mean, strict=True))
+        bad = first_nonfinite(d)
+        if bad is not None:
+            raise ValueError(f"the reference gradient of {bad!r} contains NaN or inf")
+        return self._direction(d)
 
     def _rewards(self, group: _Group, d: Direction) -> Tensor | None:
         if group.n is None or not group.calls or any(not c.grads for c in group.calls):
@@ -469,6 +501,7 @@ class GAR:
             "last_augmented": self._last_augmented,
             "rewarded": self._rewarded,
             "dropped": self._dropped + len(self._groups),
+            "skipped_nonfinite": self._skipped_nonfinite,
             "last_mean": self._last_mean,
             "reference": ref_state,
         }
@@ -505,6 +538,7 @@ class GAR:
         self._last_augmented = None if last is None else int(last)
         self._rewarded = int(state["rewarded"])
         self._dropped = int(state["dropped"])
+        self._skipped_nonfinite = int(state["skipped_nonfinite"])
         self._last_mean = float(state["last_mean"])
         self._groups.clear()
         self._current = None
@@ -515,11 +549,13 @@ class GAR:
 
     def metrics(self) -> dict[str, float]:
         """A flat dict: ``steps``, ``batches_rewarded``, ``batches_dropped`` (kept but never
-        rewarded: a forward without backward, or dropped by ``close()``), ``reward_mean``
-        (of the last rewarded batch)."""
+        rewarded: a forward without backward, a step skipped for a non-finite ``.grad``, or
+        dropped by ``close()``), ``steps_skipped_nonfinite`` (steps skipped because ``.grad``
+        held NaN or inf while a batch was kept), ``reward_mean`` (of the last rewarded batch)."""
         return {
             "steps": self._steps,
             "batches_rewarded": self._rewarded,
             "batches_dropped": self._dropped,
+            "steps_skipped_nonfinite": self._skipped_nonfinite,
             "reward_mean": self._last_mean,
         }

@@ -22,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ._norms import NormFn, norm_rule
 from ._state import RngSnapshot, forward_ad_friendly
@@ -463,7 +463,9 @@ class Call:
                 "gradient-norm rule needs exactly one input tensor"
             )
         local = None if direction is None else self.local(direction)
-        return rule(self.entry.module, inputs[0], grad, self.entry.params.keys(), local)
+        dtype = self._dtype(local)
+        x, grad = _as_dtype(inputs[0], dtype), _as_dtype(grad, dtype)
+        return rule(self.entry.module, x, grad, self.entry.params.keys(), local)
 
     def share(
         self, i: int, dim: int, grad: Tensor, direction: Mapping[str, Tensor], norms: bool
@@ -478,11 +480,22 @@ class Call:
             return dot, sq
         return per_example_dot(grad, self.tangents(direction)[i], dim), None
 
+    def _dtype(self, local: Mapping[str, Tensor] | None) -> torch.dtype | None:
+        """The dtype the rule computes in: the direction's (the parameters'). Under autocast
+        the kept inputs and output gradients may be in a lower precision (bf16, fp16): they
+        are cast up to it, as the rule mixes them with the direction."""
+        for t in (local or {}).values():
+            return t.dtype
+        params = [p for _, p in self.entry.module.named_parameters()]
+        return params[0].dtype if params else None
+
     def tangents(self, direction: Mapping[str, Tensor]) -> list[Any]:
         if self._tangents is None:
             self.check_inputs()
             local = self.local(direction)
-            module, args, kwargs = self.entry.module, self.args, self.kwargs or {}
+            dtype = self._dtype(local)
+            module = self.entry.module
+            args, kwargs = _as_dtype((self.args, self.kwargs or {}), dtype)
             if self.rng is None:
                 out = self.entry.rule.tangent(module, args or (), kwargs, local)
             else:
@@ -513,6 +526,20 @@ def register_call_hooks(
             entry.module.register_forward_hook(functools.partial(after, entry), with_kwargs=True)
         )
     return handles
+
+
+def _as_dtype(tree: Any, dtype: torch.dtype | None) -> Any:
+    """``tree`` with its real floating tensors of another dtype cast to ``dtype``."""
+    if dtype is None or not dtype.is_floating_point:
+        return tree
+    return tree_map(
+        lambda t: (
+            t.to(dtype)
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype
+            else t
+        ),
+        tree,
+    )
 
 
 def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:

@@ -19,6 +19,7 @@ from ._direction import (
     Direction,
     check_direction,
     check_optimizer,
+    check_unsharded,
     first_nonfinite,
     gradient_free_rows,
     precondition,
@@ -197,6 +198,7 @@ class GradientProbe:
             raise ValueError(
                 f"chunk_size should be a positive integer or None, but got chunk_size={chunk_size}"
             )
+        check_unsharded(model)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Probe the wrapped module: its forward and backward then never enter DDP's
             # gradient synchronisation, and .grad stays as the training step left it.
@@ -249,7 +251,9 @@ class GradientProbe:
         Exactly one of ``reference`` (a batch ``(x_ref, y_ref)``; ``d`` is the gradient of
         ``loss_fn(model(x_ref), y_ref).mean()``) or ``direction`` (``{parameter name: tensor}``
         keyed like ``model.named_parameters()``, trainable ones only) must be given. With
-        ``optimizer`` (SGD, Adam, AdamW) ``d`` is preconditioned to the step it really takes.
+        ``optimizer`` (a torch optimizer, or a wrapper exposing one as ``.optimizer`` such as
+        accelerate's) ``d`` is preconditioned to the step it really takes (docs/concepts.md
+        lists the optimizers; others get one warning and the plain gradient).
         """
         if (reference is None) == (direction is None):
             raise ValueError(
@@ -265,7 +269,7 @@ class GradientProbe:
                 "(requires_grad toggled or parameters replaced); build a new GradientProbe"
             )
         if optimizer is not None:  # before the reference pass, so a bad optimizer fails fast
-            check_optimizer(optimizer, params)
+            optimizer = check_optimizer(optimizer, params)
         if direction is not None:
             d = check_direction(direction, params)
         else:
