@@ -26,7 +26,6 @@ from ._direction import (
     zero_rows,
 )
 from ._ghost import GhostRun
-from ._norms import supported as supported_norms
 from ._state import cuda_devices, forward_ad_friendly, preserved
 
 __all__ = ["METHODS", "REWARDS", "GradientProbe"]
@@ -214,19 +213,9 @@ class GradientProbe:
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
         self._plan = _ghost.plan(model, params, fallback) if method == "ghost" else []
-        self._replays_root = any(
-            e.module is model and e.rule is _ghost.FALLBACK_RULE for e in self._plan
-        )
-        if reward == "cosine" and method == "ghost":
-            missing = [
-                f"{e.name} ({type(e.module).__name__})" for e in self._plan if e.norm is None
-            ]
-            if missing:
-                raise ValueError(
-                    f"reward='cosine' with method='ghost' has no per-example gradient norm for "
-                    f"{missing}; norms exist for {', '.join(supported_norms())}. "
-                    "Use method='per_sample'"
-                )
+        # The root holds bare parameters (a GPT's position embedding): see _run_ghost.
+        self._replays_root = any(e.root and e.params for e in self._plan)
+        self._layouts = _ghost.Layouts(model, self._plan, "method='ghost'", fallback)
         self._frozen_rows = gradient_free_rows(model, params)
         self._param_ids = tuple(id(p) for p in params.values())
 
@@ -316,14 +305,26 @@ class GradientProbe:
 
     def _run_ghost(self, job: _Job) -> _Result:
         args, kwargs, y, n, d, params, norms = job
-        if self._replays_root and not _ghost.couples_examples(self.model):
+        whole_jvp = not norms and not _ghost.couples_examples(self.model)
+        if whole_jvp and self._replays_root:
             # The root module holds bare parameters: replaying it by forward-mode AD costs a
             # whole-model JVP anyway, and with independent examples that one pass gives all of r.
+            return self._run_jvp(job)
+        layout = self._layouts.get(args, kwargs, n)
+        if whole_jvp and layout.root_params:
+            # Modules whose output does not hold the batch are covered at the root: the same.
             return self._run_jvp(job)
         device = next(iter(params.values())).device
         verify = self.verify == "always" or (self.verify == "first" and not self._verified)
         run = GhostRun(
-            self._plan, d, n, cuda_devices(self.model), device, norms=norms, per_module=verify
+            self._plan,
+            layout,
+            d,
+            n,
+            cuda_devices(self.model),
+            device,
+            norms=norms,
+            per_module=verify,
         )
         try:
             with torch.enable_grad():
@@ -332,16 +333,21 @@ class GradientProbe:
                 grads = (
                     torch.autograd.grad(losses.sum(), inputs, allow_unused=True) if inputs else ()
                 )
+            r, sq = run.finish()
         finally:
             run.close()
         if verify:
             param_grads = grads[len(run.anchors) :]
-            self._verify_ghost(run, dict(zip(params, param_grads, strict=True)), d)
+            self._verify_ghost(run, layout, dict(zip(params, param_grads, strict=True)), d)
             self._verified = True
-        return run.r, run.sq
+        return r, sq
 
     def _verify_ghost(
-        self, run: GhostRun, grads: Mapping[str, Tensor | None], d: Direction
+        self,
+        run: GhostRun,
+        layout: _ghost.Layout,
+        grads: Mapping[str, Tensor | None],
+        d: Direction,
     ) -> None:
         def dot(names: Any) -> tuple[float, float]:
             total, scale = 0.0, 0.0
@@ -355,13 +361,17 @@ class GradientProbe:
             return total, scale
 
         expected, scale = dot(grads)
-        got = float(run.r.sum())
-        if abs(got - expected) <= 1e-3 * (scale + float(run.r.abs().sum())) + 1e-30:
+        r = run.acc.r
+        got = float(r.sum())
+        if abs(got - expected) <= 1e-3 * (scale + float(r.abs().sum())) + 1e-30:
             return
         suspects = []
-        module_sums = run.module_sums or {}  # kept whenever the check runs
+        module_sums = run.acc.module_sums or {}  # kept whenever the check runs
         for entry in self._plan:
-            want, s = dot(entry.params.values())
+            covered = layout.params(entry)
+            if not covered:
+                continue
+            want, s = dot(covered.values())
             have = float(module_sums.get(entry.name, 0.0))
             if abs(have - want) > 1e-3 * (s + abs(have)) + 1e-30:
                 suspects.append(f"{entry.name} ({type(entry.module).__name__})")
