@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from . import _ghost
-from ._batch import batch_size, call_args, check_same_batch
+from ._batch import batch_size, call_args, check_same_batch, split_batch
 from ._direction import (
     Direction,
     check_optimizer,
@@ -417,7 +417,7 @@ class GAR:
         if self._reference is None:
             raise RuntimeError("no reference iterator: GAR was built for the next-batch mode")
         try:
-            x_ref, y_ref = next(self._reference)
+            x_ref, y_ref = split_batch(next(self._reference))
         except StopIteration:
             raise RuntimeError("the reference iterator is exhausted") from None
         args, kwargs = call_args(x_ref)

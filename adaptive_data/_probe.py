@@ -14,7 +14,14 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from . import _ghost
-from ._batch import Inputs, batch_size, call_args, check_same_batch, per_example_losses
+from ._batch import (
+    Inputs,
+    batch_size,
+    call_args,
+    check_same_batch,
+    per_example_losses,
+    split_batch,
+)
 from ._direction import (
     Direction,
     check_direction,
@@ -227,9 +234,9 @@ class GradientProbe:
     def __call__(
         self,
         x: Inputs,
-        y: Any,
+        y: Any = None,
         *,
-        reference: tuple[Inputs, Any] | None = None,
+        reference: Any = None,
         direction: Mapping[str, Tensor] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> Tensor:
@@ -239,11 +246,25 @@ class GradientProbe:
         ``loss_fn(model(x_ref), y_ref).mean()``) or ``direction`` (``{parameter name: tensor}``
         keyed like ``model.named_parameters()``, trainable ones only) must be given. With
         ``optimizer`` (SGD, Adam, AdamW) ``d`` is preconditioned to the step it really takes.
+
+        Dict batches: ``probe(batch, reference=ref_batch)``, with ``y`` left out, splits a
+        dict batch the Hugging Face way (:func:`split_batch`: the target under ``"labels"``,
+        the other keys passed as ``model(**inputs)``); ``reference`` may be such a dict too.
+        For other key names, split with ``split_batch(batch, target_key=..., input_key=...)``.
         """
         if (reference is None) == (direction is None):
             raise ValueError(
                 "pass exactly one of reference=(x_ref, y_ref) or direction={name: tensor}"
             )
+        if y is None:
+            if not isinstance(x, Mapping):
+                raise TypeError(
+                    "y should be the targets of the batch, but got y=None with x of type "
+                    f"{type(x).__name__} (only a dict batch holds its own targets)"
+                )
+            x, y = split_batch(x)
+        if isinstance(reference, Mapping):
+            reference = split_batch(reference)
         args, kwargs = call_args(x)
         n = batch_size(x)
         check_same_batch(y, n)
@@ -260,7 +281,8 @@ class GradientProbe:
         else:
             if not (isinstance(reference, tuple | list) and len(reference) == 2):
                 raise TypeError(
-                    f"reference should be a pair (x_ref, y_ref), but got {type(reference).__name__}"
+                    "reference should be a pair (x_ref, y_ref) or a dict batch, but got "
+                    f"{type(reference).__name__}"
                     + (
                         f" of length {len(reference)}"
                         if isinstance(reference, tuple | list)
