@@ -114,8 +114,10 @@ class GradientProbe:
       (``fallback="jvp"``). Exact. When the root module itself holds bare parameters (a ViT's
       position embedding) that JVP would replay the whole model, so ghost computes all of
       ``r`` in one such pass (the ``jvp`` method) unless BatchNorm in train mode couples the
-      examples. Assumes each covered module sees the batch in dim 0 (``MultiheadAttention``
-      with ``batch_first=False`` is handled) and raises otherwise. Cost: about a training step.
+      examples. Which dim of each layer's output holds the batch is found by running the
+      model on 2 and 3 examples (once per input signature); a layer whose output holds no
+      batch (a position embedding of ``arange(T)``) is covered the same way as the root's bare
+      parameters. Cost: about a training step.
     * ``"jvp"``: ``torch.func``-style forward-mode AD over the whole model: all N directional
       derivatives in one forward pass with dual numbers. Exact; about 2-3 forward passes.
     * ``"per_sample"``: ``vmap(grad)`` of each example alone (a batch of one), dotted with
@@ -142,7 +144,8 @@ class GradientProbe:
         method: one of ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"``,
             ``"head"``.
         fallback: ``"jvp"`` (default) covers modules that ghost has no rule for with a JVP of
-            that module alone; ``"raise"`` refuses them at construction, naming them.
+            that module alone; ``"raise"`` refuses them at construction, naming them, and
+            layers whose output holds no batch at the first call.
         verify: for ``ghost``, check that ``sum_i r_i`` equals ``<grad sum_i l_i, D>``
             (weight gradients from the same backward): on the ``"first"`` call (default),
             on ``"always"`` every call (about 30% slower), or ``"never"``. A mismatch means a
@@ -151,9 +154,10 @@ class GradientProbe:
         chunk_size: examples per ``vmap`` chunk for ``per_sample`` (None: all at once).
         reward: ``"dot"`` (default): ``r_i = <g_i, D>``; ``"cosine"``:
             ``<g_i, D> / (||g_i|| ||D||)`` (0 where a norm is 0), with exact per-example
-            gradient norms from ``ghost`` (Linear, Conv, Embedding, affine norms; other modules
-            are refused at construction) or ``per_sample``. The dot product grows with an
-            example's gradient norm; the cosine rewards its direction only.
+            gradient norms from ``ghost`` (closed forms for Linear, Conv, Embedding, affine
+            norms and MultiheadAttention; one batched backward per example for any other
+            module, N backwards of that module) or ``per_sample``. The dot product grows with
+            an example's gradient norm; the cosine rewards its direction only.
 
     Example:
         >>> probe = GradientProbe(model, nn.CrossEntropyLoss(reduction="none"))
