@@ -4,6 +4,7 @@ The public surface is re-exported here; the modules behind it are private.
 """
 
 from ._augment import KERNELS, GARTransform, apply_op, trivial_augment_wide_table
+from ._batch import split_batch
 from ._gar import GAR
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
 from ._policy import CategoricalPolicy
@@ -29,5 +30,6 @@ __all__ = [
     "apply_op",
     "ghost_rules",
     "register_ghost_rule",
+    "split_batch",
     "trivial_augment_wide_table",
 ]

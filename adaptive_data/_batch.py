@@ -8,9 +8,51 @@ from typing import Any
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-__all__: list[str] = []
+__all__ = ["split_batch"]
 
 Inputs = Any  # a Tensor, a tuple/list of tensors (positional), or a dict of tensors (keywords)
+
+
+def split_batch(
+    batch: Any, *, target_key: str = "labels", input_key: str | None = None
+) -> tuple[Any, Any]:
+    """``(inputs, target)`` of a batch: a pair ``(x, y)`` as it is, or a dict batch split by key.
+
+    A dict follows the Hugging Face convention by default: the target is ``batch["labels"]``
+    and every other key is a keyword input of the model (``input_ids``, ``attention_mask``),
+    so the probe calls ``model(**inputs)``. With ``input_key`` the inputs are
+    ``batch[input_key]`` alone, passed positionally (``model(batch["x"])``). The probe and
+    ``GAR`` split dict batches with the defaults; for other names, split them with this.
+
+    Raises if the dict lacks a named key (naming the keys it has) or holds nothing but its
+    target.
+    """
+    if isinstance(batch, Mapping):
+        keys = list(batch)
+        if target_key not in batch:
+            raise ValueError(
+                f"the batch should hold its target under target_key={target_key!r}, but its "
+                f"keys are {keys}; split it with adaptive_data.split_batch(batch, "
+                "target_key=...)"
+            )
+        if input_key is not None:
+            if input_key not in batch:
+                raise ValueError(
+                    f"the batch should hold its inputs under input_key={input_key!r}, but its "
+                    f"keys are {keys}"
+                )
+            return batch[input_key], batch[target_key]
+        inputs = {k: v for k, v in batch.items() if k != target_key}
+        if not inputs:
+            raise ValueError(f"the batch holds nothing but its target {target_key!r}: keys {keys}")
+        return inputs, batch[target_key]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+    raise TypeError(
+        "a batch should be a pair (x, y) or a dict with its target under 'labels', but got "
+        f"{type(batch).__name__}{length}"
+    )
 
 
 def call_args(x: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from . import _ghost
-from ._batch import batch_size, call_args, check_same_batch
+from ._batch import batch_size, call_args, check_same_batch, split_batch
 from ._direction import (
     Direction,
     check_optimizer,
@@ -25,7 +25,6 @@ from ._direction import (
     zero_rows,
 )
 from ._ghost import Call, Entry, register_call_hooks
-from ._norms import supported as supported_norms
 from ._probe import REWARDS, _cosine, mean_loss_gradient
 from ._sampler import GARSampler
 from ._state import RngSnapshot, cuda_devices
@@ -162,13 +161,6 @@ class GAR:
                 f"GAR found no layer it covers in {type(core).__name__}: it needs at least one "
                 f"of {allowed} with trainable parameters"
             )
-        if reward == "cosine":
-            missing = [f"{e.name} ({type(e.module).__name__})" for e in entries if e.norm is None]
-            if missing:
-                raise ValueError(
-                    f"reward='cosine' has no per-example gradient norm for {missing}; norms "
-                    f"exist for {', '.join(supported_norms())}. Use reward='dot'"
-                )
         self.model = model
         self.sampler = sampler
         self.optimizer = optimizer
@@ -197,8 +189,15 @@ class GAR:
         self._skipped_nonfinite = 0
         self._last_mean = math.nan
         self._rng_snapshots: dict[int, RngSnapshot] = {}
+        # Where each covered layer holds the batch, found per input signature (two small
+        # forwards, once) at the first kept batch; the calls of the current forward, counted.
+        self._layouts = _ghost.Layouts(core, entries, "GAR")
+        self._layout: _ghost.Layout | None = None
+        self._batch_size = 0
+        self._counts: dict[int, int] = {}
         self._handles: list[Any] = [
             core.register_forward_pre_hook(self._begin),
+            core.register_forward_pre_hook(self._find_layout, with_kwargs=True),
             *register_call_hooks(entries, self._rng, self._keep),
         ]
 
@@ -264,6 +263,21 @@ class GAR:
         self._current = _Group(batch, self._steps)
         self._groups.append(self._current)
 
+    def _find_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Root forward of a kept batch: where each covered layer holds the batch (cached by
+        input signature; a new one costs two forwards of 2 and 3 examples)."""
+        group = self._current
+        if group is None:
+            return
+        self._counts = {}
+        self._batch_size = n = batch_size((args, kwargs), "the model's inputs")
+        self._paused = True  # the layout runs are not training batches: keep nothing
+        try:
+            self._layout = self._layouts.get(args, kwargs, n)
+        finally:
+            self._paused = False
+            self._current = group  # the layout runs' root hooks cleared it
+
     def _rng(self, entry: Entry, module: nn.Module, args: tuple) -> None:
         if self._current is not None:
             self._rng_snapshots[id(entry)] = RngSnapshot(self._devices)
@@ -272,31 +286,36 @@ class GAR:
         self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> None:
         group = self._current
-        if group is None:
+        if group is None or self._layout is None:
             return
-        if self.reward == "cosine":
-            if id(entry) in group.entries:
-                _ghost.refuse_repeated_call(entry, module)
-            group.entries.add(id(entry))
+        index = self._counts.get(id(entry), 0)
+        self._counts[id(entry)] = index + 1
         # Detached views share the inputs' version counters: in-place edits are still caught.
-        kept = _Kept(
-            Call(entry, _detach(args), _detach(kwargs), self._rng_snapshots.pop(id(entry), None))
+        call, outs, _ = _ghost.open_call(
+            entry,
+            self._layout,
+            index,
+            _detach(args),
+            _detach(kwargs),
+            output,
+            self._rng_snapshots.pop(id(entry), None),
+            self._batch_size,
+            "GAR",
         )
-        outs, _ = tree_flatten(output)
-        dims = entry.rule.batch_dims(module, len(outs))
+        if call is None:
+            return
+        kept = _Kept(call)
         for i, leaf in enumerate(outs):
             if not (isinstance(leaf, Tensor) and leaf.requires_grad):
                 continue
-            dim = dims[i]
-            n = leaf.shape[dim] if leaf.dim() > dim else -1
-            if group.n is None:
-                group.n = n
-            if n != group.n:
-                raise ValueError(
-                    f"GAR cannot attribute module {entry.name!r} ({type(module).__name__}) to "
-                    f"examples: its output of shape {list(leaf.shape)} does not hold the batch "
-                    f"(size {group.n}) in dim {dim}"
+            dim = call.layout.outputs[i]
+            if dim is None or dim < 0:  # the root's output that does not hold the batch
+                leaf.register_hook(
+                    functools.partial(_ghost.unattributable, entry, list(leaf.shape))
                 )
+                continue
+            if group.n is None:
+                group.n = leaf.shape[dim]
             leaf.register_hook(functools.partial(self._on_grad, kept, i, dim))
         group.calls.append(kept)
 
@@ -439,7 +458,7 @@ class GAR:
         if self._reference is None:
             raise RuntimeError("no reference iterator: GAR was built for the next-batch mode")
         try:
-            x_ref, y_ref = next(self._reference)
+            x_ref, y_ref = split_batch(next(self._reference))
         except StopIteration:
             raise RuntimeError("the reference iterator is exhausted") from None
         args, kwargs = call_args(x_ref)
@@ -462,16 +481,17 @@ class GAR:
         if group.n is None or not group.calls or any(not c.grads for c in group.calls):
             return None  # a forward without a backward: nothing to reward
         device = next(iter(d.values())).device
-        r = torch.zeros(group.n, dtype=torch.float32, device=device)
-        sq = torch.zeros_like(r)
         cosine = self.reward == "cosine"
-        with torch.no_grad():
-            for kept in group.calls:
-                for i, (grad, dim) in kept.grads.items():
-                    dot, sq_m = kept.call.share(i, dim, grad, d, norms=cosine)
-                    r += dot
-                    if sq_m is not None:
-                        sq += sq_m
+        acc = _ghost.Accumulator(group.n, device, norms=cosine)
+        self._paused = True  # forwards replayed by the rules are not training batches
+        try:
+            with torch.no_grad():
+                for kept in group.calls:
+                    grads = {i: grad for i, (grad, _) in kept.grads.items()}
+                    kept.call.contribute(acc, grads, d, cosine)
+        finally:
+            self._paused = False
+        r, sq = acc.result()
         return _cosine(r, sq, d) if cosine else r
 
     # ------------------------------------------------------------------ state

@@ -12,10 +12,11 @@ parameters) it is a forward-mode JVP of the module alone. With ``B`` the gradien
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ._norms import NormFn, norm_rule
-from ._state import RngSnapshot, forward_ad_friendly
+from . import _norms
+from ._norms import Pieces, norm_rule
+from ._state import RngSnapshot, forward_ad_friendly, preserved
 
 __all__ = ["GhostRule", "ghost_rules", "register_ghost_rule"]
 
@@ -44,13 +46,14 @@ class GhostRule:
             ``nn.MultiheadAttention``, whose ``out_proj`` forward never runs).
         replays_forward: the rule runs the module's forward again; the RNG state of the
             original call is replayed so that dropout draws the same mask.
-        batch_dims: ``(module, number of output tensors) -> batch dim of each output tensor``.
+
+    Which dim of each output holds the batch is not the rule's to say: the probe finds it by
+    running the model on two batch sizes (:func:`detect_layout`).
     """
 
     tangent: TangentFn
     recursive: bool = False
     replays_forward: bool = False
-    batch_dims: Callable[[nn.Module, int], Sequence[int]] = lambda module, n: [0] * n
 
 
 _RULES: dict[type[nn.Module], GhostRule] = {}
@@ -65,7 +68,6 @@ def register_ghost_rule(
     *module_types: type[nn.Module],
     recursive: bool = False,
     replays_forward: bool = False,
-    batch_dims: Callable[[nn.Module, int], Sequence[int]] | None = None,
 ) -> Callable[[TangentFn], TangentFn]:
     """Decorator: use ``fn`` as the ghost rule for modules of exactly these types.
 
@@ -77,7 +79,7 @@ def register_ghost_rule(
         for cls in module_types:
             if cls in _RULES:
                 raise ValueError(f"a ghost rule for {cls.__name__} is already registered")
-        rule = GhostRule(fn, recursive, replays_forward, batch_dims or GhostRule.batch_dims)
+        rule = GhostRule(fn, recursive, replays_forward)
         for cls in module_types:
             _RULES[cls] = rule
         return fn
@@ -228,12 +230,6 @@ def jvp_tangent(
     return spec.unflatten(tangents)
 
 
-def _mha_batch_dims(module: nn.Module, n: int) -> list[int]:
-    # (attn_output, attn_weights): the weights are always batch-first
-    first = 0 if getattr(module, "batch_first", False) else 1
-    return [first, 0][:n]
-
-
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
@@ -247,20 +243,64 @@ def _additive_mask(mask: Tensor | None, like: Tensor) -> Tensor | None:
     return mask.to(like.dtype)
 
 
-@register_ghost_rule(
-    nn.MultiheadAttention, recursive=True, replays_forward=True, batch_dims=_mha_batch_dims
-)
-def _multihead_attention(
-    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-) -> Any:
-    """Closed-form directional derivative of attention along the projections' directions.
+@dataclasses.dataclass
+class _Attention:
+    """One ``nn.MultiheadAttention`` call in batch-first form, for the closed-form rules."""
 
-    With ``q, k, v`` the projections, ``P = softmax(q k^T / sqrt(h) + mask)`` and
-    ``O = P v``: ``S' = (q' k^T + q k'^T) / sqrt(h)``, ``P' = P * (S' - sum(P * S'))``,
-    ``O' = P' v + P v'`` and ``out' = O D_out^T + d_out + O' W_out^T``. About three attention
-    forwards. Configurations it does not cover (``bias_k``/``bias_v``, ``add_zero_attn``,
-    attention dropout in train mode, unbatched inputs) use a forward-mode JVP of the module.
-    """
+    mha: nn.MultiheadAttention
+    query: Tensor  # [N, T, E]
+    key: Tensor  # [N, S, kdim]
+    value: Tensor  # [N, S, vdim]
+    attn_mask: Tensor | None
+    key_padding_mask: Tensor | None
+    need_weights: bool
+    average_attn_weights: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """``(N, T, S, heads, head_dim)``."""
+        n, tgt, embed = self.query.shape
+        heads = self.mha.num_heads
+        return n, tgt, self.key.shape[1], heads, embed // heads
+
+    def projection_names(self) -> tuple[tuple[str, slice], ...]:
+        """For q, k, v: the parameter holding the weight and the rows of it that are theirs."""
+        if self.mha._qkv_same_embed_dim:
+            e = self.mha.embed_dim
+            return tuple(("in_proj_weight", slice(j * e, (j + 1) * e)) for j in range(3))
+        return tuple(
+            (nm, slice(None)) for nm in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        )
+
+    def probabilities(self, q: Tensor, k: Tensor) -> Tensor:
+        """``softmax(q k^T / sqrt(h) + masks)``, ``[N, H, T, S]``, from heads-first q and k."""
+        n, tgt, src, heads, head_dim = self.shape
+        scores = (q @ k.transpose(-2, -1)) * head_dim**-0.5
+        mask = _additive_mask(self.attn_mask, scores)
+        if mask is not None:
+            scores = scores + (mask.view(n, heads, tgt, src) if mask.dim() == 3 else mask)
+        padding = _additive_mask(self.key_padding_mask, scores)
+        if padding is not None:
+            scores = scores + padding.view(n, 1, 1, src)
+        return torch.softmax(scores, dim=-1)
+
+    def heads_first(self, t: Tensor) -> Tensor:  # [N, L, E] -> [N, H, L, h]
+        n, _, _, heads, head_dim = self.shape
+        return t.view(n, t.shape[1], heads, head_dim).transpose(1, 2)
+
+    def merge_heads(self, t: Tensor) -> Tensor:  # [N, H, T, h] -> [N, T, E]
+        n, tgt = t.shape[0], t.shape[2]
+        return t.transpose(1, 2).reshape(n, tgt, self.mha.embed_dim)
+
+    def layout(self, out: Tensor) -> Tensor:
+        """The attention output in the module's own layout."""
+        return out if self.mha.batch_first else out.transpose(0, 1)
+
+
+def _attention_call(module: nn.Module, args: tuple, kwargs: dict) -> _Attention | None:
+    """The call in batch-first form, or None for what the closed forms do not cover
+    (``bias_k``/``bias_v``, ``add_zero_attn``, attention dropout in train mode, unbatched
+    inputs): those use a forward-mode JVP (tangents) or the generic norm rule."""
     mha = cast(nn.MultiheadAttention, module)
     call = _MHA_SIGNATURE.bind(mha, *args, **kwargs)
     call.apply_defaults()
@@ -272,65 +312,158 @@ def _multihead_attention(
         or (mha.training and mha.dropout > 0)
         or query.dim() != 3
     ):
-        return jvp_tangent(module, args, kwargs, direction)
+        return None
     if not mha.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    n, tgt, embed = query.shape
-    src, heads = key.shape[1], mha.num_heads
-    head_dim = embed // heads
+    mask = a["attn_mask"]
+    if a["is_causal"] and a["key_padding_mask"] is None and not a["need_weights"]:
+        # As F.multi_head_attention_forward does: the hint replaces attn_mask by SDPA's causal
+        # mask (top-left aligned).
+        tgt, src = query.shape[1], key.shape[1]
+        mask = torch.ones(tgt, src, dtype=torch.bool, device=query.device).triu(1)
+    return _Attention(
+        mha,
+        query,
+        key,
+        value,
+        mask,
+        a["key_padding_mask"],
+        bool(a["need_weights"]),
+        bool(a["average_attn_weights"]),
+    )
 
-    def zeros(name: str) -> Tensor:
-        return torch.zeros_like(cast(Tensor, mha.get_parameter(name)))
+
+@register_ghost_rule(nn.MultiheadAttention, recursive=True, replays_forward=True)
+def _multihead_attention(
+    module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+) -> Any:
+    """Closed-form directional derivative of attention along the projections' directions.
+
+    With ``q, k, v`` the projections, ``P = softmax(q k^T / sqrt(h) + mask)`` and
+    ``O = P v``: ``S' = (q' k^T + q k'^T) / sqrt(h)``, ``P' = P * (S' - sum(P * S'))``,
+    ``O' = P' v + P v'`` and ``out' = O D_out^T + d_out + O' W_out^T``. About three attention
+    forwards. Configurations it does not cover (``bias_k``/``bias_v``, ``add_zero_attn``,
+    attention dropout in train mode, unbatched inputs) use a forward-mode JVP of the module.
+    """
+    att = _attention_call(module, args, kwargs)
+    if att is None:
+        return jvp_tangent(module, args, kwargs, direction)
+    mha = att.mha
 
     def tangent(name: str) -> Tensor:
-        return direction[name] if name in direction else zeros(name)
+        d = direction.get(name)
+        return torch.zeros_like(cast(Tensor, mha.get_parameter(name))) if d is None else d
 
-    if mha._qkv_same_embed_dim:
-        weights = cast(Tensor, mha.in_proj_weight).chunk(3)
-        d_weights = tangent("in_proj_weight").chunk(3)
-    else:
-        names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-        weights = tuple(cast(Tensor, mha.get_parameter(nm)) for nm in names)
-        d_weights = tuple(tangent(nm) for nm in names)
+    biases: tuple[Tensor | None, ...] = (None, None, None)
+    d_biases: tuple[Tensor | None, ...] = (None, None, None)
     if mha.in_proj_bias is not None:
-        biases: tuple[Tensor | None, ...] = mha.in_proj_bias.chunk(3)
-        d_biases: tuple[Tensor | None, ...] = tangent("in_proj_bias").chunk(3)
-    else:
-        biases = d_biases = (None, None, None)
-
-    def heads_first(t: Tensor, length: int) -> Tensor:  # [N, L, E] -> [N, H, L, h]
-        return t.view(n, length, heads, head_dim).transpose(1, 2)
-
+        biases, d_biases = mha.in_proj_bias.chunk(3), tangent("in_proj_bias").chunk(3)
     proj, d_proj = [], []
-    for x, w, b, dw, db, length in zip(
-        (query, key, value), weights, biases, d_weights, d_biases, (tgt, src, src), strict=True
+    for x, (name, rows), b, db in zip(
+        (att.query, att.key, att.value), att.projection_names(), biases, d_biases, strict=True
     ):
-        proj.append(heads_first(F.linear(x, w, b), length))
-        d_proj.append(heads_first(F.linear(x, dw, db), length))
+        w, dw = cast(Tensor, mha.get_parameter(name))[rows], tangent(name)[rows]
+        proj.append(att.heads_first(F.linear(x, w, b)))
+        d_proj.append(att.heads_first(F.linear(x, dw, db)))
     q, k, v = proj
     dq, dk, dv = d_proj
-    scale = head_dim**-0.5
-    scores = (q @ k.transpose(-2, -1)) * scale
-    mask = _additive_mask(a["attn_mask"], scores)
-    if mask is not None:
-        scores = scores + (mask.view(n, heads, tgt, src) if mask.dim() == 3 else mask)
-    padding = _additive_mask(a["key_padding_mask"], scores)
-    if padding is not None:
-        scores = scores + padding.view(n, 1, 1, src)
-    p = torch.softmax(scores, dim=-1)
+    p = att.probabilities(q, k)
+    scale = att.shape[4] ** -0.5
     d_scores = (dq @ k.transpose(-2, -1) + q @ dk.transpose(-2, -1)) * scale
     d_p = p * (d_scores - (p * d_scores).sum(-1, keepdim=True))
-    out = (p @ v).transpose(1, 2).reshape(n, tgt, embed)
-    d_out = (d_p @ v + p @ dv).transpose(1, 2).reshape(n, tgt, embed)
+    out = att.merge_heads(p @ v)
+    d_out = att.merge_heads(d_p @ v + p @ dv)
     out_proj = mha.out_proj
-    bias = out_proj.bias
-    d_bias = None if bias is None else tangent("out_proj.bias")
+    d_bias = None if out_proj.bias is None else tangent("out_proj.bias")
     result = F.linear(out, tangent("out_proj.weight"), d_bias) + F.linear(d_out, out_proj.weight)
-    if not mha.batch_first:
-        result = result.transpose(0, 1)
-    if not a["need_weights"]:
+    result = att.layout(result)
+    if not att.need_weights:
         return (result, None)
-    return (result, d_p.mean(1) if a["average_attn_weights"] else d_p)
+    return (result, d_p.mean(1) if att.average_attn_weights else d_p)
+
+
+def attention_pieces(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    grads: Mapping[int, Tensor],
+    names: Collection[str],
+    direction: Mapping[str, Tensor] | None,
+    keep: Collection[str],
+) -> Pieces | None:
+    """Per-example squared gradient norms (and dots with ``direction``) of an
+    ``nn.MultiheadAttention`` call, from the gradients at its outputs (``grads``: output index
+    -> gradient). One backward through the recomputed attention gives the gradients at the
+    q, k, v projections and at ``out_proj``'s input, all per example; each projection is then a
+    Linear layer (its norm rule). None where the closed form does not apply."""
+    att = _attention_call(module, args, kwargs)
+    if att is None:
+        return None
+    mha = att.mha
+    with torch.enable_grad():
+        projections = []
+        biases = (None, None, None) if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
+        for x, (name, rows), b in zip(
+            (att.query, att.key, att.value), att.projection_names(), biases, strict=True
+        ):
+            w = cast(Tensor, mha.get_parameter(name))[rows]
+            projections.append(F.linear(x, w.detach(), None if b is None else b.detach()))
+        projections = [t.detach().requires_grad_() for t in projections]
+        q, k, v = (att.heads_first(t) for t in projections)
+        p = att.probabilities(q, k)
+        attended = att.merge_heads(p @ v)
+        out_proj = mha.out_proj
+        bias = None if out_proj.bias is None else out_proj.bias.detach()
+        outputs = [att.layout(F.linear(attended, out_proj.weight.detach(), bias))]
+        if att.need_weights:
+            outputs.append(p.mean(1) if att.average_attn_weights else p)
+        pairs = [(outputs[i], g) for i, g in grads.items() if i < len(outputs)]
+        got = torch.autograd.grad(
+            [o for o, _ in pairs], projections, [g for _, g in pairs], allow_unused=True
+        )
+    got = [torch.zeros_like(t) if g is None else g for t, g in zip(projections, got, strict=True)]
+    # out_proj: its input is the attention's output, its output gradient B (batch-first)
+    b_out = grads[0] if 0 in grads else torch.zeros_like(attended)
+    b_out = att.layout(b_out)
+    n = att.query.shape[0]
+    total = _norms._Sums(n, att.query.device, direction, keep)
+    pieces: dict[str, list[Tensor]] = {}
+
+    def add(sub: Mapping[str, str], x: Tensor, b: Tensor, dir_rows: Mapping[str, slice]) -> None:
+        """The Linear rule for one projection: ``sub`` maps its local weight/bias names to the
+        module's parameter names, ``dir_rows`` to the rows of those parameters that are its."""
+        local = {k: v for k, v in sub.items() if v in names}
+        d = None
+        if direction is not None:
+            d = {k: direction[v][dir_rows[k]] for k, v in local.items()}
+        kept_local = [k for k, v in local.items() if v in keep]
+        sq, dot, kept = _norms._linear(None, x.detach(), b, list(local), d, kept_local)  # type: ignore[arg-type]
+        total.sq += sq
+        if total.dot is not None and dot is not None:
+            total.dot += dot
+        for k, t in kept.items():
+            pieces.setdefault(local[k], []).append(t)
+
+    whole = slice(None)
+    add(
+        {"weight": "out_proj.weight", "bias": "out_proj.bias"},
+        attended,
+        b_out,
+        {"weight": whole, "bias": whole},
+    )
+    e = mha.embed_dim
+    for j, (x, (name, rows)) in enumerate(
+        zip((att.query, att.key, att.value), att.projection_names(), strict=True)
+    ):
+        add(
+            {"weight": name, "bias": "in_proj_bias"},
+            x,
+            got[j],
+            {"weight": rows, "bias": slice(j * e, (j + 1) * e)},
+        )
+    # the q, k, v chunks of a kept in_proj parameter, in their rows' order
+    total.kept = {name: torch.cat(parts, dim=1) for name, parts in pieces.items()}
+    return total.result()
 
 
 FALLBACK_RULE = GhostRule(jvp_tangent, recursive=False, replays_forward=True)
@@ -338,24 +471,17 @@ FALLBACK_RULE = GhostRule(jvp_tangent, recursive=False, replays_forward=True)
 
 @dataclasses.dataclass
 class Entry:
-    """One covered module: its rule and ``{local parameter name: global name}``."""
+    """One covered module: its rule and ``{local parameter name: global name}``.
+
+    The model's root has an entry whenever it has no rule of its own, even without bare
+    parameters: parameters of modules whose output does not hold the batch are covered there
+    (see :class:`Layout`)."""
 
     name: str
     module: nn.Module
     rule: GhostRule
     params: dict[str, str]
-    norm: NormFn | None = None  # its per-example gradient-norm rule, if one exists
-
-
-def refuse_repeated_call(entry: Entry, module: nn.Module) -> None:
-    """The cosine reward's per-example norms are per call: a layer that runs twice in one
-    forward gets a gradient whose norm has cross terms between the calls that the per-call
-    norms miss, so the cosine would be wrong. Raise instead."""
-    raise ValueError(
-        f"reward='cosine' needs each covered layer to run once per forward, but module "
-        f"{entry.name!r} ({type(module).__name__}) ran again in the same forward; use "
-        "reward='dot' (exact for layers called several times)"
-    )
+    root: bool = False
 
 
 def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> list[Entry]:
@@ -389,14 +515,15 @@ def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> li
         else:
             named = module.named_parameters(recurse=False)
         local = {n: global_name[id(p)] for n, p in named if id(p) in global_name}
-        if not local:
+        is_root = module is model
+        if not local and not (is_root and rule is None):
             continue
         if rule is None:
-            if fallback == "raise":
+            if fallback == "raise" and local:
                 uncovered.append(f"{mod_name or '<root>'} ({type(module).__name__})")
                 continue
             rule = FALLBACK_RULE
-        entries.append(Entry(mod_name or "<root>", module, rule, local, norm_rule(module)))
+        entries.append(Entry(mod_name or "<root>", module, rule, local, root=is_root))
     if uncovered:
         allowed = ", ".join(sorted(cls.__name__ for cls in _RULES))
         raise ValueError(
@@ -417,18 +544,339 @@ def couples_examples(model: nn.Module) -> bool:
     return False
 
 
+# ---------------------------------------------------------------------- where the batch is
+
+UNKNOWN = -1  # a tensor whose size depends on the batch size, but not as one batch dim
+
+
+@dataclasses.dataclass(frozen=True)
+class CallLayout:
+    """Where one call of a module holds the batch: for each leaf of ``(args, kwargs)`` and of
+    its output (``tree_flatten`` order), the batch dim, None (no batch: not a tensor, or its
+    shape does not depend on the batch size) or ``UNKNOWN``."""
+
+    inputs: tuple[int | None, ...]
+    outputs: tuple[int | None, ...]
+    requires_grad: tuple[bool, ...]  # of each output leaf
+
+    @property
+    def attributable(self) -> bool:
+        """Every output that carries a gradient holds the batch in one dim."""
+        return all(
+            d is not None and d >= 0
+            for d, g in zip(self.outputs, self.requires_grad, strict=True)
+            if g
+        )
+
+
+@dataclasses.dataclass
+class Layout:
+    """How the covered modules see the batch, for one input signature.
+
+    Found by running the model on 2 and 3 examples of the batch and comparing the shapes of
+    every covered call: the dim whose size follows the batch size is the batch dim; a tensor
+    whose shape does not change does not hold the batch (a position embedding of
+    ``arange(T)``), whatever its sizes. Modules with such an output (or a layout found no
+    other way) cannot give each example its share from the gradient at their output: their
+    parameters are covered at the model's root instead (``root_params``), by replaying the
+    whole model (a JVP, or per-example gradients for the norms).
+    """
+
+    calls: dict[int, list[CallLayout]]  # id(entry) -> one layout per call
+    rehomed: list[Entry]  # entries whose parameters the root covers
+    root_params: dict[str, str]  # what the root entry covers, local (= global) name -> global
+    shared: frozenset[str]  # global names used by more than one covered call
+
+    def params(self, entry: Entry) -> dict[str, str]:
+        """The parameters this entry's calls account for in this layout (empty: none)."""
+        if entry.root:
+            return self.root_params
+        if any(e is entry for e in self.rehomed):
+            return {}
+        return entry.params
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...] | None]:
+    return [tuple(t.shape) if isinstance(t, Tensor) else None for t in tree_flatten(tree)[0]]
+
+
+def _batch_dim(
+    a: tuple[int, ...] | None, b: tuple[int, ...] | None, ma: int, mb: int
+) -> int | None:
+    if a is None or b is None:
+        return None
+    if len(a) != len(b):
+        return UNKNOWN
+    changed = [k for k in range(len(a)) if a[k] != b[k]]
+    if not changed:
+        return None
+    if len(changed) == 1 and a[changed[0]] == ma and b[changed[0]] == mb:
+        return changed[0]
+    return UNKNOWN
+
+
+_SIZES = (2, 3)  # the batch sizes of the two layout runs
+
+
+def _record(
+    model: nn.Module, modules: list[nn.Module], args: tuple, kwargs: dict, n: int, m: int
+) -> dict[int, list[tuple[list, list, list[bool]]]]:
+    """Run the model on ``m`` examples of the batch (repeated if it has fewer) and record the
+    shapes of every call of ``modules``."""
+    records: dict[int, list[tuple[list, list, list[bool]]]] = {id(mod): [] for mod in modules}
+
+    def hook(module: nn.Module, a: tuple, k: dict, out: Any) -> None:
+        grads = [isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(out)[0]]
+        records[id(module)].append((_shapes((a, k)), _shapes(out), grads))
+
+    def take(t: Any) -> Any:
+        return t[torch.arange(m, device=t.device) % n] if isinstance(t, Tensor) else t
+
+    sub_args, sub_kwargs = tree_map(take, (args, kwargs))
+    handles = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules]
+    try:
+        with preserved(model), torch.enable_grad():
+            model(*sub_args, **sub_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def detect_layout(
+    model: nn.Module,
+    entries: Sequence[Entry],
+    args: tuple,
+    kwargs: dict,
+    n: int,
+    who: str,
+    fallback: str = "jvp",
+) -> Layout:
+    """The :class:`Layout` of ``model(*args, **kwargs)``, whose tensors hold ``n`` examples
+    in dim 0. Costs two forwards of 2 and 3 examples. ``who`` names the caller in errors;
+    ``fallback='raise'`` refuses modules that would be covered at the root."""
+    modules = [e.module for e in entries]
+    try:
+        runs = [_record(model, modules, args, kwargs, n, m) for m in _SIZES]
+    except Exception as exc:
+        raise RuntimeError(
+            f"{who} runs the model on {_SIZES[0]} and {_SIZES[1]} examples of the batch to find "
+            f"which dim of each layer's input and output holds the batch, and the model raised "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    calls: dict[int, list[CallLayout]] = {}
+    unstable: set[int] = set()
+    for entry in entries:
+        first, second = (run[id(entry.module)] for run in runs)
+        if len(first) != len(second):  # the number of calls depends on the batch size
+            unstable.add(id(entry))
+            continue
+        layouts = []
+        for (in_a, out_a, _), (in_b, out_b, grads) in zip(first, second, strict=True):
+            if len(in_a) != len(in_b) or len(out_a) != len(out_b):
+                unstable.add(id(entry))
+                break
+            layouts.append(
+                CallLayout(
+                    tuple(_batch_dim(a, b, *_SIZES) for a, b in zip(in_a, in_b, strict=True)),
+                    tuple(_batch_dim(a, b, *_SIZES) for a, b in zip(out_a, out_b, strict=True)),
+                    tuple(grads),
+                )
+            )
+        calls[id(entry)] = layouts
+    rehomed = [
+        e
+        for e in entries
+        if not e.root
+        and e.params
+        and (id(e) in unstable or not all(c.attributable for c in calls[id(e)]))
+    ]
+    root = next((e for e in entries if e.root), None)
+    if rehomed and fallback == "raise":
+        names = [f"{e.name} ({type(e.module).__name__})" for e in rehomed]
+        raise ValueError(
+            f"{who} cannot attribute the outputs of {names} to examples: they do not hold the "
+            "batch in one dim (found by running the model on 2 and 3 examples), so their "
+            "parameters need a replay of the whole model, which fallback='raise' refuses; use "
+            "fallback='jvp' or method='jvp'"
+        )
+    if rehomed and root is None:
+        names = [f"{e.name} ({type(e.module).__name__})" for e in rehomed]
+        raise ValueError(
+            f"{who} cannot attribute the outputs of {names} to examples (they do not hold the "
+            f"batch in one dim), and the model's root ({type(model).__name__}) has a rule of "
+            "its own, so they cannot be covered there; use method='jvp'"
+        )
+    root_params = dict(root.params) if root is not None else {}
+    for e in rehomed:
+        root_params.update({g: g for g in e.params.values()})
+    uses: dict[str, int] = {}
+    for e in entries:
+        params = root_params if e.root else ({} if e in rehomed else e.params)
+        count = 1 if e.root else len(calls.get(id(e), []))
+        for g in params.values():
+            uses[g] = uses.get(g, 0) + count
+    shared = frozenset(g for g, k in uses.items() if k > 1)
+    return Layout(calls, rehomed, root_params, shared)
+
+
+def _signature(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    leaves, spec = tree_flatten((args, kwargs))
+    parts: list[Any] = []
+    for t in leaves:
+        if isinstance(t, Tensor):
+            parts.append((tuple(t.shape[1:]), t.dtype, t.device))
+        else:
+            try:
+                hash(t)
+                parts.append(t)
+            except TypeError:
+                parts.append(type(t))
+    return str(spec), tuple(parts), tuple(m.training for m in model.modules())
+
+
+class Layouts:
+    """A cache of :func:`detect_layout`, by input signature (structure, shapes but the batch
+    size, dtypes, devices, and train/eval modes): the two extra forwards run once per
+    signature."""
+
+    _SIZE = 16
+
+    def __init__(
+        self, model: nn.Module, entries: Sequence[Entry], who: str, fallback: str = "jvp"
+    ) -> None:
+        self.model = model
+        self.entries = list(entries)
+        self.who = who
+        self.fallback = fallback
+        self._cache: dict[Any, Layout] = {}
+
+    def get(self, args: tuple, kwargs: dict, n: int) -> Layout:
+        key = _signature(self.model, args, kwargs)
+        layout = self._cache.get(key)
+        if layout is None:
+            layout = detect_layout(
+                self.model, self.entries, args, kwargs, n, self.who, self.fallback
+            )
+            if len(self._cache) >= self._SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = layout
+        return layout
+
+
+# ---------------------------------------------------------------------- per-example pieces
+
+_COTANGENT_CHUNK = 8  # examples per batched backward of the generic norm rule
+
+
+def generic_pieces(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    rng: RngSnapshot | None,
+    grads: Mapping[int, Tensor],
+    dims: Sequence[int | None],
+    names: Sequence[str],
+    direction: Mapping[str, Tensor] | None,
+    keep: Collection[str],
+) -> Pieces:
+    """Per-example gradients of ``module``'s parameters ``names`` (dotted, relative to it), for
+    any module: its forward is run again on the whole batch (the call's RNG state replayed, so
+    dropout draws the same masks) and one backward per example, batched, takes the gradient at
+    its outputs restricted to that example (``grads``: output index -> gradient, batch in
+    ``dims[index]``). Exact for examples that are independent in the module (else each
+    example's share, as ghost defines it); costs one forward and N backwards of the module."""
+    params = {nm: cast(Tensor, module.get_parameter(nm)).detach().requires_grad_() for nm in names}
+    replay = rng.replay() if rng is not None else contextlib.nullcontext()
+    with torch.enable_grad(), replay:
+        out = torch.func.functional_call(module, params, args, kwargs)
+    leaves = tree_flatten(out)[0]
+    used = [(leaves[i], g, cast(int, dims[i])) for i, g in sorted(grads.items())]
+    first, first_dim = used[0][1], used[0][2]
+    n = first.shape[first_dim]
+    sums = _norms._Sums(n, first.device, direction, keep)
+    for lo in range(0, n, _COTANGENT_CHUNK):
+        c = min(_COTANGENT_CHUNK, n - lo)
+        rows = torch.arange(lo, lo + c, device=first.device)
+        cotangents = []
+        for _, g, dim in used:
+            g0 = g.movedim(dim, 0)
+            z = g0.new_zeros(c, *g0.shape)
+            z[torch.arange(c, device=g.device), rows] = g0[rows]
+            cotangents.append(z.movedim(1, dim + 1))
+        got = torch.autograd.grad(
+            [o for o, _, _ in used],
+            list(params.values()),
+            cotangents,
+            retain_graph=lo + c < n,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        for (nm, p), g in zip(params.items(), got, strict=True):
+            sums.add(nm, p.new_zeros(c, *p.shape) if g is None else g, rows=slice(lo, lo + c))
+    return sums.result()
+
+
+class Accumulator:
+    """Sums each call's share into ``r`` (and, for the cosine, the squared norms ``sq``); the
+    per-example gradients of shared parameters are summed over their calls before squaring."""
+
+    def __init__(self, n: int, device: torch.device, norms: bool, per_module: bool = False):
+        self.r = torch.zeros(n, dtype=torch.float32, device=device)
+        self.sq = torch.zeros(n, dtype=torch.float32, device=device) if norms else None
+        self.kept: dict[str, Tensor] = {}
+        # each module's share of sum_i r_i, kept only for the sum check's diagnosis
+        self.module_sums: dict[str, Tensor] | None = {} if per_module else None
+
+    def add(
+        self,
+        name: str,
+        dot: Tensor,
+        sq: Tensor | None = None,
+        kept: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        self.r += dot
+        if sq is not None and self.sq is not None:
+            self.sq += sq
+        for g, t in (kept or {}).items():
+            self.kept[g] = self.kept[g] + t if g in self.kept else t
+        if self.module_sums is not None:
+            self.module_sums[name] = self.module_sums.get(name, 0) + dot.sum()
+
+    def result(self) -> tuple[Tensor, Tensor | None]:
+        """``(r, sq)``; ``sq`` None without norms."""
+        if self.sq is not None:
+            for t in self.kept.values():
+                self.sq += _norms._sq(t)
+            self.kept = {}
+        return self.r, self.sq
+
+
 class Call:
     """One forward call of a covered module: its inputs (and RNG state, for rules that replay
-    the forward), kept until its outputs' gradients arrive; :meth:`tangents` runs the rule."""
+    the forward), kept until its outputs' gradients arrive; :meth:`contribute` adds its share."""
 
-    def __init__(self, entry: Entry, args: tuple, kwargs: dict, rng: RngSnapshot | None) -> None:
+    def __init__(
+        self,
+        entry: Entry,
+        params: Mapping[str, str],
+        layout: CallLayout,
+        shared: Collection[str],
+        args: tuple,
+        kwargs: dict,
+        rng: RngSnapshot | None,
+    ) -> None:
         self.entry = entry
+        self.params = dict(params)
+        self.layout = layout
+        self.shared = shared
         self.args: tuple | None = args
         self.kwargs: dict | None = kwargs
         self.rng = rng
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         self.versions = [(t, t._version) for t in leaves]
-        self.pending = 0  # output tensors whose gradient has not arrived yet
+        self.expected = 0  # output tensors whose gradient is awaited
+        self.grads: dict[int, Tensor] = {}
         self._tangents: list[Any] | None = None
 
     def check_inputs(self) -> None:
@@ -443,42 +891,7 @@ class Call:
 
     def local(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The module's part of ``direction``, by local parameter name."""
-        return {n: direction[g] for n, g in self.entry.params.items()}
-
-    def norm_and_dot(
-        self, grad: Tensor, direction: Mapping[str, Tensor] | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """The module's per-example squared gradient norms and (given ``direction``) its share
-        of ``<g_i, D>``, both from its norm rule's per-example pieces; ``grad`` is the gradient
-        at its (single) output. Needs ``entry.norm``."""
-        rule = self.entry.norm
-        if rule is None:  # the probe and GAR refuse such models when they are built
-            raise RuntimeError(f"no gradient-norm rule for module {self.entry.name!r}")
-        self.check_inputs()
-        # Modules with a norm rule take one input, passed by position or by name.
-        inputs = [*(self.args or ()), *(self.kwargs or {}).values()]
-        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
-            raise RuntimeError(
-                f"module {self.entry.name!r} was called with {len(inputs)} inputs; its "
-                "gradient-norm rule needs exactly one input tensor"
-            )
-        local = None if direction is None else self.local(direction)
-        dtype = self._dtype(local)
-        x, grad = _as_dtype(inputs[0], dtype), _as_dtype(grad, dtype)
-        return rule(self.entry.module, x, grad, self.entry.params.keys(), local)
-
-    def share(
-        self, i: int, dim: int, grad: Tensor, direction: Mapping[str, Tensor], norms: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Output ``i``'s share of ``<g_i, D>`` (``grad``: the gradient at that output, batch in
-        ``dim``) and, with ``norms``, the module's per-example squared gradient norms. With
-        norms, both come from the norm rule's per-example pieces (single-output modules); else
-        from the rule's tangent."""
-        if norms:
-            sq, dot = self.norm_and_dot(grad, direction)
-            assert dot is not None
-            return dot, sq
-        return per_example_dot(grad, self.tangents(direction)[i], dim), None
+        return {n: direction[g] for n, g in self.params.items()}
 
     def _dtype(self, local: Mapping[str, Tensor] | None) -> torch.dtype | None:
         """The dtype the rule computes in: the direction's (the parameters'). Under autocast
@@ -495,33 +908,85 @@ class Call:
             local = self.local(direction)
             dtype = self._dtype(local)
             module = self.entry.module
-            args, kwargs = _as_dtype((self.args, self.kwargs or {}), dtype)
+            args, kwargs = _as_dtype((self.args or (), self.kwargs or {}), dtype)
+            rule = FALLBACK_RULE if self.entry.root else self.entry.rule
             if self.rng is None:
-                out = self.entry.rule.tangent(module, args or (), kwargs, local)
+                out = rule.tangent(module, args, kwargs, local)
             else:
                 with self.rng.replay():
-                    out = self.entry.rule.tangent(module, args or (), kwargs, local)
+                    out = rule.tangent(module, args, kwargs, local)
             self._tangents = tree_flatten(out)[0]
         return self._tangents
 
-    def done_one(self) -> None:
-        """One output's gradient was used; after the last, let go of the inputs (memory)."""
-        self.pending -= 1
-        if self.pending == 0:
-            self.args = self.kwargs = self._tangents = None
-            self.versions = []
+    def pieces(self, grads: Mapping[int, Tensor], direction: Mapping[str, Tensor] | None) -> Pieces:
+        """The module's per-example squared gradient norms, its share of ``<g_i, D>`` (given
+        ``direction``) and the per-example gradients of its shared parameters (by global
+        name), from the gradients at its outputs (``grads``: output index -> gradient)."""
+        self.check_inputs()
+        module, args, kwargs = self.entry.module, self.args or (), self.kwargs or {}
+        names = list(self.params)
+        keep = [n for n, g in self.params.items() if g in self.shared]
+        local = None if direction is None else self.local(direction)
+        dtype = self._dtype(local)
+        args, kwargs = _as_dtype((args, kwargs), dtype)
+        grads = {i: _as_dtype(g, dtype) for i, g in grads.items()}
+        out: Pieces | None = None
+        rule = None if self.entry.root else norm_rule(module)
+        inputs = tree_flatten((args, kwargs))[0]
+        if rule is not None and len(grads) == 1 and len(inputs) == 1:
+            ((i, grad),) = grads.items()
+            din, dout = self.layout.inputs[0], self.layout.outputs[i]
+            if isinstance(inputs[0], Tensor) and _norms.applies(module, din, dout, grad.dim()):
+                x = inputs[0].movedim(cast(int, din), 0)
+                out = rule(module, x, grad.movedim(cast(int, dout), 0), names, local, keep)
+        if out is None and type(module) is nn.MultiheadAttention and not self.entry.root:
+            out = attention_pieces(module, args, kwargs, grads, names, local, keep)
+        if out is None:
+            out = generic_pieces(
+                module, args, kwargs, self.rng, grads, self.layout.outputs, names, local, keep
+            )
+        sq, dot, kept = out
+        return sq, dot, {self.params[n]: t for n, t in kept.items()}
+
+    def contribute(
+        self,
+        acc: Accumulator,
+        grads: Mapping[int, Tensor],
+        direction: Mapping[str, Tensor],
+        norms: bool,
+    ) -> None:
+        """Add this call's share of ``<g_i, D>`` (and with ``norms`` its per-example squared
+        gradient norms) to ``acc``, from the gradients at its outputs."""
+        if not grads:
+            return
+        if norms:
+            sq, dot, kept = self.pieces(grads, direction)
+            assert dot is not None
+            acc.add(self.entry.name, dot, sq, kept)
+            return
+        tangents = self.tangents(direction)
+        for i, grad in grads.items():
+            acc.add(
+                self.entry.name,
+                per_example_dot(grad, tangents[i], cast(int, self.layout.outputs[i])),
+            )
+
+    def release(self) -> None:
+        """Let go of the inputs and gradients (memory)."""
+        self.args = self.kwargs = self._tangents = None
+        self.grads = {}
+        self.versions = []
 
 
 def register_call_hooks(
     entries: Sequence[Entry], before: Callable[..., Any], after: Callable[..., Any]
 ) -> list[Any]:
-    """On every covered module: ``after(entry, module, args, kwargs, output)`` as a forward
-    hook, and ``before(entry, module, args)`` as a pre-hook where the rule replays the forward
-    (to snapshot the RNG). Returns the handles."""
+    """On every covered module: ``before(entry, module, args)`` as a forward pre-hook (to
+    snapshot the RNG for rules that replay the forward) and ``after(entry, module, args,
+    kwargs, output)`` as a forward hook. Returns the handles."""
     handles: list[Any] = []
     for entry in entries:
-        if entry.rule.replays_forward:
-            handles.append(entry.module.register_forward_pre_hook(functools.partial(before, entry)))
+        handles.append(entry.module.register_forward_pre_hook(functools.partial(before, entry)))
         handles.append(
             entry.module.register_forward_hook(functools.partial(after, entry), with_kwargs=True)
         )
@@ -540,6 +1005,10 @@ def _as_dtype(tree: Any, dtype: torch.dtype | None) -> Any:
         ),
         tree,
     )
+def needs_rng(entry: Entry, norms: bool) -> bool:
+    """Whether a call's RNG state is needed: the rule replays the forward, or (for the norms)
+    the generic rule may."""
+    return entry.rule.replays_forward or entry.root or norms
 
 
 def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
@@ -547,6 +1016,53 @@ def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
     a = a.movedim(dim, 0).reshape(a.shape[dim], 1, -1)
     b = b.movedim(dim, 0).reshape(b.shape[dim], -1, 1)
     return torch.bmm(a.float(), b.float()).view(-1)
+
+
+def unattributable(entry: Entry, shape: list[int], grad: Tensor) -> None:
+    raise ValueError(
+        f"the loss reads an output of module {entry.name!r} ({type(entry.module).__name__}) of "
+        f"shape {shape} that does not hold the batch, so its gradient cannot be split into "
+        "examples; loss_fn should use outputs that hold the batch"
+    )
+
+
+def open_call(
+    entry: Entry,
+    layout: Layout,
+    index: int,
+    args: tuple,
+    kwargs: dict,
+    output: Any,
+    rng: RngSnapshot | None,
+    n: int,
+    who: str,
+) -> tuple[Call | None, list[Any], Any]:
+    """The :class:`Call` for the ``index``-th call of ``entry`` (None if it accounts for no
+    parameter in this layout) and its output leaves with their spec; raises if the call does
+    not match the layout."""
+    leaves, spec = tree_flatten(output)
+    params = layout.params(entry)
+    if not params:
+        return None, leaves, spec
+    calls = layout.calls.get(id(entry), [])
+    if index >= len(calls):
+        raise RuntimeError(
+            f"module {entry.name!r} ran {index + 1} times in this forward, but "
+            f"{len(calls)} times in the runs that found where the batch is; {who} needs a "
+            "forward whose calls do not depend on the batch"
+        )
+    call_layout = calls[index]
+    for i, leaf in enumerate(leaves):
+        if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+            continue
+        dim = call_layout.outputs[i] if i < len(call_layout.outputs) else None
+        if dim is not None and dim >= 0 and (leaf.dim() <= dim or leaf.shape[dim] != n):
+            raise ValueError(
+                f"{who} cannot attribute module {entry.name!r} ({type(entry.module).__name__}) "
+                f"to examples: its output of shape {list(leaf.shape)} does not hold the batch "
+                f"(size {n}) in dim {dim}, where the runs on 2 and 3 examples found it"
+            )
+    return Call(entry, params, call_layout, layout.shared, args, kwargs, rng), leaves, spec
 
 
 class GhostRun:
@@ -562,6 +1078,7 @@ class GhostRun:
     def __init__(
         self,
         entries: list[Entry],
+        layout: Layout,
         direction: Mapping[str, Tensor],
         n: int,
         devices: list[int],
@@ -569,20 +1086,17 @@ class GhostRun:
         norms: bool = False,
         per_module: bool = False,
     ) -> None:
+        self.layout = layout
         self.direction = direction
         self.n = n
         self.devices = devices
-        self.r = torch.zeros(n, dtype=torch.float32, device=device)
-        # squared per-example gradient norms, summed over modules (reward="cosine")
-        self.sq: Tensor | None = (
-            torch.zeros(n, dtype=torch.float32, device=device) if norms else None
-        )
-        # each module's share of sum_i r_i, kept only for the sum check's diagnosis
-        self.module_sums: dict[str, Tensor] | None = {} if per_module else None
+        self.norms = norms
+        self.acc = Accumulator(n, device, norms, per_module)
         self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self.active = True
         self._rng: dict[int, RngSnapshot] = {}
-        self._called: set[int] = set()  # entries already called (reward="cosine")
+        self._counts: dict[int, int] = {}
+        self._waiting: list[Call] = []  # calls whose norms wait for all their gradients
         self._handles: list[Any] = register_call_hooks(entries, self._before, self._after)
 
     def close(self) -> None:
@@ -599,7 +1113,7 @@ class GhostRun:
         return self.anchors[key]
 
     def _before(self, entry: Entry, module: nn.Module, args: tuple) -> None:
-        if self.active:
+        if self.active and needs_rng(entry, self.norms):
             self._rng[id(entry)] = RngSnapshot(self.devices)
 
     def _after(
@@ -607,39 +1121,61 @@ class GhostRun:
     ) -> Any:
         if not self.active:
             return None
-        if self.sq is not None:
-            if id(entry) in self._called:
-                refuse_repeated_call(entry, module)
-            self._called.add(id(entry))
-        call = Call(entry, args, kwargs, self._rng.pop(id(entry), None))
-        leaves, spec = tree_flatten(output)
-        dims = entry.rule.batch_dims(module, len(leaves))
+        index = self._counts.get(id(entry), 0)
+        self._counts[id(entry)] = index + 1
+        call, leaves, spec = open_call(
+            entry,
+            self.layout,
+            index,
+            args,
+            kwargs,
+            output,
+            self._rng.pop(id(entry), None),
+            self.n,
+            "method='ghost'",
+        )
+        if call is None:
+            return None
         for i, leaf in enumerate(leaves):
             if not (isinstance(leaf, Tensor) and leaf.requires_grad):
                 continue
-            dim = dims[i]
-            if leaf.dim() <= dim or leaf.shape[dim] != self.n:
-                raise ValueError(
-                    f"method='ghost' cannot attribute module {entry.name!r} "
-                    f"({type(module).__name__}) to examples: its output of shape "
-                    f"{list(leaf.shape)} does not hold the batch (size {self.n}) in dim {dim}; "
-                    "use method='jvp'"
-                )
             leaves[i] = leaf = leaf + self._anchor(leaf)
-            call.pending += 1
-            leaf.register_hook(functools.partial(self._on_grad, call, i, dim))
+            dim = call.layout.outputs[i]
+            if dim is None or dim < 0:  # the root's output that does not hold the batch
+                leaf.register_hook(functools.partial(unattributable, entry, list(leaf.shape)))
+                continue
+            call.expected += 1
+            leaf.register_hook(functools.partial(self._on_grad, call, i))
+        if self.norms and call.expected:
+            self._waiting.append(call)
         return spec.unflatten(leaves)
 
-    def _on_grad(self, call: Call, i: int, dim: int, grad: Tensor) -> None:
+    def _on_grad(self, call: Call, i: int, grad: Tensor) -> None:
         self.active = False  # a replayed forward must not be captured again
         try:
-            contribution, sq = call.share(i, dim, grad, self.direction, self.sq is not None)
+            if self.norms:  # the norms need every output's gradient at once
+                call.grads[i] = grad
+                if len(call.grads) == call.expected:
+                    self._waiting.remove(call)
+                    call.contribute(self.acc, call.grads, self.direction, True)
+                    call.release()
+            else:
+                call.contribute(self.acc, {i: grad}, self.direction, False)
+                call.expected -= 1
+                if call.expected == 0:
+                    call.release()
         finally:
             self.active = True
-        if sq is not None and self.sq is not None:
-            self.sq += sq
-        call.done_one()
-        self.r += contribution
-        if self.module_sums is not None:
-            name = call.entry.name
-            self.module_sums[name] = self.module_sums.get(name, 0) + contribution.sum()
+
+    def finish(self) -> tuple[Tensor, Tensor | None]:
+        """After the backward: the calls some of whose outputs got no gradient (unused
+        attention weights) contribute with the gradients they got; returns ``(r, sq)``."""
+        self.active = False
+        try:
+            for call in self._waiting:
+                call.contribute(self.acc, call.grads, self.direction, self.norms)
+                call.release()
+            self._waiting = []
+        finally:
+            self.active = True
+        return self.acc.result()

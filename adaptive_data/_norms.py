@@ -5,8 +5,11 @@ same per-example pieces (no second pass over the layer).
 
 Used by ``reward="cosine"`` (``GradientProbe(method="ghost")`` and ``GAR``). Each rule receives
 the module, the input ``x`` of its call, the gradient ``B`` of ``sum_i l_i`` at its output (batch
-in dim 0), the names of its trainable parameters and their directions (``None``: norms only),
-and returns ``(sq, dot)``: float32 ``[N]`` vectors, ``dot`` ``None`` without a direction.
+in dim 0), the names of its trainable parameters, their directions (``None``: norms only) and
+the names to *keep*, and returns ``(sq, dot, kept)``: float32 ``[N]`` vectors (``dot`` ``None``
+without a direction) and ``{name: [N, numel]}``, the per-example gradients of the kept names.
+A parameter used by several calls (tied weights, a layer run twice) is kept instead of squared:
+its per-example gradient is the sum over its uses, and the norm has cross terms between them.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ __all__: list[str] = []
 
 Names = Collection[str]  # the module's trainable parameters (local names)
 Dir = Mapping[str, Tensor] | None  # their directions, or None for the norms alone
-Pieces = tuple[Tensor, "Tensor | None"]  # (sq, dot), float32 [N] each
-NormFn = Callable[[nn.Module, Tensor, Tensor, Names, Dir], Pieces]
+# (sq, dot, kept): float32 [N] each, and the kept names' per-example gradients [N, numel]
+Pieces = tuple[Tensor, "Tensor | None", dict[str, Tensor]]
+NormFn = Callable[[nn.Module, Tensor, Tensor, Names, Dir, Names], Pieces]
 
 _NORM_RULES: dict[type[nn.Module], NormFn] = {}
 
@@ -46,24 +50,54 @@ def supported() -> list[str]:
     return sorted(cls.__name__ for cls in _NORM_RULES)
 
 
+def applies(module: nn.Module, din: int | None, dout: int | None, out_dims: int) -> bool:
+    """Whether ``module``'s rule applies to a call whose input holds the batch in dim ``din``
+    and whose output (``out_dims`` dims) holds it in dim ``dout``: the rules take the batch in
+    dim 0, and a batch dim is moved there only where the layer acts on each position alike."""
+    if din is None or dout is None or din < 0 or din != dout:
+        return False
+    if isinstance(module, nn.Linear):
+        return dout < out_dims - 1
+    if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
+        return dout < out_dims - len(module.normalized_shape)  # type: ignore[arg-type]
+    if isinstance(module, nn.Embedding):
+        return True
+    return dout == 0
+
+
 def _sq(t: Tensor) -> Tensor:
     """Sum of squares over every dim but the first, in float32."""
     return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float32).square()
 
 
 class _Sums:
-    """Accumulates ``sq`` and (with a direction) ``dot`` over a module's parameters."""
+    """Accumulates ``sq`` and (with a direction) ``dot`` over a module's parameters, and the
+    per-example gradients of the names in ``keep``."""
 
-    def __init__(self, n: int, device: torch.device, direction: Mapping[str, Tensor] | None):
+    def __init__(
+        self,
+        n: int,
+        device: torch.device,
+        direction: Mapping[str, Tensor] | None,
+        keep: Names = (),
+    ):
+        self.n = n
         self.sq = torch.zeros(n, device=device)
         self.direction = direction
         self.dot = None if direction is None else torch.zeros(n, device=device)
+        self.keep = keep
+        self.kept: dict[str, Tensor] = {}
 
     def add(self, name: str, per_example: Tensor, rows: slice = slice(None)) -> None:
         """Add the parameter ``name``'s per-example gradients, ``[N, *param.shape]`` (or those
         of the examples ``rows``)."""
         g = per_example.flatten(1).float()
-        self.sq[rows] += _sq(g)
+        if name in self.keep:
+            if name not in self.kept:
+                self.kept[name] = g.new_zeros(self.n, g.shape[1])
+            self.kept[name][rows] += g
+        else:
+            self.sq[rows] += _sq(g)
         if self.dot is not None:
             self.dot[rows] += g @ self.d(name).reshape(-1)
 
@@ -71,19 +105,23 @@ class _Sums:
         assert self.direction is not None
         return self.direction[name].float()
 
-    def result(self) -> tuple[Tensor, Tensor | None]:
-        return self.sq, self.dot
+    def result(self) -> Pieces:
+        return self.sq, self.dot, self.kept
 
 
 @_register(nn.Linear)
-def _linear(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
+def _linear(
+    module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names = ()
+) -> Pieces:
     n = b.shape[0]
     a = x.reshape(n, -1, x.shape[-1]).float()  # [N, T, in]
     g = b.reshape(n, -1, b.shape[-1]).float()  # [N, T, out]
-    out = _Sums(n, b.device, direction)
+    out = _Sums(n, b.device, direction, keep)
     if "weight" in names:
         t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-        if t == 1:  # rank one: ||g a^T||^2 = ||g||^2 ||a||^2, <g a^T, D> = g^T D a
+        if "weight" in keep:  # the per-example gradient itself, [N, out, in]
+            out.add("weight", g.transpose(1, 2) @ a)
+        elif t == 1:  # rank one: ||g a^T||^2 = ||g||^2 ||a||^2, <g a^T, D> = g^T D a
             out.sq += _sq(a) * _sq(g)
             if out.dot is not None:
                 out.dot += ((a.squeeze(1) @ out.d("weight").T) * g.squeeze(1)).sum(1)
@@ -132,10 +170,12 @@ def _unfold2d(
 
 
 @_register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def _conv(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
+def _conv(
+    module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names = ()
+) -> Pieces:
     conv = cast(nn.modules.conv._ConvNd, module)
     n = b.shape[0]
-    out = _Sums(n, b.device, direction)
+    out = _Sums(n, b.device, direction, keep)
     if "weight" in names:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             # padding modes, and "same" (which may pad one more on the right): pad explicitly
@@ -144,7 +184,7 @@ def _conv(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir)
             padding: Any = (0,) * (x.dim() - 2)
         else:
             padding = conv.padding
-        if _conv_gram_is_cheaper(conv, b):
+        if _conv_gram_is_cheaper(conv, b) and "weight" not in keep:
             # U_i: [C_in k k, L], B_i: [C_out, L]; ||B_i U_i^T||^2 = <U_i^T U_i, B_i^T B_i>
             u = _unfold2d(x.float(), conv.kernel_size, conv.dilation, padding, conv.stride)
             g = b.flatten(2).float()
@@ -175,10 +215,12 @@ def _conv(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir)
 
 
 @_register(nn.Embedding)
-def _embedding(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
+def _embedding(
+    module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names = ()
+) -> Pieces:
     emb = cast(nn.Embedding, module)
     n = b.shape[0]
-    out = _Sums(n, b.device, direction)
+    out = _Sums(n, b.device, direction, keep)
     if "weight" not in names:
         return out.result()
     idx = x.reshape(n, -1)
@@ -188,6 +230,11 @@ def _embedding(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction:
     if emb.scale_grad_by_freq:
         counts = torch.bincount(x.reshape(-1), minlength=emb.num_embeddings)
         g = g / counts[idx].unsqueeze(-1).float()
+    if "weight" in keep:  # the per-example gradient itself, [N, num_embeddings, dim]
+        rows = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)
+        full = g.new_zeros(n, emb.num_embeddings, g.shape[2])
+        out.add("weight", full.index_put_((rows, idx), g, accumulate=True))
+        return out.result()
     # rows hit by the same index add up: sum over positions t, s with idx_t == idx_s of <g_t, g_s>
     same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
     out.sq += (same * (g @ g.transpose(1, 2))).flatten(1).sum(1)
@@ -203,13 +250,14 @@ def _affine_norm(
     channel_dims: list[int],
     shape: torch.Size,
     direction: Mapping[str, Tensor] | None,
-) -> tuple[Tensor, Tensor | None]:
+    keep: Names,
+) -> Pieces:
     """Per-example gradients of (weight, bias) of an affine normalisation: sums of ``b * xhat``
     and of ``b`` over the dims that are not the parameter's."""
     n = b.shape[0]
-    keep = [0, *channel_dims]
-    other = [d for d in range(b.dim()) if d not in keep]
-    out = _Sums(n, b.device, direction)
+    own = [0, *channel_dims]
+    other = [d for d in range(b.dim()) if d not in own]
+    out = _Sums(n, b.device, direction, keep)
     g = b.float()
     if "weight" in names:
         out.add("weight", (g * normalised.float()).sum(other) if other else g * normalised.float())
@@ -219,7 +267,9 @@ def _affine_norm(
 
 
 @_register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def _batch_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
+def _batch_norm(
+    module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names = ()
+) -> Pieces:
     bn = cast(nn.modules.batchnorm._BatchNorm, module)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     xhat = F.batch_norm(
@@ -232,11 +282,13 @@ def _batch_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction
         momentum=0.0,
         eps=bn.eps,
     )
-    return _affine_norm(xhat, b, names, [1], torch.Size([bn.num_features]), direction)
+    return _affine_norm(xhat, b, names, [1], torch.Size([bn.num_features]), direction, keep)
 
 
 @_register(nn.LayerNorm)
-def _layer_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
+def _layer_norm(
+    module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names = ()
+) -> Pieces:
     ln = cast(nn.LayerNorm, module)
     xhat = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
     k = len(ln.normalized_shape)
@@ -247,22 +299,27 @@ def _layer_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction
         list(range(b.dim() - k, b.dim())),
         torch.Size(ln.normalized_shape),
         direction,
+        keep,
     )
 
 
 @_register(nn.GroupNorm)
-def _group_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
+def _group_norm(
+    module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names = ()
+) -> Pieces:
     gn = cast(nn.GroupNorm, module)
     xhat = F.group_norm(x, gn.num_groups, None, None, gn.eps)
-    return _affine_norm(xhat, b, names, [1], torch.Size([gn.num_channels]), direction)
+    return _affine_norm(xhat, b, names, [1], torch.Size([gn.num_channels]), direction, keep)
 
 
 if hasattr(nn, "RMSNorm"):
 
     @_register(nn.RMSNorm)
-    def _rms_norm(module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir) -> Pieces:
+    def _rms_norm(
+        module: nn.Module, x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names = ()
+    ) -> Pieces:
         shape = torch.Size(module.normalized_shape)  # type: ignore[arg-type]
         xhat = F.rms_norm(x, list(shape), None, module.eps)  # type: ignore[arg-type]
         return _affine_norm(
-            xhat, b, names, list(range(b.dim() - len(shape), b.dim())), shape, direction
+            xhat, b, names, list(range(b.dim() - len(shape), b.dim())), shape, direction, keep
         )

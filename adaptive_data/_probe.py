@@ -14,7 +14,14 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from . import _ghost
-from ._batch import Inputs, batch_size, call_args, check_same_batch, per_example_losses
+from ._batch import (
+    Inputs,
+    batch_size,
+    call_args,
+    check_same_batch,
+    per_example_losses,
+    split_batch,
+)
 from ._direction import (
     Direction,
     check_direction,
@@ -27,7 +34,6 @@ from ._direction import (
     zero_rows,
 )
 from ._ghost import GhostRun
-from ._norms import supported as supported_norms
 from ._state import cuda_devices, forward_ad_friendly, preserved
 
 __all__ = ["METHODS", "REWARDS", "GradientProbe"]
@@ -109,8 +115,10 @@ class GradientProbe:
       (``fallback="jvp"``). Exact. When the root module itself holds bare parameters (a ViT's
       position embedding) that JVP would replay the whole model, so ghost computes all of
       ``r`` in one such pass (the ``jvp`` method) unless BatchNorm in train mode couples the
-      examples. Assumes each covered module sees the batch in dim 0 (``MultiheadAttention``
-      with ``batch_first=False`` is handled) and raises otherwise. Cost: about a training step.
+      examples. Which dim of each layer's output holds the batch is found by running the
+      model on 2 and 3 examples (once per input signature); a layer whose output holds no
+      batch (a position embedding of ``arange(T)``) is covered the same way as the root's bare
+      parameters. Cost: about a training step.
     * ``"jvp"``: ``torch.func``-style forward-mode AD over the whole model: all N directional
       derivatives in one forward pass with dual numbers. Exact; about 2-3 forward passes.
     * ``"per_sample"``: ``vmap(grad)`` of each example alone (a batch of one), dotted with
@@ -137,7 +145,8 @@ class GradientProbe:
         method: one of ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"``,
             ``"head"``.
         fallback: ``"jvp"`` (default) covers modules that ghost has no rule for with a JVP of
-            that module alone; ``"raise"`` refuses them at construction, naming them.
+            that module alone; ``"raise"`` refuses them at construction, naming them, and
+            layers whose output holds no batch at the first call.
         verify: for ``ghost``, check that ``sum_i r_i`` equals ``<grad sum_i l_i, D>``
             (weight gradients from the same backward): on the ``"first"`` call (default),
             on ``"always"`` every call (about 30% slower), or ``"never"``. A mismatch means a
@@ -146,9 +155,10 @@ class GradientProbe:
         chunk_size: examples per ``vmap`` chunk for ``per_sample`` (None: all at once).
         reward: ``"dot"`` (default): ``r_i = <g_i, D>``; ``"cosine"``:
             ``<g_i, D> / (||g_i|| ||D||)`` (0 where a norm is 0), with exact per-example
-            gradient norms from ``ghost`` (Linear, Conv, Embedding, affine norms; other modules
-            are refused at construction) or ``per_sample``. The dot product grows with an
-            example's gradient norm; the cosine rewards its direction only.
+            gradient norms from ``ghost`` (closed forms for Linear, Conv, Embedding, affine
+            norms and MultiheadAttention; one batched backward per example for any other
+            module, N backwards of that module) or ``per_sample``. The dot product grows with
+            an example's gradient norm; the cosine rewards its direction only.
 
     Example:
         >>> probe = GradientProbe(model, nn.CrossEntropyLoss(reduction="none"))
@@ -216,19 +226,9 @@ class GradientProbe:
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
         self._plan = _ghost.plan(model, params, fallback) if method == "ghost" else []
-        self._replays_root = any(
-            e.module is model and e.rule is _ghost.FALLBACK_RULE for e in self._plan
-        )
-        if reward == "cosine" and method == "ghost":
-            missing = [
-                f"{e.name} ({type(e.module).__name__})" for e in self._plan if e.norm is None
-            ]
-            if missing:
-                raise ValueError(
-                    f"reward='cosine' with method='ghost' has no per-example gradient norm for "
-                    f"{missing}; norms exist for {', '.join(supported_norms())}. "
-                    "Use method='per_sample'"
-                )
+        # The root holds bare parameters (a GPT's position embedding): see _run_ghost.
+        self._replays_root = any(e.root and e.params for e in self._plan)
+        self._layouts = _ghost.Layouts(model, self._plan, "method='ghost'", fallback)
         self._frozen_rows = gradient_free_rows(model, params)
         self._param_ids = tuple(id(p) for p in params.values())
 
@@ -240,9 +240,9 @@ class GradientProbe:
     def __call__(
         self,
         x: Inputs,
-        y: Any,
+        y: Any = None,
         *,
-        reference: tuple[Inputs, Any] | None = None,
+        reference: Any = None,
         direction: Mapping[str, Tensor] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> Tensor:
@@ -254,11 +254,25 @@ class GradientProbe:
         ``optimizer`` (a torch optimizer, or a wrapper exposing one as ``.optimizer`` such as
         accelerate's) ``d`` is preconditioned to the step it really takes (docs/concepts.md
         lists the optimizers; others get one warning and the plain gradient).
+
+        Dict batches: ``probe(batch, reference=ref_batch)``, with ``y`` left out, splits a
+        dict batch the Hugging Face way (:func:`split_batch`: the target under ``"labels"``,
+        the other keys passed as ``model(**inputs)``); ``reference`` may be such a dict too.
+        For other key names, split with ``split_batch(batch, target_key=..., input_key=...)``.
         """
         if (reference is None) == (direction is None):
             raise ValueError(
                 "pass exactly one of reference=(x_ref, y_ref) or direction={name: tensor}"
             )
+        if y is None:
+            if not isinstance(x, Mapping):
+                raise TypeError(
+                    "y should be the targets of the batch, but got y=None with x of type "
+                    f"{type(x).__name__} (only a dict batch holds its own targets)"
+                )
+            x, y = split_batch(x)
+        if isinstance(reference, Mapping):
+            reference = split_batch(reference)
         args, kwargs = call_args(x)
         n = batch_size(x)
         check_same_batch(y, n)
@@ -275,7 +289,8 @@ class GradientProbe:
         else:
             if not (isinstance(reference, tuple | list) and len(reference) == 2):
                 raise TypeError(
-                    f"reference should be a pair (x_ref, y_ref), but got {type(reference).__name__}"
+                    "reference should be a pair (x_ref, y_ref) or a dict batch, but got "
+                    f"{type(reference).__name__}"
                     + (
                         f" of length {len(reference)}"
                         if isinstance(reference, tuple | list)
@@ -320,14 +335,26 @@ class GradientProbe:
 
     def _run_ghost(self, job: _Job) -> _Result:
         args, kwargs, y, n, d, params, norms = job
-        if self._replays_root and not _ghost.couples_examples(self.model):
+        whole_jvp = not norms and not _ghost.couples_examples(self.model)
+        if whole_jvp and self._replays_root:
             # The root module holds bare parameters: replaying it by forward-mode AD costs a
             # whole-model JVP anyway, and with independent examples that one pass gives all of r.
+            return self._run_jvp(job)
+        layout = self._layouts.get(args, kwargs, n)
+        if whole_jvp and layout.root_params:
+            # Modules whose output does not hold the batch are covered at the root: the same.
             return self._run_jvp(job)
         device = next(iter(params.values())).device
         verify = self.verify == "always" or (self.verify == "first" and not self._verified)
         run = GhostRun(
-            self._plan, d, n, cuda_devices(self.model), device, norms=norms, per_module=verify
+            self._plan,
+            layout,
+            d,
+            n,
+            cuda_devices(self.model),
+            device,
+            norms=norms,
+            per_module=verify,
         )
         try:
             with torch.enable_grad():
@@ -336,16 +363,21 @@ class GradientProbe:
                 grads = (
                     torch.autograd.grad(losses.sum(), inputs, allow_unused=True) if inputs else ()
                 )
+            r, sq = run.finish()
         finally:
             run.close()
         if verify:
             param_grads = grads[len(run.anchors) :]
-            self._verify_ghost(run, dict(zip(params, param_grads, strict=True)), d)
+            self._verify_ghost(run, layout, dict(zip(params, param_grads, strict=True)), d)
             self._verified = True
-        return run.r, run.sq
+        return r, sq
 
     def _verify_ghost(
-        self, run: GhostRun, grads: Mapping[str, Tensor | None], d: Direction
+        self,
+        run: GhostRun,
+        layout: _ghost.Layout,
+        grads: Mapping[str, Tensor | None],
+        d: Direction,
     ) -> None:
         def dot(names: Any) -> tuple[float, float]:
             total, scale = 0.0, 0.0
@@ -359,13 +391,17 @@ class GradientProbe:
             return total, scale
 
         expected, scale = dot(grads)
-        got = float(run.r.sum())
-        if abs(got - expected) <= 1e-3 * (scale + float(run.r.abs().sum())) + 1e-30:
+        r = run.acc.r
+        got = float(r.sum())
+        if abs(got - expected) <= 1e-3 * (scale + float(r.abs().sum())) + 1e-30:
             return
         suspects = []
-        module_sums = run.module_sums or {}  # kept whenever the check runs
+        module_sums = run.acc.module_sums or {}  # kept whenever the check runs
         for entry in self._plan:
-            want, s = dot(entry.params.values())
+            covered = layout.params(entry)
+            if not covered:
+                continue
+            want, s = dot(covered.values())
             have = float(module_sums.get(entry.name, 0.0))
             if abs(have - want) > 1e-3 * (s + abs(have)) + 1e-30:
                 suspects.append(f"{entry.name} ({type(entry.module).__name__})")

@@ -25,7 +25,7 @@ class ReferenceBatches:
     unaffected. Uses the dataset's ``__getitems__`` where it has one. Cost: one fetch of
     ``batch_size`` examples and one collate per call, in the calling process.
 
-    Typical use, with a dataset of ``(x, y)`` pairs::
+    Typical use, with a dataset of ``(x, y)`` pairs or of Hugging Face style dicts::
 
         ref = ReferenceBatches(val_set, batch_size=128, seed=0)
         r = probe(x, y, reference=next(ref))
@@ -34,9 +34,11 @@ class ReferenceBatches:
         dataset: map-style dataset (``__getitem__`` and ``__len__``), not empty.
         batch_size: examples per batch (>= 1); may exceed ``len(dataset)``.
         seed: seeds the shuffling.
-        collate_fn: turns a list of examples into a batch (default: ``default_collate``;
-            a dataset of pairs gives ``[x, y]``). For a Hugging Face dataset of dicts, pass
-            e.g. ``lambda ex: tuple(torch.stack([e[c] for e in ex]) for c in ("x", "y"))``.
+        collate_fn: turns a list of examples into a batch (default: ``default_collate``:
+            a dataset of pairs gives ``[x, y]``, a dataset of dicts a dict of batched values,
+            e.g. ``{"input_ids": ..., "labels": ...}``). The probe and ``GAR`` split a dict
+            batch with :func:`split_batch` (target under ``"labels"``); for other key names,
+            map the stream through ``split_batch(b, target_key=...)``.
         device: if given, every tensor of the batch is moved there (``non_blocking``).
     """
 

@@ -122,3 +122,116 @@ def loop_oracle(
             )
         )
     return torch.stack(out)
+
+
+# ---------------------------------------------------------------- language models from stock parts
+
+VOCAB, SEQ = 13, 8
+
+
+class CausalLM(nn.Module):
+    """Token and position ``nn.Embedding`` (the latter called on ``arange(T)``: its output holds
+    no batch), a pre-norm ``nn.TransformerEncoder`` with a causal mask, a Linear head (tied to
+    the token embedding with ``tied``)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, layers: int = 2, tied: bool = False):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Embedding(SEQ, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, VOCAB)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        return self.head(self.body(h, mask=mask, is_causal=True))
+
+
+class SelfAttention(nn.Module):
+    """A GPT-style attention: one Linear for q, k, v and ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, c = x.shape
+        q, k, v = (
+            z.view(n, t, self.heads, c // self.heads).transpose(1, 2)
+            for z in self.qkv(x).split(c, dim=2)
+        )
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(n, t, c))
+
+
+class Block(nn.Module):
+    """RMSNorm, SDPA attention scaled by a bare Parameter (a LayerScale), LayerNorm, MLP."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.gamma * self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """A position Parameter on the root (used by broadcasting), blocks, a head tied to the token
+    embedding."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, SEQ, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(layers)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok(x) + self.pos[:, : x.shape[1]]
+        return self.head(self.norm(self.blocks(h)))
+
+
+def lm_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean next-token cross-entropy: ``[N, T, V], [N, T] -> [N]``."""
+    return nn.functional.cross_entropy(output.transpose(1, 2), target, reduction="none").mean(1)
+
+
+def lm_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, VOCAB, (n, SEQ), generator=generator)
+    return x, torch.randint(0, VOCAB, (n, SEQ), generator=generator)
+
+
+def loop_rewards(
+    model: nn.Module, loss: object, x: torch.Tensor, y: torch.Tensor, direction: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(<g_i, d>, <g_i, d> / (||g_i|| ||d||))`` from N single-example backward passes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    d_norm = torch.sqrt(sum(t.pow(2).sum() for t in direction.values()))
+    dots, cosines = [], []
+    for i in range(len(y)):
+        li = loss(model(x[i : i + 1]), y[i : i + 1]).sum()  # type: ignore[operator]
+        grads = torch.autograd.grad(li, list(params.values()), allow_unused=True)
+        grads = [
+            torch.zeros_like(p) if g is None else g
+            for p, g in zip(params.values(), grads, strict=True)
+        ]
+        dot = sum((g * direction[n]).sum() for n, g in zip(params, grads, strict=True))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        dots.append(dot)
+        cosines.append(dot / (norm * d_norm))
+    return torch.stack(dots), torch.stack(cosines)

@@ -67,15 +67,18 @@ CASES = _cases()
 
 
 def _oracle(module: nn.Module, x: torch.Tensor, b: torch.Tensor, d: dict, names: list[str]):
-    """One autograd call per example i of <B_i, out_i>: its gradient is g_i."""
+    """One autograd call per example i of <B_i, out_i>: its gradient is g_i. Returns the
+    squared norms, the dots with d and each parameter's per-example gradients [N, numel]."""
     params = [getattr(module, n) for n in names]
     out = module(x)
-    sq, dot = [], []
+    sq, dot, per_example = [], [], []
     for i in range(x.shape[0]):
         grads = torch.autograd.grad((b[i] * out[i]).sum(), params, retain_graph=True)
         sq.append(sum(gr.pow(2).sum() for gr in grads))
         dot.append(sum((gr * d[n]).sum() for n, gr in zip(names, grads, strict=True)))
-    return torch.stack(sq), torch.stack(dot)
+        per_example.append([gr.reshape(-1) for gr in grads])
+    kept = {n: torch.stack([g[j] for g in per_example]) for j, n in enumerate(names)}
+    return torch.stack(sq), torch.stack(dot), kept
 
 
 # every case with all parameters trainable, and with each one frozen where another is left
@@ -105,14 +108,22 @@ def test_norm_and_dot_match_per_example_gradients(case: str, frozen: str | None)
     rule = norm_rule(module)
     assert rule is not None
     with torch.no_grad():
-        sq, dot = rule(module, x, b, names, d)
-        sq_only, none = rule(module, x, b, names, None)
-    want_sq, want_dot = _oracle(module, x, b, d, names)
+        sq, dot, kept = rule(module, x, b, names, d)
+        sq_only, none, _ = rule(module, x, b, names, None)
+        # a parameter used elsewhere too: its per-example gradients instead of its norm
+        sq_kept, dot_kept, per_example = rule(module, x, b, names, d, keep=names)
+    want_sq, want_dot, want_per_example = _oracle(module, x, b, d, names)
     torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=1e-5)
     assert dot is not None
     torch.testing.assert_close(dot, want_dot, rtol=1e-4, atol=1e-5)
     assert none is None
+    assert kept == {}
     torch.testing.assert_close(sq_only, sq)
+    assert torch.equal(sq_kept, torch.zeros_like(sq))
+    torch.testing.assert_close(dot_kept, want_dot, rtol=1e-4, atol=1e-5)
+    assert sorted(per_example) == sorted(names)
+    for n in names:
+        torch.testing.assert_close(per_example[n], want_per_example[n], rtol=1e-4, atol=1e-5)
 
 
 def test_the_gram_cases_take_the_gram_form() -> None:

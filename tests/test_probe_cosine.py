@@ -89,12 +89,17 @@ def test_cosine_needs_a_method_with_norms() -> None:
         ad.GradientProbe(model, loss_fn, reward="cos")
 
 
-def test_cosine_with_ghost_refuses_modules_without_a_norm_rule() -> None:
-    model = models.transformer()
-    with pytest.raises(
-        ValueError, match=r"no per-example gradient norm for \[.*'attn \(MultiheadAttention\)'\]"
-    ):
-        ad.GradientProbe(model, loss_fn, reward="cosine")
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cosine_of_the_transformer_block_matches_single_example_loop(batch_first: bool) -> None:
+    """MultiheadAttention (either layout) and the root's bare position Parameter have norms."""
+    torch.manual_seed(0)
+    model = models.transformer(batch_first).eval()
+    g = torch.Generator().manual_seed(4)
+    x, y = models.batch("transformer", 5, g)  # 5 examples of 5 positions
+    d = random_direction(model, g)
+    d["embed.weight"][0] = 0  # the padding row: no step moves it
+    got = ad.GradientProbe(model, loss_fn, reward="cosine")(x, y, direction=d)
+    torch.testing.assert_close(got, _loop_cosine(model, x, y, d), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("train", [True, False])
