@@ -3,7 +3,7 @@
 The public surface is re-exported here; the modules behind it are private.
 """
 
-from ._augment import KERNELS, GARTransform, apply_op, trivial_augment_wide_table
+from ._augment import KERNELS, AugmentPolicy, GARTransform, apply_op, trivial_augment_wide_table
 from ._gar import GAR
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
 from ._policy import CategoricalPolicy
@@ -18,6 +18,7 @@ __all__ = [
     "KERNELS",
     "METHODS",
     "REWARDS",
+    "AugmentPolicy",
     "CategoricalPolicy",
     "GARSampler",
     "GARTransform",
