@@ -3,7 +3,7 @@
 The public surface is re-exported here; the modules behind it are private.
 """
 
-from ._augment import KERNELS, GARTransform, apply_op, trivial_augment_wide_table
+from ._augment import KERNELS, AugmentPolicy, GARTransform, apply_op, trivial_augment_wide_table
 from ._batch import split_batch
 from ._gar import GAR
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
@@ -19,6 +19,7 @@ __all__ = [
     "KERNELS",
     "METHODS",
     "REWARDS",
+    "AugmentPolicy",
     "CategoricalPolicy",
     "GARSampler",
     "GARTransform",

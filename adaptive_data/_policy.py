@@ -30,14 +30,16 @@ _STATE_VERSION = 1
 STATS_HEAD = 4
 
 
-def _check_positive(name: str, value: Any) -> float:
+def _check_positive(name: str, value: Any, zero: bool = False) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or value <= 0
+        or value < 0
+        or (value == 0 and not zero)
     ):
-        raise ValueError(f"{name} should be a positive finite number, but got {name}={value!r}")
+        kind = "non-negative" if zero else "positive"
+        raise ValueError(f"{name} should be a {kind} finite number, but got {name}={value!r}")
     return float(value)
 
 
@@ -122,7 +124,7 @@ class CategoricalPolicy:
             start at the floor.
         floor: minimum probability of every choice, ``0 <= floor < 1/K``; default ``0.05/K``.
         lr: step size of the logits; default ``DEFAULT_LR[rule]`` (0.5 for reinforce, 0.3 for
-            exp_grad).
+            exp_grad); 0 freezes the policy (it still counts its updates).
         rule: ``"exp_grad"`` (default) or ``"reinforce"``. On benchmarks/mixture_quality.py
             both reach the same mean accuracy; exp_grad with half the spread over seeds.
         normalize: ``"batch"``, ``"running"`` or ``"none"``.
@@ -266,7 +268,8 @@ class CategoricalPolicy:
             raise ValueError(
                 f"momentum should be a number in [0, 1), but got momentum={momentum!r}"
             )
-        lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr)
+        # lr=0: a policy that counts its updates but never moves (a frozen control).
+        lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr, zero=True)
         max_step = _check_positive("max_step", max_step)
         # Set only once every value passed, so a refused state leaves the policy as it was.
         self.floor = float(floor)

@@ -211,12 +211,12 @@ class MixtureDataset(Dataset):
                 key, op, bin, negate, seed = k
                 s, i = self.locate(key)
                 torch.default_generator.manual_seed(seed)
-                tf._arm(op, bin, negate)
+                tf.arm(op, bin, negate)
                 item = self.sources[s][i]
-                tf._disarm(f"example {i} of source {self.names[s]!r}")
+                tf.disarm(f"example {i} of source {self.names[s]!r}")
                 out.append(item)
         finally:
-            tf._armed = None
+            tf.disarm()
             torch.set_rng_state(rng)
         return out
 

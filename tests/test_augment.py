@@ -14,7 +14,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from adaptive_data import GARSampler, GARTransform, apply_op, trivial_augment_wide_table
+from adaptive_data import (
+    AugmentPolicy,
+    CategoricalPolicy,
+    GARSampler,
+    GARTransform,
+    apply_op,
+    trivial_augment_wide_table,
+)
 from adaptive_data._augment import NO_AUGMENTATION
 
 TA = v2.TrivialAugmentWide()
@@ -53,27 +60,32 @@ def test_default_table_is_torchvisions_trivial_augment_wide_space():
             assert table[op][0] == [float(v) for v in mags]  # exactly: the kernels get these
 
 
-@pytest.mark.parametrize("kind", ["tensor", "pil", "tv_image"])
+@pytest.mark.parametrize("kind", ["tensor", "pil", "tv_image", "float32", "float64_video"])
 def test_every_op_at_every_bin_equals_torchvision(kind):
     base = random_image(0)
     image = {
         "tensor": base,
         "pil": v2.functional.to_pil_image(base),
         "tv_image": tv_tensors.Image(base),
+        "float32": base.float() / 255,
+        "float64_video": tv_tensors.Video(torch.stack([base, 255 - base]).double() / 255),
     }[kind]
+    # Float images: every op at every 6th bin (the kernels' float paths do not depend on it).
+    stride = 6 if kind.startswith("float") else 1
     tf = GARTransform()
     checked = 0
     for o, op in enumerate(tf.op_names):
         mags, signed = tf.table[op]
-        for b in range(len(mags) if mags else 1):
+        for b in range(0, len(mags) if mags else 1, stride):
             for negate in (False, True) if signed else (False,):
                 magnitude = tf.magnitude(o, b, negate) or 0.0
-                tf._arm(o, b, negate)
+                tf.arm(o, b, negate)
                 out = tf(image)
-                tf._disarm("the test image")
+                tf.disarm("the test image")
                 assert same(out, oracle(image, op, magnitude)), (op, b, negate)
                 checked += 1
-    assert checked == 3 + 2 * 31 * 9 + 2 * 31
+    bins = len(range(0, 31, stride))
+    assert checked == 3 + 2 * bins * 9 + 2 * bins
 
 
 @settings(max_examples=60, deadline=None)
@@ -88,9 +100,10 @@ def test_every_op_at_every_bin_equals_torchvision(kind):
     fill=st.sampled_from([None, 128, [10, 20, 30]]),
     interpolation=st.sampled_from([InterpolationMode.NEAREST, InterpolationMode.BILINEAR]),
     seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.uint8, torch.float32]),
 )
 def test_apply_op_equals_torchvision_on_any_image(
-    op, fraction, negate, channels, h, w, batch, fill, interpolation, seed
+    op, fraction, negate, channels, h, w, batch, fill, interpolation, seed, dtype
 ):
     if isinstance(fill, list) and channels == 1:
         fill = 77
@@ -99,6 +112,8 @@ def test_apply_op_equals_torchvision_on_any_image(
         if (batch)
         else random_image(seed, channels, h, w)
     )
+    if dtype.is_floating_point:
+        image = image.to(dtype) / 255
     mags, signed = trivial_augment_wide_table()[op]
     magnitude = 0.0 if mags is None else mags[round(fraction * (len(mags) - 1))]
     if signed and negate:
@@ -112,12 +127,12 @@ def test_invert_and_custom_tables():
     assert tf.op_names == ["Invert", "Rotate"]
     assert tf.magnitude_weights == {"Rotate": pytest.approx([1 / 3] * 3)}
     img = random_image(1)
-    tf._arm(0, 0, False)
+    tf.arm(0, 0, False)
     assert torch.equal(tf(img), 255 - img)
-    tf._disarm("x")
-    tf._arm(1, 2, True)
+    tf.disarm("x")
+    tf.arm(1, 2, True)
     assert torch.equal(tf(img), oracle(img, "Rotate", -90.0))
-    tf._disarm("x")
+    tf.disarm("x")
 
 
 def test_subset_of_the_default_ops():
@@ -176,11 +191,20 @@ def test_bad_tables_raise(ops, kwargs, error, match):
 @pytest.mark.parametrize(
     ("image", "error", "match"),
     [
-        (torch.zeros(3, 8, 8), TypeError, r"dtype torch.uint8 .* but got dtype=torch.float32"),
+        (
+            torch.zeros(3, 8, 8, dtype=torch.int16),
+            TypeError,
+            r"dtype torch.uint8 .* or a floating-point dtype .* but got dtype=torch.int16",
+        ),
         (torch.zeros(8, 8, dtype=torch.uint8), ValueError, r"shape=\(8, 8\)"),
         (torch.zeros(4, 8, 8, dtype=torch.uint8), ValueError, r"shape=\(4, 8, 8\)"),
         (Image.new("RGBA", (8, 8)), TypeError, r"mode='RGBA'"),
-        ([[0]], TypeError, r"but got list"),
+        ([[0]], TypeError, r"one image per call .* but found none in the sample"),
+        (
+            (tv_tensors.Image(random_image(0)), tv_tensors.Image(random_image(1))),
+            TypeError,
+            r"but found 2 in the sample",
+        ),
         (
             tv_tensors.Mask(torch.zeros(1, 8, 8, dtype=torch.uint8)),
             TypeError,
@@ -191,6 +215,188 @@ def test_bad_tables_raise(ops, kwargs, error, match):
 def test_unsupported_images_raise(image, error, match):
     with pytest.raises(error, match=match):
         GARTransform()(image)
+
+
+# ------------------------------------------------------------------ as a torchvision v2 transform
+
+
+class Depth(tv_tensors.TVTensor):
+    """A TVTensor kind that TrivialAugmentWide neither augments nor refuses (it passes it)."""
+
+
+def paired(a, b, path=""):
+    """The leaves of two samples of the same structure (tuples, lists, dicts): (path, a, b)."""
+    if isinstance(a, tuple | list | dict):
+        assert type(a) is type(b), path
+        assert len(a) == len(b), path
+        keys = list(a) if isinstance(a, dict) else range(len(a))
+        if isinstance(a, dict):
+            assert list(a) == list(b), path
+        return [leaf for k in keys for leaf in paired(a[k], b[k], f"{path}[{k!r}]")]
+    return [(path, a, b)]
+
+
+def pass_through_samples():
+    """(sample, path of its image): what TrivialAugmentWide augments and passes through."""
+    img = random_image(3, h=12, w=12)
+    pil = v2.functional.to_pil_image(img)
+    video = tv_tensors.Video(torch.stack([img, 255 - img]))
+    return [
+        ((img, 3), "[0]"),
+        ((tv_tensors.Image(img), torch.tensor(3)), "[0]"),
+        ({"image": pil, "label": 3, "name": "cat"}, "['image']"),
+        ([img, torch.arange(5)], "[0]"),  # the first plain Tensor is the image
+        ((torch.tensor([1.0, 2.0]), tv_tensors.Image(img)), "[1]"),  # an explicit image wins
+        ({"video": video, "meta": {"fps": [24, 25]}}, "['video']"),
+        ((img.float() / 255, {"label": 7}), "[0]"),
+        ((tv_tensors.Image(img), Depth(torch.zeros(2, 12, 12))), "[0]"),
+        (pil, ""),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(pass_through_samples())))
+def test_passes_through_what_trivial_augment_wide_passes_through(case):
+    sample, image_at = pass_through_samples()[case]
+    got = GARTransform(["Invert"])(sample)
+    torch.manual_seed(case)
+    theirs = TA(sample)
+    ours_leaves, their_leaves = paired(sample, got), paired(sample, theirs)
+    assert [p for p, _, _ in ours_leaves] == [p for p, _, _ in their_leaves]
+    assert image_at in [p for p, _, _ in ours_leaves]
+    for (path, x, ours), (_, _, ta) in zip(ours_leaves, their_leaves, strict=True):
+        if path == image_at:
+            assert same(ours, oracle(x, "Invert", 0.0)), path
+            assert type(ours) is type(ta) is type(x)
+        else:
+            assert ours is x, path  # untouched, the very object, as TrivialAugmentWide does
+            assert ta is x, path
+
+
+def test_several_arguments_come_back_as_a_tuple():
+    img = random_image(0)
+    out, label = GARTransform(["Invert"])(img, 4)
+    assert torch.equal(out, 255 - img)
+    assert label == 4
+
+
+def refused_samples():
+    img = random_image(3, h=8, w=8)
+    mask = tv_tensors.Mask(torch.zeros(1, 8, 8, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes([[0, 0, 4, 4]], format="XYXY", canvas_size=(8, 8))
+    out = [
+        (mask, r"augments images, but got a tv_tensors.Mask"),
+        ((img, mask), r"augments images, but got a tv_tensors.Mask"),
+        ((tv_tensors.Image(img), boxes), r"augments images, but got a tv_tensors.BoundingBoxes"),
+        (3, r"one image per call .* found none in the sample"),
+        ({"label": 3, "name": "cat"}, r"found none in the sample"),
+        ((tv_tensors.Image(img), tv_tensors.Image(img)), r"but found 2 in the sample"),
+        ((v2.functional.to_pil_image(img),) * 2, r"but found 2 in the sample"),
+        ((v2.functional.to_pil_image(img), tv_tensors.Video(img[None])), r"found 2 in the"),
+    ]
+    if hasattr(tv_tensors, "KeyPoints"):  # torchvision >= 0.23
+        points = tv_tensors.KeyPoints([[1, 2]], canvas_size=(8, 8))
+        out.append(((img, points), r"augments images, but got a tv_tensors.KeyPoints"))
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(refused_samples())))
+def test_refuses_what_trivial_augment_wide_refuses(case):
+    sample, match = refused_samples()[case]
+    with pytest.raises(TypeError):
+        TA(sample)
+    with pytest.raises(TypeError, match=match):
+        GARTransform()(sample)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
+def test_standalone_calls_take_uint8_and_float_images(dtype):
+    """TrivialAugmentWide takes float images (values in [0, 1]); so does GARTransform."""
+    img = random_image(4)
+    if dtype.is_floating_point:
+        img = img.to(dtype) / 255
+    tf = GARTransform(generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        op, b, negate = (t[0].item() for t in tf.draw(1, g))
+        out = tf(img)
+        assert out.dtype == dtype
+        assert same(out, apply_op(img, tf.op_names[op], tf.magnitude(op, b, negate) or 0.0))
+    assert TA(img).dtype == dtype
+
+
+def test_a_batch_gets_one_decision_per_standalone_call_as_in_trivial_augment_wide():
+    batch = torch.stack([random_image(i) for i in range(4)])
+    tf = GARTransform(generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    ops = set()
+    for _ in range(12):
+        op, b, negate = (t[0].item() for t in tf.draw(1, g))
+        name, magnitude = tf.op_names[op], tf.magnitude(op, b, negate) or 0.0
+        out = tf(batch)
+        assert same(out, oracle(batch, name, magnitude))
+        assert all(same(out[i], oracle(batch[i], name, magnitude)) for i in range(4))
+        ops.add(op)
+    assert len(ops) > 3
+
+
+def test_inside_a_gar_pipeline_each_example_gets_its_own_decision():
+    tf = GARTransform(num_magnitude_bins=8)
+    data = Images(32, v2.Compose([tf]))
+    s = GARSampler(data, batch_size=16, seed=0, transform=tf, reference_every=None)
+    keys = next(iter(s))
+    items = s.dataset.__getitems__(keys)
+    for (key, op, b, negate, _), (image, i) in zip(keys, items, strict=True):
+        assert i == key
+        expected = apply_op(data.x[i], tf.op_names[op], tf.magnitude(op, b, negate) or 0.0)
+        assert torch.equal(image, expected)
+    assert len({k[1] for k in keys}) > 4
+
+
+def test_is_a_v2_transform_and_an_nn_module():
+    tf = GARTransform(["Invert"])
+    assert isinstance(tf, v2.Transform)
+    img = random_image(0)
+    pipeline = v2.Compose(
+        [v2.RandomHorizontalFlip(p=0.0), tf, v2.ToDtype(torch.float32, scale=True)]
+    )
+    out, label = pipeline((img, 3))
+    assert label == 3
+    assert torch.equal(out, v2.functional.to_dtype(255 - img, torch.float32, scale=True))
+    holder = torch.nn.ModuleList([v2.RandomApply(torch.nn.ModuleList([tf]), p=1.0)])
+    assert torch.equal(holder[0](img), 255 - img)
+    seen = []
+    holder.apply(seen.append)  # nn.Module.apply reaches it as any child
+    assert any(m is tf for m in seen)
+    assert repr(tf) == "GARTransform(ops=1, learn_ops=True, learn_magnitudes=True)"
+    # The policy's state rides in the nn.Module state of a module that holds the transform.
+    a = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
+    a.update([1, 1, 0], [3, 0, 0], torch.tensor([1.0, 0.8, 0.0]))
+    b = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
+    torch.nn.ModuleList([b]).load_state_dict(torch.nn.ModuleList([a]).state_dict())
+    assert b.op_weights == a.op_weights != GARTransform(["Identity", "Rotate"]).op_weights
+    assert b.magnitude_weights == a.magnitude_weights
+
+
+def test_the_policy_is_a_separate_object_the_transform_holds():
+    p = AugmentPolicy(["Identity", "Rotate"], num_magnitude_bins=4)
+    a, b = GARTransform(policy=p), GARTransform(policy=p, fill=0)
+    assert a.policy is p
+    assert b.policy is p
+    a.update([1, 0], [3, 0], torch.tensor([1.0, 0.0]))
+    fresh = AugmentPolicy(["Identity", "Rotate"], num_magnitude_bins=4)
+    assert b.op_weights == p.op_weights != fresh.op_weights
+    assert (
+        b.state_dict()["op_policy"]["logits"].tolist()
+        == p.state_dict()["op_policy"]["logits"].tolist()
+    )
+    with pytest.raises(
+        ValueError, match=r"either policy= or the arguments .* policy= and learn_ops, lr"
+    ):
+        GARTransform(policy=p, lr=0.5, learn_ops=False)
+    with pytest.raises(
+        TypeError, match=r"policy should be an AugmentPolicy, but got CategoricalPolicy"
+    ):
+        GARTransform(policy=CategoricalPolicy(2))
 
 
 # ------------------------------------------------------------------ the policies
@@ -258,36 +464,86 @@ def test_bad_update_inputs_raise_and_leave_the_policies(ops, bins, match):
     assert tf.metrics()["updates"] == 0
 
 
-@settings(max_examples=50, deadline=None)
-@given(
-    rewards=st.lists(
-        st.lists(
-            st.one_of(
-                st.floats(allow_nan=True, allow_infinity=True),
-                st.sampled_from([1e30, -1e30, math.nan, math.inf]),
-            ),
-            min_size=8,
-            max_size=8,
-        ),
-        min_size=1,
-        max_size=15,
-    ),
-    seed=st.integers(0, 1000),
+any_reward = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e30, -1e30, math.nan, math.inf, 0.0]),
 )
-def test_policies_stay_valid_distributions_under_any_rewards(rewards, seed):
-    tf = GARTransform(num_magnitude_bins=5)
-    g = torch.Generator().manual_seed(seed)
-    bad = 0
-    for r in rewards:
-        ops, bins, _ = tf.draw(8, g)
-        tf.update(ops.tolist(), bins.tolist(), torch.tensor(r, dtype=torch.float64))
-        bad += sum(not math.isfinite(v) for v in r)
-    floor = 0.05 / len(tf.op_names)
-    for probs in [list(tf.op_weights.values()), *tf.magnitude_weights.values()]:
+reward_batches = st.lists(st.lists(any_reward, min_size=8, max_size=8), min_size=1, max_size=12)
+policy_config = st.fixed_dictionaries(
+    {
+        "rule": st.sampled_from(["exp_grad", "reinforce"]),
+        "normalize": st.sampled_from(["batch", "running", "none"]),
+        "lr": st.sampled_from([None, 0.0, 0.5, 1e6]),
+    }
+)
+
+
+def check_valid(policy: AugmentPolicy) -> None:
+    """Every distribution of the policy is finite, sums to 1 and keeps its floor."""
+    op_floor = 0.05 / len(policy.op_names)
+    assert min(policy.op_weights.values()) >= op_floor - 1e-12
+    for probs in [list(policy.op_weights.values()), *policy.magnitude_weights.values()]:
         assert all(math.isfinite(p) for p in probs)
         assert abs(sum(probs) - 1) < 1e-9
-    assert min(tf.op_weights.values()) >= floor - 1e-12
-    assert tf.metrics()["nonfinite_rewards"] == bad
+        assert min(probs) >= 0.05 / len(probs) - 1e-12
+
+
+@settings(max_examples=50, deadline=None)
+@given(rewards=reward_batches, config=policy_config, seed=st.integers(0, 1000))
+def test_policies_stay_valid_distributions_under_any_rewards(rewards, config, seed):
+    policy = AugmentPolicy(num_magnitude_bins=5, **config)
+    g = torch.Generator().manual_seed(seed)
+    bad = 0
+    for t, r in enumerate(rewards):
+        ops, bins, _ = policy.draw(8, g)
+        if t % 4 == 3:  # a reference batch now and then: skipped, not learned from
+            ops = torch.full_like(ops, NO_AUGMENTATION)
+        else:
+            bad += sum(not math.isfinite(v) for v in r)
+        policy.update(ops, bins, torch.tensor(r, dtype=torch.float64))
+        check_valid(policy)
+    m = policy.metrics()
+    assert m["nonfinite_rewards"] == bad
+    assert m["updates"] + m["reference_batches_skipped"] == len(rewards)
+    assert len(policy.history) == 1 + m["updates"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rewards=reward_batches,
+    config=policy_config,
+    split=st.integers(0, 12),
+    seed=st.integers(0, 1000),
+)
+def test_policy_state_round_trip_continues_identically(rewards, config, split, seed):
+    """A policy restored from a checkpoint (through torch.save and a weights-only load) draws
+    and learns exactly as the one that kept going."""
+    import io
+
+    a = AugmentPolicy(num_magnitude_bins=5, **config)
+    g = torch.Generator().manual_seed(seed)
+
+    def step(policy, gen, r):
+        ops, bins, negate = policy.draw(8, gen)
+        policy.update(ops, bins, torch.tensor(r, dtype=torch.float64))
+        return ops, bins, negate
+
+    for r in rewards[:split]:
+        step(a, g, r)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b = AugmentPolicy(num_magnitude_bins=5, **config)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+    gb = torch.Generator()
+    gb.set_state(g.get_state())
+    for r in rewards[split:]:
+        da, db = step(a, g, r), step(b, gb, r)
+        assert all(torch.equal(x, y) for x, y in zip(da, db, strict=True))
+    assert b.op_weights == a.op_weights
+    assert b.magnitude_weights == a.magnitude_weights
+    assert b.history == a.history
+    assert b.metrics() == a.metrics()
 
 
 def test_state_dict_round_trip_of_both_policies():
@@ -310,7 +566,7 @@ def test_state_dict_round_trip_of_both_policies():
         b.update(db[0].tolist(), db[1].tolist(), db[1].double())
     assert b.op_weights == a.op_weights
     assert b.magnitude_weights == a.magnitude_weights
-    with pytest.raises(ValueError, match=r"this transform has ops \['Identity'\]"):
+    with pytest.raises(ValueError, match=r"this policy has ops \['Identity'\]"):
         GARTransform(["Identity"]).load_state_dict(a.state_dict())
     # Same op names and bin counts, other magnitudes or signs: another table all the same.
     small = GARTransform({"Identity": (None, False), "Rotate": ([0.0, 10.0], True)})
@@ -439,8 +695,10 @@ def test_decode_takes_decision_keys():
 
 
 def test_apply_op_checks_its_image():
-    with pytest.raises(TypeError, match=r"dtype torch.uint8 .* but got dtype=torch.float32"):
-        apply_op(torch.zeros(3, 8, 8), "Solarize", 0.5)
+    with pytest.raises(TypeError, match=r"dtype torch.uint8 .* but got dtype=torch.int32"):
+        apply_op(torch.zeros(3, 8, 8, dtype=torch.int32), "Solarize", 0.5)
+    with pytest.raises(ValueError, match=r"interpolation should be None, an InterpolationMode"):
+        apply_op(random_image(0), "Rotate", 10.0, interpolation="cubic-ish")
 
 
 def test_fetching_leaves_the_global_rng_alone():
@@ -600,3 +858,34 @@ def test_reference_every_defaults_to_every_other_batch_with_a_transform():
     assert off.reference_every is None
     with pytest.raises(ValueError, match=r"reference_every should be 'auto', None or an integer"):
         GARSampler(Images(8, pipeline(tf)), batch_size=2, transform=tf, reference_every="x")
+
+
+def test_frozen_control_is_bit_identical_to_learning_with_lr_0():
+    """The frozen control (learning off) is the learning arm with a zero step, bit for bit:
+    the same keys, images, policies and records, so a comparison of the two isolates what
+    the learning does."""
+
+    def run(**kw):
+        tf = GARTransform(num_magnitude_bins=8, **kw)
+        s = GARSampler(Images(48, pipeline(tf)), batch_size=8, seed=5, transform=tf)
+        xs = []
+        for _ in range(2):
+            for x, _ in DataLoader(s.dataset, batch_sampler=s):
+                xs.append(x)
+                s.update(x.mean((1, 2, 3)).double() + torch.linspace(0, 1, 8))
+        return xs, tf
+
+    frozen_x, frozen = run(learn_ops=False, learn_magnitudes=False)
+    zero_x, zero = run(lr=0.0)
+    learning_x, learning = run()
+    assert len(frozen_x) == 12
+    assert all(torch.equal(a, b) for a, b in zip(frozen_x, zero_x, strict=True))
+    start = GARTransform(num_magnitude_bins=8)
+    assert frozen.op_weights == zero.op_weights == start.op_weights
+    assert frozen.magnitude_weights == zero.magnitude_weights == start.magnitude_weights
+    assert frozen.history == zero.history
+    assert frozen.metrics() == zero.metrics()
+    assert frozen.metrics()["updates"] == 6  # the augmented half of the batches
+    # The same rewards do move a learning policy, and with it the images drawn.
+    assert learning.op_weights != frozen.op_weights
+    assert not all(torch.equal(a, b) for a, b in zip(frozen_x, learning_x, strict=True))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+import adaptive_data as ad
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +103,47 @@ def test_augment_signal_compares_committed_runs() -> None:
     assert "| op | cosine bin 3 ref train | cosine bin 27 ref train |" in done.stdout
     # One table per checkpoint; Identity minus itself is 0 against every reference batch.
     assert done.stdout.count("| Identity | +0.0000 ± 0.0000 | +0.0000 ± 0.0000 |") == 3
+
+
+def test_augment_gpu_runs_in_pieces_that_resume_into_the_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU study's command on CPU in its --quick setting (random stand-in images: this
+    checks the mechanics, not a result): stopped after every epoch and called again, it ends
+    with the results of one uninterrupted call, bit for bit."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import augment_gpu
+
+    g = np.random.default_rng(0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    arrays = {}
+    for split, n in (("train", 300), ("test", 100)):
+        arrays[f"x_{split}"] = g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        arrays[f"y_{split}"] = np.arange(n) % 10
+        arrays[f"i_{split}"] = np.arange(n) // 10
+    np.savez(cache / "cifar10-jpeg.npz", **arrays)
+    common = [str(tmp_path / "no_data"), "--quick", "--cache", str(cache)]
+    common += ["--arms", "gar,trivial_augment", "--test-every", "2"]
+
+    threads = torch.get_num_threads()  # --quick runs on one thread
+    try:
+        assert augment_gpu.main([*common, "--out", str(tmp_path / "whole")]) == 0
+        pieces = [*common, "--out", str(tmp_path / "pieces"), "--epochs-per-call", "1"]
+        codes = [augment_gpu.main(pieces) for _ in range(4)]
+    finally:
+        torch.set_num_threads(threads)
+    assert codes == [augment_gpu.MORE_TO_DO] * 3 + [0]  # 2 runs of 2 epochs, one per call
+
+    def read(name: str) -> dict:
+        runs = json.loads((tmp_path / name / "results.json").read_text())["runs"]
+        for r in runs.values():
+            r.pop("wall_s")
+            r.pop("probe_s")
+        return runs
+
+    whole, pieces = read("whole"), read("pieces")
+    assert set(whole) == {"gar/seed0", "trivial_augment/seed0"}
+    assert pieces == whole
+    assert len(whole["gar/seed0"]["train_loss"]) == 2
+    assert whole["gar/seed0"]["op_weights"] != ad.GARTransform().op_weights  # it learned

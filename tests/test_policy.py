@@ -35,10 +35,11 @@ reward = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), spe
         min_size=1,
         max_size=8,
     ),
-    lr=st.sampled_from([1e-3, 0.1, 10.0, 1e6]),
+    lr=st.sampled_from([0.0, 1e-3, 0.1, 10.0, 1e6]),
 )
 def test_valid_distribution_under_any_rewards(k, rule, normalize, batches, lr):
     policy = CategoricalPolicy(k, rule=rule, normalize=normalize, lr=lr)
+    start = policy.probs
     nonfinite = 0
     for batch in batches:
         choices = torch.tensor([c % k for c, _ in batch], dtype=torch.long)
@@ -48,6 +49,8 @@ def test_valid_distribution_under_any_rewards(k, rule, normalize, batches, lr):
         assert_valid(policy)
     assert policy.metrics()["nonfinite_rewards"] == nonfinite
     assert policy.metrics()["updates"] == len(batches)
+    if lr == 0.0:  # lr=0 never moves, bit for bit, whatever the rewards
+        assert torch.equal(policy.probs, start)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -126,7 +129,10 @@ def test_state_roundtrip_continues_identically():
             r"rule should be one of reinforce, exp_grad, but got rule='adam'",
         ),
         ({"num_choices": 2, "normalize": "l2"}, r"normalize=.l2."),
-        ({"num_choices": 2, "lr": 0.0}, r"lr should be a positive finite number, but got lr=0.0"),
+        (
+            {"num_choices": 2, "lr": -0.1},
+            r"lr should be a non-negative finite number, but got lr=-0.1",
+        ),
         ({"num_choices": 2, "lr": math.nan}, r"lr=nan"),
         ({"num_choices": 2, "momentum": 1.0}, r"momentum=1.0"),
         (
@@ -185,7 +191,7 @@ def test_statistics_layout_and_wrong_length_apply():
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("lr", -0.3, r"lr should be a positive"),
+        ("lr", -0.3, r"lr should be a non-negative"),
         ("rule", "adam", r"rule should be one of reinforce, exp_grad, but got rule='adam'"),
         ("floor", 0.5, r"floor should be a number in \[0, 1/num_choices\)"),
         ("momentum", 1.0, r"momentum should be a number in \[0, 1\)"),
