@@ -10,6 +10,7 @@ import torch
 from PIL import Image as PILImage
 from torch import Tensor
 
+from ._check import check_int, is_real
 from ._history import History
 from ._policy import DEFAULT_LR, STATS_HEAD, CategoricalPolicy, check_rewards
 
@@ -58,8 +59,7 @@ def trivial_augment_wide_table(num_bins: int = 31) -> dict[str, tuple[list[float
     shear 0..0.99, translate 0..32 px, rotate 0..135 degrees, brightness/color/contrast/sharpness
     factor ``1 + 0..0.99``, posterize 8..2 bits, solarize threshold 1..0 of the maximum.
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-        raise ValueError(f"num_bins should be an integer >= 2, but got num_bins={num_bins!r}")
+    check_int("num_bins", num_bins, minimum=2)
 
     def lin(a: float, b: float) -> list[float]:
         # float32, as torchvision computes them, so each magnitude is bit-for-bit its value
@@ -327,8 +327,7 @@ class GARTransform:
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} should be a bool, but got {name}={flag!r}")
         if fill is not None and not (
-            isinstance(fill, int | float)
-            or (isinstance(fill, Sequence) and all(isinstance(v, int | float) for v in fill))
+            is_real(fill) or (isinstance(fill, Sequence) and all(is_real(v) for v in fill))
         ):
             raise TypeError(
                 "fill should be None, a number or a sequence of numbers (one per channel), used "

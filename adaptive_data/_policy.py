@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._check import check_int, check_number
+
 __all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy"]
 
 RULES = ("reinforce", "exp_grad")
@@ -28,17 +30,6 @@ _STATE_VERSION = 1
 # statistics() lists start with [non-finite rewards, n, sum r, sum r^2], then the per-choice
 # sums and counts.
 STATS_HEAD = 4
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} should be a positive finite number, but got {name}={value!r}")
-    return float(value)
 
 
 def initial_weights(
@@ -146,11 +137,7 @@ class CategoricalPolicy:
         names: Sequence[str] | None = None,
         sizes: Sequence[int] | None = None,
     ) -> None:
-        if isinstance(num_choices, bool) or not isinstance(num_choices, int) or num_choices < 1:
-            raise ValueError(
-                "num_choices should be a positive integer value, "
-                f"but got num_choices={num_choices!r}"
-            )
+        check_int("num_choices", num_choices, minimum=1)
         k = num_choices
         if names is not None:
             names = [str(n) for n in names]
@@ -215,8 +202,7 @@ class CategoricalPolicy:
 
         The randomness comes from ``generator`` only (never the global RNG).
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n should be a non-negative integer value, but got n={n!r}")
+        check_int("n", n, minimum=0)
         if not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator should be a torch.Generator, but got {type(generator).__name__}"
@@ -240,17 +226,10 @@ class CategoricalPolicy:
         k = self.num_choices
         if floor is None:
             floor = 0.05 / k
-        if (
-            isinstance(floor, bool)
-            or not isinstance(floor, int | float)
-            or not math.isfinite(floor)
-            or floor < 0
-            or floor * k >= 1
-        ):
-            raise ValueError(
-                f"floor should be a number in [0, 1/num_choices) = [0, {1 / k:.6g}), "
-                f"but got floor={floor!r}"
-            )
+        what = f"a number in [0, 1/num_choices) = [0, {1 / k:.6g})"
+        # The upper bound is on floor * k, as the policy uses it (1 / k rounds).
+        if check_number("floor", floor, low=0, what=what) * k >= 1:
+            raise ValueError(f"floor should be {what}, but got floor={floor!r}")
         if rule not in RULES:
             raise ValueError(f"rule should be one of {', '.join(RULES)}, but got rule={rule!r}")
         if normalize not in NORMALIZATIONS:
@@ -258,16 +237,9 @@ class CategoricalPolicy:
                 f"normalize should be one of {', '.join(NORMALIZATIONS)}, "
                 f"but got normalize={normalize!r}"
             )
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, int | float)
-            or not 0 <= momentum < 1
-        ):
-            raise ValueError(
-                f"momentum should be a number in [0, 1), but got momentum={momentum!r}"
-            )
-        lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr)
-        max_step = _check_positive("max_step", max_step)
+        momentum = check_number("momentum", momentum, low=0, high=1)
+        lr = DEFAULT_LR[rule] if lr is None else check_number("lr", lr, positive=True)
+        max_step = check_number("max_step", max_step, positive=True)
         # Set only once every value passed, so a refused state leaves the policy as it was.
         self.floor = float(floor)
         self.lr = lr

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_map
 
 from . import _ghost
 from ._batch import Inputs, batch_size, call_args, check_same_batch, per_example_losses
+from ._check import check_int, check_number
 from ._direction import (
     Direction,
     check_direction,
@@ -176,10 +177,7 @@ class GradientProbe:
             )
         if fallback not in ("jvp", "raise"):
             raise ValueError(f"fallback should be 'jvp' or 'raise', but got fallback={fallback!r}")
-        if not (isinstance(rel_eps, float | int) and math.isfinite(rel_eps) and rel_eps > 0):
-            raise ValueError(
-                f"rel_eps should be a positive finite number, but got rel_eps={rel_eps}"
-            )
+        check_number("rel_eps", rel_eps, positive=True)
         if reward not in REWARDS:
             raise ValueError(
                 f"reward should be one of {', '.join(REWARDS)}, but got reward={reward!r}"
@@ -193,10 +191,7 @@ class GradientProbe:
             raise ValueError(
                 f"verify should be 'first', 'always' or 'never', but got verify={verify!r}"
             )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(
-                f"chunk_size should be a positive integer or None, but got chunk_size={chunk_size}"
-            )
+        check_int("chunk_size", chunk_size, minimum=1, none_ok=True)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Probe the wrapped module: its forward and backward then never enter DDP's
             # gradient synchronisation, and .grad stays as the training step left it.

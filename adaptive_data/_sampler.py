@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ._augment import NO_AUGMENTATION, GARTransform
+from ._check import check_int, check_number
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
@@ -423,10 +424,7 @@ def _calling_loader_iter(sampler: GARSampler) -> tuple[Any, str | None]:
 
 
 def _check_batch_id(batch: Any) -> None:
-    if isinstance(batch, bool) or not isinstance(batch, int):
-        raise TypeError(
-            f"batch should be an int id from sampler.last_batch, but got batch={batch!r}"
-        )
+    check_int("batch", batch, what="an int id from sampler.last_batch")
 
 
 class GARSampler(Sampler[list[int]]):
@@ -531,20 +529,9 @@ class GARSampler(Sampler[list[int]]):
         world_size: int | None = None,
         sync_timeout_s: float = 60.0,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"batch_size should be a positive integer value, but got batch_size={batch_size!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed should be an int, but got seed={seed!r}")
-        if (
-            isinstance(reward_window, bool)
-            or not isinstance(reward_window, int)
-            or reward_window < 2
-        ):
-            raise ValueError(
-                f"reward_window should be an integer >= 2, but got reward_window={reward_window!r}"
-            )
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("seed", seed)
+        check_int("reward_window", reward_window, minimum=2)
         if transform is not None and not isinstance(transform, GARTransform):
             raise TypeError(
                 f"transform should be a GARTransform, but got {type(transform).__name__}; "
@@ -553,30 +540,19 @@ class GARSampler(Sampler[list[int]]):
         if reference_every == "auto":
             reference_every = 2 if transform is not None else None
         if reference_every is not None:
-            if (
-                isinstance(reference_every, bool)
-                or not isinstance(reference_every, int)
-                or reference_every < 2
-            ):
-                raise ValueError(
-                    "reference_every should be 'auto', None or an integer >= 2, "
-                    f"but got reference_every={reference_every!r}"
-                )
+            check_int(
+                "reference_every",
+                reference_every,
+                minimum=2,
+                what="'auto', None or an integer >= 2",
+            )
             if transform is None:
                 raise ValueError(
                     "reference_every marks un-augmented batches, so it needs transform=; "
                     "got transform=None"
                 )
         src_names, srcs = _resolve_sources(sources, names)
-        if (
-            isinstance(sync_timeout_s, bool)
-            or not isinstance(sync_timeout_s, int | float)
-            or not sync_timeout_s > 0
-        ):
-            raise ValueError(
-                "sync_timeout_s should be a positive number, "
-                f"but got sync_timeout_s={sync_timeout_s!r}"
-            )
+        check_number("sync_timeout_s", sync_timeout_s, positive=True)
         self._group = current_group(rank, world_size)
         self._group.timeout_s = float(sync_timeout_s)
         self.rank, self.world_size = self._group.rank, self._group.world_size
@@ -597,11 +573,7 @@ class GARSampler(Sampler[list[int]]):
         total = len(self.dataset)
         if num_batches is None:
             num_batches = max(1, total // (batch_size * self.world_size))
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(
-                "num_batches should be a positive integer value, "
-                f"but got num_batches={num_batches!r}"
-            )
+        check_int("num_batches", num_batches, minimum=1)
         self.num_batches = num_batches
         self.seed = seed
         self.reward_window = reward_window
@@ -684,10 +656,7 @@ class GARSampler(Sampler[list[int]]):
 
         Without calls, epochs count 0, 1, 2, ... by themselves.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(
-                f"epoch should be a non-negative integer value, but got epoch={epoch!r}"
-            )
+        check_int("epoch", epoch, minimum=0)
         self._next_epoch = epoch
         self._refresh_pending()
 
