@@ -474,7 +474,12 @@ class Call:
         from the rule's tangent."""
         if norms:
             sq, dot = self.norm_and_dot(grad, direction)
-            assert dot is not None
+            if dot is None:  # a norm rule given a direction returns its share: a broken rule
+                raise RuntimeError(
+                    f"the gradient-norm rule of module {self.entry.name!r} "
+                    f"({type(self.entry.module).__name__}) returned no share of the rewards "
+                    "although it was given a direction"
+                )
             return dot, sq
         return per_example_dot(grad, self.tangents(direction)[i], dim), None
 
