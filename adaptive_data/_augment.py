@@ -10,9 +10,15 @@ import torch
 from PIL import Image as PILImage
 from torch import Tensor
 
-from ._check import check_int, is_real
+from ._check import check_int, check_keys, is_real
 from ._history import History
-from ._policy import DEFAULT_LR, STATS_HEAD, CategoricalPolicy, check_rewards
+from ._policy import (
+    DEFAULT_LR,
+    STATS_HEAD,
+    CategoricalPolicy,
+    check_policy_state,
+    check_rewards,
+)
 
 __all__ = ["KERNELS", "NO_AUGMENTATION", "GARTransform", "apply_op", "trivial_augment_wide_table"]
 
@@ -41,6 +47,17 @@ KERNELS = (
 """The op names :class:`GARTransform` can apply (the keys an op table may use)."""
 _NEEDS_MAGNITUDE = frozenset(KERNELS[1:12])
 _STATE_VERSION = 2  # 2: the history as float64 tensors, the op table
+# Keys of GARTransform.state_dict().
+_STATE_KEYS = (
+    "version",
+    "ops",
+    "bins",
+    "table",
+    "op_policy",
+    "magnitude_policies",
+    "counters",
+    "history",
+)
 
 # Step sizes of the exponentiated-gradient policies. Its step for a choice is its summed
 # z-scored reward over N * p (importance weighting): with a batch of 128 spread over 14 ops,
@@ -613,6 +630,7 @@ class GARTransform:
                 f"state should be a GARTransform.state_dict() of version {_STATE_VERSION}, "
                 f"but got {type(state).__name__}"
             )
+        check_keys(state, _STATE_KEYS, "GARTransform.state_dict()")
         bins = [len(m) if m is not None else 0 for m, _ in self.table.values()]
         if list(state["ops"]) != self.op_names or list(state["bins"]) != bins:
             raise ValueError(
@@ -629,6 +647,15 @@ class GARTransform:
             raise ValueError(
                 f"state is for another op table: op(s) {diff} have other magnitudes or signs"
             )
+        check_policy_state(state["op_policy"])
+        mags = state["magnitude_policies"]
+        check_keys(
+            mags,
+            [self.op_names[i] for i in self._mag_policies],
+            "GARTransform.state_dict()['magnitude_policies']",
+        )
+        for i in self._mag_policies:
+            check_policy_state(mags[self.op_names[i]])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises if it belongs to another op table."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._check import check_int, check_number
+from ._check import check_int, check_keys, check_number
 
 __all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy"]
 
@@ -405,12 +405,7 @@ class CategoricalPolicy:
 
         The configuration (floor, lr, rule, ...) is taken from the state.
         """
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                "state should be a CategoricalPolicy.state_dict() of version "
-                f"{_STATE_VERSION}, but got {type(state).__name__}"
-                + (f" with version={state.get('version')!r}" if isinstance(state, Mapping) else "")
-            )
+        check_policy_state(state)
         if state["num_choices"] != self.num_choices:
             raise ValueError(
                 f"state is for {state['num_choices']} choices, "
@@ -429,6 +424,27 @@ class CategoricalPolicy:
         self._updates, self._applied, self._nonfinite, self._skipped = (
             int(v) for v in state["counters"]
         )
+
+
+_STATE_KEYS = ("version", "num_choices", "logits", "running", "counters", "config")
+_CONFIG_KEYS = ("floor", "lr", "rule", "normalize", "momentum", "max_step")
+
+
+def check_policy_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` is a complete :meth:`CategoricalPolicy.state_dict`
+    of this version (its values are checked by ``load_state_dict``)."""
+    if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+        raise ValueError(
+            "state should be a CategoricalPolicy.state_dict() of version "
+            f"{_STATE_VERSION}, but got {type(state).__name__}"
+            + (f" with version={state.get('version')!r}" if isinstance(state, Mapping) else "")
+        )
+    check_keys(state, _STATE_KEYS, "CategoricalPolicy.state_dict()")
+    if not isinstance(state["config"], Mapping):
+        raise ValueError(
+            "state['config'] should be a dict, but got " + type(state["config"]).__name__
+        )
+    check_keys(state["config"], _CONFIG_KEYS, "CategoricalPolicy.state_dict()['config']")
 
 
 def _sum(values: list[float]) -> float:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from ._augment import NO_AUGMENTATION, GARTransform
-from ._check import check_int, check_number
+from ._check import check_int, check_keys, check_number
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
@@ -1141,6 +1141,33 @@ class GARSampler(Sampler[list[int]]):
                     else type(state).__name__
                 )
             )
+        check_keys(
+            state,
+            (
+                _NAMES,
+                _SIZES,
+                _BATCH_SIZE,
+                _NUM_BATCHES,
+                _SEED,
+                _POLICY,
+                _NEXT_EPOCH,
+                _EPOCH,
+                _POSITION,
+                _YIELDED,
+                _CHOICE_GEN,
+                _ROUNDS,
+                _CURSORS,
+                _NEXT_ID,
+                _WINDOW,
+                _UNREWARDED,
+                _SPENT,
+                _HISTORY,
+                _REWARD_MEANS,
+                _COUNTERS,
+                _REFERENCE_EVERY,
+            ),  # rank, world_size (default 0, 1) and transform (None: none) may be absent
+            "GARSampler.state_dict()",
+        )
         mine = {
             _NAMES: list(self.names),
             _SIZES: list(self.sizes),

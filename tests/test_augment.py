@@ -600,3 +600,15 @@ def test_reference_every_defaults_to_every_other_batch_with_a_transform():
     assert off.reference_every is None
     with pytest.raises(ValueError, match=r"reference_every should be 'auto', None or an integer"):
         GARSampler(Images(8, pipeline(tf)), batch_size=2, transform=tf, reference_every="x")
+
+
+def test_a_state_without_a_key_is_refused_by_name():
+    tf = GARTransform(["Identity", "Rotate"])
+    for path in (["counters"], ["op_policy", "logits"], ["magnitude_policies", "Rotate"]):
+        state = tf.state_dict()
+        parent = state
+        for k in path[:-1]:
+            parent = parent[k]
+        del parent[path[-1]]
+        with pytest.raises(ValueError, match=rf"lacks the key\(s\) \['{path[-1]}'\]"):
+            GARTransform(["Identity", "Rotate"]).load_state_dict(state)

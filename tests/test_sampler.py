@@ -567,6 +567,32 @@ def test_load_state_dict_checks_the_sampler():
         make().load_state_dict({})
 
 
+# every key but those with a default: rank and world_size (0, 1), transform (None: none)
+REQUIRED_KEYS = sorted(set(make().state_dict()) - {"version", "rank", "world_size", "transform"})
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS)
+def test_a_state_without_a_key_is_refused_by_name(key: str):
+    state = make().state_dict()
+    del state[key]
+    with pytest.raises(ValueError, match=rf"lacks the key\(s\) \['{key}'\]"):
+        make().load_state_dict(state)
+
+
+def test_a_policy_state_without_a_key_is_refused_by_name_and_changes_nothing():
+    first = make()
+    state = first.state_dict()
+    del state["policy"]["running"]
+    del state["policy"]["config"]["momentum"]
+    second = make(lr=0.2)
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['running'\]"):
+        second.load_state_dict(state)
+    state["policy"]["running"] = [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"\['config'\]: it lacks the key\(s\) \['momentum'\]"):
+        second.load_state_dict(state)
+    assert second.policy.lr == 0.2
+
+
 # ------------------------------------------------------------------ DatasetDict
 
 
