@@ -24,6 +24,7 @@ from ._check import check_int, check_keys, check_number
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
+from ._structure import difference, structure
 
 __all__ = ["GARSampler", "MixtureDataset"]
 
@@ -142,6 +143,13 @@ class MixtureDataset(Dataset):
     example with ``source[index]`` (one at a time, so that each gets its own decision), checks
     that the transform was called, and restores the generator's state after the batch. Plain
     int keys fetch without a decision (the transform then samples by itself).
+
+    The first example fetched from each source (in each process) is compared with the first
+    one of the other sources: containers, keys, leaf types and tensor dtypes and dims must
+    match, or a ``TypeError`` names the source and the place that differs (collate would
+    fail there without naming a source, or promote a long label to float silently). Sizes are
+    not compared (a padding ``collate_fn`` takes any). After every source was seen once, this
+    costs one test per batch.
     """
 
     def __init__(
@@ -159,6 +167,35 @@ class MixtureDataset(Dataset):
             self.offsets.append(self.offsets[-1] + n)
         self._batched = [bool(getattr(s, "__getitems__", None)) for s in self.sources]
         self._any_batched = any(self._batched)
+        self._unchecked = set(range(len(self.sources)))  # sources whose structure is unseen
+        self._structure: tuple[int, Any] | None = None  # (source, structure) of the first seen
+
+    def _check_structure(self, ids: Sequence[int], items: Sequence[Any]) -> None:
+        """Compare the first example of each source not seen yet with the first source's."""
+        for s, item in zip(ids, items, strict=True):
+            if s not in self._unchecked:
+                continue
+            found = structure(item)
+            if self._structure is None:
+                self._structure = (s, found)
+            else:
+                ref, ref_structure = self._structure
+                # the later source in the sampler's order is named as the one that differs
+                pair = sorted([(ref, ref_structure), (s, found)], key=lambda p: p[0])
+                diff = difference(pair[0][1], pair[1][1])
+                if diff is not None:
+                    where, theirs, ours = diff
+                    first, later = self.names[pair[0][0]], self.names[pair[1][0]]
+                    raise TypeError(
+                        f"source {later!r} returns examples that cannot share a batch with "
+                        f"source {first!r}'s: at {where} it has {theirs}, where source "
+                        f"{first!r} has {ours}. Make every source return the same structure, "
+                        "types and dtypes (collate would fail, or promote one source's labels "
+                        "to the other's dtype silently)"
+                    )
+            self._unchecked.discard(s)
+            if not self._unchecked:
+                return
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -193,7 +230,10 @@ class MixtureDataset(Dataset):
         if isinstance(key, tuple):
             return self._fetch_decided([key])[0]
         s, i = self.locate(key)
-        return self.sources[s][i]
+        item = self.sources[s][i]
+        if self._unchecked:
+            self._check_structure((s,), (item,))
+        return item
 
     def _fetch_decided(self, keys: Sequence[Any]) -> list[Any]:
         """Fetch examples whose keys carry augmentation decisions (see the class docstring)."""
@@ -203,7 +243,7 @@ class MixtureDataset(Dataset):
                 "decision keys (key, op, bin, negate, seed) need a dataset with a transform, "
                 "but this MixtureDataset has none"
             )
-        out = []
+        out, ids = [], []
         rng = torch.get_rng_state()
         try:
             for k in keys:
@@ -218,9 +258,12 @@ class MixtureDataset(Dataset):
                 item = self.sources[s][i]
                 tf._disarm(f"example {i} of source {self.names[s]!r}")
                 out.append(item)
+                ids.append(s)
         finally:
             tf._armed = None
             torch.set_rng_state(rng)
+        if self._unchecked:
+            self._check_structure(ids, out)
         return out
 
     def __getitems__(self, keys: Sequence[int]) -> list[Any]:
@@ -238,8 +281,11 @@ class MixtureDataset(Dataset):
             bisect_right = bisect.bisect_right
             ids = [bisect_right(offsets, key) - 1 for key in keys]
         if not self._any_batched:  # the common in-memory case: one comprehension
-            return [sources[s][key - offsets[s]] for s, key in zip(ids, keys, strict=True)]
-        out: list[Any] = [None] * len(keys)
+            out = [sources[s][key - offsets[s]] for s, key in zip(ids, keys, strict=True)]
+            if self._unchecked:
+                self._check_structure(ids, out)
+            return out
+        out = [None] * len(keys)
         grouped: dict[int, tuple[list[int], list[int]]] = {}
         for pos, (s, key) in enumerate(zip(ids, keys, strict=True)):
             if self._batched[s]:
@@ -257,6 +303,8 @@ class MixtureDataset(Dataset):
                 )
             for pos, item in zip(positions, items, strict=True):
                 out[pos] = item
+        if self._unchecked:
+            self._check_structure(ids, out)
         return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import warnings
 
 import pytest
@@ -130,9 +131,9 @@ def test_dataset_returns_examples_unchanged_and_uses_getitems():
             calls.append(list(idx))
             return [self[i] for i in idx]
 
-    ds = MixtureDataset([tagged(0, 4), Counted(torch.arange(10, 13))], ["x", "y"])
+    ds = MixtureDataset([tagged(0, 4), Counted(torch.arange(10, 13), torch.arange(3))], ["x", "y"])
     assert len(ds) == 7
-    assert ds[5] == (torch.tensor(11),)
+    assert ds[5][0] == 11
     out = ds.__getitems__([6, 0, 4, 3])
     assert [o[0].item() for o in out] == [12, 0, 10, 0]
     assert calls == [[2, 0]]
@@ -620,6 +621,114 @@ def test_datasetdict_sources():
     assert everything.names == ["train", "extra", "test"]
     with pytest.raises(ValueError, match=r"unknown source name\(s\) \['valid'\]"):
         GARSampler(dd, batch_size=4, names=["valid"])
+
+
+# ------------------------------------------------------------------ sources that differ
+
+
+class Listed:
+    """A map-style dataset over a list of ready examples."""
+
+    def __init__(self, examples: list) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        return self.examples[i]
+
+
+def two_sources(a: list, b: list) -> DataLoader:
+    s = GARSampler({"a": Listed(a), "b": Listed(b)}, batch_size=8, seed=0)
+    return DataLoader(s.dataset, batch_sampler=s)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "where", "theirs", "ours"),
+    [
+        # a long label in one source, a float label in the other: promoted silently otherwise
+        ((torch.zeros(3), 1), (torch.zeros(3), 1.0), r"example\[1\]", "float", "int"),
+        (
+            (torch.zeros(3), torch.tensor(1)),
+            (torch.zeros(3), torch.tensor(1.0)),
+            r"example\[1\]",
+            r"0-d torch.float32 Tensor",
+            r"0-d torch.int64 Tensor",
+        ),
+        (
+            {"x": torch.zeros(3), "y": 1},
+            {"x": torch.zeros(3), "label": 1},
+            "example",
+            r"keys \['x', 'label'\]",
+            r"keys \['x', 'y'\]",
+        ),
+        (
+            {"x": torch.zeros(2, 3), "y": 1},
+            {"x": torch.zeros(6), "y": 1},
+            r"example\['x'\]",
+            r"1-d torch.float32",
+            r"2-d torch.float32",
+        ),
+        ((torch.zeros(3), 1), (torch.zeros(3), 1, "extra"), "example", "3 items", "2 items"),
+    ],
+)
+def test_sources_whose_examples_differ_are_named(a, b, where, theirs, ours):
+    loader = two_sources([a] * 20, [b] * 20)
+    with pytest.raises(TypeError, match=r"source 'b' returns examples that cannot share") as e:
+        next(iter(loader))
+    assert re.search(
+        rf"at {where} it has [^,]*{theirs}[^,]*, where source 'a' has .*{ours}", str(e.value)
+    )
+
+
+def test_examples_of_other_sizes_and_scalar_kinds_share_a_batch():
+    """Sizes are the collate_fn's business (padding); numpy and Python ints are both ints."""
+    np = pytest.importorskip("numpy")
+    a = [(torch.zeros(i % 5 + 1), np.int64(1)) for i in range(20)]
+    b = [(torch.ones(i % 3 + 2), 2) for i in range(20)]
+
+    def pad(batch):
+        x = torch.nn.utils.rnn.pad_sequence([e[0] for e in batch], batch_first=True)
+        return x, torch.tensor([int(e[1]) for e in batch])
+
+    s = GARSampler({"a": Listed(a), "b": Listed(b)}, batch_size=8, seed=0)
+    batches = list(DataLoader(s.dataset, batch_sampler=s, collate_fn=pad))
+    assert len(batches) == 5
+    assert any(bool((x == 1).any()) and bool((y == 1).any()) for x, y in batches)  # both mixed
+
+
+def test_examples_that_differ_are_named_through_worker_processes():
+    loader = two_sources([(torch.zeros(3), 1)] * 20, [(torch.zeros(3), 1.5)] * 20)
+    loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, num_workers=1)
+    with pytest.raises(TypeError, match=r"source 'b' returns examples that cannot share"):
+        next(iter(loader))
+
+
+def test_examples_that_differ_are_named_with_a_transform():
+    from torchvision.transforms import v2
+
+    from adaptive_data import GARTransform
+
+    tf = GARTransform(["Identity", "Rotate"])
+    pipe = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
+
+    class Images(Listed):
+        def __getitem__(self, i: int):
+            x, y = self.examples[i]
+            return pipe(x), y
+
+    image = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    s = GARSampler(
+        {"a": Images([(image, 1)] * 20), "b": Images([(image, 1.0)] * 20)},
+        batch_size=8,
+        seed=0,
+        transform=tf,
+    )
+    with pytest.raises(
+        TypeError, match=r"source 'b' .* at example\[1\] it has a Python/numpy float"
+    ):
+        next(iter(DataLoader(s.dataset, batch_sampler=s)))
 
 
 # ------------------------------------------------------------------ bad input
