@@ -92,63 +92,23 @@ class _Job(NamedTuple):
 class GradientProbe:
     """Per-example gradient-alignment rewards ``r_i = <grad_theta l_i(theta), D>``.
 
-    ``l_i`` is example i's own loss (``loss_fn(model(x), y)[i]``, not divided by N) and ``D``
-    the reference direction, optionally preconditioned by the optimizer (docs/concepts.md).
-    Only trainable parameters (``requires_grad=True``) are part of ``D``; frozen ones are left
-    out, and so are rows that backward never updates (an Embedding's ``padding_idx`` row).
-    The probe never edits anything: parameters, buffers (BatchNorm running statistics),
-    ``.grad``, hooks, train/eval mode and the global RNG state are as before after every call.
-
-    Methods (``method=``):
-
-    * ``"ghost"`` (default): one forward and one backward of the batch (no weight gradients);
-      each covered layer's share comes from its own forward run with ``D`` in place of its
-      weights (Linear, Conv1d/2d/3d, Embedding, affine BatchNorm/LayerNorm/GroupNorm/RMSNorm),
-      a closed form for ``nn.MultiheadAttention`` (with ``out_proj``), or a forward-mode JVP of
-      the module alone for any other module holding trainable parameters
-      (``fallback="jvp"``). Exact. When the root module itself holds bare parameters (a ViT's
-      position embedding) that JVP would replay the whole model, so ghost computes all of
-      ``r`` in one such pass (the ``jvp`` method) unless BatchNorm in train mode couples the
-      examples. Assumes each covered module sees the batch in dim 0 (``MultiheadAttention``
-      with ``batch_first=False`` is handled) and raises otherwise. Cost: about a training step.
-    * ``"jvp"``: ``torch.func``-style forward-mode AD over the whole model: all N directional
-      derivatives in one forward pass with dual numbers. Exact; about 2-3 forward passes.
-    * ``"per_sample"``: ``vmap(grad)`` of each example alone (a batch of one), dotted with
-      ``D``. The test oracle; memory N x parameters (bounded by ``chunk_size``).
-    * ``"finite_difference"``: ``(l_i(theta + eps D) - l_i(theta - eps D)) / (2 eps)`` from two
-      no-grad forwards, with ``eps = rel_eps * max(||theta||, 1) / ||D||``. In float32 good
-      to about 1%.
-    * ``"head"``: the closed form for the last ``nn.Linear`` only (the layer whose output is
-      the model's output); an approximation that needs no backward through the body.
-
-    BatchNorm in train mode couples the examples of a batch. ``ghost`` then gives each
-    example's share of the batch gradient (``A_i^T B_i`` with ``B`` the gradient of the summed
-    loss), ``jvp`` and ``finite_difference`` the derivative of the batched ``l_i``, and
-    ``per_sample`` example i normalised alone. The first three sum to exactly
-    ``<grad sum_i l_i, D>``; with BatchNorm in eval mode all exact methods agree per example.
+    ``probe(x, y, reference=(x_ref, y_ref))`` (or ``direction={name: tensor}``) returns a float32
+    Tensor ``[N]``: example i's own loss gradient dotted with the reference direction ``D``,
+    preconditioned by ``optimizer=`` (SGD, Adam, AdamW) if given. The probe never edits the
+    model (parameters, buffers, ``.grad``, hooks, mode, RNG). Cost with the default
+    ``method="ghost"``: about one training step. The methods, their exactness, BatchNorm
+    semantics, guarantees and measured costs: [docs/probe.md](probe.md); the maths:
+    [docs/concepts.md](concepts.md).
 
     Args:
-        model: the user's model; it is called as ``model(x)``, ``model(*x)`` for a tuple or
-            ``model(**x)`` for a dict. A ``DistributedDataParallel`` model is unwrapped: the
-            probe runs its module, so no extra pass triggers DDP's gradient all-reduce; the
-            reference direction is then the local one (this rank's reference batch).
-        loss_fn: ``loss_fn(output, target) -> Tensor [N]`` of per-example losses
-            (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
-        method: one of ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"``,
-            ``"head"``.
-        fallback: ``"jvp"`` (default) covers modules that ghost has no rule for with a JVP of
-            that module alone; ``"raise"`` refuses them at construction, naming them.
-        verify: for ``ghost``, check that ``sum_i r_i`` equals ``<grad sum_i l_i, D>``
-            (weight gradients from the same backward): on the ``"first"`` call (default),
-            on ``"always"`` every call (about 30% slower), or ``"never"``. A mismatch means a
-            parameter is used outside its module's forward; it raises, naming the modules.
-        rel_eps: the relative step of ``finite_difference``.
+        model: the ``nn.Module`` (``DistributedDataParallel`` is unwrapped).
+        loss_fn: ``loss_fn(output, target) -> Tensor [N]`` of per-example losses.
+        method: ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"`` or ``"head"``.
+        fallback: ``"jvp"`` or ``"raise"`` for modules ``ghost`` has no rule for.
+        verify: ``ghost``'s sum check: ``"first"``, ``"always"`` or ``"never"``.
+        rel_eps: ``finite_difference``'s relative step.
         chunk_size: examples per ``vmap`` chunk for ``per_sample`` (None: all at once).
-        reward: ``"dot"`` (default): ``r_i = <g_i, D>``; ``"cosine"``:
-            ``<g_i, D> / (||g_i|| ||D||)`` (0 where a norm is 0), with exact per-example
-            gradient norms from ``ghost`` (Linear, Conv, Embedding, affine norms; other modules
-            are refused at construction) or ``per_sample``. The dot product grows with an
-            example's gradient norm; the cosine rewards its direction only.
+        reward: ``"dot"`` or ``"cosine"``.
 
     Example:
         >>> probe = GradientProbe(model, nn.CrossEntropyLoss(reduction="none"))
