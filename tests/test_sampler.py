@@ -671,6 +671,13 @@ def two_sources(a: list, b: list) -> DataLoader:
             r"2-d torch.float32",
         ),
         ((torch.zeros(3), 1), (torch.zeros(3), 1, "extra"), "example", "3 items", "2 items"),
+        (
+            {"ids": [1, 2, 3], "y": 1},
+            {"ids": [1.5, 2.5], "y": 1},
+            r"example\['ids'\]\[\*\]",  # a list's length is a size, its items' kind is not
+            "a Python/numpy float",
+            "a Python/numpy int",
+        ),
     ],
 )
 def test_sources_whose_examples_differ_are_named(a, b, where, theirs, ours):
@@ -696,6 +703,17 @@ def test_examples_of_other_sizes_and_scalar_kinds_share_a_batch():
     batches = list(DataLoader(s.dataset, batch_sampler=s, collate_fn=pad))
     assert len(batches) == 5
     assert any(bool((x == 1).any()) and bool((y == 1).any()) for x, y in batches)  # both mixed
+
+    tokens = GARSampler(
+        {
+            "a": Listed([{"ids": list(range(i % 4 + 1)), "y": 1} for i in range(20)]),
+            "b": Listed([{"ids": list(range(i % 3 + 5)), "y": 0} for i in range(20)]),
+        },
+        batch_size=8,
+        seed=0,
+    )
+    examples = [ex for keys in tokens for ex in tokens.dataset.__getitems__(keys)]
+    assert {ex["y"] for ex in examples} == {0, 1}
 
 
 def test_examples_that_differ_are_named_through_worker_processes():
