@@ -25,6 +25,7 @@ from ._augment_policy import (
     AugmentPolicy,
     trivial_augment_wide_table,
 )
+from ._check import is_real
 
 __all__ = [
     "DEFAULT_OP_LR",
@@ -280,8 +281,7 @@ class GARTransform(v2.Transform):
                 f"generator should be a torch.Generator, but got {type(generator).__name__}"
             )
         if fill is not None and not (
-            isinstance(fill, int | float)
-            or (isinstance(fill, Sequence) and all(isinstance(v, int | float) for v in fill))
+            is_real(fill) or (isinstance(fill, Sequence) and all(is_real(v) for v in fill))
         ):
             raise TypeError(
                 "fill should be None, a number or a sequence of numbers (one per channel), used "

@@ -13,8 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._check import check_int, check_keys
 from ._history import History
-from ._policy import DEFAULT_LR, STATS_HEAD, CategoricalPolicy, check_rewards
+from ._policy import (
+    DEFAULT_LR,
+    STATS_HEAD,
+    CategoricalPolicy,
+    check_policy_state,
+    check_rewards,
+)
 
 __all__ = [
     "KERNELS",
@@ -48,6 +55,17 @@ KERNELS = (
 """The op names :class:`GARTransform` can apply (the keys an op table may use)."""
 _NEEDS_MAGNITUDE = frozenset(KERNELS[1:12])
 _STATE_VERSION = 2  # 2: the history as float64 tensors, the op table
+# Keys of a policy's state_dict().
+_STATE_KEYS = (
+    "version",
+    "ops",
+    "bins",
+    "table",
+    "op_policy",
+    "magnitude_policies",
+    "counters",
+    "history",
+)
 
 # Step sizes of the exponentiated-gradient policies. Its step for a choice is its summed
 # z-scored reward over N * p (importance weighting): with a batch of 128 spread over 14 ops,
@@ -72,8 +90,7 @@ def trivial_augment_wide_table(num_bins: int = 31) -> Table:
     shear 0..0.99, translate 0..32 px, rotate 0..135 degrees, brightness/color/contrast/sharpness
     factor ``1 + 0..0.99``, posterize 8..2 bits, solarize threshold 1..0 of the maximum.
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-        raise ValueError(f"num_bins should be an integer >= 2, but got num_bins={num_bins!r}")
+    check_int("num_bins", num_bins, minimum=2)
 
     def lin(a: float, b: float) -> list[float]:
         # float32, as torchvision computes them, so each magnitude is bit-for-bit its value
@@ -451,6 +468,7 @@ class AugmentPolicy:
                 f"state should be a GARTransform or AugmentPolicy state_dict() of version "
                 f"{_STATE_VERSION}, but got {type(state).__name__}"
             )
+        check_keys(state, _STATE_KEYS, "GARTransform.state_dict()")
         bins = [len(m) if m is not None else 0 for m, _ in self.table.values()]
         if list(state["ops"]) != self.op_names or list(state["bins"]) != bins:
             raise ValueError(
@@ -467,6 +485,15 @@ class AugmentPolicy:
             raise ValueError(
                 f"state is for another op table: op(s) {diff} have other magnitudes or signs"
             )
+        check_policy_state(state["op_policy"])
+        mags = state["magnitude_policies"]
+        check_keys(
+            mags,
+            [self.op_names[i] for i in self._mag_policies],
+            "GARTransform.state_dict()['magnitude_policies']",
+        )
+        for i in self._mag_policies:
+            check_policy_state(mags[self.op_names[i]])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises if it belongs to another op table."""

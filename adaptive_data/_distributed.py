@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ._check import check_int
+
 __all__ = ["Group", "current_group"]
 
 # How long a rank waits for the others in one policy update before it gives up and says why.
@@ -107,8 +109,7 @@ def current_group(rank: int | None, world_size: int | None) -> Group:
                 f"group (rank {dist.get_rank()} of {dist.get_world_size()}); leave them out"
             )
     for name, v in (("rank", rank), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} should be an int, but got {name}={v!r}")
+        check_int(name, v)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"rank should lie in [0, world_size), but got rank={rank}, world_size={world_size}"

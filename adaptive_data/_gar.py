@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_map
 
 from . import _ghost
 from ._batch import batch_size, call_args, check_same_batch, split_batch
+from ._check import check_int
 from ._direction import (
     Direction,
     check_optimizer,
@@ -125,8 +126,7 @@ class GAR:
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every should be a positive integer value, but got every={every!r}")
+        check_int("every", every, minimum=1)
         if reward not in REWARDS:
             raise ValueError(
                 f"reward should be one of {', '.join(REWARDS)}, but got reward={reward!r}"

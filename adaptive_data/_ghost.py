@@ -961,7 +961,12 @@ class Call:
             return
         if norms:
             sq, dot, kept = self.pieces(grads, direction)
-            assert dot is not None
+            if dot is None:  # a norm rule given a direction returns its share: a broken rule
+                raise RuntimeError(
+                    f"the gradient-norm rule of module {self.entry.name!r} "
+                    f"({type(self.entry.module).__name__}) returned no share of the rewards "
+                    "although it was given a direction"
+                )
             acc.add(self.entry.name, dot, sq, kept)
             return
         tangents = self.tangents(direction)

@@ -102,7 +102,11 @@ class _Sums:
             self.dot[rows] += g @ self.d(name).reshape(-1)
 
     def d(self, name: str) -> Tensor:
-        assert self.direction is not None
+        if self.direction is None:  # rules read D only when they were given one
+            raise RuntimeError(
+                f"the direction of parameter {name!r} was read by a gradient-norm rule called "
+                "without a direction (norms only)"
+            )
         return self.direction[name].float()
 
     def result(self) -> Pieces:

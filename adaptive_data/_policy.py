@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._check import check_int, check_keys, check_number
+
 __all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy"]
 
 RULES = ("reinforce", "exp_grad")
@@ -28,19 +30,6 @@ _STATE_VERSION = 1
 # statistics() lists start with [non-finite rewards, n, sum r, sum r^2], then the per-choice
 # sums and counts.
 STATS_HEAD = 4
-
-
-def _check_positive(name: str, value: Any, zero: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not zero)
-    ):
-        kind = "non-negative" if zero else "positive"
-        raise ValueError(f"{name} should be a {kind} finite number, but got {name}={value!r}")
-    return float(value)
 
 
 def initial_weights(
@@ -148,11 +137,7 @@ class CategoricalPolicy:
         names: Sequence[str] | None = None,
         sizes: Sequence[int] | None = None,
     ) -> None:
-        if isinstance(num_choices, bool) or not isinstance(num_choices, int) or num_choices < 1:
-            raise ValueError(
-                "num_choices should be a positive integer value, "
-                f"but got num_choices={num_choices!r}"
-            )
+        check_int("num_choices", num_choices, minimum=1)
         k = num_choices
         if names is not None:
             names = [str(n) for n in names]
@@ -217,8 +202,7 @@ class CategoricalPolicy:
 
         The randomness comes from ``generator`` only (never the global RNG).
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n should be a non-negative integer value, but got n={n!r}")
+        check_int("n", n, minimum=0)
         if not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator should be a torch.Generator, but got {type(generator).__name__}"
@@ -242,17 +226,10 @@ class CategoricalPolicy:
         k = self.num_choices
         if floor is None:
             floor = 0.05 / k
-        if (
-            isinstance(floor, bool)
-            or not isinstance(floor, int | float)
-            or not math.isfinite(floor)
-            or floor < 0
-            or floor * k >= 1
-        ):
-            raise ValueError(
-                f"floor should be a number in [0, 1/num_choices) = [0, {1 / k:.6g}), "
-                f"but got floor={floor!r}"
-            )
+        what = f"a number in [0, 1/num_choices) = [0, {1 / k:.6g})"
+        # The upper bound is on floor * k, as the policy uses it (1 / k rounds).
+        if check_number("floor", floor, low=0, what=what) * k >= 1:
+            raise ValueError(f"floor should be {what}, but got floor={floor!r}")
         if rule not in RULES:
             raise ValueError(f"rule should be one of {', '.join(RULES)}, but got rule={rule!r}")
         if normalize not in NORMALIZATIONS:
@@ -260,17 +237,10 @@ class CategoricalPolicy:
                 f"normalize should be one of {', '.join(NORMALIZATIONS)}, "
                 f"but got normalize={normalize!r}"
             )
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, int | float)
-            or not 0 <= momentum < 1
-        ):
-            raise ValueError(
-                f"momentum should be a number in [0, 1), but got momentum={momentum!r}"
-            )
+        momentum = check_number("momentum", momentum, low=0, high=1)
         # lr=0: a policy that counts its updates but never moves (a frozen control).
-        lr = DEFAULT_LR[rule] if lr is None else _check_positive("lr", lr, zero=True)
-        max_step = _check_positive("max_step", max_step)
+        lr = DEFAULT_LR[rule] if lr is None else check_number("lr", lr, low=0)
+        max_step = check_number("max_step", max_step, positive=True)
         # Set only once every value passed, so a refused state leaves the policy as it was.
         self.floor = float(floor)
         self.lr = lr
@@ -436,12 +406,7 @@ class CategoricalPolicy:
 
         The configuration (floor, lr, rule, ...) is taken from the state.
         """
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                "state should be a CategoricalPolicy.state_dict() of version "
-                f"{_STATE_VERSION}, but got {type(state).__name__}"
-                + (f" with version={state.get('version')!r}" if isinstance(state, Mapping) else "")
-            )
+        check_policy_state(state)
         if state["num_choices"] != self.num_choices:
             raise ValueError(
                 f"state is for {state['num_choices']} choices, "
@@ -460,6 +425,27 @@ class CategoricalPolicy:
         self._updates, self._applied, self._nonfinite, self._skipped = (
             int(v) for v in state["counters"]
         )
+
+
+_STATE_KEYS = ("version", "num_choices", "logits", "running", "counters", "config")
+_CONFIG_KEYS = ("floor", "lr", "rule", "normalize", "momentum", "max_step")
+
+
+def check_policy_state(state: Any) -> None:
+    """Raise ``ValueError`` unless ``state`` is a complete :meth:`CategoricalPolicy.state_dict`
+    of this version (its values are checked by ``load_state_dict``)."""
+    if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+        raise ValueError(
+            "state should be a CategoricalPolicy.state_dict() of version "
+            f"{_STATE_VERSION}, but got {type(state).__name__}"
+            + (f" with version={state.get('version')!r}" if isinstance(state, Mapping) else "")
+        )
+    check_keys(state, _STATE_KEYS, "CategoricalPolicy.state_dict()")
+    if not isinstance(state["config"], Mapping):
+        raise ValueError(
+            "state['config'] should be a dict, but got " + type(state["config"]).__name__
+        )
+    check_keys(state["config"], _CONFIG_KEYS, "CategoricalPolicy.state_dict()['config']")
 
 
 def _sum(values: list[float]) -> float:

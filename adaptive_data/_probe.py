@@ -22,6 +22,7 @@ from ._batch import (
     per_example_losses,
     split_batch,
 )
+from ._check import check_int, check_number
 from ._direction import (
     Direction,
     check_direction,
@@ -98,67 +99,24 @@ class _Job(NamedTuple):
 class GradientProbe:
     """Per-example gradient-alignment rewards ``r_i = <grad_theta l_i(theta), D>``.
 
-    ``l_i`` is example i's own loss (``loss_fn(model(x), y)[i]``, not divided by N) and ``D``
-    the reference direction, optionally preconditioned by the optimizer (docs/concepts.md).
-    Only trainable parameters (``requires_grad=True``) are part of ``D``; frozen ones are left
-    out, and so are rows that backward never updates (an Embedding's ``padding_idx`` row).
-    The probe never edits anything: parameters, buffers (BatchNorm running statistics),
-    ``.grad``, hooks, train/eval mode and the global RNG state are as before after every call.
-
-    Methods (``method=``):
-
-    * ``"ghost"`` (default): one forward and one backward of the batch (no weight gradients);
-      each covered layer's share comes from its own forward run with ``D`` in place of its
-      weights (Linear, Conv1d/2d/3d, Embedding, affine BatchNorm/LayerNorm/GroupNorm/RMSNorm),
-      a closed form for ``nn.MultiheadAttention`` (with ``out_proj``), or a forward-mode JVP of
-      the module alone for any other module holding trainable parameters
-      (``fallback="jvp"``). Exact. When the root module itself holds bare parameters (a ViT's
-      position embedding) that JVP would replay the whole model, so ghost computes all of
-      ``r`` in one such pass (the ``jvp`` method) unless BatchNorm in train mode couples the
-      examples. Which dim of each layer's output holds the batch is found by running the
-      model on 2 and 3 examples (once per input signature); a layer whose output holds no
-      batch (a position embedding of ``arange(T)``) is covered the same way as the root's bare
-      parameters. Cost: about a training step.
-    * ``"jvp"``: ``torch.func``-style forward-mode AD over the whole model: all N directional
-      derivatives in one forward pass with dual numbers. Exact; about 2-3 forward passes.
-    * ``"per_sample"``: ``vmap(grad)`` of each example alone (a batch of one), dotted with
-      ``D``. The test oracle; memory N x parameters (bounded by ``chunk_size``).
-    * ``"finite_difference"``: ``(l_i(theta + eps D) - l_i(theta - eps D)) / (2 eps)`` from two
-      no-grad forwards, with ``eps = rel_eps * max(||theta||, 1) / ||D||``. In float32 good
-      to about 1%.
-    * ``"head"``: the closed form for the last ``nn.Linear`` only (the layer whose output is
-      the model's output); an approximation that needs no backward through the body.
-
-    BatchNorm in train mode couples the examples of a batch. ``ghost`` then gives each
-    example's share of the batch gradient (``A_i^T B_i`` with ``B`` the gradient of the summed
-    loss), ``jvp`` and ``finite_difference`` the derivative of the batched ``l_i``, and
-    ``per_sample`` example i normalised alone. The first three sum to exactly
-    ``<grad sum_i l_i, D>``; with BatchNorm in eval mode all exact methods agree per example.
+    ``probe(x, y, reference=(x_ref, y_ref))`` (or ``direction={name: tensor}``) returns a float32
+    Tensor ``[N]``: example i's own loss gradient dotted with the reference direction ``D``,
+    preconditioned by ``optimizer=`` if given (docs/concepts.md lists the optimizers). Dict
+    batches: ``probe(batch, reference=ref_batch)`` (:func:`split_batch`). The probe never edits the
+    model (parameters, buffers, ``.grad``, hooks, mode, RNG). Cost with the default
+    ``method="ghost"``: about one training step. The methods, their exactness, BatchNorm
+    semantics, guarantees and measured costs: [docs/probe.md](probe.md); the maths:
+    [docs/concepts.md](concepts.md).
 
     Args:
-        model: the user's model; it is called as ``model(x)``, ``model(*x)`` for a tuple or
-            ``model(**x)`` for a dict. A ``DistributedDataParallel`` model is unwrapped: the
-            probe runs its module, so no extra pass triggers DDP's gradient all-reduce; the
-            reference direction is then the local one (this rank's reference batch).
-        loss_fn: ``loss_fn(output, target) -> Tensor [N]`` of per-example losses
-            (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
-        method: one of ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"``,
-            ``"head"``.
-        fallback: ``"jvp"`` (default) covers modules that ghost has no rule for with a JVP of
-            that module alone; ``"raise"`` refuses them at construction, naming them, and
-            layers whose output holds no batch at the first call.
-        verify: for ``ghost``, check that ``sum_i r_i`` equals ``<grad sum_i l_i, D>``
-            (weight gradients from the same backward): on the ``"first"`` call (default),
-            on ``"always"`` every call (about 30% slower), or ``"never"``. A mismatch means a
-            parameter is used outside its module's forward; it raises, naming the modules.
-        rel_eps: the relative step of ``finite_difference``.
+        model: the ``nn.Module`` (``DistributedDataParallel`` is unwrapped).
+        loss_fn: ``loss_fn(output, target) -> Tensor [N]`` of per-example losses.
+        method: ``"ghost"``, ``"jvp"``, ``"per_sample"``, ``"finite_difference"`` or ``"head"``.
+        fallback: ``"jvp"`` or ``"raise"`` for modules ``ghost`` has no rule for.
+        verify: ``ghost``'s sum check: ``"first"``, ``"always"`` or ``"never"``.
+        rel_eps: ``finite_difference``'s relative step.
         chunk_size: examples per ``vmap`` chunk for ``per_sample`` (None: all at once).
-        reward: ``"dot"`` (default): ``r_i = <g_i, D>``; ``"cosine"``:
-            ``<g_i, D> / (||g_i|| ||D||)`` (0 where a norm is 0), with exact per-example
-            gradient norms from ``ghost`` (closed forms for Linear, Conv, Embedding, affine
-            norms and MultiheadAttention; one batched backward per example for any other
-            module, N backwards of that module) or ``per_sample``. The dot product grows with
-            an example's gradient norm; the cosine rewards its direction only.
+        reward: ``"dot"`` or ``"cosine"``.
 
     Example:
         >>> probe = GradientProbe(model, nn.CrossEntropyLoss(reduction="none"))
@@ -187,10 +145,7 @@ class GradientProbe:
             )
         if fallback not in ("jvp", "raise"):
             raise ValueError(f"fallback should be 'jvp' or 'raise', but got fallback={fallback!r}")
-        if not (isinstance(rel_eps, float | int) and math.isfinite(rel_eps) and rel_eps > 0):
-            raise ValueError(
-                f"rel_eps should be a positive finite number, but got rel_eps={rel_eps}"
-            )
+        check_number("rel_eps", rel_eps, positive=True)
         if reward not in REWARDS:
             raise ValueError(
                 f"reward should be one of {', '.join(REWARDS)}, but got reward={reward!r}"
@@ -204,10 +159,7 @@ class GradientProbe:
             raise ValueError(
                 f"verify should be 'first', 'always' or 'never', but got verify={verify!r}"
             )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(
-                f"chunk_size should be a positive integer or None, but got chunk_size={chunk_size}"
-            )
+        check_int("chunk_size", chunk_size, minimum=1, none_ok=True)
         check_unsharded(model)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Probe the wrapped module: its forward and backward then never enter DDP's

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
+from ._check import check_int
 from ._sampler import _is_iterable_style, _mix
 
 __all__ = ["ReferenceBatches"]
@@ -60,12 +61,8 @@ class ReferenceBatches:
             )
         if len(dataset) == 0:
             raise ValueError("dataset is empty (len 0)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"batch_size should be a positive integer value, but got batch_size={batch_size!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed should be an int, but got seed={seed!r}")
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("seed", seed)
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"collate_fn should be callable, but got {type(collate_fn).__name__}")
         self.dataset = dataset

@@ -17,10 +17,12 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from ._augment import NO_AUGMENTATION, GARTransform
+from ._check import check_int, check_keys, check_number
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
 from ._tracking import TrackedLoader, _Pass
+from ._structure import difference, structure
 
 __all__ = ["GARSampler", "MixtureDataset"]
 
@@ -139,6 +141,13 @@ class MixtureDataset(Dataset):
     example with ``source[index]`` (one at a time, so that each gets its own decision), checks
     that the transform was called, and restores the generator's state after the batch. Plain
     int keys fetch without a decision (the transform then samples by itself).
+
+    The first example fetched from each source (in each process) is compared with the first
+    one of the other sources: containers, keys, leaf types and tensor dtypes and dims must
+    match, or a ``TypeError`` names the source and the place that differs (collate would
+    fail there without naming a source, or promote a long label to float silently). Sizes are
+    not compared (a padding ``collate_fn`` takes any). After every source was seen once, this
+    costs one test per batch.
     """
 
     def __init__(
@@ -156,6 +165,35 @@ class MixtureDataset(Dataset):
             self.offsets.append(self.offsets[-1] + n)
         self._batched = [bool(getattr(s, "__getitems__", None)) for s in self.sources]
         self._any_batched = any(self._batched)
+        self._unchecked = set(range(len(self.sources)))  # sources whose structure is unseen
+        self._structure: tuple[int, Any] | None = None  # (source, structure) of the first seen
+
+    def _check_structure(self, ids: Sequence[int], items: Sequence[Any]) -> None:
+        """Compare the first example of each source not seen yet with the first source's."""
+        for s, item in zip(ids, items, strict=True):
+            if s not in self._unchecked:
+                continue
+            found = structure(item)
+            if self._structure is None:
+                self._structure = (s, found)
+            else:
+                ref, ref_structure = self._structure
+                # the later source in the sampler's order is named as the one that differs
+                pair = sorted([(ref, ref_structure), (s, found)], key=lambda p: p[0])
+                diff = difference(pair[0][1], pair[1][1])
+                if diff is not None:
+                    where, theirs, ours = diff
+                    first, later = self.names[pair[0][0]], self.names[pair[1][0]]
+                    raise TypeError(
+                        f"source {later!r} returns examples that cannot share a batch with "
+                        f"source {first!r}'s: at {where} it has {theirs}, where source "
+                        f"{first!r} has {ours}. Make every source return the same structure, "
+                        "types and dtypes (collate would fail, or promote one source's labels "
+                        "to the other's dtype silently)"
+                    )
+            self._unchecked.discard(s)
+            if not self._unchecked:
+                return
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -190,7 +228,10 @@ class MixtureDataset(Dataset):
         if isinstance(key, tuple):
             return self._fetch_decided([key])[0]
         s, i = self.locate(key)
-        return self.sources[s][i]
+        item = self.sources[s][i]
+        if self._unchecked:
+            self._check_structure((s,), (item,))
+        return item
 
     def _fetch_decided(self, keys: Sequence[Any]) -> list[Any]:
         """Fetch examples whose keys carry augmentation decisions (see the class docstring)."""
@@ -200,7 +241,7 @@ class MixtureDataset(Dataset):
                 "decision keys (key, op, bin, negate, seed) need a dataset with a transform, "
                 "but this MixtureDataset has none"
             )
-        out = []
+        out, ids = [], []
         rng = torch.get_rng_state()
         try:
             for k in keys:
@@ -215,9 +256,12 @@ class MixtureDataset(Dataset):
                 item = self.sources[s][i]
                 tf.disarm(f"example {i} of source {self.names[s]!r}")
                 out.append(item)
+                ids.append(s)
         finally:
             tf.disarm()
             torch.set_rng_state(rng)
+        if self._unchecked:
+            self._check_structure(ids, out)
         return out
 
     def __getitems__(self, keys: Sequence[int]) -> list[Any]:
@@ -235,8 +279,11 @@ class MixtureDataset(Dataset):
             bisect_right = bisect.bisect_right
             ids = [bisect_right(offsets, key) - 1 for key in keys]
         if not self._any_batched:  # the common in-memory case: one comprehension
-            return [sources[s][key - offsets[s]] for s, key in zip(ids, keys, strict=True)]
-        out: list[Any] = [None] * len(keys)
+            out = [sources[s][key - offsets[s]] for s, key in zip(ids, keys, strict=True)]
+            if self._unchecked:
+                self._check_structure(ids, out)
+            return out
+        out = [None] * len(keys)
         grouped: dict[int, tuple[list[int], list[int]]] = {}
         for pos, (s, key) in enumerate(zip(ids, keys, strict=True)):
             if self._batched[s]:
@@ -254,6 +301,8 @@ class MixtureDataset(Dataset):
                 )
             for pos, item in zip(positions, items, strict=True):
                 out[pos] = item
+        if self._unchecked:
+            self._check_structure(ids, out)
         return out
 
 
@@ -392,10 +441,7 @@ class _GARIterator:
 
 
 def _check_batch_id(batch: Any) -> None:
-    if isinstance(batch, bool) or not isinstance(batch, int):
-        raise TypeError(
-            f"batch should be an int id from sampler.last_batch, but got batch={batch!r}"
-        )
+    check_int("batch", batch, what="an int id from sampler.last_batch")
 
 
 class GARSampler(Sampler[list[int]]):
@@ -476,20 +522,9 @@ class GARSampler(Sampler[list[int]]):
         world_size: int | None = None,
         sync_timeout_s: float = 60.0,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                f"batch_size should be a positive integer value, but got batch_size={batch_size!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed should be an int, but got seed={seed!r}")
-        if (
-            isinstance(reward_window, bool)
-            or not isinstance(reward_window, int)
-            or reward_window < 2
-        ):
-            raise ValueError(
-                f"reward_window should be an integer >= 2, but got reward_window={reward_window!r}"
-            )
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("seed", seed)
+        check_int("reward_window", reward_window, minimum=2)
         if transform is not None and not isinstance(transform, GARTransform):
             raise TypeError(
                 f"transform should be a GARTransform, but got {type(transform).__name__}; "
@@ -498,30 +533,19 @@ class GARSampler(Sampler[list[int]]):
         if reference_every == "auto":
             reference_every = 2 if transform is not None else None
         if reference_every is not None:
-            if (
-                isinstance(reference_every, bool)
-                or not isinstance(reference_every, int)
-                or reference_every < 2
-            ):
-                raise ValueError(
-                    "reference_every should be 'auto', None or an integer >= 2, "
-                    f"but got reference_every={reference_every!r}"
-                )
+            check_int(
+                "reference_every",
+                reference_every,
+                minimum=2,
+                what="'auto', None or an integer >= 2",
+            )
             if transform is None:
                 raise ValueError(
                     "reference_every marks un-augmented batches, so it needs transform=; "
                     "got transform=None"
                 )
         src_names, srcs = _resolve_sources(sources, names)
-        if (
-            isinstance(sync_timeout_s, bool)
-            or not isinstance(sync_timeout_s, int | float)
-            or not sync_timeout_s > 0
-        ):
-            raise ValueError(
-                "sync_timeout_s should be a positive number, "
-                f"but got sync_timeout_s={sync_timeout_s!r}"
-            )
+        check_number("sync_timeout_s", sync_timeout_s, positive=True)
         self._group = current_group(rank, world_size)
         self._group.timeout_s = float(sync_timeout_s)
         self.rank, self.world_size = self._group.rank, self._group.world_size
@@ -542,11 +566,7 @@ class GARSampler(Sampler[list[int]]):
         total = len(self.dataset)
         if num_batches is None:
             num_batches = max(1, total // (batch_size * self.world_size))
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(
-                "num_batches should be a positive integer value, "
-                f"but got num_batches={num_batches!r}"
-            )
+        check_int("num_batches", num_batches, minimum=1)
         self.num_batches = num_batches
         self.seed = seed
         self.reward_window = reward_window
@@ -670,10 +690,7 @@ class GARSampler(Sampler[list[int]]):
 
         Without calls, epochs count 0, 1, 2, ... by themselves.
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(
-                f"epoch should be a non-negative integer value, but got epoch={epoch!r}"
-            )
+        check_int("epoch", epoch, minimum=0)
         self._next_epoch = epoch
         self._refresh_pending()
 
@@ -1126,6 +1143,33 @@ class GARSampler(Sampler[list[int]]):
                     else type(state).__name__
                 )
             )
+        check_keys(
+            state,
+            (
+                _NAMES,
+                _SIZES,
+                _BATCH_SIZE,
+                _NUM_BATCHES,
+                _SEED,
+                _POLICY,
+                _NEXT_EPOCH,
+                _EPOCH,
+                _POSITION,
+                _YIELDED,
+                _CHOICE_GEN,
+                _ROUNDS,
+                _CURSORS,
+                _NEXT_ID,
+                _WINDOW,
+                _UNREWARDED,
+                _SPENT,
+                _HISTORY,
+                _REWARD_MEANS,
+                _COUNTERS,
+                _REFERENCE_EVERY,
+            ),  # rank, world_size (default 0, 1) and transform (None: none) may be absent
+            "GARSampler.state_dict()",
+        )
         mine = {
             _NAMES: list(self.names),
             _SIZES: list(self.sizes),

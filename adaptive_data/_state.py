@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import nn
 
 __all__: list[str] = []
@@ -38,6 +40,30 @@ def preserved(model: nn.Module) -> Iterator[None]:
                 module.training = training
 
 
+_decompositions_loaded = False
+
+
+def _load_forward_ad_decompositions() -> None:
+    """Make torch load its forward-AD decompositions now, without its FutureWarning.
+
+    The first ``torch.autograd.forward_ad.make_dual`` of a process imports a torch module that
+    compiles its decompositions with ``torch.jit.script``, which warns that ``torch.jit.script``
+    is deprecated: a warning about torch's internals, not about anything the user can change.
+    One throwaway dual tensor triggers that import here, with exactly that warning silenced;
+    every later ``make_dual`` finds the module imported. Other warnings pass through.
+    """
+    global _decompositions_loaded
+    if _decompositions_loaded:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        with fwad.dual_level():
+            fwad.make_dual(torch.zeros(()), torch.zeros(()))
+    _decompositions_loaded = True
+
+
 @contextlib.contextmanager
 def forward_ad_friendly() -> Iterator[None]:
     """Route attention through kernels that implement forward-mode AD.
@@ -47,6 +73,7 @@ def forward_ad_friendly() -> Iterator[None]:
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    _load_forward_ad_decompositions()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

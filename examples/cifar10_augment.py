@@ -5,18 +5,21 @@ then conversion); GARSampler draws every decision in the main process and carrie
 workers; every second batch is un-augmented and serves as the reference of the augmented batch
 before it (``reference_every=2``); ``gar.step()`` rewards and learns.
 
-Data: a folder holding ``cifar10-jpeg.tar.gz`` (``train/<class>/NNNN.jpg``; default
-``../shared/data`` beside the repository), or ``--torchvision-root`` for torchvision's own
-CIFAR10 files (``datasets.CIFAR10(root, download=True)`` fetches them where there is internet).
+Data: a folder holding ``cifar10-jpeg.tar.gz`` (``train/<class>/NNNN.jpg``), given as
+``--data DIR`` (or ``DATA_DIR``), else ``$ADAPTIVE_DATA_DIR``, else ``data/`` inside the clone
+or ``../shared/data`` beside it; or ``--torchvision-root DIR`` for torchvision's own CIFAR10
+files, downloaded into ``DIR`` if they are not there yet.
 
-    python examples/cifar10_augment.py [DATA_DIR]            # 5,000 images, 10 epochs
-    python examples/cifar10_augment.py [DATA_DIR] --quick    # under a minute (CI)
+    python examples/cifar10_augment.py --data DIR              # 5,000 images, 10 epochs
+    python examples/cifar10_augment.py --data DIR --quick      # under a minute (CI)
+    python examples/cifar10_augment.py --torchvision-root DIR  # torchvision's CIFAR10
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -25,13 +28,50 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
 import adaptive_data as ad
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TARBALL = "cifar10-jpeg.tar.gz"
+DATA_ENV = "ADAPTIVE_DATA_DIR"
+CLONE = Path(__file__).resolve().parents[1]  # the repository this script sits in
+
+
+def find_data(explicit: Path | None) -> Path:
+    """The tarball to read: in ``explicit`` if given, else in ``$ADAPTIVE_DATA_DIR`` if set,
+    else in ``data/`` inside the clone or ``../shared/data`` beside it. Exits with a message
+    naming every place it looked when none holds it."""
+    if explicit is not None:
+        places = [(explicit, "--data")]
+    elif os.environ.get(DATA_ENV):
+        places = [(Path(os.environ[DATA_ENV]), f"${DATA_ENV}")]
+    else:
+        places = [
+            (CLONE / "data", "inside the clone"),
+            (CLONE.parent / "shared" / "data", "beside the clone"),
+        ]
+    for folder, _ in places:
+        if (folder / TARBALL).is_file():
+            return folder / TARBALL
+    looked = "; ".join(f"{folder / TARBALL} ({why})" for folder, why in places)
+    sys.exit(
+        f"CIFAR-10 not found: no {looked}. Pass the folder that holds {TARBALL} with --data DIR "
+        f"(or set {DATA_ENV}=DIR), or use --torchvision-root DIR for torchvision's CIFAR10 "
+        "files (downloaded into DIR if they are not there)."
+    )
+
+
+def first_per_class(targets: list[int], per_class: int) -> list[int]:
+    """Indices of the first ``per_class`` examples of each class, in dataset order."""
+    left = dict.fromkeys(range(len(CLASSES)), per_class)
+    picked = []
+    for i, t in enumerate(targets):
+        if left[t] > 0:
+            left[t] -= 1
+            picked.append(i)
+    return picked
 
 
 class JpegCIFAR10:
@@ -85,13 +125,18 @@ def model() -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--torchvision-root", type=Path, help="torchvision CIFAR10 root instead")
-    parser.add_argument("--per-class", type=int, default=500)
+    parser.add_argument("data_dir", nargs="?", type=Path, help="the same as --data")
+    parser.add_argument("--data", type=Path, help=f"folder holding {TARBALL}")
+    parser.add_argument(
+        "--torchvision-root", type=Path, help="torchvision's CIFAR10 files instead (downloaded)"
+    )
+    parser.add_argument("--per-class", type=int, default=500, help="images per class")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="300 images, 1 epoch (a smoke run)")
     args = parser.parse_args()
+    if args.data is not None and args.data_dir is not None and args.data != args.data_dir:
+        parser.error(f"DATA_DIR {args.data_dir} and --data {args.data} disagree; give one")
     if args.quick:
         args.per_class, args.epochs = 30, 1
     torch.manual_seed(0)
@@ -110,14 +155,15 @@ def main() -> None:
     if args.torchvision_root is not None:
         from torchvision import datasets
 
-        train_set: Any = datasets.CIFAR10(args.torchvision_root, train=True, transform=pipeline)
-    else:
-        tar_path = args.data / "cifar10-jpeg.tar.gz"
-        if not tar_path.is_file():
-            sys.exit(
-                f"CIFAR-10 not found: {tar_path} does not exist. Pass the folder that holds "
-                "cifar10-jpeg.tar.gz, or --torchvision-root for torchvision's CIFAR10 files."
+        try:
+            full = datasets.CIFAR10(
+                args.torchvision_root, train=True, transform=pipeline, download=True
             )
+        except OSError as e:  # no internet (URLError) or a partial download
+            sys.exit(f"could not fetch CIFAR-10 into {args.torchvision_root}: {e}")
+        train_set: Any = Subset(full, first_per_class(full.targets, args.per_class))
+    else:
+        tar_path = find_data(args.data or args.data_dir)
         train_set = JpegCIFAR10(tar_path, args.per_class, pipeline)
 
     sampler = ad.GARSampler(train_set, batch_size=128, seed=0, transform=tf, reference_every=2)

@@ -47,6 +47,7 @@ def main() -> None:
     print(f"{'step':>5} {'train loss':>10} {'reward clean':>13} {'reward noisy':>13}")
     clean_sum = noisy_sum = 0.0
     clean_n = noisy_n = 0
+    totals = {"clean": [0.0, 0], "mislabelled": [0.0, 0]}  # sum and count over the whole run
     probe_time = step_time = 0.0
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(train), (64,), generator=g)
@@ -61,6 +62,9 @@ def main() -> None:
             noisy_sum += float(r[mask].sum())
             clean_n += int((~mask).sum())
             noisy_n += int(mask.sum())
+            for name, part in (("clean", r[~mask]), ("mislabelled", r[mask])):
+                totals[name][0] += float(part.sum())
+                totals[name][1] += len(part)
         t0 = time.perf_counter()
         opt.zero_grad()
         loss = loss_fn(model(xb), yb).mean()
@@ -76,6 +80,11 @@ def main() -> None:
             clean_n = noisy_n = 0
     with torch.no_grad():
         acc = (model(x[ref]).argmax(1) == y[ref]).float().mean().item()
+    clean, mislabelled = (total / max(n, 1) for total, n in totals.values())
+    print(
+        f"mean reward over the run: clean {clean:+.3g}, mislabelled {mislabelled:+.3g} "
+        f"(clean positive and mislabelled negative: {clean > 0 > mislabelled})"
+    )
     print(
         f"held-out accuracy {acc:.3f}; probe call {1e3 * probe_time / (args.steps // 5):.2f} ms, "
         f"training step {1e3 * step_time / args.steps:.2f} ms (method={args.method})"

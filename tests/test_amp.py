@@ -38,7 +38,7 @@ def test_a_step_with_nonfinite_grad_is_skipped_and_the_kept_batch_waits(reward: 
     overflow = {2: math.inf, 5: math.nan}
     pending = None  # (weights, x, y) of the batch waiting for its reward
     checked = 0
-    for step, (x, y) in enumerate(DataLoader(sampler.dataset, batch_sampler=sampler)):
+    for step, (x, y) in enumerate(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))):
         opt.zero_grad()
         LOSS(model(x), y).mean().backward()
         if step in overflow:
@@ -76,7 +76,7 @@ def test_held_out_mode_skips_the_overflowing_step_without_a_reference_pass() -> 
             yield data(8, seed=1).tensors
 
     gar = ad.GAR(model, sampler, reference=references(), loss_fn=LOSS)
-    for step, (x, y) in enumerate(DataLoader(sampler.dataset, batch_sampler=sampler)):
+    for step, (x, y) in enumerate(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))):
         model.zero_grad()
         LOSS(model(x), y).mean().backward()
         if step == 3:
@@ -96,7 +96,7 @@ def test_a_nonfinite_held_out_reference_gradient_is_still_an_error() -> None:
     x_ref = x_ref.clone()
     x_ref[0, 0] = math.nan
     gar = ad.GAR(model, sampler, reference=iter([(x_ref, y_ref)]), loss_fn=LOSS)
-    x, y = next(iter(DataLoader(sampler.dataset, batch_sampler=sampler)))
+    x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     LOSS(model(x), y).mean().backward()
     with pytest.raises(ValueError, match=r"the reference gradient of '0.weight' contains NaN"):
         gar.step()
@@ -112,7 +112,7 @@ def test_with_a_real_grad_scaler_gar_skips_exactly_the_steps_the_scaler_skips() 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-80)
     sampler = ad.GARSampler(data(120), batch_size=6, seed=0)  # 20 batches
     gar = ad.GAR(model, sampler, optimizer=opt)
-    for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+    for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         opt.zero_grad()
         scaler.scale(LOSS(model(x), y).sum()).backward()
         scaler.unscale_(opt)
@@ -141,7 +141,7 @@ def test_bf16_autocast_forward_rewards_match_the_float32_oracle(factory, reward:
     gar = ad.GAR(model, sampler, optimizer=opt, reward=reward)
     previous = None
     checked = 0
-    for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+    for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)

@@ -870,7 +870,7 @@ def test_frozen_control_is_bit_identical_to_learning_with_lr_0():
         s = GARSampler(Images(48, pipeline(tf)), batch_size=8, seed=5, transform=tf)
         xs = []
         for _ in range(2):
-            for x, _ in DataLoader(s.dataset, batch_sampler=s):
+            for x, _ in s.track(DataLoader(s.dataset, batch_sampler=s)):
                 xs.append(x)
                 s.update(x.mean((1, 2, 3)).double() + torch.linspace(0, 1, 8))
         return xs, tf
@@ -889,3 +889,13 @@ def test_frozen_control_is_bit_identical_to_learning_with_lr_0():
     # The same rewards do move a learning policy, and with it the images drawn.
     assert learning.op_weights != frozen.op_weights
     assert not all(torch.equal(a, b) for a, b in zip(frozen_x, learning_x, strict=True))
+def test_a_state_without_a_key_is_refused_by_name():
+    tf = GARTransform(["Identity", "Rotate"])
+    for path in (["counters"], ["op_policy", "logits"], ["magnitude_policies", "Rotate"]):
+        state = tf.state_dict()
+        parent = state
+        for k in path[:-1]:
+            parent = parent[k]
+        del parent[path[-1]]
+        with pytest.raises(ValueError, match=rf"lacks the key\(s\) \['{path[-1]}'\]"):
+            GARTransform(["Identity", "Rotate"]).load_state_dict(state)

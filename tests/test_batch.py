@@ -143,7 +143,7 @@ def test_gar_held_out_reference_of_dict_batches_equals_the_probe() -> None:
     gar = ad.GAR(
         model, sampler, optimizer=opt, reward="dot", reference=itertools.repeat(ref), loss_fn=LOSS
     )
-    for ids, mask, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+    for ids, mask, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         copy = Classifier()
         copy.load_state_dict(model.state_dict())
         batch = {"input_ids": ids, "attention_mask": mask, "labels": y}

@@ -9,21 +9,62 @@ from pathlib import Path
 
 import pytest
 
-from adaptive_data._cli import main, parser
+from adaptive_data import _demo
+from adaptive_data._cli import main
 
 
-def test_help_documents_every_option():
-    demo = parser()._subparsers._group_actions[0].choices["demo"]  # type: ignore[union-attr]
-    text = demo.format_help()
-    for action in demo._actions:
-        for flag in action.option_strings:
-            assert flag in text
-        assert action.help, f"{action.option_strings} has no help"
+class Recorder:
+    """Stands in for an ArgumentParser: records what add_arguments declares."""
+
+    def __init__(self) -> None:
+        self.options: list[tuple[tuple[str, ...], dict]] = []
+
+    def add_argument(self, *flags: str, **kw) -> None:
+        self.options.append((flags, kw))
+
+
+def test_help_documents_every_option_and_its_default():
+    recorder = Recorder()
+    _demo.add_arguments(recorder)  # type: ignore[arg-type]
+    assert len(recorder.options) >= 6
+    for flags, kw in recorder.options:
+        text = kw.get("help") or ""
+        assert len(text) > 8, f"{flags} has no help"
+        default = kw.get("default")
+        if default not in (None, False):
+            assert "default" in text, f"{flags}: the help does not give its default"
+            assert str(default) in text, f"{flags}: the help gives another default than {default}"
+
+
+def test_progress_bar_and_quiet_mode(capsys):
+    bar = _demo.Progress(4, enabled=True)
+    for label in ("GAR", "GAR", "uniform", "uniform"):
+        bar.advance(label)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "100%" in err
+    assert "uniform" in err
+    assert "4/4" in err
+    quiet = _demo.Progress(4, enabled=False)
+    for _ in range(4):
+        quiet.advance("GAR")
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_scikit_learn_exits_with_the_install_command(monkeypatch, tmp_path: Path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    with pytest.raises(
+        SystemExit, match=r"needs scikit-learn .*pip install 'adaptive-data\[demo\]'"
+    ):
+        main(["demo", "--epochs", "1", "--out", str(tmp_path)])
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_quick_demo_writes_its_files(tmp_path: Path, capsys):
     main(["demo", "--epochs", "1", "--out", str(tmp_path), "--no-progress"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err == ""  # the quiet mode, for logs
     assert "| clean |" in out
     assert "| GAR |" in out
     assert "| uniform |" in out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+EXAMPLES = ROOT / "examples"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,20 +31,64 @@ def test_datasetdict_mixture_quick():
 def test_cifar10_augment_quick():
     if not (DATA / "cifar10-jpeg.tar.gz").is_file():
         pytest.skip(f"CIFAR-10 not found in {DATA}")
-    done = _run("examples/cifar10_augment.py", str(DATA), "--quick")
+    done = _run("examples/cifar10_augment.py", "--data", str(DATA), "--quick")
     assert done.returncode == 0, done.stderr
     assert "epoch 1: train loss" in done.stdout
 
 
 def test_cifar10_augment_says_what_to_pass_without_data(tmp_path):
-    done = _run("examples/cifar10_augment.py", str(tmp_path), "--quick")
+    done = _run("examples/cifar10_augment.py", "--data", str(tmp_path), "--quick")
     assert done.returncode != 0
-    assert "CIFAR-10 not found" in done.stderr
+    assert f"CIFAR-10 not found: no {tmp_path / 'cifar10-jpeg.tar.gz'} (--data)" in done.stderr
+    assert "ADAPTIVE_DATA_DIR" in done.stderr
+    assert "--torchvision-root" in done.stderr
 
 
-def test_probe_digits_runs():
+def _cifar10_example():
+    spec = importlib.util.spec_from_file_location(
+        "cifar10_augment", EXAMPLES / "cifar10_augment.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cifar10_augment_finds_its_data_from_any_working_directory(tmp_path, monkeypatch):
+    """--data, then $ADAPTIVE_DATA_DIR, then data/ in the clone or ../shared/data beside it:
+    all resolved from the script's own location, never from the working directory."""
+    example = _cifar10_example()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "cifar10-jpeg.tar.gz").write_bytes(b"")
+    assert example.find_data(tmp_path / "given") == tmp_path / "given" / "cifar10-jpeg.tar.gz"
+    monkeypatch.setenv("ADAPTIVE_DATA_DIR", str(tmp_path / "given"))
+    assert example.find_data(None) == tmp_path / "given" / "cifar10-jpeg.tar.gz"
+    monkeypatch.setenv("ADAPTIVE_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"no .*cifar10-jpeg.tar.gz \(\$ADAPTIVE_DATA_DIR\)"):
+        example.find_data(None)
+    monkeypatch.delenv("ADAPTIVE_DATA_DIR")
+    fake_clone = tmp_path / "clone"
+    monkeypatch.setattr(example, "CLONE", fake_clone)
+    with pytest.raises(SystemExit, match=r"\(inside the clone\); .*\(beside the clone\)"):
+        example.find_data(None)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "cifar10-jpeg.tar.gz").write_bytes(b"")
+    assert example.find_data(None) == tmp_path / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def test_cifar10_augment_takes_the_first_images_of_each_class():
+    example = _cifar10_example()
+    targets = [0, 1, 0, 2, 0, 1, 9]
+    assert example.first_per_class(targets, 2) == [0, 1, 2, 3, 5, 6]
+
+
+def test_probe_digits_rewards_clean_digits_and_penalises_mislabelled_ones():
     done = _run("examples/probe_digits.py", "--steps", "30")
     assert done.returncode == 0, done.stderr
+    found = re.search(r"mean reward over the run: clean (\S+), mislabelled (\S+) ", done.stdout)
+    assert found, done.stdout
+    clean, mislabelled = float(found[1]), float(found[2])
+    assert clean > 0 > mislabelled, done.stdout
 
 
 def test_ddp_mixture_under_torchrun():

@@ -374,16 +374,31 @@ def test_ddp_wrapped_model_gives_the_same_rewards(tmp_path):
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
-        results = []
+        runs = []
         for wrap in (False, True):
             torch.manual_seed(0)
             model = mlp()
             trained = nn.parallel.DistributedDataParallel(model) if wrap else model
             sampler = ad.GARSampler(data(), batch_size=6, seed=0)
+            updates = []  # (batch id, rewards) of every update GAR makes
+            original = sampler.update
+
+            def record(rewards, batch=None, original=original, updates=updates):
+                updates.append((batch, rewards.detach().clone()))
+                original(rewards, batch=batch)
+
+            sampler.update = record  # type: ignore[method-assign]
             gar = ad.GAR(trained, sampler)
             run(trained, sampler, gar)
-            results.append(sampler.weights)
-        assert results[0] == results[1]
+            runs.append((updates, sampler.history))
+        (plain, plain_history), (wrapped, wrapped_history) = runs
+        assert len(plain) == len(sampler) - 1  # every batch but the last was rewarded
+        assert any(bool(r.abs().gt(1e-3).any()) for _, r in plain)  # and not with zeros
+        assert [b for b, _ in wrapped] == [b for b, _ in plain]
+        for (_, a), (_, b) in zip(plain, wrapped, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        assert wrapped_history == plain_history
+        assert plain_history[-1] != plain_history[0]  # the mixture moved
     finally:
         dist.destroy_process_group()
 
@@ -434,7 +449,7 @@ def test_workers_and_epochs_reward_the_right_batches():
     sampler = ad.GARSampler(data(30), batch_size=6, seed=0)  # 5 batches per epoch
     gar = ad.GAR(model, sampler, reward="cosine")
     loader = sampler.track(
-        DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=2, prefetch_factor=2)
+        sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=2, prefetch_factor=2))
     )
     previous = None
     checked = 0

@@ -261,7 +261,8 @@ def test_bad_constructor_arguments(mlp_setup) -> None:
     ):
         ad.GradientProbe(model, loss_fn, rel_eps=0)
     with pytest.raises(
-        ValueError, match=r"chunk_size should be a positive integer or None, but got chunk_size=0"
+        ValueError,
+        match=r"chunk_size should be a positive integer value or None, but got chunk_size=0",
     ):
         ad.GradientProbe(model, loss_fn, chunk_size=0)
     frozen = copy.deepcopy(model).requires_grad_(False)

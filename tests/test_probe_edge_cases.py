@@ -106,3 +106,46 @@ def test_a_nonfinite_gradient_gives_a_nan_cosine_not_zero(method):
     )
     assert torch.isnan(r[1])
     assert bool(torch.isfinite(r[[0, 2, 3]]).all())
+
+
+JVP_SCRIPT = """
+import warnings
+import torch
+from torch import nn
+import adaptive_data as ad
+
+class Scale(nn.Module):  # no ghost rule: ghost covers it with a forward-mode JVP
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.s
+
+model = nn.Sequential(nn.Linear(4, 3), Scale())
+probe = ad.GradientProbe(model, nn.CrossEntropyLoss(reduction="none"), method={method!r})
+x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    probe(x, y, reference=(x, y))
+print("WARNINGS", sorted({{f"{{w.category.__name__}}: {{w.message}}" for w in caught}}))
+"""
+
+
+@pytest.mark.parametrize("method", ["jvp", "ghost"])
+def test_forward_ad_leaks_no_future_warning(method: str) -> None:
+    """torch's first make_dual of a process compiles decompositions with torch.jit.script,
+    which warns that it is deprecated: that warning never reaches the user (a fresh process,
+    since it comes once per process)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", JVP_SCRIPT.format(method=method)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "WARNINGS []" in done.stdout, done.stdout

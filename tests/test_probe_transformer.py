@@ -185,7 +185,7 @@ def test_gar_held_out_reference_on_the_language_model_equals_the_probe(reward: s
         loss_fn=lm_loss,
     )
     checked = 0
-    for x, y in DataLoader(sampler.dataset, batch_sampler=sampler):
+    for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         copy = CausalLM(tied=True)
         copy.load_state_dict(model.state_dict())
         oracle = ad.GradientProbe(copy, lm_loss, reward=reward)(x, y, reference=ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import warnings
 
 import pytest
@@ -130,9 +131,9 @@ def test_dataset_returns_examples_unchanged_and_uses_getitems():
             calls.append(list(idx))
             return [self[i] for i in idx]
 
-    ds = MixtureDataset([tagged(0, 4), Counted(torch.arange(10, 13))], ["x", "y"])
+    ds = MixtureDataset([tagged(0, 4), Counted(torch.arange(10, 13), torch.arange(3))], ["x", "y"])
     assert len(ds) == 7
-    assert ds[5] == (torch.tensor(11),)
+    assert ds[5][0] == 11
     out = ds.__getitems__([6, 0, 4, 3])
     assert [o[0].item() for o in out] == [12, 0, 10, 0]
     assert calls == [[2, 0]]
@@ -574,6 +575,32 @@ def test_load_state_dict_checks_the_sampler():
         make().load_state_dict({})
 
 
+# every key but those with a default: rank and world_size (0, 1), transform (None: none)
+REQUIRED_KEYS = sorted(set(make().state_dict()) - {"version", "rank", "world_size", "transform"})
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS)
+def test_a_state_without_a_key_is_refused_by_name(key: str):
+    state = make().state_dict()
+    del state[key]
+    with pytest.raises(ValueError, match=rf"lacks the key\(s\) \['{key}'\]"):
+        make().load_state_dict(state)
+
+
+def test_a_policy_state_without_a_key_is_refused_by_name_and_changes_nothing():
+    first = make()
+    state = first.state_dict()
+    del state["policy"]["running"]
+    del state["policy"]["config"]["momentum"]
+    second = make(lr=0.2)
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['running'\]"):
+        second.load_state_dict(state)
+    state["policy"]["running"] = [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"\['config'\]: it lacks the key\(s\) \['momentum'\]"):
+        second.load_state_dict(state)
+    assert second.policy.lr == 0.2
+
+
 # ------------------------------------------------------------------ DatasetDict
 
 
@@ -601,6 +628,132 @@ def test_datasetdict_sources():
     assert everything.names == ["train", "extra", "test"]
     with pytest.raises(ValueError, match=r"unknown source name\(s\) \['valid'\]"):
         GARSampler(dd, batch_size=4, names=["valid"])
+
+
+# ------------------------------------------------------------------ sources that differ
+
+
+class Listed:
+    """A map-style dataset over a list of ready examples."""
+
+    def __init__(self, examples: list) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        return self.examples[i]
+
+
+def two_sources(a: list, b: list) -> DataLoader:
+    s = GARSampler({"a": Listed(a), "b": Listed(b)}, batch_size=8, seed=0)
+    return DataLoader(s.dataset, batch_sampler=s)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "where", "theirs", "ours"),
+    [
+        # a long label in one source, a float label in the other: promoted silently otherwise
+        ((torch.zeros(3), 1), (torch.zeros(3), 1.0), r"example\[1\]", "float", "int"),
+        (
+            (torch.zeros(3), torch.tensor(1)),
+            (torch.zeros(3), torch.tensor(1.0)),
+            r"example\[1\]",
+            r"0-d torch.float32 Tensor",
+            r"0-d torch.int64 Tensor",
+        ),
+        (
+            {"x": torch.zeros(3), "y": 1},
+            {"x": torch.zeros(3), "label": 1},
+            "example",
+            r"keys \['x', 'label'\]",
+            r"keys \['x', 'y'\]",
+        ),
+        (
+            {"x": torch.zeros(2, 3), "y": 1},
+            {"x": torch.zeros(6), "y": 1},
+            r"example\['x'\]",
+            r"1-d torch.float32",
+            r"2-d torch.float32",
+        ),
+        ((torch.zeros(3), 1), (torch.zeros(3), 1, "extra"), "example", "3 items", "2 items"),
+        (
+            {"ids": [1, 2, 3], "y": 1},
+            {"ids": [1.5, 2.5], "y": 1},
+            r"example\['ids'\]\[\*\]",  # a list's length is a size, its items' kind is not
+            "a Python/numpy float",
+            "a Python/numpy int",
+        ),
+    ],
+)
+def test_sources_whose_examples_differ_are_named(a, b, where, theirs, ours):
+    loader = two_sources([a] * 20, [b] * 20)
+    with pytest.raises(TypeError, match=r"source 'b' returns examples that cannot share") as e:
+        next(iter(loader))
+    assert re.search(
+        rf"at {where} it has [^,]*{theirs}[^,]*, where source 'a' has .*{ours}", str(e.value)
+    )
+
+
+def test_examples_of_other_sizes_and_scalar_kinds_share_a_batch():
+    """Sizes are the collate_fn's business (padding); numpy and Python ints are both ints."""
+    np = pytest.importorskip("numpy")
+    a = [(torch.zeros(i % 5 + 1), np.int64(1)) for i in range(20)]
+    b = [(torch.ones(i % 3 + 2), 2) for i in range(20)]
+
+    def pad(batch):
+        x = torch.nn.utils.rnn.pad_sequence([e[0] for e in batch], batch_first=True)
+        return x, torch.tensor([int(e[1]) for e in batch])
+
+    s = GARSampler({"a": Listed(a), "b": Listed(b)}, batch_size=8, seed=0)
+    batches = list(DataLoader(s.dataset, batch_sampler=s, collate_fn=pad))
+    assert len(batches) == 5
+    assert any(bool((x == 1).any()) and bool((y == 1).any()) for x, y in batches)  # both mixed
+
+    tokens = GARSampler(
+        {
+            "a": Listed([{"ids": list(range(i % 4 + 1)), "y": 1} for i in range(20)]),
+            "b": Listed([{"ids": list(range(i % 3 + 5)), "y": 0} for i in range(20)]),
+        },
+        batch_size=8,
+        seed=0,
+    )
+    examples = [ex for keys in tokens for ex in tokens.dataset.__getitems__(keys)]
+    assert {ex["y"] for ex in examples} == {0, 1}
+
+
+def test_examples_that_differ_are_named_through_worker_processes():
+    loader = two_sources([(torch.zeros(3), 1)] * 20, [(torch.zeros(3), 1.5)] * 20)
+    loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, num_workers=1)
+    with pytest.raises(TypeError, match=r"source 'b' returns examples that cannot share"):
+        next(iter(loader))
+
+
+def test_examples_that_differ_are_named_with_a_transform():
+    from torchvision.transforms import v2
+
+    from adaptive_data import GARTransform
+
+    tf = GARTransform(["Identity", "Rotate"])
+    pipe = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
+
+    class Images(Listed):
+        def __getitem__(self, i: int):
+            x, y = self.examples[i]
+            return pipe(x), y
+
+    image = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    s = GARSampler(
+        {"a": Images([(image, 1)] * 20), "b": Images([(image, 1.0)] * 20)},
+        batch_size=8,
+        seed=0,
+        transform=tf,
+    )
+    with pytest.raises(
+        TypeError, match=r"source 'b' .* at example\[1\] it has a Python/numpy float"
+    ):
+        next(iter(DataLoader(s.dataset, batch_sampler=s)))
 
 
 # ------------------------------------------------------------------ bad input
