@@ -31,11 +31,11 @@ batch 64) for the same number of steps under each mixture:
   any learned mixture with the default floor can do.
 
 3 seeds each (model initialisation and sampler seed), interleaved. Reported: test accuracy
-(mean, std, min, max over seeds), wall time per run, GAR's overhead (its run time over
-uniform's), the time spent in the probe and ``update()`` calls (``probe_s``; in ``gar.step()``
-for the one-line arms, whose hooks also add to the training forward and backward), the first
-step at which each corrupted source's weight fell below 5%, and the weights over time
-(``benchmarks/results/mixture_quality_weights.png``).
+(mean, std, min, max over seeds), wall and CPU time per run, GAR's overhead (its run time
+over uniform's, in both), the time spent in the probe and ``update()`` calls (``probe_s``; in
+``gar.step()`` for the one-line arms, whose hooks also add to the training forward and
+backward), the first step at which each corrupted source's weight fell below 5%, and the
+weights over time (``benchmarks/results/mixture_quality_weights.png``).
 
     python benchmarks/mixture_quality.py [DATA_DIR]          # full run, ~10-20 min on 2 cores
     python benchmarks/mixture_quality.py [DATA_DIR] --quick  # smoke run (seconds), writes nothing
@@ -229,7 +229,7 @@ def run(
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
     step = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for x, y in loader:
             if gar and step % every == 0:
@@ -251,13 +251,14 @@ def run(
             for name in CORRUPTED:
                 if below[name] is None and name in sampler.weights and sampler.weights[name] < 0.05:
                     below[name] = step
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if one_line is not None:
         one_line.close()
     m = sampler.metrics()
     return {
         "accuracy": accuracy(model, *test),
         "wall_s": wall,
+        "cpu_s": cpu,
         "probe_s": probe_time,
         "steps": step,
         "final_weights": sampler.weights,
@@ -384,9 +385,13 @@ def main() -> None:
         runs = entry["runs"]
         entry["accuracy"] = summary([r["accuracy"] for r in runs])
         entry["wall_s"] = summary([r["wall_s"] for r in runs])
+        entry["cpu_s"] = summary([r["cpu_s"] for r in runs])
         if base is not None:
             entry["time_vs_uniform"] = statistics.median(
                 r["wall_s"] / b["wall_s"] for r, b in zip(runs, base["runs"], strict=True)
+            )
+            entry["cpu_vs_uniform"] = statistics.median(
+                r["cpu_s"] / b["cpu_s"] for r, b in zip(runs, base["runs"], strict=True)
             )
         if method not in ("oracle", "oracle_floor", "uniform", "proportional"):
             firsts = {
@@ -401,14 +406,18 @@ def main() -> None:
                 for i in range(len(runs))
             ]
 
-    print("\n| method | test accuracy mean | std | min | max | wall s (median) | x uniform time |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| method | test accuracy mean | std | min | max | wall s (median) | x uniform time "
+        "| CPU s (median) | x uniform CPU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for method, entry in results["methods"].items():
-        a, w = entry["accuracy"], entry["wall_s"]
+        a, w, c = entry["accuracy"], entry["wall_s"], entry["cpu_s"]
         ratio = entry.get("time_vs_uniform", float("nan"))
+        cpu_ratio = entry.get("cpu_vs_uniform", float("nan"))
         print(
             f"| {method} | {a['mean']:.2f} | {a['std']:.2f} | {a['min']:.2f} | {a['max']:.2f} | "
-            f"{w['median']:.1f} | {ratio:.2f} |"
+            f"{w['median']:.1f} | {ratio:.2f} | {c['median']:.1f} | {cpu_ratio:.2f} |"
         )
     for method, entry in results["methods"].items():
         if "first_step_below_5pct" in entry:
