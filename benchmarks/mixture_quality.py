@@ -21,17 +21,29 @@ batch 64) for the same number of steps under each mixture:
   ``gar_exp_grad_lr0.1`` (a third of that step), ``gar_exp_grad_k4`` (probe and update every
   4th step only), ``gar_exp_grad_floor0.05`` (five times the default exploration floor, the
   former default);
+* one-line arms (``LINE_ARMS``): the loop the README shows, ``GAR(model, sampler,
+  optimizer=opt, reference=ReferenceBatches(held_out, 128, seed=seed), loss_fn=...)`` with
+  ``gar.step()`` after ``backward()``, every default otherwise (cosine reward, exponentiated
+  gradient): ``gar_line`` rewards every step's batch, ``gar_line_k4`` every 4th step's. The
+  reference batches are the same as the probe arms' (same held-out split and seed);
 * ``oracle``: the clean source only; ``oracle_floor``: the clean source at the largest weight the
   exploration floor allows (every other source keeps ``0.01 / 4``), never updated: the best
   any learned mixture with the default floor can do.
 
 3 seeds each (model initialisation and sampler seed), interleaved. Reported: test accuracy
-(mean, std, min, max over seeds), wall time per run, GAR's overhead (its run time over
-uniform's), the first step at which each corrupted source's weight fell below 5%, and the
+(mean, std, min, max over seeds), wall and CPU time per run, GAR's overhead (its run time
+over uniform's, in both), the time spent in the probe and ``update()`` calls (``probe_s``; in
+``gar.step()`` for the one-line arms, whose hooks also add to the training forward and
+backward), the first step at which each corrupted source's weight fell below 5%, and the
 weights over time (``benchmarks/results/mixture_quality_weights.png``).
 
     python benchmarks/mixture_quality.py [DATA_DIR]          # full run, ~10-20 min on 2 cores
     python benchmarks/mixture_quality.py [DATA_DIR] --quick  # smoke run (seconds), writes nothing
+
+The one-line arms beside the probe (``benchmarks/results/mixture_line.json``)::
+
+    python benchmarks/mixture_quality.py --out benchmarks/results/mixture_line.json \
+        --methods uniform,gar_exp_grad,gar_line,gar_line_k4,oracle
 
 ``DATA_DIR`` holds ``fashion-mnist/*.gz`` (default: ``../shared/data`` beside the repository).
 """
@@ -77,7 +89,17 @@ GAR_ARMS: dict[str, tuple[str, float | None, str, int, float | None]] = {
     "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4, None),
     "gar_exp_grad_floor0.05": ("exp_grad", None, "cosine", 1, 0.05),  # the former default
 }
-METHODS = ("uniform", "proportional", "exp3_loss", *GAR_ARMS, "oracle_floor", "oracle")
+# One-line GAR arms: reward the batches of every k-th step.
+LINE_ARMS: dict[str, int] = {"gar_line": 1, "gar_line_k4": 4}
+METHODS = (
+    "uniform",
+    "proportional",
+    "exp3_loss",
+    *GAR_ARMS,
+    *LINE_ARMS,
+    "oracle_floor",
+    "oracle",
+)
 CORRUPTED = ("label_noise", "pixel_noise", "inverted")
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST pixel statistics
 
@@ -175,6 +197,7 @@ def run(
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     kw: dict[str, Any] = {"batch_size": args.batch, "seed": seed, "num_batches": steps_per_epoch}
     gar = method in GAR_ARMS
+    line = method in LINE_ARMS
     every = 1
     if method == "oracle":
         sampler = ad.GARSampler({"clean": sources["clean"]}, **kw)
@@ -193,11 +216,20 @@ def run(
         sampler = ad.GARSampler(sources, **kw)
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=0))
     probe = ad.GradientProbe(model, loss_fn, method="ghost", reward=reward) if gar else None
-    ref = ad.ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar else None
+    ref = (
+        ad.ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar or line else None
+    )
+    one_line = (
+        ad.GAR(
+            model, sampler, optimizer=opt, every=LINE_ARMS[method], reference=ref, loss_fn=loss_fn
+        )
+        if line
+        else None
+    )
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
     step = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for x, y in loader:
             if gar and step % every == 0:
@@ -208,6 +240,10 @@ def run(
             losses = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
+            if one_line is not None:
+                tp = time.perf_counter()
+                one_line.step()
+                probe_time += time.perf_counter() - tp
             opt.step()
             if method == "exp3_loss":
                 sampler.update(losses.detach())
@@ -215,11 +251,14 @@ def run(
             for name in CORRUPTED:
                 if below[name] is None and name in sampler.weights and sampler.weights[name] < 0.05:
                     below[name] = step
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if one_line is not None:
+        one_line.close()
     m = sampler.metrics()
     return {
         "accuracy": accuracy(model, *test),
         "wall_s": wall,
+        "cpu_s": cpu,
         "probe_s": probe_time,
         "steps": step,
         "final_weights": sampler.weights,
@@ -253,7 +292,9 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no weights plot")
         return False
-    shown = [m for m in ("gar_dot", "gar_exp_grad", "exp3_loss") if m in results["methods"]]
+    shown = [
+        m for m in ("gar_dot", "gar_exp_grad", "gar_line", "exp3_loss") if m in results["methods"]
+    ]
     fig, axes = plt.subplots(
         1, len(shown), figsize=(5 * len(shown), 3.6), sharey=True, squeeze=False
     )
@@ -318,6 +359,7 @@ def main() -> None:
             name: {"rule": r, "lr": lr, "reward": rw, "probe_every": k, "floor_total": f}
             for name, (r, lr, rw, k, f) in GAR_ARMS.items()
         },
+        "line_arms": {name: {"every": k} for name, k in LINE_ARMS.items()},
         "targets": {
             "gar_vs_oracle_points": -0.5,
             "gar_vs_uniform_points": 3.0,
@@ -343,9 +385,13 @@ def main() -> None:
         runs = entry["runs"]
         entry["accuracy"] = summary([r["accuracy"] for r in runs])
         entry["wall_s"] = summary([r["wall_s"] for r in runs])
+        entry["cpu_s"] = summary([r["cpu_s"] for r in runs])
         if base is not None:
             entry["time_vs_uniform"] = statistics.median(
                 r["wall_s"] / b["wall_s"] for r, b in zip(runs, base["runs"], strict=True)
+            )
+            entry["cpu_vs_uniform"] = statistics.median(
+                r["cpu_s"] / b["cpu_s"] for r, b in zip(runs, base["runs"], strict=True)
             )
         if method not in ("oracle", "oracle_floor", "uniform", "proportional"):
             firsts = {
@@ -360,14 +406,18 @@ def main() -> None:
                 for i in range(len(runs))
             ]
 
-    print("\n| method | test accuracy mean | std | min | max | wall s (median) | x uniform time |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| method | test accuracy mean | std | min | max | wall s (median) | x uniform time "
+        "| CPU s (median) | x uniform CPU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for method, entry in results["methods"].items():
-        a, w = entry["accuracy"], entry["wall_s"]
+        a, w, c = entry["accuracy"], entry["wall_s"], entry["cpu_s"]
         ratio = entry.get("time_vs_uniform", float("nan"))
+        cpu_ratio = entry.get("cpu_vs_uniform", float("nan"))
         print(
             f"| {method} | {a['mean']:.2f} | {a['std']:.2f} | {a['min']:.2f} | {a['max']:.2f} | "
-            f"{w['median']:.1f} | {ratio:.2f} |"
+            f"{w['median']:.1f} | {ratio:.2f} | {c['median']:.1f} | {cpu_ratio:.2f} |"
         )
     for method, entry in results["methods"].items():
         if "first_step_below_5pct" in entry:

@@ -1,10 +1,12 @@
 """Learn the mixture of a Hugging Face DatasetDict's splits with one line in the training loop.
 
-A DatasetDict with four splits built from scikit-learn's digits: "curated" (correct labels),
-"web" (half the labels wrong), "scraped" (every label random) and "validation". GARSampler
-draws each batch from a mixture of the three training splits; GAR (``gar.step()``, one line)
-learns the mixture from the gradient-alignment reward; the clean validation split measures
-the result. Compare with ``--uniform`` (the same loop, no learning).
+A DatasetDict with five splits built from scikit-learn's digits: "curated" (correct labels),
+"web" (half the labels wrong), "scraped" (every label random), "trusted" (200 clean examples
+held out of training) and "validation". GARSampler draws each batch from a mixture of the three
+training splits; GAR (``gar.step()``, one line) learns the mixture from the gradient-alignment
+reward against batches of the trusted split (a mixture learns from data you trust, never from
+its own batches); the clean validation split measures the result. Compare with ``--uniform``
+(the same loop, no learning).
 
     python examples/datasetdict_mixture.py            # about 10 seconds on 2 cores
     python examples/datasetdict_mixture.py --quick    # a few seconds (CI)
@@ -36,7 +38,8 @@ def build(seed: int) -> DatasetDict:
         wrong = torch.rand(b - a, generator=g) < {"curated": 0.0, "web": 0.5, "scraped": 1.0}[name]
         labels[wrong] = torch.randint(0, 10, (int(wrong.sum()),), generator=g)
         splits[name] = Dataset.from_dict({"x": x[a:b].tolist(), "y": labels.tolist()})
-    splits["validation"] = Dataset.from_dict({"x": x[1400:].tolist(), "y": y[1400:].tolist()})
+    for name, (a, b) in {"trusted": (1400, 1600), "validation": (1600, len(y))}.items():
+        splits[name] = Dataset.from_dict({"x": x[a:b].tolist(), "y": y[a:b].tolist()})
     return DatasetDict(splits).with_format("torch")
 
 
@@ -53,18 +56,33 @@ def main() -> None:
 
     dd = build(args.seed)
     sampler = ad.GARSampler(dd, batch_size=32, seed=args.seed, names=["curated", "web", "scraped"])
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))  # batches are dicts of tensors
+    # batches are dicts of tensors; track() tells the sampler which batch the loop holds
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss_fn = nn.CrossEntropyLoss()
-    gar = None if args.uniform else ad.GAR(model, sampler, optimizer=opt)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")  # per-example losses, for the reference
+    # Reference batches from the trusted split, as (x, y) pairs (its rows are dicts).
+    reference = ad.ReferenceBatches(
+        dd["trusted"],
+        128,
+        seed=args.seed,
+        collate_fn=lambda rows: (
+            torch.stack([r["x"] for r in rows]),
+            torch.stack([r["y"] for r in rows]),
+        ),
+    )
+    gar = (
+        None
+        if args.uniform
+        else ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=loss_fn)
+    )
     for epoch in range(args.epochs):
         for batch in loader:
             opt.zero_grad()
-            loss_fn(model(batch["x"]), batch["y"]).backward()
+            loss_fn(model(batch["x"]), batch["y"]).mean().backward()
             if gar is not None:
-                gar.step()  # the one line: rewards the previous batch, updates the mixture
+                gar.step()  # the one line: rewards this batch, updates the mixture
             opt.step()
         weights = ", ".join(f"{k} {v:.2f}" for k, v in sampler.weights.items())
         print(f"epoch {epoch + 1}: weights {weights}")

@@ -1,13 +1,15 @@
 """A learned data mixture under DDP: run it with torchrun, on CPU (gloo) or GPUs (nccl).
 
 Every rank draws its own batches from its own shard of each source; ``gar.step()`` rewards
-each rank's previous batch against the all-reduced gradient DDP leaves in ``.grad``, and the
-sampler all-reduces the reward statistics, so every rank holds the same mixture.
+each rank's batch against the gradient of a held-out clean reference batch (the ranks' reference
+gradients are averaged, one all-reduce per step), and the sampler all-reduces the reward
+statistics, so every rank holds the same mixture.
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_mixture.py            # ~20 s on CPU
     torchrun --standalone --nproc_per_node 2 examples/ddp_mixture.py --quick    # CI
 
-Data: scikit-learn's digits in three sources: clean, half the labels random, all random.
+Data: scikit-learn's digits in three sources (clean, half the labels random, all random), a
+clean held-out split of 200 examples (the reference) and a test split of 197.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import adaptive_data as ad
 
 
-def sources() -> tuple[dict[str, TensorDataset], TensorDataset]:
+def sources() -> tuple[dict[str, TensorDataset], TensorDataset, TensorDataset]:
     digits = load_digits()
     g = torch.Generator().manual_seed(0)  # the same data on every rank
     order = torch.randperm(len(digits.target), generator=g)
@@ -33,11 +35,15 @@ def sources() -> tuple[dict[str, TensorDataset], TensorDataset]:
     noisy = y[400:900].clone()
     half = torch.rand(500, generator=g) < 0.5
     noisy[half] = torch.randint(0, 10, (int(half.sum()),), generator=g)
-    return {
-        "clean": TensorDataset(x[:400], y[:400]),
-        "half_random": TensorDataset(x[400:900], noisy),
-        "random": TensorDataset(x[900:1400], torch.randint(0, 10, (500,), generator=g)),
-    }, TensorDataset(x[1400:], y[1400:])
+    return (
+        {
+            "clean": TensorDataset(x[:400], y[:400]),
+            "half_random": TensorDataset(x[400:900], noisy),
+            "random": TensorDataset(x[900:1400], torch.randint(0, 10, (500,), generator=g)),
+        },
+        TensorDataset(x[1400:1600], y[1400:1600]),
+        TensorDataset(x[1600:], y[1600:]),
+    )
 
 
 def main() -> None:
@@ -53,20 +59,23 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
     torch.set_num_threads(1)
 
-    train, test = sources()
+    train, held_out, test = sources()
     sampler = ad.GARSampler(train, batch_size=32, seed=0)  # this rank's shards and keys
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts it)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
-    loss_fn = nn.CrossEntropyLoss()
-    with ad.GAR(ddp, sampler, optimizer=opt) as gar:
+    loss_fn = nn.CrossEntropyLoss(reduction="none")  # per-example losses, for the reference
+    # Batches of data the user trusts: a mixture learns from them, never from its own batches.
+    # Each rank draws its own reference batches; GAR averages their gradients.
+    reference = ad.ReferenceBatches(held_out, 128, seed=rank, device=device)
+    with ad.GAR(ddp, sampler, optimizer=opt, reference=reference, loss_fn=loss_fn) as gar:
         for epoch in range(args.epochs):
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
                 opt.zero_grad()
-                loss_fn(ddp(x), y).backward()
+                loss_fn(ddp(x), y).mean().backward()
                 gar.step()  # the one line; a collective like backward()
                 opt.step()
             if rank == 0:

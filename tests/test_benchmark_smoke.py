@@ -34,6 +34,7 @@ NO_DATA = {
     "augment_cost": ([], "num_workers=2, GARSampler+GARTransform"),
     "gar_cost": ([], "| resnet_bn | gar_every4 |"),
     "dist_cost": ([], "weights identical on both ranks: True"),
+    "reference_choice": ([], "| next_batch | "),
 }
 
 
