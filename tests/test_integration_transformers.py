@@ -147,3 +147,44 @@ def test_trainer_refuses_a_checkpoint_without_its_state(tmp_path):
     (tmp_path / "checkpoint-1").mkdir()
     with pytest.raises(FileNotFoundError, match=r"holds no adaptive_data state"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_trainer_arguments_are_checked(tmp_path):
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    kw = {"model": TinyModel(), "args": args, "gar_sampler": sampler}
+    with pytest.raises(ValueError, match=r"a mixture of 2 sources needs gar_reference= batches"):
+        GARTrainer(**kw)
+    with pytest.raises(ValueError, match=r"train_dataset should be left out"):
+        GARTrainer(**kw, train_dataset=val, gar_reference=val, gar_loss_fn=per_example_loss)
+    with pytest.raises(TypeError, match=r"gar_reference should be a map-style dataset or an"):
+        GARTrainer(**kw, gar_reference=3, gar_loss_fn=per_example_loss)
+    with pytest.raises(TypeError, match=r"gar_sampler should be a GARSampler, but got dict"):
+        GARTrainer(**{**kw, "gar_sampler": sources}, gar_reference=val)
+    trainer = GARTrainer(**kw, gar_reference=val, gar_loss_fn=per_example_loss)
+    assert trainer.args.ignore_data_skip
+    assert trainer.train_dataset is sampler.dataset
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch) == ["labels", "x"]  # the "text" column the model does not take
+
+
+def test_trainer_next_batch_mode_rewards_each_step_against_the_next(tmp_path):
+    """One source without a reference (the augmentation mode): at each optimizer step GAR
+    rewards the previous step's two micro-batches against this step's gradient."""
+    sources, _ = make_data()
+    sampler = ad.GARSampler({"clean": sources["clean"]}, batch_size=BATCH, seed=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = GARTrainer(model=TinyModel(), args=args, gar_sampler=sampler)
+    trainer.train()
+    assert [h["batch"] for h in sampler.history[1:]] == [0, 1, 2, 3, 4, 5]
+    assert trainer.gar.metrics()["batches_rewarded"] == 6

@@ -60,7 +60,8 @@ class GARCallback(Callback):
             (on the model's device: its ``device=``). Required for a mixture of several
             sources; ``None``: the next-batch reference (augmentation over one source).
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; with ``reference``.
-        every, reward: GAR's ``every`` and ``reward``.
+        every: GAR's ``every``: reward the batches of every ``every``-th step.
+        reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         module: the module GAR watches (default: the LightningModule).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
         log_metrics: whether to log the metrics.

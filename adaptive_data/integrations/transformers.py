@@ -101,8 +101,9 @@ class GARTrainerMixin:
       (``mixture/weight/<source>``, ``mixture/reward_mean/<source>``, ...) and GAR's under
       ``gar/``, so TensorBoard, W&B and ``state.log_history`` get them.
 
-    Args (keywords, beside the Trainer's own):
-        gar_sampler: the :class:`GARSampler` to train from.
+    Args:
+        gar_sampler: the :class:`GARSampler` to train from (keyword arguments, beside the
+            Trainer's own).
         gar_reference: held-out data the user trusts: a map-style dataset (batched by
             :class:`ReferenceBatches` with ``per_device_train_batch_size`` examples, the
             Trainer's collator and device, seeded by ``args.seed``) or an iterator of
@@ -111,7 +112,8 @@ class GARTrainerMixin:
         gar_loss_fn: ``loss_fn(output, labels) -> [N]`` per-example losses of the model's
             output (e.g. ``F.cross_entropy(output["logits"], labels, reduction="none")``);
             needed with ``gar_reference``.
-        gar_every, gar_reward: GAR's ``every`` and ``reward``.
+        gar_every: GAR's ``every``: reward the batches of every ``every``-th step.
+        gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         gar: a :class:`GAR` built by the user instead (over ``gar_sampler``, with the
             optimizer the Trainer gets through ``optimizers=``).
     """
