@@ -28,6 +28,32 @@ def test_datasetdict_mixture_quick():
     assert "validation accuracy" in done.stdout
 
 
+def test_transformers_mixture_quick_and_resume(tmp_path):
+    pytest.importorskip("transformers")
+    done = _run("examples/transformers_mixture.py", "--quick", "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "step 30: loss" in done.stdout
+    assert "test accuracy" in done.stdout
+    resumed = _run(
+        "examples/transformers_mixture.py",
+        "--steps",
+        "40",
+        "--resume",
+        "--output-dir",
+        str(tmp_path),
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step 40: loss" in resumed.stdout
+
+
+def test_lightning_mixture_quick(tmp_path):
+    pytest.importorskip("lightning")
+    done = _run("examples/lightning_mixture.py", "--quick", "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1 (step 22): weights curated" in done.stdout
+    assert "test accuracy" in done.stdout
+
+
 def test_cifar10_augment_quick():
     if not (DATA / "cifar10-jpeg.tar.gz").is_file():
         pytest.skip(f"CIFAR-10 not found in {DATA}")

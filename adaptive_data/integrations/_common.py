@@ -1,0 +1,162 @@
+"""What the framework integrations share: a GAR built when the trainer's optimizer exists,
+the state saved beside the trainer's checkpoints, and the metrics for its loggers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._check import check_int
+from .._gar import GAR
+from .._probe import REWARDS
+from .._sampler import GARSampler
+
+__all__: list[str] = []
+
+STATE_VERSION = 1
+
+
+class Wiring:
+    """A :class:`GARSampler`, its :class:`GAR` (given, or built by :meth:`build` from the
+    trainer's model and optimizer), and a GAR state loaded before the GAR exists.
+
+    ``prefix`` names the integration's arguments in messages, e.g. ``"gar_"`` for the
+    Trainer's ``gar_reference=`` or ``""`` for the Lightning callback's ``reference=``.
+    """
+
+    def __init__(
+        self,
+        sampler: GARSampler,
+        gar: GAR | None,
+        reference: Iterable[Any] | None,
+        loss_fn: Any,
+        every: int,
+        reward: str,
+        prefix: str,
+    ) -> None:
+        p = prefix
+        if not isinstance(sampler, GARSampler):
+            raise TypeError(f"{p}sampler should be a GARSampler, but got {type(sampler).__name__}")
+        if gar is not None:
+            if not isinstance(gar, GAR):
+                raise TypeError(f"{p}gar should be a GAR, but got {type(gar).__name__}")
+            if gar.sampler is not sampler:
+                raise ValueError(
+                    f"{p}gar was built over another GARSampler than {p}sampler; build it over "
+                    f"the same one"
+                )
+            pairs = (("reference", reference), ("loss_fn", loss_fn))
+            given = [n for n, v in pairs if v is not None]
+            if given:
+                raise ValueError(
+                    f"{p}gar is already built, so {', '.join(p + n for n in given)} would be "
+                    "ignored; pass them to GAR(...) or leave gar out"
+                )
+        else:
+            check_int(f"{p}every", every, minimum=1)
+            if reward not in REWARDS:
+                raise ValueError(
+                    f"{p}reward should be one of {', '.join(REWARDS)}, but got {p}reward={reward!r}"
+                )
+            if reference is None and len(sampler.names) > 1:
+                raise ValueError(
+                    f"a mixture of {len(sampler.names)} sources needs {p}reference= batches from "
+                    f"data you trust (a target or validation split), with {p}loss_fn= "
+                    "(per-example losses): a reference drawn from the training mixture itself "
+                    "lets the mixture run away onto the sources it favours (docs/concepts.md, "
+                    "'Which reference'). Without a reference GAR learns augmentation over one "
+                    "trusted source"
+                )
+            if reference is not None and (loss_fn is None or not callable(loss_fn)):
+                raise ValueError(
+                    f"{p}reference= needs {p}loss_fn, loss_fn(output, target) -> per-example "
+                    f"losses [N], but got {p}loss_fn={loss_fn!r}"
+                )
+        self.sampler = sampler
+        self.gar = gar
+        self.reference = reference
+        self.loss_fn = loss_fn
+        self.every = every
+        self.reward = reward
+        self._built = False  # whether self.gar is ours (built by build())
+        self._pending_gar: Mapping[str, Any] | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether the GAR was built by the user (not by :meth:`build`)."""
+        return self.gar is not None and not self._built
+
+    def build(self, model: nn.Module, optimizer: Any) -> GAR:
+        """The GAR, built over ``model`` and ``optimizer`` unless one was given or built for
+        that optimizer already; a GAR state loaded earlier is applied to it."""
+        if self.gar is not None and self._built and self.gar.optimizer is not optimizer:
+            self.gar.close()  # a new train() with a new optimizer: a new GAR
+            self.gar = None
+        if self.gar is None:
+            self.gar = GAR(
+                model,
+                self.sampler,
+                optimizer=optimizer,
+                every=self.every,
+                reward=self.reward,
+                reference=self.reference,
+                loss_fn=self.loss_fn,
+            )
+            self._built = True
+        if self._pending_gar is not None:
+            self.gar.load_state_dict(self._pending_gar)
+            self._pending_gar = None
+        return self.gar
+
+    def step(self) -> None:
+        if self.gar is None:
+            raise RuntimeError("GAR.step() before the GAR was built: training has not begun")
+        self.gar.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"version", "sampler", "gar"}``: the sampler's and GAR's states (call between
+        optimizer steps). Before the GAR exists, a GAR state loaded into it is kept."""
+        gar = self.gar.state_dict() if self.gar is not None else self._pending_gar
+        return {"version": STATE_VERSION, "sampler": self.sampler.state_dict(), "gar": gar}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict`: the sampler's at once (it applies to its next pass),
+        GAR's at once or when the GAR is built."""
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            found = (
+                f"version={state.get('version')!r}"
+                if isinstance(state, Mapping)
+                else type(state).__name__
+            )
+            raise ValueError(
+                f"state should be an adaptive_data integration state of version {STATE_VERSION}, "
+                f"but got {found}"
+            )
+        self.sampler.load_state_dict(state["sampler"])
+        gar = state["gar"]
+        if gar is None:
+            return
+        if self.gar is not None:
+            self.gar.load_state_dict(gar)
+        else:
+            self._pending_gar = gar
+
+    def metrics(self) -> dict[str, float]:
+        """The sampler's metrics under ``mixture/`` and GAR's under ``gar/``; entries that are
+        not finite (a mean before any reward) are left out, as loggers plot them badly."""
+        out = {f"mixture/{k}": float(v) for k, v in self.sampler.metrics().items()}
+        if self.gar is not None:
+            out.update({f"gar/{k}": float(v) for k, v in self.gar.metrics().items()})
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def save(state: Mapping[str, Any], path: str) -> None:
+    torch.save(dict(state), path)
+
+
+def load(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,279 @@
+"""Learned mixtures (and augmentation) in the Hugging Face ``Trainer``.
+
+::
+
+    from adaptive_data.integrations.transformers import GARTrainer
+
+    trainer = GARTrainer(model=model, args=args, gar_sampler=sampler,
+                         gar_reference=val_set, gar_loss_fn=per_example_loss)
+    trainer.train()                          # or train(resume_from_checkpoint=True)
+
+``pip install adaptive-data[transformers]``; importing ``adaptive_data`` alone never imports
+transformers. How-to: docs/howto-transformers.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    RemoveColumnsCollator,
+    get_last_checkpoint,
+    seed_worker,
+)
+
+from .._gar import GAR
+from .._reference import ReferenceBatches
+from .._sampler import GARSampler
+from .._tracking import TrackedLoader
+from ._common import Wiring, load, save
+
+__all__ = ["STATE_FILE", "GARCallback", "GARTrainer", "GARTrainerMixin"]
+
+# The file beside the Trainer's own in each checkpoint folder, one per process (rank).
+STATE_FILE = "adaptive_data_rank{rank}.pt"
+
+
+class GARCallback(TrainerCallback):
+    """The Trainer's events that GAR needs; :class:`GARTrainerMixin` adds it by itself.
+
+    * ``on_train_begin``: builds the :class:`GAR` over the Trainer's model and (prepared)
+      optimizer, unless one was given, and applies a GAR state loaded on resume.
+    * ``on_pre_optimizer_step``: ``gar.step()``. The Trainer calls it once per optimizer step,
+      after the ``gradient_accumulation_steps`` micro-batches' backwards and after
+      ``max_grad_norm`` clipping, before ``optimizer.step()``; the rewards go to each of the
+      step's micro-batches.
+    * ``on_save``: writes the sampler's and GAR's state (:data:`STATE_FILE`) into the
+      checkpoint folder the Trainer just wrote.
+    """
+
+    def __init__(self, wiring: Wiring) -> None:
+        self.wiring = wiring
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if model is None:
+            raise RuntimeError("the Trainer passed no model to on_train_begin")
+        self.wiring.build(model, optimizer)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.wiring.step()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            raise RuntimeError(
+                f"the Trainer's checkpoint folder {folder} does not exist; GARTrainer saves its "
+                "state beside the checkpoints of args.output_dir (hyperparameter-search runs, "
+                "which save elsewhere, are not supported)"
+            )
+        rank = self.wiring.sampler.rank
+        save(self.wiring.state_dict(), os.path.join(folder, STATE_FILE.format(rank=rank)))
+
+
+class GARTrainerMixin:
+    """Turns a ``Trainer`` (or a subclass such as TRL's) into one that learns its mixture.
+
+    ``class MyTrainer(GARTrainerMixin, SFTTrainer): ...``; :class:`GARTrainer` is the mixin
+    over the plain ``Trainer``. What it changes:
+
+    * the training loader is ``DataLoader(sampler.dataset, batch_sampler=sampler,
+      collate_fn=data_collator)`` with the Trainer's worker settings, prepared by the
+      Trainer's accelerator and wrapped in ``sampler.track()`` (the loop iterates it
+      directly); ``train_dataset`` defaults to ``sampler.dataset``. With
+      ``args.remove_unused_columns`` (the default) the keys of dict examples that the
+      model's ``forward`` does not take are dropped before collation, as the Trainer does
+      for datasets that are not a ``datasets.Dataset``;
+    * a :class:`GARCallback` steps GAR at every optimizer step and saves the sampler's and
+      GAR's state into every checkpoint; ``train(resume_from_checkpoint=...)`` loads them;
+    * ``args.ignore_data_skip`` is set: on resume the sampler's state continues the epoch
+      exactly where the checkpoint left it, so the Trainer must not skip batches as well;
+    * every training log (``loss`` in it) gains the sampler's metrics under ``mixture/``
+      (``mixture/weight/<source>``, ``mixture/reward_mean/<source>``, ...) and GAR's under
+      ``gar/``, so TensorBoard, W&B and ``state.log_history`` get them.
+
+    Args:
+        gar_sampler: the :class:`GARSampler` to train from (keyword arguments, beside the
+            Trainer's own).
+        gar_reference: held-out data the user trusts: a map-style dataset (batched by
+            :class:`ReferenceBatches` with ``per_device_train_batch_size`` examples, the
+            Trainer's collator and device, seeded by ``args.seed``) or an iterator of
+            collated batches. Required for a mixture of several sources; ``None``: the
+            next-batch reference (augmentation over one source with a ``GARTransform``).
+        gar_loss_fn: ``loss_fn(output, labels) -> [N]`` per-example losses of the model's
+            output (e.g. ``F.cross_entropy(output["logits"], labels, reduction="none")``);
+            needed with ``gar_reference``.
+        gar_every: GAR's ``every``: reward the batches of every ``every``-th step.
+        gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
+        gar: a :class:`GAR` built by the user instead (over ``gar_sampler``, with the
+            optimizer the Trainer gets through ``optimizers=``).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        gar_sampler: GARSampler,
+        gar_reference: Any = None,
+        gar_loss_fn: Any = None,
+        gar_every: int = 1,
+        gar_reward: str = "cosine",
+        gar: GAR | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(gar_sampler, GARSampler):
+            raise TypeError(
+                f"gar_sampler should be a GARSampler, but got {type(gar_sampler).__name__}"
+            )
+        dataset = kwargs.get("train_dataset")
+        if dataset is not None and dataset is not gar_sampler.dataset:
+            raise ValueError(
+                "train_dataset should be left out (or be gar_sampler.dataset): the training "
+                "data are the sampler's sources"
+            )
+        kwargs["train_dataset"] = gar_sampler.dataset
+        reference_data = None
+        if gar_reference is not None and not hasattr(gar_reference, "__next__"):
+            if not (hasattr(gar_reference, "__getitem__") and hasattr(gar_reference, "__len__")):
+                raise TypeError(
+                    "gar_reference should be a map-style dataset or an iterator of batches, but "
+                    f"got {type(gar_reference).__name__}"
+                )
+            reference_data, gar_reference = gar_reference, _Later()
+        self._gar_wiring = Wiring(
+            gar_sampler, gar, gar_reference, gar_loss_fn, gar_every, gar_reward, "gar_"
+        )
+        super().__init__(*args, **kwargs)
+        self.args.ignore_data_skip = True
+        self.add_callback(GARCallback(self._gar_wiring))
+        if reference_data is not None:
+            self._gar_wiring.reference = ReferenceBatches(
+                reference_data,
+                self.args.per_device_train_batch_size,
+                seed=self.args.seed,
+                collate_fn=self._gar_collator(),
+                device=self.args.device,
+            )
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def gar_sampler(self) -> GARSampler:
+        """The :class:`GARSampler` the Trainer trains from."""
+        return self._gar_wiring.sampler
+
+    @property
+    def gar(self) -> GAR | None:
+        """The :class:`GAR` (``None`` until ``train()`` built it, unless one was given)."""
+        return self._gar_wiring.gar
+
+    def gar_metrics(self) -> dict[str, float]:
+        """What the logs gain: the sampler's metrics under ``mixture/``, GAR's under ``gar/``."""
+        return self._gar_wiring.metrics()
+
+    # ------------------------------------------------------------------ the Trainer's hooks
+
+    def _gar_collator(self) -> Any:
+        """The Trainer's collator, dropping the keys the model's forward does not take (with
+        ``args.remove_unused_columns``), as the Trainer does for other datasets."""
+        collator = self.data_collator
+        if not self.args.remove_unused_columns:
+            return collator
+        columns = list(inspect.signature(self.model.forward).parameters)
+        columns += ["label", "label_ids", *(self.label_names or [])]
+        return RemoveColumnsCollator(
+            collator, columns, model_name=type(self.model).__name__, description="training"
+        )
+
+    def get_train_dataloader(self) -> TrackedLoader:
+        """``sampler.track(accelerator.prepare(DataLoader(sampler.dataset,
+        batch_sampler=sampler, ...)))``, with the Trainer's worker settings."""
+        sampler = self._gar_wiring.sampler
+        args = self.args
+        params: dict[str, Any] = {
+            "batch_sampler": sampler,
+            "collate_fn": self._gar_collator(),
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers,
+            "multiprocessing_context": args.dataloader_multiprocessing_context,
+            "prefetch_factor": args.dataloader_prefetch_factor,
+            "worker_init_fn": partial(
+                seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
+            ),
+            # The workers' base seed comes from here, not from the global generator: a new
+            # epoch's iter() then leaves the global RNG (dropout) as it was, so the RNG state
+            # a checkpoint restores is the one the next step draws from.
+            "generator": torch.Generator().manual_seed(args.seed),
+        }
+        if hasattr(args, "dataloader_in_order"):  # transformers >= 4.53 (torch >= 2.6)
+            params["in_order"] = args.dataloader_in_order
+        loader = self.accelerator.prepare(DataLoader(sampler.dataset, **params))
+        return sampler.track(loader)
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The Trainer's ``train``; with ``resume_from_checkpoint`` (a folder, or ``True``
+        for the last one in ``args.output_dir``) it also loads the sampler's and GAR's state
+        saved there, so the run continues exactly."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"No valid checkpoint found in output directory ({self.args.output_dir})"
+                )
+        if resume_from_checkpoint:
+            self._gar_load(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)  # type: ignore[misc]
+
+    def _gar_load(self, folder: str) -> None:
+        wiring = self._gar_wiring
+        path = os.path.join(folder, STATE_FILE.format(rank=wiring.sampler.rank))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"checkpoint {folder} holds no adaptive_data state ({os.path.basename(path)}); "
+                "resume from a checkpoint that a GARTrainer saved"
+            )
+        state = load(path)
+        wiring.load_state_dict(state)
+        sampler_state = state["sampler"]
+        position, n = int(sampler_state["position"]), sampler_state["num_batches"]
+        ga = self.args.gradient_accumulation_steps
+        if sampler_state["epoch"] is not None and 0 < position < n and n % ga:
+            warnings.warn(
+                f"resuming in the middle of an epoch of num_batches={n}, which "
+                f"gradient_accumulation_steps={ga} does not divide: the Trainer counts the "
+                "resumed epoch from its first step, so it does not step on the epoch's last "
+                f"{n % ga} batch(es) and their gradient joins the next epoch's first step. Give "
+                f"the GARSampler a num_batches that {ga} divides for an exact resume",
+                stacklevel=3,
+            )
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's ``log``; training logs gain :meth:`gar_metrics`."""
+        if "loss" in logs:
+            logs.update(self._gar_wiring.metrics())
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+class GARTrainer(GARTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that learns its data mixture; see :class:`GARTrainerMixin`."""
+
+
+class _Later(Iterable[Any]):
+    """Placeholder reference until the Trainer's collator and device are known."""
+
+    def __iter__(self) -> _Later:
+        return self
+
+    def __next__(self) -> Any:
+        raise RuntimeError("the reference batches are built when the Trainer is constructed")

@@ -1,0 +1,168 @@
+"""The Lightning integration: a tiny model on CPU learns a clean source over a random-label
+one from a clean held-out reference, with accumulate_grad_batches=2; the batch GAR rewards
+is the batch trained (checked by content); a run resumed from its own checkpoint ends
+exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import adaptive_data as ad
+
+pl = pytest.importorskip("lightning.pytorch")
+from adaptive_data.integrations.lightning import CHECKPOINT_KEY, GARCallback  # noqa: E402
+
+DIM, CLASSES, BATCH = 8, 4, 16
+
+
+def make_data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(DIM, CLASSES, generator=g)
+
+    def clean(n):
+        x = torch.randn(n, DIM, generator=g)
+        return TensorDataset(x, (x @ w).argmax(1))
+
+    x = torch.randn(96, DIM, generator=g)
+    noisy = TensorDataset(x, torch.randint(0, CLASSES, (96,), generator=g))
+    return {"clean": clean(96), "noisy": noisy}, clean(64)
+
+
+class Module(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(DIM, 32), nn.Tanh(), nn.Linear(32, CLASSES))
+        self.seen: list[torch.Tensor] = []  # the inputs of every training_step
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append(x.clone())
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def per_example_loss(output, y):
+    return F.cross_entropy(output, y, reduction="none")
+
+
+def build(max_steps: int):
+    torch.manual_seed(0)
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    callback = GARCallback(
+        sampler, reference=ad.ReferenceBatches(val, BATCH, seed=0), loss_fn=per_example_loss
+    )
+    loader = callback.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    return sampler, callback, loader, Module()
+
+
+def trainer(tmp_path, max_steps: int, callbacks=(), **kw):
+    return pl.Trainer(
+        max_steps=max_steps,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **kw,
+    )
+
+
+def test_lightning_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_path):
+    sampler, callback, loader, module = build(12)
+    fit = trainer(tmp_path, 12, [callback], enable_checkpointing=False)
+    fit.fit(module, loader)
+    assert sampler.weights["clean"] > 0.9, sampler.weights
+    rewarded = [h["batch"] for h in sampler.history[1:]]
+    assert len(rewarded) == len(module.seen) == 24  # 12 steps x 2 micro-batches
+    for bid, x in zip(rewarded, module.seen, strict=True):
+        keys = sampler._records[bid].keys
+        assert torch.equal(torch.stack([sampler.dataset[k][0] for k in keys]), x)
+    logged = fit.callback_metrics
+    assert float(logged["mixture/weight/clean"]) == pytest.approx(sampler.weights["clean"])
+    assert float(logged["gar/batches_rewarded"]) == 24
+
+
+def params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def test_lightning_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    sampler, callback, loader, module = build(16)
+    every = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"
+    )
+    trainer(tmp_path, 16, [callback, every]).fit(module, loader)
+    # 12 batches per epoch, 6 steps: the checkpoint at step 10 is in the middle of epoch 1.
+    ckpt = tmp_path / "step=10.ckpt"
+    assert CHECKPOINT_KEY in torch.load(ckpt, weights_only=False)
+    sampler2, callback2, loader2, module2 = build(16)
+    trainer(tmp_path / "b", 16, [callback2], enable_checkpointing=False).fit(
+        module2, loader2, ckpt_path=ckpt
+    )
+    assert sampler2.weights == sampler.weights
+    assert torch.equal(params(module2), params(module))
+    assert callback2.gar.metrics() == callback.gar.metrics()
+
+
+def test_lightning_refuses_an_untracked_loader(tmp_path):
+    sampler, callback, _, module = build(2)
+    plain = DataLoader(sampler.dataset, batch_sampler=sampler)
+    with pytest.raises(ValueError, match=r"should get the tracked loader over GARCallback"):
+        trainer(tmp_path, 2, [callback], enable_checkpointing=False).fit(module, plain)
+
+
+def test_lightning_refuses_a_checkpoint_without_its_state(tmp_path):
+    _, _, loader, module = build(2)
+    plain = trainer(tmp_path, 2, enable_checkpointing=False)
+    plain.fit(module, loader)
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    _, callback, loader, module = build(4)
+    with pytest.raises(ValueError, match=r"holds no 'adaptive_data' entry"):
+        trainer(tmp_path, 4, [callback], enable_checkpointing=False).fit(
+            module, loader, ckpt_path=tmp_path / "plain.ckpt"
+        )
+
+
+def test_lightning_refuses_a_sampler_built_for_another_world_size(tmp_path):
+    """Under DDP the sampler must be built after the process group exists (its rank and
+    world size); one built for another world size is refused before training."""
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0, rank=0, world_size=2)
+    callback = GARCallback(sampler, reference=ad.ReferenceBatches(val, BATCH), loss_fn=F.mse_loss)
+    loader = callback.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    with pytest.raises(ValueError, match=r"built for world_size=2. Under DDP, launch with"):
+        trainer(tmp_path, 2, [callback], enable_checkpointing=False).fit(Module(), loader)
+
+
+def test_callback_arguments_are_checked():
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    ref = ad.ReferenceBatches(val, BATCH)
+    with pytest.raises(ValueError, match=r"a mixture of 2 sources needs reference= batches"):
+        GARCallback(sampler)
+    with pytest.raises(ValueError, match=r"reference= needs loss_fn"):
+        GARCallback(sampler, reference=ref)
+    with pytest.raises(ValueError, match=r"reward should be one of .* but got reward='l2'"):
+        GARCallback(sampler, reference=ref, loss_fn=per_example_loss, reward="l2")
+    with pytest.raises(TypeError, match=r"sampler should be a GARSampler, but got dict"):
+        GARCallback(sources)
+    gar = ad.GAR(Module(), sampler, reference=ref, loss_fn=per_example_loss)
+    with pytest.raises(ValueError, match=r"gar is already built, so reference would be ignored"):
+        GARCallback(sampler, gar=gar, reference=ref)
+    other = ad.GARSampler(sources, batch_size=BATCH, seed=1)
+    with pytest.raises(ValueError, match=r"gar was built over another GARSampler"):
+        GARCallback(other, gar=gar)

@@ -1,0 +1,190 @@
+"""The Hugging Face Trainer integration: a tiny model on CPU learns a clean source over a
+random-label one from a clean held-out reference, with gradient accumulation 2; the batch
+GAR rewards is the batch trained (checked by content); a resumed run ends exactly where an
+uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import adaptive_data as ad
+
+transformers = pytest.importorskip("transformers")
+from adaptive_data.integrations.transformers import (  # noqa: E402
+    STATE_FILE,
+    GARTrainer,
+)
+
+DIM, CLASSES, BATCH = 8, 4, 16
+
+
+class Examples(torch.utils.data.Dataset):
+    """Dict examples as a tokenised HF dataset gives them (plus a column the model does not
+    take, which the Trainer drops)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "labels": self.y[i], "text": f"example {i}"}
+
+
+def make_data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(DIM, CLASSES, generator=g)
+
+    def clean(n):
+        x = torch.randn(n, DIM, generator=g)
+        return x, (x @ w).argmax(1)
+
+    xc, yc = clean(96)
+    xn = torch.randn(96, DIM, generator=g)
+    yn = torch.randint(0, CLASSES, (96,), generator=g)
+    xv, yv = clean(64)
+    return {"clean": Examples(xc, yc), "noisy": Examples(xn, yn)}, Examples(xv, yv)
+
+
+class TinyModel(nn.Module):
+    """What a HF model looks like to the Trainer: keyword inputs, {"loss", "logits"} out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(DIM, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, CLASSES)
+        )
+        self.seen: list[torch.Tensor] = []  # inputs of the training forwards of a full batch
+
+    def forward(self, x, labels=None):
+        if self.training and labels is not None and len(x) == BATCH:  # GAR's own have none
+            self.seen.append(x.detach().clone())
+        logits = self.net(x)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def per_example_loss(output, labels):
+    return F.cross_entropy(output["logits"], labels, reduction="none")
+
+
+def build(tmp_path, max_steps: int, save_steps: int = 1000):
+    torch.manual_seed(0)
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    model = TinyModel()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=2,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        logging_steps=5,
+        save_steps=save_steps,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = GARTrainer(
+        model=model,
+        args=args,
+        gar_sampler=sampler,
+        gar_reference=val,
+        gar_loss_fn=per_example_loss,
+    )
+    return trainer, sampler, model
+
+
+def test_trainer_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_path):
+    trainer, sampler, model = build(tmp_path, max_steps=12)
+    trainer.train()
+    weights = sampler.weights
+    assert weights["clean"] > 0.9, weights
+    # Every training forward's batch is the batch GAR rewarded next, in order: the content
+    # the model saw equals the content of the batch ids in the sampler's history.
+    rewarded = [h["batch"] for h in sampler.history[1:]]
+    assert len(rewarded) == len(model.seen) == 24  # 12 steps x 2 micro-batches
+    for bid, x in zip(rewarded, model.seen, strict=True):
+        keys = sampler._records[bid].keys
+        assert torch.equal(torch.stack([sampler.dataset[k]["x"] for k in keys]), x)
+    # The logs carry the weights and GAR's counters.
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged
+    assert "mixture/weight/clean" in logged[-1]
+    assert logged[-1]["gar/batches_rewarded"] == 20  # at step 10
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_trainer_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    trainer, sampler, model = build(tmp_path / "a", max_steps=16, save_steps=10)
+    trainer.train()
+    assert os.path.isfile(tmp_path / "a" / "checkpoint-10" / STATE_FILE.format(rank=0))
+    # 12 batches per epoch, 6 steps: the checkpoint at step 10 is in the middle of epoch 1.
+    trainer2, sampler2, model2 = build(tmp_path / "b", max_steps=16)
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-10"))
+    assert sampler2.weights == sampler.weights
+    assert torch.equal(params(model2), params(model))
+    assert trainer2.gar.metrics() == trainer.gar.metrics()
+    state = json.loads((tmp_path / "a" / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["global_step"] == 10
+
+
+def test_trainer_refuses_a_checkpoint_without_its_state(tmp_path):
+    trainer, _, _ = build(tmp_path, max_steps=2)
+    (tmp_path / "checkpoint-1").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no adaptive_data state"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_trainer_arguments_are_checked(tmp_path):
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    kw = {"model": TinyModel(), "args": args, "gar_sampler": sampler}
+    with pytest.raises(ValueError, match=r"a mixture of 2 sources needs gar_reference= batches"):
+        GARTrainer(**kw)
+    with pytest.raises(ValueError, match=r"train_dataset should be left out"):
+        GARTrainer(**kw, train_dataset=val, gar_reference=val, gar_loss_fn=per_example_loss)
+    with pytest.raises(TypeError, match=r"gar_reference should be a map-style dataset or an"):
+        GARTrainer(**kw, gar_reference=3, gar_loss_fn=per_example_loss)
+    with pytest.raises(TypeError, match=r"gar_sampler should be a GARSampler, but got dict"):
+        GARTrainer(**{**kw, "gar_sampler": sources}, gar_reference=val)
+    trainer = GARTrainer(**kw, gar_reference=val, gar_loss_fn=per_example_loss)
+    assert trainer.args.ignore_data_skip
+    assert trainer.train_dataset is sampler.dataset
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch) == ["labels", "x"]  # the "text" column the model does not take
+
+
+def test_trainer_next_batch_mode_rewards_each_step_against_the_next(tmp_path):
+    """One source without a reference (the augmentation mode): at each optimizer step GAR
+    rewards the previous step's two micro-batches against this step's gradient."""
+    sources, _ = make_data()
+    sampler = ad.GARSampler({"clean": sources["clean"]}, batch_size=BATCH, seed=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = GARTrainer(model=TinyModel(), args=args, gar_sampler=sampler)
+    trainer.train()
+    assert [h["batch"] for h in sampler.history[1:]] == [0, 1, 2, 3, 4, 5]
+    assert trainer.gar.metrics()["batches_rewarded"] == 6
