@@ -1010,6 +1010,8 @@ def _as_dtype(tree: Any, dtype: torch.dtype | None) -> Any:
         ),
         tree,
     )
+
+
 def needs_rng(entry: Entry, norms: bool) -> bool:
     """Whether a call's RNG state is needed: the rule replays the forward, or (for the norms)
     the generic rule may."""

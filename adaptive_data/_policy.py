@@ -239,7 +239,11 @@ class CategoricalPolicy:
             )
         momentum = check_number("momentum", momentum, low=0, high=1)
         # lr=0: a policy that counts its updates but never moves (a frozen control).
-        lr = DEFAULT_LR[rule] if lr is None else check_number("lr", lr, low=0)
+        lr = (
+            DEFAULT_LR[rule]
+            if lr is None
+            else check_number("lr", lr, low=0, what="a non-negative finite number")
+        )
         max_step = check_number("max_step", max_step, positive=True)
         # Set only once every value passed, so a refused state leaves the policy as it was.
         self.floor = float(floor)

@@ -21,8 +21,8 @@ from ._check import check_int, check_keys, check_number
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
-from ._tracking import TrackedLoader, _Pass
 from ._structure import difference, structure
+from ._tracking import TrackedLoader, _Pass
 
 __all__ = ["GARSampler", "MixtureDataset"]
 

@@ -91,7 +91,10 @@ def time_loaders(n: int, workers: int, repeats: int) -> dict[str, Any]:
         s = GARSampler(
             Images(n, pipeline(tf)), batch_size=BATCH, seed=0, transform=tf, reference_every=None
         )
-        loaders[name] = (s.track(DataLoader(s.dataset, batch_sampler=s, **kw)), s if update else None)
+        loaders[name] = (
+            s.track(DataLoader(s.dataset, batch_sampler=s, **kw)),
+            s if update else None,
+        )
     g = torch.Generator().manual_seed(0)
 
     def epoch(loader: DataLoader, sampler: GARSampler | None) -> int:

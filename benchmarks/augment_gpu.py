@@ -134,12 +134,14 @@ class Run:
             transform=self.tf,
             reference_every=None if self.tf is None else 2,
         )
-        self.loader = DataLoader(
-            self.sampler.dataset,
-            batch_sampler=self.sampler,
-            num_workers=args.workers,
-            pin_memory=args.device.startswith("cuda"),
-            persistent_workers=False,
+        self.loader = self.sampler.track(
+            DataLoader(
+                self.sampler.dataset,
+                batch_sampler=self.sampler,
+                num_workers=args.workers,
+                pin_memory=args.device.startswith("cuda"),
+                persistent_workers=False,
+            )
         )
         self.opt = torch.optim.SGD(
             self.model.parameters(),

@@ -227,7 +227,9 @@ def run(
         transform=tf,
         reference_every=None if tf is None or arm == "gar_aug_ref" else 2,
     )
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=args.workers))
+    loader = sampler.track(
+        DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=args.workers)
+    )
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
     )

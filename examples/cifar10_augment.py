@@ -167,7 +167,9 @@ def main() -> None:
         train_set = JpegCIFAR10(tar_path, args.per_class, pipeline)
 
     sampler = ad.GARSampler(train_set, batch_size=128, seed=0, transform=tf, reference_every=2)
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=args.workers))
+    loader = sampler.track(
+        DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=args.workers)
+    )
     net = model()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     loss_fn = nn.CrossEntropyLoss()

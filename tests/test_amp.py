@@ -38,7 +38,9 @@ def test_a_step_with_nonfinite_grad_is_skipped_and_the_kept_batch_waits(reward: 
     overflow = {2: math.inf, 5: math.nan}
     pending = None  # (weights, x, y) of the batch waiting for its reward
     checked = 0
-    for step, (x, y) in enumerate(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))):
+    for step, (x, y) in enumerate(
+        sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    ):
         opt.zero_grad()
         LOSS(model(x), y).mean().backward()
         if step in overflow:
@@ -76,7 +78,9 @@ def test_held_out_mode_skips_the_overflowing_step_without_a_reference_pass() -> 
             yield data(8, seed=1).tensors
 
     gar = ad.GAR(model, sampler, reference=references(), loss_fn=LOSS)
-    for step, (x, y) in enumerate(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))):
+    for step, (x, y) in enumerate(
+        sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    ):
         model.zero_grad()
         LOSS(model(x), y).mean().backward()
         if step == 3:

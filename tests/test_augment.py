@@ -889,6 +889,8 @@ def test_frozen_control_is_bit_identical_to_learning_with_lr_0():
     # The same rewards do move a learning policy, and with it the images drawn.
     assert learning.op_weights != frozen.op_weights
     assert not all(torch.equal(a, b) for a, b in zip(frozen_x, learning_x, strict=True))
+
+
 def test_a_state_without_a_key_is_refused_by_name():
     tf = GARTransform(["Identity", "Rotate"])
     for path in (["counters"], ["op_policy", "logits"], ["magnitude_policies", "Rotate"]):

@@ -449,7 +449,7 @@ def test_workers_and_epochs_reward_the_right_batches():
     sampler = ad.GARSampler(data(30), batch_size=6, seed=0)  # 5 batches per epoch
     gar = ad.GAR(model, sampler, reward="cosine")
     loader = sampler.track(
-        sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=2, prefetch_factor=2))
+        DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=2, prefetch_factor=2)
     )
     previous = None
     checked = 0

@@ -248,7 +248,9 @@ def test_accelerate_prepared_optimizer_is_accepted_as_it_is() -> None:
     torch.testing.assert_close(r, probe(x, y, direction=d, optimizer=opt.optimizer))
     assert not torch.allclose(r, probe(x, y, direction=d))
     # GAR's rewards use the wrapped optimizer's state.
-    loader = torch.utils.data.DataLoader(gar.sampler.dataset, batch_sampler=gar.sampler)
+    loader = gar.sampler.track(
+        torch.utils.data.DataLoader(gar.sampler.dataset, batch_sampler=gar.sampler)
+    )
     for i, (bx, by) in enumerate(loader):
         opt.zero_grad()
         loss_fn(model(bx), by).mean().backward()
