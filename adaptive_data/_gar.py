@@ -144,8 +144,9 @@ class GAR:
                 "from data you trust (a target or validation split), e.g. "
                 "reference=ReferenceBatches(val_set, 128), with loss_fn: a reference drawn from "
                 "the training mixture itself lets the mixture run away onto the sources it "
-                "favours (docs/concepts.md, 'Which reference'). The next-batch reference "
-                "(reference=None) is for augmentation over one trusted source"
+                "favours (docs/concepts.md, 'Which reference can tell good data from bad'). "
+                "The next-batch reference (reference=None) is for augmentation over one trusted "
+                "source"
             )
         check_unsharded(model)
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
