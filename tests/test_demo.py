@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,17 @@ def test_the_default_demo_learns_what_the_readme_says(tmp_path: Path):
     assert summary["gar"]["weights"]["random_labels"] < 0.05
     assert summary["gar"]["weights"]["clean"] > 0.5
     assert summary["gar"]["accuracy"] > summary["uniform"]["accuracy"] + 2
+    # The README quotes this run: its table and accuracies, within the stated tolerance.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in ("clean", "random_labels", "pixel_noise"):
+        row = re.search(rf"^\| {name} \| ([0-9.]+) \| ([0-9.]+) \|$", readme, re.M)
+        assert row, name
+        assert abs(float(row[1]) - summary["gar"]["weights"][name]) <= 0.01
+        assert abs(float(row[2]) - summary["uniform"]["weights"][name]) <= 0.01
+    quoted = re.search(r"and ([0-9.]+)% test accuracy with GAR against ([0-9.]+)% with", readme)
+    assert quoted
+    assert abs(float(quoted[1]) - summary["gar"]["accuracy"]) <= 1.5
+    assert abs(float(quoted[2]) - summary["uniform"]["accuracy"]) <= 1.5
 
 
 def test_bad_options_exit_with_a_message(capsys):
