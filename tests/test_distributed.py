@@ -271,7 +271,40 @@ def scenario_held_out_gar(rank: int, world: int) -> dict:
     }
 
 
+def scenario_accelerate(rank: int, world: int) -> dict:
+    """accelerate's prepare() under several processes wraps the batch sampler in a
+    BatchSamplerShard; the tracked loader switches that second sharding off, so each rank gets
+    every batch its own GARSampler drew, and rewards land on the batch the loop holds."""
+    import os
+
+    from accelerate import Accelerator
+
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+    )  # what a launcher sets; the process group itself is already up (gloo)
+    accelerator = Accelerator(cpu=True)
+    s = ad.GARSampler(sources((80, 60, 40)), batch_size=4, seed=0, lr=0.5)
+    prepared = accelerator.prepare(DataLoader(s.dataset, batch_sampler=s))
+    wrapper = type(prepared.batch_sampler).__name__
+    held, keys = [], []
+    for sid, idx in s.track(prepared):
+        src, pos = s.decode(s._records[s.last_batch].keys)
+        held.append(torch.equal(src, sid) and torch.equal(pos, idx))
+        keys += (sid * 1000 + idx).tolist()
+        s.update(reward_of(sid, idx, rank))
+    return {
+        "processes": accelerator.num_processes,
+        "wrapper": wrapper,
+        "batches": len(held),
+        "len": len(s),
+        "held": all(held),
+        "keys": keys,
+        "weights": list(s.weights.values()),
+    }
+
+
 SCENARIOS = {
+    "accelerate": scenario_accelerate,
     "weights": scenario_weights,
     "resume": scenario_resume,
     "skipped_update": scenario_skipped_update,
@@ -352,3 +385,15 @@ def test_held_out_gar_averages_the_ranks_reference_gradients(tmp_path):
     want = [(a + b) / 2 for a, b in zip(results[0]["local"], results[1]["local"], strict=True)]
     assert results[0]["direction"] == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert results[0]["local"] != results[1]["local"]
+
+
+def test_accelerate_under_two_processes_keeps_every_rank_s_batches(tmp_path):
+    pytest.importorskip("accelerate")
+    results = launch(tmp_path, 2, "accelerate")
+    for res in results:
+        assert res["processes"] == 2
+        assert res["wrapper"] == "BatchSamplerShard"  # accelerate sharded the batch sampler
+        assert res["held"]  # every reward went to the batch the loop held
+        assert res["batches"] == res["len"] > 0  # no rank lost W - 1 of every W batches
+    assert results[0]["weights"] == results[1]["weights"]
+    assert not set(results[0]["keys"][:40]) & set(results[1]["keys"][:40])  # disjoint shards
