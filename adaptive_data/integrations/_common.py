@@ -68,8 +68,8 @@ class Wiring:
                     f"data you trust (a target or validation split), with {p}loss_fn= "
                     "(per-example losses): a reference drawn from the training mixture itself "
                     "lets the mixture run away onto the sources it favours (docs/concepts.md, "
-                    "'Which reference'). Without a reference GAR learns augmentation over one "
-                    "trusted source"
+                    "'Which reference can tell good data from bad'). Without a reference GAR "
+                    "learns augmentation over one trusted source"
                 )
             if reference is not None and (loss_fn is None or not callable(loss_fn)):
                 raise ValueError(
