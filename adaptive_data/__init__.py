@@ -3,7 +3,9 @@
 The public surface is re-exported here; the modules behind it are private.
 """
 
-from ._augment import KERNELS, AugmentPolicy, GARTransform, apply_op, trivial_augment_wide_table
+from typing import TYPE_CHECKING, Any
+
+from ._augment_policy import KERNELS, AugmentPolicy, trivial_augment_wide_table
 from ._batch import split_batch
 from ._gar import GAR
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
@@ -11,6 +13,20 @@ from ._policy import CategoricalPolicy
 from ._probe import METHODS, REWARDS, GradientProbe
 from ._reference import ReferenceBatches
 from ._sampler import GARSampler, MixtureDataset
+
+if TYPE_CHECKING:  # imported on first use (below); type checkers see them here
+    from ._augment import GARTransform, apply_op
+
+
+def __getattr__(name: str) -> Any:
+    # GARTransform and apply_op subclass and call torchvision's transforms.v2, whose import
+    # takes seconds: it happens on first use, not at `import adaptive_data`.
+    if name in ("GARTransform", "apply_op"):
+        from . import _augment
+
+        return getattr(_augment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0.dev0"
 

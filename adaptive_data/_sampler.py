@@ -10,19 +10,30 @@ import warnings
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
-from ._augment import NO_AUGMENTATION, GARTransform
+from ._augment_policy import NO_AUGMENTATION
 from ._check import check_int, check_keys, check_number
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
 from ._structure import difference, structure
 from ._tracking import TrackedLoader, _Pass
+
+if TYPE_CHECKING:
+    from ._augment import GARTransform
+
+
+def _is_gar_transform(obj: Any) -> bool:
+    """Whether ``obj`` is a GARTransform; imports torchvision's v2 (slow) only when asked."""
+    from ._augment import GARTransform
+
+    return isinstance(obj, GARTransform)
+
 
 __all__ = ["GARSampler", "MixtureDataset"]
 
@@ -526,7 +537,7 @@ class GARSampler(Sampler[list[int]]):
         check_int("batch_size", batch_size, minimum=1)
         check_int("seed", seed)
         check_int("reward_window", reward_window, minimum=2)
-        if transform is not None and not isinstance(transform, GARTransform):
+        if transform is not None and not _is_gar_transform(transform):
             raise TypeError(
                 f"transform should be a GARTransform, but got {type(transform).__name__}; "
                 "other transforms belong in the sources' own pipelines"
