@@ -350,13 +350,19 @@ class CategoricalPolicy:
         else:
             z = [0.0] * k
         if self.rule == "reinforce":
-            mean_z = math.fsum(z) / n
-            step = [v / n - q * mean_z for v, q in zip(z, self._q, strict=True)]
+            # In units of the largest |z|: finite rewards near the float64 limit (normalize=
+            # "none") would overflow the sum; a step that overflows is then +-inf, capped below.
+            top = max(map(abs, z))
+            if top > 0:
+                mean_z = math.fsum(v / top for v in z) / n
+                step = [top * (v / top / n - q * mean_z) for v, q in zip(z, self._q, strict=True)]
+            else:
+                step = [0.0] * k
         else:
             step = [v / (n * p) for v, p in zip(z, self._p, strict=True)]
         lr, cap = self.lr, self.max_step
         self._logits = [
-            v + (min(max(lr * d, -cap), cap) if math.isfinite(d) else 0.0)
+            v + (min(max(lr * d, -cap), cap) if not math.isnan(lr * d) else 0.0)
             for v, d in zip(self._logits, step, strict=True)
         ]
         self._settle()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -514,6 +514,12 @@ def test_policies_stay_valid_distributions_under_any_rewards(rewards, config, se
     config=policy_config,
     split=st.integers(0, 12),
     seed=st.integers(0, 1000),
+)
+@example(  # found by hypothesis: finite rewards whose centred sum overflowed (OverflowError)
+    rewards=[[0.0] * 8, [0.0] * 8, [0.0] * 6 + [-3.365984682030305e295, -1.7976931348619792e308]],
+    config={"rule": "reinforce", "normalize": "none", "lr": None},
+    split=0,
+    seed=0,
 )
 def test_policy_state_round_trip_continues_identically(rewards, config, split, seed):
     """A policy restored from a checkpoint (through torch.save and a weights-only load) draws
