@@ -122,7 +122,8 @@ def time_loaders(sources: dict[str, TensorDataset], workers: int, repeats: int) 
     gar_loader = gar.track(DataLoader(gar.dataset, batch_sampler=gar, **kw))
     gar_u = GARSampler(sources, batch_size=BATCH, seed=0, num_batches=len(plain))
     gar_u_loader = gar_u.track(DataLoader(gar_u.dataset, batch_sampler=gar_u, **kw))
-    drawn = [(list(b), list(b.sources)) for b in GARSampler(sources, batch_size=BATCH, seed=1)]
+    drawer = GARSampler(sources, batch_size=BATCH, seed=1)
+    drawn = [(list(b), list(b.sources)) for b in drawer.track(drawer)]  # in-process: ids along
     replayed = ReplayedGARSampler(
         sources, batch_size=BATCH, seed=0, num_batches=len(plain), batches=drawn
     )
