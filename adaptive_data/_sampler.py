@@ -590,9 +590,10 @@ class GARSampler(Sampler[list[int]]):
             other batch, the GAR authors' scheme, which ``benchmarks/augment_quality.py``
             measured 2.3 points better than rewarding against the next augmented batch),
             none without. ``None``: every batch is augmented.
-        rank, world_size: this process's rank and the number of ranks; default: those of the
-            initialised ``torch.distributed`` process group (else 0 and 1). Give both only to
-            simulate ranks in one process (no collectives then).
+        rank: this process's rank; default: that of the initialised ``torch.distributed``
+            process group (else 0). Give ``rank`` and ``world_size`` only to simulate ranks in
+            one process (no collectives then).
+        world_size: the number of ranks; default: that of the process group (else 1).
         sync_timeout_s: how long a distributed ``update()`` waits for the other ranks before
             it raises (instead of hanging).
         on_stream_end: what a process does when its shard of a stream ends: ``"restart"``
