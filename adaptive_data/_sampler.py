@@ -965,6 +965,8 @@ class GARSampler(Sampler[list[int]]):
         if not self._replay:
             it.first_id = self._next_id
         it.started = True
+        if self._stream_ids:  # the main process may not start afresh what was read before
+            self._readers.iteration_started = self._readers.started
         if self._active is not None and self._active is not it:
             self._active.exhausted = True  # the old iteration is over; it draws no more
         self._active = it

@@ -79,7 +79,8 @@ class StreamReaders:
     ``sources`` holds the mixture's sources (``None`` at the map-style ones); ``rank`` and
     ``world_size`` split Hugging Face streams across ranks. ``started`` (set by the sampler, in
     the process that built it) holds the streams drawn so far: a DataLoader worker started later
-    must not begin them afresh. Readers are per process (found anew after a fork or a pickle).
+    must not begin them afresh, nor may the main process begin one drawn in an earlier epoch
+    (``iteration_started``). Readers are per process (found anew after a fork or a pickle).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class StreamReaders:
         self.ids = [s for s, src in enumerate(self.sources) if src is not None]
         self.rank, self.world_size, self.on_end = rank, world_size, on_end
         self.started: frozenset[int] = frozenset()
+        self.iteration_started: frozenset[int] = frozenset()  # ``started`` as the epoch began
         self._home = os.getpid()
         self._home_before: frozenset[int] = frozenset()
         self._pid: int | None = None
@@ -145,13 +147,16 @@ class StreamReaders:
 
     def _open(self, s: int) -> _Reader:
         saved = self._saved.pop(s, None)
-        if saved is None and s in self._before:
+        home = self._pid == self._home and not self._loaded
+        if saved is None and (s in self._before or (home and s in self.iteration_started)):
+            where = _where()
             raise RuntimeError(
-                f"stream {self.names[s]!r} was read before {_where()} started, and this process "
-                "has no record of its place in it: reading it afresh would repeat examples. "
-                "Keep the DataLoader's workers for the whole run (persistent_workers=True, one "
-                "loader per sampler) and resume with torchdata's StatefulDataLoader, which "
-                "restores each worker's place in every stream"
+                f"stream {self.names[s]!r} was read elsewhere before {where} began reading it "
+                f"(by other DataLoader workers, or before a checkpoint), and {where} has no "
+                "record of its place in it: reading it afresh would repeat examples. Keep the "
+                "DataLoader's workers for the whole run (persistent_workers=True, one loader per "
+                "sampler) and resume with torchdata's StatefulDataLoader, which restores each "
+                "worker's place in every stream"
             )
         r = _Reader()
         if saved is None:

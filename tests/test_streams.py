@@ -223,6 +223,34 @@ def test_resume_mid_stream_under_stateful_dataloader(workers):
     assert second.weights == full.weights
 
 
+@pytest.mark.parametrize(("workers", "save_sampler"), [(0, False), (2, True)])
+def test_resume_between_epochs_under_stateful_dataloader(workers, save_sampler):
+    """A checkpoint after an epoch's loop: the restored, finished iterator reads nothing from
+    the streams, and the next epochs read what the uninterrupted run read. With no workers the
+    loader's state alone resumes (the streams' places are in it)."""
+
+    def make():
+        return ad.GARSampler(mixed_sources(), batch_size=4, seed=0, num_batches=5, lr=0.3)
+
+    full = make()
+    expected = loop(full, loader_for(full, workers, StatefulDataLoader), epochs=3)
+    first = make()
+    loader = loader_for(first, workers, StatefulDataLoader)
+    got = loop(first, loader, epochs=1)
+    state = {"loader": loader.state_dict(), "sampler": first.state_dict() if save_sampler else None}
+    del loader
+    second = make()
+    loader = loader_for(second, workers, StatefulDataLoader)
+    loader.load_state_dict(state["loader"])
+    if save_sampler:
+        second.load_state_dict(state["sampler"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got += loop(second, loader, epochs=2)
+    assert got == expected
+    assert second.weights == full.weights
+
+
 def test_resume_without_the_workers_places_in_the_streams_is_refused():
     """A plain DataLoader cannot restore where the streams stood: reading them afresh would
     repeat examples, so the first read raises."""
@@ -233,7 +261,7 @@ def test_resume_without_the_workers_places_in_the_streams_is_refused():
     again.load_state_dict(state)
     raises(
         RuntimeError,
-        r"stream '\w+' was read before the main process",
+        r"stream '\w+' was read elsewhere before the main process began",
         loop,
         again,
         loader_for(again, 0),
@@ -242,11 +270,19 @@ def test_resume_without_the_workers_places_in_the_streams_is_refused():
 
 def test_new_workers_after_a_stream_was_read_are_refused():
     """Workers that start after a stream was read (a loader with non-persistent workers, not
-    tracked, in its second epoch) have lost its place: they raise instead of repeating it."""
+    tracked, in its second epoch), or the main process after workers read it (another loader
+    over the same sampler), have no place in it: they raise instead of repeating it."""
     s = ad.GARSampler({"a": hf_stream(0, 40, shards=2)}, batch_size=4, seed=0, num_batches=2)
     loader = DataLoader(s.dataset, batch_sampler=s, num_workers=2)
     assert len([b for b in loader]) == 2
-    raises(RuntimeError, r"stream 'a' was read before DataLoader worker \d", list, loader)
+    raises(RuntimeError, r"stream 'a' was read elsewhere before DataLoader worker \d", list, loader)
+    # ... and so does the main process, after workers read the stream (another loader)
+    s = ad.GARSampler({"a": hf_stream(0, 40, shards=2)}, batch_size=4, seed=0, num_batches=2)
+    persistent = DataLoader(s.dataset, batch_sampler=s, num_workers=2, persistent_workers=True)
+    assert len(list(persistent)) == 2
+    del persistent
+    match = r"stream 'a' was read elsewhere before the main process began reading it"
+    raises(RuntimeError, match, list, DataLoader(s.dataset, batch_sampler=s))
 
 
 # ------------------------------------------------------------------ bad input
