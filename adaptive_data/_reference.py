@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import default_collate
 
 from ._check import check_int
-from ._sampler import _is_iterable_style, _mix
+from ._sampler import _mix
+from ._streams import is_stream
 
 __all__ = ["ReferenceBatches"]
 
@@ -52,7 +53,7 @@ class ReferenceBatches:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if _is_iterable_style(dataset) or not (
+        if is_stream(dataset) or not (
             hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
         ):
             raise TypeError(

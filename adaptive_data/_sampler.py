@@ -5,22 +5,22 @@ from __future__ import annotations
 import bisect
 import copy
 import math
-import sys
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ._augment_policy import NO_AUGMENTATION
-from ._check import check_int, check_keys, check_number
+from ._check import check_int, check_keys, check_number, is_int
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
+from ._streams import ON_STREAM_END, StreamReaders, is_stream
 from ._structure import difference, structure
 from ._tracking import TrackedLoader, _Pass
 
@@ -68,6 +68,7 @@ _TRANSFORM = "transform"
 _RANK = "rank"
 _WORLD_SIZE = "world_size"
 _REFERENCE_EVERY = "reference_every"
+_STREAM_FIRST = "stream_first_batch"  # per source: id of the first batch that drew it, or -1
 
 
 def _mix(*values: int) -> int:
@@ -85,26 +86,18 @@ def _mix(*values: int) -> int:
 # ---------------------------------------------------------------------- sources
 
 
-def _is_iterable_style(source: Any) -> bool:
-    if isinstance(source, IterableDataset):
-        return True
-    hf = sys.modules.get("datasets")  # only present if the user already imported it
-    return hf is not None and isinstance(source, getattr(hf, "IterableDataset", ()))
-
-
 def _resolve_sources(sources: Any, names: Sequence[str] | None) -> tuple[list[str], list[Any]]:
     if isinstance(sources, Mapping):  # includes datasets.DatasetDict (a dict subclass)
         items = [(str(k), v) for k, v in sources.items()]
     elif isinstance(sources, list | tuple):
         items = [(str(i), v) for i, v in enumerate(sources)]
-    elif _is_iterable_style(sources) or (
-        hasattr(sources, "__getitem__") and hasattr(sources, "__len__")
-    ):
-        items = [("0", sources)]  # one map-style dataset: a single source named "0"
+    elif is_stream(sources) or (hasattr(sources, "__getitem__") and hasattr(sources, "__len__")):
+        items = [("0", sources)]  # one dataset: a single source named "0"
     else:
         raise TypeError(
-            "sources should be a map-style dataset, a dict name -> dataset, a list of datasets "
-            f"or a datasets.DatasetDict, but got {type(sources).__name__}"
+            "sources should be a map-style dataset, a dict name -> dataset, a list of datasets, "
+            "a datasets.DatasetDict, a stream (an IterableDataset) or an IterableDatasetDict, "
+            f"but got {type(sources).__name__}"
         )
     if not items:
         raise ValueError("sources should hold at least one dataset, but got none")
@@ -121,11 +114,8 @@ def _resolve_sources(sources: Any, names: Sequence[str] | None) -> tuple[list[st
             raise ValueError(f"names should not repeat a source, but got names={list(names)}")
         items = [(str(n), available[str(n)]) for n in names]
     for name, src in items:
-        if _is_iterable_style(src):
-            raise TypeError(
-                f"source {name!r} is iterable-style ({type(src).__name__}); GARSampler needs "
-                "map-style datasets (__getitem__ and __len__)"
-            )
+        if is_stream(src):
+            continue  # a stream: read in the workers (its emptiness shows there)
         if not (hasattr(src, "__getitem__") and hasattr(src, "__len__")):
             raise TypeError(
                 f"source {name!r} is not a map-style dataset: {type(src).__name__} lacks "
@@ -159,6 +149,10 @@ class MixtureDataset(Dataset):
     fail there without naming a source, or promote a long label to float silently). Sizes are
     not compared (a padding ``collate_fn`` takes any). After every source was seen once, this
     costs one test per batch.
+
+    A :class:`GARSampler` with stream sources hands out a subclass of this dataset: each stream
+    holds one key, ``offsets[s]``, which means "the next example of stream ``s``" (its size in
+    :attr:`sizes` is ``None``); see docs/howto-mixture.md, "Streaming sources".
     """
 
     def __init__(
@@ -170,11 +164,20 @@ class MixtureDataset(Dataset):
         self.sources = list(sources)
         self.names = list(names)
         self.transform = transform
-        self.sizes = [len(s) for s in self.sources]
+        self.sizes: list[int | None] = [None if is_stream(s) else len(s) for s in self.sources]
+        if type(self) is MixtureDataset and None in self.sizes:
+            stream = self.names[self.sizes.index(None)]
+            raise TypeError(
+                f"source {stream!r} is a stream: a mixture with stream sources is built by "
+                "GARSampler(..., num_batches=...), whose .dataset reads them"
+            )
         self.offsets = [0]
-        for n in self.sizes:
-            self.offsets.append(self.offsets[-1] + n)
-        self._batched = [bool(getattr(s, "__getitems__", None)) for s in self.sources]
+        for n in self.sizes:  # a stream holds one key
+            self.offsets.append(self.offsets[-1] + (1 if n is None else n))
+        self._batched = [
+            n is not None and bool(getattr(s, "__getitems__", None))
+            for s, n in zip(self.sources, self.sizes, strict=True)
+        ]
         self._any_batched = any(self._batched)
         self._unchecked = set(range(len(self.sources)))  # sources whose structure is unseen
         self._structure: tuple[int, Any] | None = None  # (source, structure) of the first seen
@@ -294,10 +297,24 @@ class MixtureDataset(Dataset):
             if self._unchecked:
                 self._check_structure(ids, out)
             return out
-        out = [None] * len(keys)
+        return self._fetch_grouped(ids, keys)
+
+    def _fetch_grouped(
+        self,
+        ids: Sequence[int],
+        keys: Sequence[int],
+        read: Callable[[int], Any] | None = None,
+        streams: Sequence[bool] = (),
+    ) -> list[Any]:
+        """Fetch keys of the sources ``ids``: one ``__getitems__`` call per source that has one,
+        ``read(s)`` (the next example) for the sources flagged in ``streams``, in slot order."""
+        offsets, sources = self.offsets, self.sources
+        out: list[Any] = [None] * len(keys)
         grouped: dict[int, tuple[list[int], list[int]]] = {}
         for pos, (s, key) in enumerate(zip(ids, keys, strict=True)):
-            if self._batched[s]:
+            if read is not None and streams[s]:
+                out[pos] = read(s)
+            elif self._batched[s]:
                 group = grouped.setdefault(s, ([], []))
                 group[0].append(pos)
                 group[1].append(key - offsets[s])
@@ -315,6 +332,61 @@ class MixtureDataset(Dataset):
         if self._unchecked:
             self._check_structure(ids, out)
         return out
+
+
+class _StreamingMixtureDataset(MixtureDataset):
+    """The :class:`MixtureDataset` of a sampler with stream sources.
+
+    A stream's key (``offsets[s]``, its only one) means "the next example of stream ``s``":
+    the process that fetches the batch reads it from its own shard (see ``_streams``), the
+    slots of one stream in slot order. Follows torchdata's ``Stateful`` protocol: its state is
+    this process's place in every stream, which ``StatefulDataLoader`` collects from each
+    worker and restores into it.
+    """
+
+    def __init__(self, sources: Sequence[Any], names: Sequence[str], readers: StreamReaders):
+        super().__init__(sources, names, None)
+        self.streams = readers
+        self._stream = [n is None for n in self.sizes]
+
+    def locate(self, key: int) -> tuple[int, int]:
+        """``(source id, index in that source)``; the index of a stream's key is -1."""
+        s, i = super().locate(key)
+        return (s, -1) if self._stream[s] else (s, i)
+
+    def decode(self, keys: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
+        """Source ids and in-source indices (-1 for a stream's slots, whose example only the
+        process that reads it knows)."""
+        s, i = super().decode(keys)
+        return s, torch.where(torch.tensor(self._stream, dtype=torch.bool)[s], -1, i)
+
+    def __getitem__(self, key: int) -> Any:
+        if isinstance(key, tuple):
+            return self._fetch_decided([key])  # raises: no transform with streams
+        s, i = self.locate(key)
+        item = self.streams.next(s) if self._stream[s] else self.sources[s][i]
+        if self._unchecked:
+            self._check_structure((s,), (item,))
+        return item
+
+    def __getitems__(self, keys: Sequence[int]) -> list[Any]:
+        if not keys:
+            return []
+        if isinstance(keys[0], tuple):
+            return self._fetch_decided(keys)  # raises: no transform with streams
+        ids = getattr(keys, "sources", None)
+        if ids is None or len(ids) != len(keys):
+            ids, _ = MixtureDataset.decode(self, keys)  # checks the range
+            ids = ids.tolist()
+        return self._fetch_grouped(ids, keys, self.streams.next, self._stream)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's place in every stream (torchdata's ``Stateful`` protocol)."""
+        return self.streams.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore this process's place in the streams, from :meth:`state_dict`."""
+        self.streams.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------- batches and iterators
@@ -451,6 +523,29 @@ class _GARIterator:
 # ---------------------------------------------------------------------- the sampler
 
 
+def _check_stream_arguments(
+    streams: list[str], num_batches: Any, transform: Any, weights: Any
+) -> None:
+    """Refuse the arguments a sampler with the stream sources ``streams`` cannot honour."""
+    if num_batches is None:
+        raise ValueError(
+            f"num_batches is required when a source is a stream (source(s) {streams}): a stream "
+            "has no length to count an epoch's batches from; num_batches sets len(sampler)"
+        )
+    if transform is not None:
+        raise ValueError(
+            f"transform= is not supported with stream sources (source(s) {streams}): its "
+            "decisions are armed around each example's fetch, and a stream's pipeline may "
+            "prepare examples ahead of the fetch that returns them. Apply augmentation in the "
+            "stream's own pipeline, or use map-style sources"
+        )
+    if isinstance(weights, str) and weights == "proportional":
+        raise ValueError(
+            f"weights='proportional' needs the size of every source, but source(s) {streams} "
+            "are streams; give the weights: {name: weight} or a sequence"
+        )
+
+
 def _check_batch_id(batch: Any) -> None:
     check_int("batch", batch, what="an int id from sampler.last_batch")
 
@@ -474,14 +569,18 @@ class GARSampler(Sampler[list[int]]):
     docs/howto-ddp.md.
 
     Args:
-        sources: ``{name: dataset}``, a list (names ``"0"``, ``"1"``, ...) or a Hugging Face
-            ``DatasetDict``. Map-style, non-empty.
+        sources: ``{name: dataset}``, a list (names ``"0"``, ``"1"``, ...), a Hugging Face
+            ``DatasetDict`` or ``IterableDatasetDict``. Map-style (non-empty) or streams: a
+            Hugging Face ``IterableDataset`` or a torch ``IterableDataset``, each DataLoader
+            worker and rank reading its own shard (docs/howto-mixture.md, "Streaming
+            sources").
         batch_size: examples per batch (>= 1).
         seed: seeds every generator.
         names: use only these sources (e.g. splits of a DatasetDict), in this order.
         num_batches: batches per epoch; default ``total examples // batch_size`` (at least 1).
+            Required with a stream source.
         weights: initial mixture: ``"uniform"`` (default), ``"proportional"`` (to source
-            sizes), ``{name: w}`` or a sequence.
+            sizes; not with streams), ``{name: w}`` or a sequence.
         floor: minimum probability of each source (default ``0.01 / K``: the sources at the
             floor take 1% of the batch between them; ``benchmarks/mixture_quality.py`` measured
             it against ``0.05 / K``).
@@ -508,6 +607,9 @@ class GARSampler(Sampler[list[int]]):
         world_size: the number of ranks; default: that of the process group (else 1).
         sync_timeout_s: how long a distributed ``update()`` waits for the other ranks before
             it raises (instead of hanging).
+        on_stream_end: what a process does when its shard of a stream ends: ``"restart"``
+            (default: read the shard again, a new pass) or ``"raise"`` (a ``RuntimeError``
+            naming the stream).
 
     Under ``torch.distributed`` each rank draws from its own shard of every source and
     ``update()`` is a collective that keeps the ranks' weights identical (docs/howto-ddp.md).
@@ -533,6 +635,7 @@ class GARSampler(Sampler[list[int]]):
         rank: int | None = None,
         world_size: int | None = None,
         sync_timeout_s: float = 60.0,
+        on_stream_end: str = "restart",
     ) -> None:
         check_int("batch_size", batch_size, minimum=1)
         check_int("seed", seed)
@@ -558,10 +661,27 @@ class GARSampler(Sampler[list[int]]):
                 )
         src_names, srcs = _resolve_sources(sources, names)
         check_number("sync_timeout_s", sync_timeout_s, positive=True)
+        if on_stream_end not in ON_STREAM_END:
+            raise ValueError(
+                f"on_stream_end should be one of {list(ON_STREAM_END)}, but got "
+                f"on_stream_end={on_stream_end!r}"
+            )
+        stream = [is_stream(src) for src in srcs]
+        if any(stream):
+            _check_stream_arguments(
+                [n for n, st in zip(src_names, stream, strict=True) if st],
+                num_batches,
+                transform,
+                weights,
+            )
         self._group = current_group(rank, world_size)
         self._group.timeout_s = float(sync_timeout_s)
         self.rank, self.world_size = self._group.rank, self._group.world_size
-        small = [n for n, src in zip(src_names, srcs, strict=True) if len(src) < self.world_size]
+        small = [
+            n
+            for n, src, st in zip(src_names, srcs, stream, strict=True)
+            if not st and len(src) < self.world_size
+        ]
         if small:
             raise ValueError(
                 f"source(s) {small} hold fewer examples than the {self.world_size} ranks; each "
@@ -569,15 +689,31 @@ class GARSampler(Sampler[list[int]]):
             )
         self.transform = transform
         self.reference_every: int | None = reference_every
+        self.on_stream_end = on_stream_end
         # each rank's share of every source: positions rank, rank + W, ... of its order
-        self._shard_sizes = [len(range(self.rank, len(src), self.world_size)) for src in srcs]
-        self.dataset = MixtureDataset(srcs, src_names, transform)
+        self._shard_sizes = [
+            0 if st else len(range(self.rank, len(src), self.world_size))
+            for src, st in zip(srcs, stream, strict=True)
+        ]
+        self._is_stream = stream
+        self._stream_ids = [s for s, st in enumerate(stream) if st]
+        self._stream_first = [-1] * len(srcs)  # id of the first batch that drew each stream
+        if self._stream_ids:
+            self._readers = StreamReaders(
+                src_names,
+                [src if st else None for src, st in zip(srcs, stream, strict=True)],
+                self.rank,
+                self.world_size,
+                on_stream_end,
+            )
+            self.dataset: MixtureDataset = _StreamingMixtureDataset(srcs, src_names, self._readers)
+        else:
+            self.dataset = MixtureDataset(srcs, src_names, transform)
         self.names = src_names
         self.sizes = self.dataset.sizes
         self.batch_size = batch_size
-        total = len(self.dataset)
         if num_batches is None:
-            num_batches = max(1, total // (batch_size * self.world_size))
+            num_batches = max(1, len(self.dataset) // (batch_size * self.world_size))
         check_int("num_batches", num_batches, minimum=1)
         self.num_batches = num_batches
         self.seed = seed
@@ -591,7 +727,7 @@ class GARSampler(Sampler[list[int]]):
             normalize=normalize,
             momentum=momentum,
             names=src_names,
-            sizes=self.sizes,
+            sizes=None if self._stream_ids else self.sizes,
         )
         self._initial_weights = self._policy.probs_list()
         self._offsets = self.dataset.offsets[:-1]
@@ -653,6 +789,20 @@ class GARSampler(Sampler[list[int]]):
         batch sampler wrapping this one, ``in_order=False``. Limits and the stacks it was
         tested in: docs/howto-mixture.md, "Which batch the loop holds".
         """
+        if self._stream_ids:
+            workers = getattr(loader, "num_workers", 0)
+            if (
+                is_int(workers)
+                and workers > 0
+                and getattr(loader, "persistent_workers", True) is False
+            ):
+                raise ValueError(
+                    f"stream sources {[self.names[s] for s in self._stream_ids]} need the "
+                    f"DataLoader's workers for the whole run, but got num_workers={workers} and "
+                    "persistent_workers=False: each worker keeps its place in its shard of every "
+                    "stream, and the new workers of every epoch would read the streams from "
+                    "their start again. Pass persistent_workers=True"
+                )
         return TrackedLoader(self, loader)
 
     def _open_pass(self, skip: int, workers: int) -> _Pass:
@@ -743,6 +893,24 @@ class GARSampler(Sampler[list[int]]):
             self._cursors[s] = c
         return out
 
+    def _take_or_stream(self, s: int, n: int) -> list[int]:
+        """:meth:`_take` for a map-style source; a stream's ``n`` slots all hold its one key
+        ("its next example", read by the process that fetches the batch)."""
+        if self._is_stream[s]:
+            return [self._offsets[s]] * n
+        return self._take(s, n)
+
+    def _note_streams(self, rec: _Record) -> None:
+        """Remember which streams were drawn, and from which batch on: a DataLoader worker
+        started later finds them already read by others (``StreamReaders.started``)."""
+        readers, first = self._readers, self._stream_first
+        for s in set(rec.sources):
+            if self._is_stream[s]:
+                if first[s] < 0 or rec.id < first[s]:
+                    first[s] = rec.id
+                if s not in readers.started:
+                    readers.started = readers.started | {s}
+
     def _draw(self) -> _Record:
         """One batch: B source choices from the policy, then each source's next examples.
 
@@ -750,7 +918,7 @@ class GARSampler(Sampler[list[int]]):
         slices and one pass over the batch (about 10 us for B=64, K=3).
         """
         src = self._policy.sample(self.batch_size, self._choice_gen).tolist()
-        take = self._take
+        take = self._take_or_stream if self._stream_ids else self._take
         chunks: list[Any] = [None] * len(self.sizes)
         for s in set(src):
             chunks[s] = iter(take(s, src.count(s)))
@@ -808,6 +976,8 @@ class GARSampler(Sampler[list[int]]):
         if not self._replay:
             it.first_id = self._next_id
         it.started = True
+        if self._stream_ids:  # the main process may not start afresh what was read before
+            self._readers.iteration_started = self._readers.started
         if self._active is not None and self._active is not it:
             self._active.exhausted = True  # the old iteration is over; it draws no more
         self._active = it
@@ -844,6 +1014,8 @@ class GARSampler(Sampler[list[int]]):
         if rec.id >= self._next_id:
             self._next_id = rec.id + 1
             self._drawn += 1
+        if self._stream_ids:
+            self._note_streams(rec)
         self._remember(rec)
         self._pos = rec.position
         it.returned += 1
@@ -1138,6 +1310,7 @@ class GARSampler(Sampler[list[int]]):
             _TRANSFORM: None if self.transform is None else self.transform.state_dict(),
             _RANK: self.rank,
             _WORLD_SIZE: self.world_size,
+            _STREAM_FIRST: list(self._stream_first),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1179,7 +1352,9 @@ class GARSampler(Sampler[list[int]]):
                 _REWARD_MEANS,
                 _COUNTERS,
                 _REFERENCE_EVERY,
-            ),  # rank, world_size (default 0, 1) and transform (None: none) may be absent
+                *((_STREAM_FIRST,) if self._stream_ids else ()),
+            ),  # rank, world_size (default 0, 1), transform (None: none) and, without stream
+            # sources, stream_first_batch (states saved before streams were supported) may be absent
             "GARSampler.state_dict()",
         )
         mine = {
@@ -1250,6 +1425,16 @@ class GARSampler(Sampler[list[int]]):
         if self.transform is not None:
             self.transform.load_state_dict(state[_TRANSFORM])
         self._iters.clear()
+        first = state.get(_STREAM_FIRST)
+        self._stream_first = [-1] * len(self.names) if first is None else [int(v) for v in first]
+        if self._stream_ids:
+            # The streams read by batches the loop received before the checkpoint: no process
+            # may start them afresh unless a loader restores its place in them.
+            window = state[_WINDOW]
+            cut = int(window[0]["id"]) if window else int(state[_NEXT_ID])
+            self._readers.resumed(
+                frozenset(s for s in self._stream_ids if 0 <= self._stream_first[s] < cut)
+            )
 
     def _choose_restore(self, target: Any) -> tuple[dict[str, Any], list[_Record]]:
         """Pick the loaded state to resume from.

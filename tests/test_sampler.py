@@ -575,8 +575,11 @@ def test_load_state_dict_checks_the_sampler():
         make().load_state_dict({})
 
 
-# every key but those with a default: rank and world_size (0, 1), transform (None: none)
-REQUIRED_KEYS = sorted(set(make().state_dict()) - {"version", "rank", "world_size", "transform"})
+# every key but those with a default: rank and world_size (0, 1), transform (None: none),
+# stream_first_batch (without stream sources: none drawn; tests/test_streams.py requires it with)
+REQUIRED_KEYS = sorted(
+    set(make().state_dict()) - {"version", "rank", "world_size", "transform", "stream_first_batch"}
+)
 
 
 @pytest.mark.parametrize("key", REQUIRED_KEYS)
@@ -773,8 +776,8 @@ class Stream(IterableDataset):
         (
             ({"s": Stream()},),
             {"batch_size": 2},
-            TypeError,
-            r"source 's' is iterable-style \(Stream\)",
+            ValueError,
+            r"num_batches is required when a source is a stream \(source\(s\) \['s'\]\)",
         ),
         (
             ({"o": object()},),
@@ -783,7 +786,7 @@ class Stream(IterableDataset):
             r"source 'o' is not a map-style dataset",
         ),
         ((42,), {"batch_size": 2}, TypeError, r"a map-style dataset, a dict .* but got int"),
-        ((Stream(),), {"batch_size": 2}, TypeError, r"source '0' is iterable-style \(Stream\)"),
+        ((Stream(),), {"batch_size": 2}, ValueError, r"a stream \(source\(s\) \['0'\]\)"),
         (
             (sources(),),
             {"batch_size": 0},
