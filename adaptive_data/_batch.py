@@ -90,6 +90,20 @@ def batch_size(x: Inputs, what: str = "x") -> int:
     return n
 
 
+def lead_batch_size(x: Inputs, what: str = "x") -> int:
+    """Dim 0 of the first tensor in ``x`` (the model's main input): the batch size of a
+    training forward, whose other arguments may hold no batch (an attention mask ``[T, T]``)."""
+    leaves = [t for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
+    if not leaves:
+        raise TypeError(f"{what} should contain at least one tensor, but got {type(x).__name__}")
+    if leaves[0].dim() == 0 or leaves[0].shape[0] == 0:
+        raise ValueError(
+            f"the first tensor of {what} should hold the batch in dim 0, but has shape "
+            f"{tuple(leaves[0].shape)}"
+        )
+    return int(leaves[0].shape[0])
+
+
 def check_same_batch(y: Any, n: int) -> None:
     """Raise if a tensor in the targets ``y`` does not have ``n`` rows."""
     for t in tree_flatten(y)[0]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from . import _ghost
-from ._batch import batch_size, call_args, check_same_batch, split_batch
+from ._batch import call_args, check_same_batch, lead_batch_size, split_batch
 from ._check import check_int
 from ._direction import (
     Direction,
@@ -271,7 +271,7 @@ class GAR:
         if group is None:
             return
         self._counts = {}
-        self._batch_size = n = batch_size((args, kwargs), "the model's inputs")
+        self._batch_size = n = lead_batch_size((args, kwargs), "the model's inputs")
         self._paused = True  # the layout runs are not training batches: keep nothing
         try:
             self._layout = self._layouts.get(args, kwargs, n)
@@ -463,7 +463,7 @@ class GAR:
         except StopIteration:
             raise RuntimeError("the reference iterator is exhausted") from None
         args, kwargs = call_args(x_ref)
-        n = batch_size(x_ref, "x_ref")
+        n = lead_batch_size(x_ref, "x_ref")
         check_same_batch(y_ref, n)
         self._paused = True  # the reference pass is not a training batch: keep nothing
         try:

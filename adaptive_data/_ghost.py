@@ -630,7 +630,11 @@ def _record(
         records[id(module)].append((_shapes((a, k)), _shapes(out), grads))
 
     def take(t: Any) -> Any:
-        return t[torch.arange(m, device=t.device) % n] if isinstance(t, Tensor) else t
+        # Inputs that hold the batch (dim 0 of size n); others (an attention mask [T, T]) as
+        # they are. With T == n such a mask is cut too, and the model then raises.
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n:
+            return t[torch.arange(m, device=t.device) % n]
+        return t
 
     sub_args, sub_kwargs = tree_map(take, (args, kwargs))
     handles = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules]

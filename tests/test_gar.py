@@ -572,3 +572,53 @@ def test_gar_load_state_dict_checks_the_state():
     del broken["steps"]
     with pytest.raises(ValueError, match=r"missing the key\(s\) \['steps'\]"):
         gar.load_state_dict(broken)
+
+
+class MaskedLM(nn.Module):
+    """A causal LM called as ``model(x, mask)``: the mask ``[T, T]`` holds no batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x), mask=mask, is_causal=True))
+
+
+def token_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+
+
+def test_a_side_input_without_the_batch_is_passed_whole():
+    """GAR runs the model on a few examples to find each layer's batch dim; an attention mask
+    [T, T] passed beside the tokens (T != batch size) is passed whole, and the rewards equal a
+    per-example loop oracle (held-out reference, plain gradient)."""
+    torch.manual_seed(0)
+    t, n = 6, 8
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(m: int) -> TensorDataset:
+        return TensorDataset(
+            torch.randint(0, 20, (m, t), generator=g), torch.randint(0, 20, (m, t), generator=g)
+        )
+
+    seqs, x_ref, y_ref = tokens(40), *tokens(8).tensors
+    model, mask = MaskedLM(), nn.Transformer.generate_square_subsequent_mask(t)
+    sampler = ad.GARSampler({"a": seqs, "b": tokens(40)}, batch_size=n, seed=0)
+    reference = itertools.repeat(((x_ref, mask), y_ref))
+    gar = ad.GAR(model, sampler, reward="dot", reference=reference, loss_fn=token_loss)
+    x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
+    token_loss(model(x, mask), y).mean().backward()
+    r = gar.step()
+    gar.close()
+    params = [p for p in model.parameters() if p.requires_grad]
+    d = torch.autograd.grad(token_loss(model(x_ref, mask), y_ref).mean(), params)
+    want = []
+    for i in range(n):
+        gi = torch.autograd.grad(token_loss(model(x[i : i + 1], mask), y[i : i + 1]).sum(), params)
+        want.append(sum(float((a * b).sum()) for a, b in zip(gi, d, strict=True)))
+    # The kept gradients are those of the loop's .mean(): each g_i carries 1 / n.
+    torch.testing.assert_close(r * n, torch.tensor(want), rtol=1e-4, atol=1e-6)
