@@ -40,7 +40,7 @@ time each arm needs to reach uniform's final loss (per seed), the loss each arm 
 uniform's wall time (equal compute), and when the corrupted sources fall under 5% weight.
 Evaluation is not counted in wall time.
 
-    python benchmarks/lm_mixture.py [DATA_DIR]          # full run (~25 min on 2 shared cores)
+    python benchmarks/lm_mixture.py [DATA_DIR]          # full run (20 min on 2 shared cores)
     python benchmarks/lm_mixture.py [DATA_DIR] --quick  # smoke run (seconds), writes nothing
 
 ``DATA_DIR`` holds ``text/*.txt.gz`` (default: ``../shared/data`` beside the repository).
