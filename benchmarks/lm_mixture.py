@@ -131,8 +131,11 @@ def load(data_dir: Path, scale: float) -> tuple[dict[str, TensorDataset], Tensor
 class ByteLM(nn.Module):
     """Token and position embeddings, a pre-norm causal TransformerEncoder, a Linear head."""
 
-    def __init__(self, dim: int = 128, heads: int = 4, layers: int = 2) -> None:
+    def __init__(
+        self, dim: int = 128, heads: int = 4, layers: int = 2, expand_positions: bool = False
+    ) -> None:
         super().__init__()
+        self.expand_positions = expand_positions
         self.tok = nn.Embedding(VOCAB, dim)
         self.pos = nn.Embedding(SEQ, dim)
         layer = nn.TransformerEncoderLayer(
@@ -143,8 +146,11 @@ class ByteLM(nn.Module):
         self.head = nn.Linear(dim, VOCAB)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
-        h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
+        b, t = x.shape
+        positions = torch.arange(t, device=x.device)
+        if self.expand_positions:  # [B, T]: the position embedding's output holds the batch
+            positions = positions.expand(b, t)
+        h = self.tok(x) + self.pos(positions)
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
         return self.head(self.norm(self.body(h, mask=mask, is_causal=True)))
 
@@ -175,7 +181,7 @@ def train_reference(
 ) -> tuple[nn.Module, float]:
     """DoReMi's reference model: the same model trained on the uniform mixture."""
     torch.manual_seed(10_000 + seed)
-    model = ByteLM()
+    model = ByteLM(expand_positions=args.expand_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sampler = ad.GARSampler(sources, batch_size=args.batch, seed=10_000 + seed, num_batches=steps)
     loader = DataLoader(sampler.dataset, batch_sampler=sampler)
@@ -201,7 +207,7 @@ def run(
     names = list(sources)
     k = len(names)
     torch.manual_seed(seed)  # the model's initialisation (benchmark code, not the library)
-    model = ByteLM()
+    model = ByteLM(expand_positions=args.expand_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     kw: dict[str, Any] = {"batch_size": args.batch, "seed": seed, "num_batches": args.steps}
     if method == "proportional":
@@ -469,6 +475,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--doremi-eta", type=float, default=1.0)
     parser.add_argument("--doge-eta", type=float, default=100.0, help="DoGE's step / lr")
+    parser.add_argument(
+        "--expand-positions",
+        action="store_true",
+        help="call the position embedding on arange(T).expand(B, T) (its output then holds "
+        "the batch, which GAR's ghost rules cover without replaying the whole model)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "lm_mixture.json")
@@ -507,6 +519,7 @@ def main() -> None:
         "eval_every": args.eval_every,
         "doremi_eta": args.doremi_eta,
         "doge_eta_over_lr": args.doge_eta,
+        "expand_positions": args.expand_positions,
         "seeds": seeds,
         "methods": {m: {"runs": []} for m in methods},
     }
