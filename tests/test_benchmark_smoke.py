@@ -61,6 +61,28 @@ def test_mixture_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
     assert "Fashion-MNIST not found" in done.stderr
 
 
+def test_lm_mixture_quick() -> None:
+    data = ROOT.parent / "shared" / "data" / "text"
+    if not data.is_dir():
+        pytest.skip(f"text domains not found at {data}")
+    done = _run("benchmarks/lm_mixture.py", "--quick")
+    assert done.returncode == 0, done.stderr
+    for arm in ("uniform", "odm_exp3", "doremi", "doge", "gar", "gar_every4"):
+        assert f"| {arm} | " in done.stdout
+
+
+def test_lm_mixture_says_what_to_pass_without_data(tmp_path: Path) -> None:
+    done = _run("benchmarks/lm_mixture.py", str(tmp_path), "--quick")
+    assert done.returncode != 0
+    assert "text domains not found" in done.stderr
+
+
+def test_lm_mixture_refuses_streaming_until_the_sampler_takes_streams() -> None:
+    done = _run("benchmarks/lm_mixture.py", "--quick", "--stream")
+    assert done.returncode != 0
+    assert "--stream is not available yet" in done.stderr
+
+
 @pytest.fixture(scope="module")
 def cifar_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A decoded-array cache of its own (a fresh machine has none), shared by the CIFAR runs."""
