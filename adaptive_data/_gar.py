@@ -60,6 +60,33 @@ def _detach(tree: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
+def check_arguments(
+    sampler: GARSampler, every: Any, reward: Any, reference: Any, loss_fn: Any, prefix: str = ""
+) -> None:
+    """GAR's checks of ``every``, ``reward`` and the reference, shared with the integrations
+    (which check them when they are built, before GAR is); ``prefix`` names their arguments."""
+    p = prefix
+    check_int(f"{p}every", every, minimum=1)
+    if reward not in REWARDS:
+        raise ValueError(
+            f"{p}reward should be one of {', '.join(REWARDS)}, but got {p}reward={reward!r}"
+        )
+    if reference is not None and (loss_fn is None or not callable(loss_fn)):
+        raise ValueError(
+            f"{p}reference= needs {p}loss_fn (per-example losses [N]) to compute the reference "
+            f"gradient, but got {p}loss_fn={loss_fn!r}"
+        )
+    if reference is None and len(sampler.names) > 1:
+        raise ValueError(
+            f"a mixture of {len(sampler.names)} sources needs {p}reference= batches from data "
+            f"you trust (a target or validation split), e.g. ReferenceBatches(val_set, 128), "
+            f"with {p}loss_fn: a reference drawn from the training mixture itself lets the "
+            "mixture run away onto the sources it favours (docs/concepts.md, 'Which reference "
+            "can tell good data from bad'). The next-batch reference (no reference) is for "
+            "augmentation over one trusted source"
+        )
+
+
 class GAR:
     """Learn the sampler's mixture (and its :class:`GARTransform`) from the training loop itself.
 
@@ -126,28 +153,9 @@ class GAR:
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
-        check_int("every", every, minimum=1)
-        if reward not in REWARDS:
-            raise ValueError(
-                f"reward should be one of {', '.join(REWARDS)}, but got reward={reward!r}"
-            )
+        check_arguments(sampler, every, reward, reference, loss_fn)
         if reference is not None:
-            if loss_fn is None or not callable(loss_fn):
-                raise ValueError(
-                    "reference= needs loss_fn (per-example losses) to compute the reference "
-                    f"gradient, but got loss_fn={loss_fn!r}"
-                )
             reference = iter(reference)
-        if reference is None and len(sampler.names) > 1:
-            raise ValueError(
-                f"GAR over a mixture of {len(sampler.names)} sources needs reference= batches "
-                "from data you trust (a target or validation split), e.g. "
-                "reference=ReferenceBatches(val_set, 128), with loss_fn: a reference drawn from "
-                "the training mixture itself lets the mixture run away onto the sources it "
-                "favours (docs/concepts.md, 'Which reference can tell good data from bad'). "
-                "The next-batch reference (reference=None) is for augmentation over one trusted "
-                "source"
-            )
         check_unsharded(model)
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         params = trainable_parameters(core)

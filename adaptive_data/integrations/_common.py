@@ -10,9 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._check import check_int
-from .._gar import GAR
-from .._probe import REWARDS
+from .._gar import GAR, check_arguments
 from .._sampler import GARSampler
 
 __all__: list[str] = []
@@ -57,25 +55,7 @@ class Wiring:
                     "ignored; pass them to GAR(...) or leave gar out"
                 )
         else:
-            check_int(f"{p}every", every, minimum=1)
-            if reward not in REWARDS:
-                raise ValueError(
-                    f"{p}reward should be one of {', '.join(REWARDS)}, but got {p}reward={reward!r}"
-                )
-            if reference is None and len(sampler.names) > 1:
-                raise ValueError(
-                    f"a mixture of {len(sampler.names)} sources needs {p}reference= batches from "
-                    f"data you trust (a target or validation split), with {p}loss_fn= "
-                    "(per-example losses): a reference drawn from the training mixture itself "
-                    "lets the mixture run away onto the sources it favours (docs/concepts.md, "
-                    "'Which reference can tell good data from bad'). Without a reference GAR "
-                    "learns augmentation over one trusted source"
-                )
-            if reference is not None and (loss_fn is None or not callable(loss_fn)):
-                raise ValueError(
-                    f"{p}reference= needs {p}loss_fn, loss_fn(output, target) -> per-example "
-                    f"losses [N], but got {p}loss_fn={loss_fn!r}"
-                )
+            check_arguments(sampler, every, reward, reference, loss_fn, prefix=p)
         self.sampler = sampler
         self.gar = gar
         self.reference = reference
