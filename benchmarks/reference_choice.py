@@ -50,8 +50,8 @@ LOSS = nn.CrossEntropyLoss(reduction="none")
 
 
 def teacher_task(seed: int, n: int = 600) -> tuple[dict[str, TensorDataset], TensorDataset]:
-    """Clean and random-label sources with the same inputs, and a clean held-out split of 256
-    (the mixture case of tests/test_gar.py)."""
+    """Clean and random-label sources with the same inputs (labels of a fixed random linear
+    teacher), and a clean held-out split of 256 (tests/test_gar.py runs it on a few seeds)."""
     g = torch.Generator().manual_seed(1000 + seed)
     w = torch.randn(16, 4, generator=g)
 

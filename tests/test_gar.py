@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,53 +295,33 @@ def test_batches_that_wait_longer_than_reference_every_are_dropped():
     assert gar.metrics()["batches_dropped"] == 8 - len(gar._groups)
 
 
-def teacher_task(seed: int, n: int = 600):
-    """Clean and random-label sources with the same inputs (labels of a fixed random linear
-    teacher), and a clean held-out split: the mixture case of docs/concepts.md."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    w = torch.randn(16, 4, generator=g)
+@pytest.fixture
+def reference_choice(monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/reference_choice.py: the mixture case of docs/concepts.md (clean and
+    random-label sources, a clean held-out split) and its one-line GAR run."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import reference_choice
 
-    def split(m: int, noisy: bool = False) -> TensorDataset:
-        x = torch.randn(m, 16, generator=g)
-        y = torch.randint(0, 4, (m,), generator=g) if noisy else (x @ w).argmax(1)
-        return TensorDataset(x, y)
-
-    return {"clean": split(n), "noisy": split(n, noisy=True)}, split(256)
-
-
-def clean_weight_after_training(seed: int, epochs: int = 3) -> float:
-    sources, held_out = teacher_task(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sampler = ad.GARSampler(sources, batch_size=32, seed=seed)
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
-    reference = ad.ReferenceBatches(held_out, 64, seed=seed)
-    with ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=LOSS) as gar:
-        for _ in range(epochs):
-            for xb, yb in loader:
-                opt.zero_grad()
-                LOSS(model(xb), yb).mean().backward()
-                gar.step()
-                opt.step()
-        assert gar.metrics()["batches_rewarded"] == epochs * len(sampler)
-    return sampler.weights["clean"]
+    return reference_choice
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_one_line_gar_learns_the_mixture_from_a_held_out_reference(seed):
-    """Every default, a trusted held-out reference: the clean source wins (from 0.5)."""
-    assert clean_weight_after_training(seed) > 0.9
+def test_one_line_gar_learns_the_mixture_from_a_held_out_reference(seed, reference_choice):
+    """Every default, a trusted held-out reference: the clean source wins (from 0.5), and
+    every batch of the 3 epochs (37 each) was rewarded."""
+    run = reference_choice.run("held_out", seed, epochs=3)
+    assert run["clean_weight"] > 0.9
+    assert run["updates"] == 3 * 37
 
 
 @pytest.mark.slow
-def test_one_line_gar_learns_the_mixture_on_twenty_seeds():
-    weights = [clean_weight_after_training(seed) for seed in range(20)]
+def test_one_line_gar_learns_the_mixture_on_twenty_seeds(reference_choice):
+    weights = [reference_choice.run("held_out", s, epochs=3)["clean_weight"] for s in range(20)]
     assert min(weights) > 0.9, weights
 
 
-def test_one_line_gar_refuses_a_mixture_without_a_trusted_reference():
-    sources, _ = teacher_task(0)
+def test_one_line_gar_refuses_a_mixture_without_a_trusted_reference(reference_choice):
+    sources, _ = reference_choice.teacher_task(0)
     model = nn.Sequential(nn.Linear(16, 4))
     sampler = ad.GARSampler(sources, batch_size=8, seed=0)
     with pytest.raises(ValueError, match=r"mixture of 2 sources needs reference= batches"):
