@@ -344,3 +344,50 @@ def test_an_iterable_dataset_dict_is_a_mixture_of_streams():
     assert s.sizes == [None, None]
     seen = loop(s, loader_for(s, 0))
     assert sum(len(ss) for _, ss, _ in seen) == 8
+
+
+def test_one_line_gar_learns_over_a_stream_and_a_map_style_source():
+    """The one-line GAR with a held-out reference over a stream mixed with a map-style source
+    (through workers): every received batch is paired with its forward and rewarded, and the
+    source whose labels match the reference's wins."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, generator=g)
+
+    def split(n: int, noisy: bool) -> dict[str, list]:
+        x = torch.randn(n, 6, generator=g)
+        y = torch.randint(0, 3, (n,), generator=g) if noisy else (x @ w).argmax(1)
+        return {"x": x.tolist(), "y": y.tolist()}
+
+    clean = datasets.Dataset.from_dict(split(400, False)).to_iterable_dataset(num_shards=4)
+    noisy = datasets.Dataset.from_dict(split(400, True)).with_format("torch")
+    held_out = datasets.Dataset.from_dict(split(64, False)).with_format("torch")
+    sampler = ad.GARSampler(
+        {"clean": clean.with_format("torch"), "noisy": noisy}, batch_size=16, seed=0, num_batches=30
+    )
+
+    def pair(examples):
+        return torch.stack([e["x"] for e in examples]), torch.stack([e["y"] for e in examples])
+
+    loader = sampler.track(
+        DataLoader(
+            sampler.dataset,
+            batch_sampler=sampler,
+            collate_fn=pair,
+            num_workers=2,
+            persistent_workers=True,
+        )
+    )
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    ref = ad.ReferenceBatches(held_out, 32, seed=0, collate_fn=pair)
+    with ad.GAR(model, sampler, optimizer=opt, reference=ref, loss_fn=loss_fn) as gar:
+        for _ in range(2):
+            for x, y in loader:
+                opt.zero_grad()
+                loss_fn(model(x), y).mean().backward()
+                gar.step()
+                opt.step()
+        assert gar.metrics()["batches_rewarded"] == 60
+    assert sampler.weights["clean"] > 0.8
