@@ -31,7 +31,9 @@ for the same number of steps:
   batch, ``W_i = <g_i, g_target>``, the weights move by ``alpha <- softmax(log alpha + eta W)``
   and the model steps on ``sum_i alpha_i g_i`` (eta scaled by the learning rate, as DoGE does);
 * ``gar``: the one-line GAR with a held-out reference (``ReferenceBatches`` of 32 target
-  sequences), every default otherwise; ``gar_every4``: the same, rewarding every 4th step.
+  sequences), every default otherwise; ``gar_every4``: the same, rewarding every 4th step;
+  ``gar_r8`` (not in the default run: ``--methods``): every step rewarded against a
+  reference gradient recomputed every 8th step (``reference_refresh=8``).
 
 Reported per arm: test loss against steps and against wall time
 (``benchmarks/results/lm_mixture_loss_steps.png``, ``..._loss_wall.png``), the weights over
@@ -45,10 +47,12 @@ Evaluation is not counted in wall time.
 
 ``DATA_DIR`` holds ``text/*.txt.gz`` (default: ``../shared/data`` beside the repository).
 
-TODO(streaming): ``--stream`` would read each source as a sharded stream
-(``datasets.Dataset.to_iterable_dataset(num_shards=...)``), as a corpus is read in practice;
-it needs GARSampler's support for iterable sources, which is not there yet, so the flag is
-refused with a message for now.
+``--stream`` reads every training source as a sharded Hugging Face stream
+(``datasets.Dataset.from_dict(...).to_iterable_dataset(num_shards=...)``, ``--shards`` shards
+each), as a corpus is read in practice, through ``--workers`` DataLoader workers (persistent,
+each reading its own shards); the batches are then dicts (``input_ids``, ``labels``,
+``domain``). The sequences are the same; which of them a batch holds differs from the
+map-style run (a stream is read in order, a map-style source in a shuffled one).
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ TARGET = "en_man1_target"
 SEQ = 128
 VOCAB = 256
 METHODS = ("uniform", "proportional", "odm_exp3", "doremi", "doge", "gar", "gar_every4")
+# The GAR arms: (every, reference_refresh). gar_r8 is not in the default run.
+GAR_ARMS = {"gar": (1, 1), "gar_every4": (4, 1), "gar_r8": (1, 8)}
 CORRUPTED = ("random_bytes", "shuffled_en")
 
 
@@ -99,6 +105,40 @@ def pairs(seqs: torch.Tensor, domain: int | None = None) -> TensorDataset:
     if domain is None:
         return TensorDataset(x, y)
     return TensorDataset(x, y, torch.full((len(seqs),), domain, dtype=torch.long))
+
+
+def stream(source: TensorDataset, shards: int) -> Any:
+    """The same examples as a Hugging Face stream of ``shards`` shards (dict examples:
+    ``input_ids``, ``labels``, ``domain``), as ``load_dataset(..., streaming=True)`` reads a
+    sharded corpus."""
+    import datasets
+
+    x, y, domain = source.tensors
+    table = datasets.Dataset.from_dict(
+        {"input_ids": x.numpy(), "labels": y.numpy(), "domain": domain.numpy()}
+    )
+    return table.to_iterable_dataset(num_shards=shards).with_format("torch")
+
+
+def loader_for(sampler: ad.GARSampler, args: argparse.Namespace) -> Any:
+    """The tracked loader over the sampler; with ``--stream``, ``--workers`` persistent
+    workers (each holds its place in its shards of the streams)."""
+    workers = args.workers if args.stream else 0
+    return sampler.track(
+        DataLoader(
+            sampler.dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+    )
+
+
+def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input, target, domain)`` of a map-style (tuple) or a stream (dict) batch."""
+    if isinstance(batch, dict):
+        return batch["input_ids"], batch["labels"], batch["domain"]
+    return batch
 
 
 def load(data_dir: Path, scale: float) -> tuple[dict[str, TensorDataset], TensorDataset, Any]:
@@ -184,9 +224,10 @@ def train_reference(
     model = ByteLM(expand_positions=args.expand_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sampler = ad.GARSampler(sources, batch_size=args.batch, seed=10_000 + seed, num_batches=steps)
-    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    loader = loader_for(sampler, args)
     t0 = time.perf_counter()
-    for x, y, _ in loader:
+    for batch in loader:
+        x, y, _ = unpack(batch)
         loss = per_example_loss(model(x), y).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,22 +251,24 @@ def run(
     model = ByteLM(expand_positions=args.expand_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     kw: dict[str, Any] = {"batch_size": args.batch, "seed": seed, "num_batches": args.steps}
-    if method == "proportional":
-        sampler = ad.GARSampler(sources, weights="proportional", **kw)
+    if method == "proportional":  # to the sources' sizes (a stream has no len(): given)
+        sampler = ad.GARSampler(sources, weights=[args.sizes[n] for n in names], **kw)
     elif method == "odm_exp3":
         sampler = ad.GARSampler(sources, rule="exp_grad", lr=0.1, **kw)
     else:
         sampler = ad.GARSampler(sources, **kw)
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    loader = loader_for(sampler, args)
     gar = None
-    if method in ("gar", "gar_every4"):
+    if method in GAR_ARMS:
+        every, refresh = GAR_ARMS[method]
         gar = ad.GAR(
             model,
             sampler,
             optimizer=opt,
-            every=4 if method == "gar_every4" else 1,
+            every=every,
             reference=ad.ReferenceBatches(ref_set, args.ref_batch, seed=seed),
             loss_fn=per_example_loss,
+            reference_refresh=refresh,
         )
     ref_iter = (
         iter(ad.ReferenceBatches(ref_set, args.ref_batch, seed=seed)) if method == "doge" else None
@@ -239,7 +282,8 @@ def run(
     curve.append((0, wall, target_loss(model, *test)))
     step = 0
     tick = time.perf_counter()
-    for x, y, src in loader:
+    for batch in loader:
+        x, y, src = unpack(batch)
         if method == "doge":
             xr, yr = next(ref_iter)
             g_t = torch.autograd.grad(per_example_loss(model(xr), yr).mean(), params)
@@ -432,7 +476,7 @@ def plot(results: dict[str, Any], out: Path) -> dict[str, str]:
         paths[f"loss_vs_{key}"] = (
             str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
         )
-    shown = [m for m in ("odm_exp3", "doremi", "doge", "gar", "gar_every4") if m in methods]
+    shown = [m for m in ("odm_exp3", "doremi", "doge", *GAR_ARMS) if m in methods]
     fig, axes = plt.subplots(
         1, len(shown), figsize=(4 * len(shown), 3.4), sharey=True, squeeze=False
     )
@@ -465,7 +509,15 @@ def main() -> None:
         help="folder holding text/ (default: ../shared/data)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
-    parser.add_argument("--stream", action="store_true", help="sharded streaming sources (TODO)")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="read every source as a sharded Hugging Face stream (dict batches)",
+    )
+    parser.add_argument("--shards", type=int, default=8, help="shards per stream (--stream)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="DataLoader workers with --stream (default 1)"
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=75)
     parser.add_argument("--eval-every", type=int, default=15)
@@ -485,29 +537,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "lm_mixture.json")
     args = parser.parse_args()
-    if args.stream:
-        # TODO(streaming): build each source with
-        # datasets.Dataset.from_dict(...).to_iterable_dataset(num_shards=...) once GARSampler
-        # takes iterable sources (issue 15, item 3); until then the benchmark is map-style only.
-        sys.exit(
-            "--stream is not available yet: GARSampler does not take streaming (iterable) "
-            "sources yet. Run without --stream (map-style sources)."
-        )
     torch.set_num_threads(args.threads)
     scale = 1.0
     if args.quick:
         args.steps, args.eval_every, args.test_size, args.seeds, scale = 4, 2, 16, "0", 0.02
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
+    unknown = sorted(set(methods) - {*METHODS, *GAR_ARMS})
+    if unknown:
+        sys.exit(f"unknown --methods {unknown}: choose from {', '.join((*METHODS, 'gar_r8'))}")
     if "uniform" not in methods:
         sys.exit("--methods must include uniform (the other arms are measured against it)")
     sources, ref_set, test_set = load(args.data, scale)
+    args.sizes = sizes = {n: len(s) for n, s in sources.items()}
+    if args.stream:
+        sources = {n: stream(s, args.shards) for n, s in sources.items()}
     test = (test_set.tensors[0][: args.test_size], test_set.tensors[1][: args.test_size])
     n_params = sum(p.numel() for p in ByteLM().parameters())
     results: dict[str, Any] = {
         **header(),
         "sources": list(sources),
-        "sizes": {n: len(s) for n, s in sources.items()},
+        "sizes": sizes,
         "reference_size": len(ref_set),
         "test_size": len(test[0]),
         "model_parameters": n_params,
@@ -520,6 +570,9 @@ def main() -> None:
         "doremi_eta": args.doremi_eta,
         "doge_eta_over_lr": args.doge_eta,
         "expand_positions": args.expand_positions,
+        "stream": args.stream,
+        "shards": args.shards if args.stream else None,
+        "workers": args.workers if args.stream else 0,
         "seeds": seeds,
         "methods": {m: {"runs": []} for m in methods},
     }

@@ -77,10 +77,26 @@ def test_lm_mixture_says_what_to_pass_without_data(tmp_path: Path) -> None:
     assert "text domains not found" in done.stderr
 
 
-def test_lm_mixture_refuses_streaming_until_the_sampler_takes_streams() -> None:
-    done = _run("benchmarks/lm_mixture.py", "--quick", "--stream")
-    assert done.returncode != 0
-    assert "--stream is not available yet" in done.stderr
+def test_lm_mixture_quick_reads_sharded_streams_through_a_worker() -> None:
+    data = ROOT.parent / "shared" / "data" / "text"
+    if not data.is_dir():
+        pytest.skip(f"text domains not found at {data}")
+    done = _run(
+        "benchmarks/lm_mixture.py",
+        "--quick",
+        "--stream",
+        "--workers",
+        "1",
+        "--methods",
+        "uniform,proportional,gar",
+    )
+    assert done.returncode == 0, done.stderr
+    for arm in ("uniform", "proportional", "gar"):
+        assert f"| {arm} | " in done.stdout
+    # proportional draws from the sizes given (a stream has no len()): random_bytes is largest
+    line = next(ln for ln in done.stdout.splitlines() if ln.strip().startswith("proportional "))
+    weights = dict(kv.split("=") for kv in line.split(None, 1)[1].split(", "))
+    assert max(weights, key=lambda n: float(weights[n])) == "random_bytes"
 
 
 @pytest.fixture(scope="module")
