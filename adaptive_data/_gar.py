@@ -35,6 +35,7 @@ __all__ = ["GAR"]
 _STATE_VERSION = 1
 _STATE_KEYS = ("mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded")
 _STATE_KEYS += ("dropped", "skipped_nonfinite", "last_mean", "reference")
+_STATE_KEYS += ("reference_refresh", "reference_gradient", "reference_step")
 
 
 @dataclass
@@ -61,12 +62,26 @@ def _detach(tree: Any) -> Any:
 
 
 def check_arguments(
-    sampler: GARSampler, every: Any, reward: Any, reference: Any, loss_fn: Any, prefix: str = ""
+    sampler: GARSampler,
+    every: Any,
+    reward: Any,
+    reference: Any,
+    loss_fn: Any,
+    reference_refresh: Any = 1,
+    prefix: str = "",
 ) -> None:
-    """GAR's checks of ``every``, ``reward`` and the reference, shared with the integrations
-    (which check them when they are built, before GAR is); ``prefix`` names their arguments."""
+    """GAR's checks of ``every``, ``reward``, the reference and its refresh, shared with the
+    integrations (which check them when they are built, before GAR is); ``prefix`` names
+    their arguments."""
     p = prefix
     check_int(f"{p}every", every, minimum=1)
+    check_int(f"{p}reference_refresh", reference_refresh, minimum=1)
+    if reference is None and reference_refresh != 1:
+        raise ValueError(
+            f"{p}reference_refresh reuses a held-out reference gradient: it needs "
+            f"{p}reference=, but got {p}reference=None and "
+            f"{p}reference_refresh={reference_refresh}"
+        )
     if reward not in REWARDS:
         raise ValueError(
             f"{p}reward should be one of {', '.join(REWARDS)}, but got {p}reward={reward!r}"
@@ -132,6 +147,12 @@ class GAR:
             ``ReferenceBatches(target, 128)``; ``None``: the next batch (one source only).
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; needed with
             ``reference``.
+        reference_refresh: with ``reference``, compute the reference gradient at most every
+            ``reference_refresh`` steps and reuse it in between (>= 1; 1: a new reference
+            batch at every rewarded step). The reused gradient is preconditioned by the
+            optimizer's state of the step that uses it. Saves a reference forward and
+            backward on ``reference_refresh - 1`` of every ``reference_refresh`` rewarded
+            steps and holds one gradient's worth of memory (docs/howto-gar.md).
 
     Raises at construction for a model without a layer the ghost rules cover, an FSDP or
     DeepSpeed model, an optimizer that does not own the model's trainable parameters, a
@@ -148,12 +169,13 @@ class GAR:
         reward: str = "cosine",
         reference: Iterable[Any] | None = None,
         loss_fn: Any = None,
+        reference_refresh: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
-        check_arguments(sampler, every, reward, reference, loss_fn)
+        check_arguments(sampler, every, reward, reference, loss_fn, reference_refresh)
         if reference is not None:
             reference = iter(reference)
         check_unsharded(model)
@@ -177,6 +199,11 @@ class GAR:
         self.every = every
         self.reward = reward
         self.loss_fn = loss_fn
+        self.reference_refresh = reference_refresh
+        # The last reference gradient (all-reduced, not preconditioned) and the step it was
+        # computed at: reused while fewer than reference_refresh steps have passed.
+        self._ref_grad: Direction | None = None
+        self._ref_step = 0
         self._core = core
         self._reference: Iterator[Any] | None = reference
         self._params = params
@@ -212,8 +239,10 @@ class GAR:
 
     def __repr__(self) -> str:
         mode = "next batch" if self._reference is None else "held-out"
+        refresh = f", reference_refresh={self.reference_refresh}" if self._reference else ""
         return (
-            f"{type(self).__name__}(reference={mode}, every={self.every}, reward={self.reward!r})"
+            f"{type(self).__name__}(reference={mode}, every={self.every}, "
+            f"reward={self.reward!r}{refresh})"
         )
 
     def __enter__(self) -> GAR:
@@ -464,6 +493,16 @@ class GAR:
         return d
 
     def _reference_direction(self, params: dict[str, nn.Parameter]) -> Direction:
+        """``D`` of the held-out mode: the reference gradient (recomputed when it is
+        ``reference_refresh`` steps old, else the last one), preconditioned now."""
+        if self.reference_refresh == 1:
+            return self._direction(self._reference_gradient(params))
+        if self._ref_grad is None or self._steps - self._ref_step >= self.reference_refresh:
+            self._ref_grad = self._reference_gradient(params)
+            self._ref_step = self._steps
+        return self._direction(self._ref_grad)
+
+    def _reference_gradient(self, params: dict[str, nn.Parameter]) -> Direction:
         if self._reference is None:
             raise RuntimeError("no reference iterator: GAR was built for the next-batch mode")
         try:
@@ -484,7 +523,7 @@ class GAR:
         bad = first_nonfinite(d)
         if bad is not None:
             raise ValueError(f"the reference gradient of {bad!r} contains NaN or inf")
-        return self._direction(d)
+        return d
 
     def _rewards(self, group: _Group, d: Direction) -> Tensor | None:
         if group.n is None or not group.calls or any(not c.grads for c in group.calls):
@@ -533,6 +572,13 @@ class GAR:
             "skipped_nonfinite": self._skipped_nonfinite,
             "last_mean": self._last_mean,
             "reference": ref_state,
+            "reference_refresh": self.reference_refresh,
+            "reference_gradient": (
+                None
+                if self._ref_grad is None
+                else {name: t.detach().clone() for name, t in self._ref_grad.items()}
+            ),
+            "reference_step": self._ref_step,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -551,7 +597,13 @@ class GAR:
         if missing:
             raise ValueError(f"GAR state is missing the key(s) {missing}")
         mode = "next batch" if self._reference is None else "held-out"
-        for key, mine in (("mode", mode), ("every", self.every), ("reward", self.reward)):
+        mine_all = (
+            ("mode", mode),
+            ("every", self.every),
+            ("reward", self.reward),
+            ("reference_refresh", self.reference_refresh),
+        )
+        for key, mine in mine_all:
             if state[key] != mine:
                 raise ValueError(f"state has {key}={state[key]!r}, but this GAR has {key}={mine!r}")
         if state["reference"] is not None and self._reference is not None:
@@ -569,10 +621,34 @@ class GAR:
         self._dropped = int(state["dropped"])
         self._skipped_nonfinite = int(state["skipped_nonfinite"])
         self._last_mean = float(state["last_mean"])
+        self._ref_grad = self._load_reference_gradient(state["reference_gradient"])
+        self._ref_step = int(state["reference_step"])
         self._groups.clear()
         self._current = None
         self._seen = self.sampler.deliveries
         self._step_batches, self._last_step_batches, self._forwards = [], [], 0
+
+    def _load_reference_gradient(self, saved: Any) -> Direction | None:
+        """The saved reference gradient, checked against the model's parameters."""
+        if saved is None:
+            return None
+        if not isinstance(saved, Mapping) or set(saved) != set(self._params):
+            raise ValueError(
+                "state's reference_gradient should name exactly this model's trainable "
+                f"parameters {sorted(self._params)}, but got "
+                + (str(sorted(saved)) if isinstance(saved, Mapping) else type(saved).__name__)
+            )
+        out = {}
+        for name, p in self._params.items():
+            t = saved[name]
+            if not isinstance(t, Tensor) or t.shape != p.shape:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"state's reference_gradient[{name!r}] should have the parameter's shape "
+                    f"{tuple(p.shape)}, but got {shape}"
+                )
+            out[name] = t.to(device=p.device, dtype=p.dtype)
+        return out
 
     # ------------------------------------------------------------------ reading
 

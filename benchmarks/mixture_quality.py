@@ -24,8 +24,10 @@ batch 64) for the same number of steps under each mixture:
 * one-line arms (``LINE_ARMS``): the loop the README shows, ``GAR(model, sampler,
   optimizer=opt, reference=ReferenceBatches(held_out, 128, seed=seed), loss_fn=...)`` with
   ``gar.step()`` after ``backward()``, every default otherwise (cosine reward, exponentiated
-  gradient): ``gar_line`` rewards every step's batch, ``gar_line_k4`` every 4th step's. The
-  reference batches are the same as the probe arms' (same held-out split and seed);
+  gradient): ``gar_line`` rewards every step's batch, ``gar_line_k4`` every 4th step's,
+  ``gar_line_r8`` every step's against a reference gradient recomputed every 8th step
+  (``reference_refresh=8``). The reference batches are the same as the probe arms' (same
+  held-out split and seed);
 * ``oracle``: the clean source only; ``oracle_floor``: the clean source at the largest weight the
   exploration floor allows (every other source keeps ``0.01 / 4``), never updated: the best
   any learned mixture with the default floor can do.
@@ -89,8 +91,12 @@ GAR_ARMS: dict[str, tuple[str, float | None, str, int, float | None]] = {
     "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4, None),
     "gar_exp_grad_floor0.05": ("exp_grad", None, "cosine", 1, 0.05),  # the former default
 }
-# One-line GAR arms: reward the batches of every k-th step.
-LINE_ARMS: dict[str, int] = {"gar_line": 1, "gar_line_k4": 4}
+# One-line GAR arms: (every, reference_refresh).
+LINE_ARMS: dict[str, tuple[int, int]] = {
+    "gar_line": (1, 1),
+    "gar_line_k4": (4, 1),
+    "gar_line_r8": (1, 8),
+}
 METHODS = (
     "uniform",
     "proportional",
@@ -219,13 +225,18 @@ def run(
     ref = (
         ad.ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar or line else None
     )
-    one_line = (
-        ad.GAR(
-            model, sampler, optimizer=opt, every=LINE_ARMS[method], reference=ref, loss_fn=loss_fn
+    one_line = None
+    if line:
+        line_every, refresh = LINE_ARMS[method]
+        one_line = ad.GAR(
+            model,
+            sampler,
+            optimizer=opt,
+            every=line_every,
+            reference=ref,
+            loss_fn=loss_fn,
+            reference_refresh=refresh,
         )
-        if line
-        else None
-    )
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
     step = 0

@@ -460,7 +460,8 @@ def resumable_run(
 ) -> tuple[dict, list[int], list[torch.Tensor]]:
     """Train ``total`` steps of a GAR run; at step ``stop`` return a checkpoint of everything
     (model, optimizer, sampler, GAR). With ``state``, resume from it first. ``kind``:
-    ``"held_out"`` (a mixture, every=2) or ``"augment"`` (a transform's reference batches,
+    ``"held_out"`` (a mixture, every=2), ``"held_out_refresh"`` (a mixture, every step, the
+    reference gradient reused for 3 steps) or ``"augment"`` (a transform's reference batches,
     next-batch mode, every=2). Returns (checkpoint or {}, rewarded batch ids, parameters)."""
     torch.manual_seed(0)
     model = mlp()
@@ -470,6 +471,13 @@ def resumable_run(
         sampler = ad.GARSampler(sources, batch_size=6, seed=0, num_batches=5)
         ref = ad.ReferenceBatches(data(30, seed=3), 8, seed=0)
         gar = ad.GAR(model, sampler, optimizer=opt, every=2, reference=ref, loss_fn=LOSS)
+    elif kind == "held_out_refresh":
+        sources = {"a": data(40, seed=1), "b": data(35, seed=2)}
+        sampler = ad.GARSampler(sources, batch_size=6, seed=0, num_batches=5)
+        ref = ad.ReferenceBatches(data(30, seed=3), 8, seed=0)
+        gar = ad.GAR(
+            model, sampler, optimizer=opt, reference=ref, loss_fn=LOSS, reference_refresh=3
+        )
     else:
         tf = ad.GARTransform(["Identity", "Invert", "Solarize"])
         sampler = ad.GARSampler(Images(tf), batch_size=5, seed=0, transform=tf, num_batches=5)
@@ -508,7 +516,15 @@ def _clone(v):
 
 
 @pytest.mark.parametrize(
-    ("kind", "stop"), [("held_out", 7), ("held_out", 10), ("augment", 4), ("augment", 9)]
+    ("kind", "stop"),
+    [
+        ("held_out", 7),
+        ("held_out", 10),
+        ("held_out_refresh", 4),  # mid-reuse: the saved reference gradient is used twice more
+        ("held_out_refresh", 9),  # the last step of a reuse: the next step computes a new one
+        ("augment", 4),
+        ("augment", 9),
+    ],
 )
 def test_a_resumed_gar_rewards_exactly_the_batches_of_an_uninterrupted_one(kind, stop):
     """every=2 across epochs of 5 batches, checkpoints mid-epoch and at an epoch's end: the
@@ -538,6 +554,112 @@ def test_the_batch_kept_at_a_checkpoint_is_counted_as_lost():
     assert [b for b in expected if b not in got] == [7]
     assert [b for b in expected if b != 7] == got
     assert metrics["batches_dropped"] == 1
+
+
+class Counting:
+    """An iterator of the same reference batch that counts how often it was asked."""
+
+    def __init__(self, batch) -> None:
+        self.batch, self.calls = batch, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.calls += 1
+        return self.batch
+
+
+@pytest.mark.parametrize("refresh", [2, 3])
+def test_a_reused_reference_gives_a_fresh_ones_rewards_while_the_model_has_not_moved(refresh):
+    """The model never steps, the reference batch is always the same: reusing the reference
+    gradient must give exactly the rewards of computing it afresh, from one reference pass in
+    every ``refresh`` steps."""
+    torch.manual_seed(2)
+    model = mlp()
+    ref = data(16, seed=5).tensors
+    runs = {}
+    for k in (1, refresh):
+        sampler = ad.GARSampler(
+            {"a": data(30, seed=1), "b": data(30, seed=2)}, batch_size=6, seed=0
+        )
+        it = Counting(ref)
+        gar = ad.GAR(model, sampler, reference=it, loss_fn=LOSS, reference_refresh=k)
+        rewards = []
+        for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
+            model.zero_grad()
+            LOSS(model(x), y).mean().backward()
+            rewards.append(gar.step())
+        gar.close()
+        runs[k] = (rewards, it.calls)
+    steps = len(runs[1][0])
+    assert steps == 10
+    assert runs[1][1] == steps
+    assert runs[refresh][1] == -(-steps // refresh)  # ceil: one pass per refresh steps
+    for a, b in zip(runs[1][0], runs[refresh][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_reused_reference_is_the_gradient_of_the_step_that_drew_it():
+    """With the model moving, step t of a reuse rewards against the reference gradient taken
+    at the first step of the reuse, preconditioned by the optimizer's state at step t: the
+    probe with that direction is the oracle."""
+    torch.manual_seed(3)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sampler = ad.GARSampler({"a": data(30, seed=1), "b": data(30, seed=2)}, batch_size=6, seed=0)
+    refs = ad.ReferenceBatches(data(40, seed=5), 8, seed=0)
+    gar = ad.GAR(
+        model,
+        sampler,
+        optimizer=opt,
+        reference=refs,
+        loss_fn=LOSS,
+        reference_refresh=4,
+        reward="dot",
+    )
+    oracle_refs = iter(ad.ReferenceBatches(data(40, seed=5), 8, seed=0))
+    checked = 0
+    for t, (x, y) in enumerate(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))):
+        if t % 4 == 0:  # the step that draws a new reference batch: its gradient, now
+            xr, yr = next(oracle_refs)
+            ref_grad = torch.autograd.grad(LOSS(model(xr), yr).mean(), list(model.parameters()))
+            grad = {
+                n: g.clone() for (n, _), g in zip(model.named_parameters(), ref_grad, strict=True)
+            }
+        direction = precondition(dict(grad), dict(model.named_parameters()), opt)
+        probe = ad.GradientProbe(snapshot(mlp, model), LOSS, reward="dot")
+        oracle = probe(x, y, direction=direction) / len(x)
+        opt.zero_grad()
+        LOSS(model(x), y).mean().backward()
+        torch.testing.assert_close(gar.step(), oracle, rtol=2e-4, atol=1e-7)
+        checked += 1
+        opt.step()
+    assert checked == 10
+
+
+def test_reference_refresh_is_checked():
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)
+    ref = itertools.repeat(data(8, seed=5).tensors)
+    with pytest.raises(ValueError, match=r"reference_refresh should be .*got reference_refresh=0"):
+        ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=0)
+    with pytest.raises(ValueError, match=r"needs reference=.*reference_refresh=2"):
+        ad.GAR(mlp(), sampler, reference_refresh=2)
+    a = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=2)
+    state = a.state_dict()
+    a.close()
+    b = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=3)
+    with pytest.raises(ValueError, match=r"reference_refresh=2, but this GAR has .*=3"):
+        b.load_state_dict(state)
+    b.close()
+    c = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=2)
+    state["reference_gradient"] = {"0.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"should name exactly this model's trainable"):
+        c.load_state_dict(state)
+    names = [n for n, _ in c.model.named_parameters()]
+    state["reference_gradient"] = {n: torch.zeros(3) for n in names}
+    with pytest.raises(ValueError, match=rf"reference_gradient\['{names[0]}'\] should have"):
+        c.load_state_dict(state)
 
 
 def test_gar_load_state_dict_checks_the_state():

@@ -35,6 +35,7 @@ class Wiring:
         every: int,
         reward: str,
         prefix: str,
+        reference_refresh: int = 1,
     ) -> None:
         p = prefix
         if not isinstance(sampler, GARSampler):
@@ -49,19 +50,22 @@ class Wiring:
                 )
             pairs = (("reference", reference), ("loss_fn", loss_fn))
             given = [n for n, v in pairs if v is not None]
+            if reference_refresh != 1:
+                given.append("reference_refresh")
             if given:
                 raise ValueError(
                     f"{p}gar is already built, so {', '.join(p + n for n in given)} would be "
                     "ignored; pass them to GAR(...) or leave gar out"
                 )
         else:
-            check_arguments(sampler, every, reward, reference, loss_fn, prefix=p)
+            check_arguments(sampler, every, reward, reference, loss_fn, reference_refresh, prefix=p)
         self.sampler = sampler
         self.gar = gar
         self.reference = reference
         self.loss_fn = loss_fn
         self.every = every
         self.reward = reward
+        self.reference_refresh = reference_refresh
         self._built = False  # whether self.gar is ours (built by build())
         self._pending_gar: Mapping[str, Any] | None = None
 
@@ -85,6 +89,7 @@ class Wiring:
                 reward=self.reward,
                 reference=self.reference,
                 loss_fn=self.loss_fn,
+                reference_refresh=self.reference_refresh,
             )
             self._built = True
         if self._pending_gar is not None:

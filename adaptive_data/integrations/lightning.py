@@ -62,6 +62,8 @@ class GARCallback(Callback):
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; with ``reference``.
         every: GAR's ``every``: reward the batches of every ``every``-th step.
         reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
+        reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
+            that many steps (with ``reference``).
         module: the module GAR watches (default: the LightningModule).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
         log_metrics: whether to log the metrics.
@@ -75,6 +77,7 @@ class GARCallback(Callback):
         loss_fn: Any = None,
         every: int = 1,
         reward: str = "cosine",
+        reference_refresh: int = 1,
         module: nn.Module | None = None,
         gar: GAR | None = None,
         log_metrics: bool = True,
@@ -83,7 +86,7 @@ class GARCallback(Callback):
             raise TypeError(f"module should be an nn.Module, but got {type(module).__name__}")
         if module is not None and gar is not None:
             raise ValueError("gar is already built over its model; leave module out")
-        self.wiring = Wiring(sampler, gar, reference, loss_fn, every, reward, "")
+        self.wiring = Wiring(sampler, gar, reference, loss_fn, every, reward, "", reference_refresh)
         self.module = module
         self.log_metrics = log_metrics
 

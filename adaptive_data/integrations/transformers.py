@@ -114,6 +114,8 @@ class GARTrainerMixin:
             needed with ``gar_reference``.
         gar_every: GAR's ``every``: reward the batches of every ``every``-th step.
         gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
+        gar_reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
+            that many steps (with ``gar_reference``).
         gar: a :class:`GAR` built by the user instead (over ``gar_sampler``, with the
             optimizer the Trainer gets through ``optimizers=``).
     """
@@ -126,6 +128,7 @@ class GARTrainerMixin:
         gar_loss_fn: Any = None,
         gar_every: int = 1,
         gar_reward: str = "cosine",
+        gar_reference_refresh: int = 1,
         gar: GAR | None = None,
         **kwargs: Any,
     ) -> None:
@@ -149,7 +152,14 @@ class GARTrainerMixin:
                 )
             reference_data, gar_reference = gar_reference, _Later()
         self._gar_wiring = Wiring(
-            gar_sampler, gar, gar_reference, gar_loss_fn, gar_every, gar_reward, "gar_"
+            gar_sampler,
+            gar,
+            gar_reference,
+            gar_loss_fn,
+            gar_every,
+            gar_reward,
+            "gar_",
+            gar_reference_refresh,
         )
         super().__init__(*args, **kwargs)
         self.args.ignore_data_skip = True
