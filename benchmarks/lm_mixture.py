@@ -32,8 +32,8 @@ for the same number of steps:
   and the model steps on ``sum_i alpha_i g_i`` (eta scaled by the learning rate, as DoGE does);
 * ``gar``: the one-line GAR with a held-out reference (``ReferenceBatches`` of 32 target
   sequences), every default otherwise; ``gar_every4``: the same, rewarding every 4th step;
-  ``gar_r8`` (not in the default run: ``--methods``): every step rewarded against a
-  reference gradient recomputed every 8th step (``reference_refresh=8``).
+  ``gar_r8`` and ``gar_every4_r8`` (not in the default run: ``--methods``): the same two
+  against a reference gradient recomputed every 8th step (``reference_refresh=8``).
 
 Reported per arm: test loss against steps and against wall time
 (``benchmarks/results/lm_mixture_loss_steps.png``, ``..._loss_wall.png``), the weights over
@@ -84,8 +84,8 @@ TARGET = "en_man1_target"
 SEQ = 128
 VOCAB = 256
 METHODS = ("uniform", "proportional", "odm_exp3", "doremi", "doge", "gar", "gar_every4")
-# The GAR arms: (every, reference_refresh). gar_r8 is not in the default run.
-GAR_ARMS = {"gar": (1, 1), "gar_every4": (4, 1), "gar_r8": (1, 8)}
+# The GAR arms: (every, reference_refresh). The _r8 arms are not in the default run.
+GAR_ARMS = {"gar": (1, 1), "gar_every4": (4, 1), "gar_r8": (1, 8), "gar_every4_r8": (4, 8)}
 CORRUPTED = ("random_bytes", "shuffled_en")
 
 
@@ -543,9 +543,10 @@ def main() -> None:
         args.steps, args.eval_every, args.test_size, args.seeds, scale = 4, 2, 16, "0", 0.02
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
-    unknown = sorted(set(methods) - {*METHODS, *GAR_ARMS})
+    known = list(dict.fromkeys((*METHODS, *GAR_ARMS)))
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        sys.exit(f"unknown --methods {unknown}: choose from {', '.join((*METHODS, 'gar_r8'))}")
+        sys.exit(f"unknown --methods {unknown}: choose from {', '.join(known)}")
     if "uniform" not in methods:
         sys.exit("--methods must include uniform (the other arms are measured against it)")
     sources, ref_set, test_set = load(args.data, scale)
