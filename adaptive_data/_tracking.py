@@ -95,7 +95,8 @@ class TrackedLoader:
     Iterating it iterates the wrapped object and tells the sampler each time a batch reaches
     the loop, so ``sampler.update(r)``, ``sampler.last_batch``, ``sampler.state_dict()`` and
     :class:`GAR` know which batch the loop holds. Everything else (``len``, ``state_dict``,
-    ``set_epoch``, attributes) is the wrapped object's. See docs/howto-mixture.md, "Which batch
+    ``set_epoch``, attributes) is the wrapped object's; ``len`` after the same inspection as
+    a pass (so that accelerate's per-process sharding is already off). See docs/howto-mixture.md, "Which batch
     the loop holds".
     """
 
@@ -116,6 +117,9 @@ class TrackedLoader:
         return _TrackedIterator(self.sampler, p, iter(self.iterable))
 
     def __len__(self) -> int:
+        # A Trainer sizes its epochs from len() before it iterates: accelerate's second
+        # sharding must be switched off (and a stack that cannot be matched refused) first.
+        _inspect(self.sampler, self.iterable)
         return len(self.iterable)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:

@@ -286,8 +286,10 @@ def scenario_accelerate(rank: int, world: int) -> dict:
     s = ad.GARSampler(sources((80, 60, 40)), batch_size=4, seed=0, lr=0.5)
     prepared = accelerator.prepare(DataLoader(s.dataset, batch_sampler=s))
     wrapper = type(prepared.batch_sampler).__name__
+    tracked = s.track(prepared)
+    len_before_iter = len(tracked)  # what a Trainer sizes its epochs from, before iterating
     held, keys = [], []
-    for sid, idx in s.track(prepared):
+    for sid, idx in tracked:
         src, pos = s.decode(s._records[s.last_batch].keys)
         held.append(torch.equal(src, sid) and torch.equal(pos, idx))
         keys += (sid * 1000 + idx).tolist()
@@ -297,6 +299,7 @@ def scenario_accelerate(rank: int, world: int) -> dict:
         "wrapper": wrapper,
         "batches": len(held),
         "len": len(s),
+        "len_before_iter": len_before_iter,
         "held": all(held),
         "keys": keys,
         "weights": list(s.weights.values()),
@@ -395,5 +398,6 @@ def test_accelerate_under_two_processes_keeps_every_rank_s_batches(tmp_path):
         assert res["wrapper"] == "BatchSamplerShard"  # accelerate sharded the batch sampler
         assert res["held"]  # every reward went to the batch the loop held
         assert res["batches"] == res["len"] > 0  # no rank lost W - 1 of every W batches
+        assert res["len_before_iter"] == res["len"]  # and len() says so before the first pass
     assert results[0]["weights"] == results[1]["weights"]
     assert not set(results[0]["keys"][:40]) & set(results[1]["keys"][:40])  # disjoint shards

@@ -105,9 +105,9 @@ def test_a_reader_ahead_outside_the_tracker_is_exact(workers):
     check_loop(s, loader, epochs=2, stop=4)
 
 
-def test_a_skipping_wrapper_outside_the_tracker_is_refused_by_count():
-    """A wrapper that drops batches above the tracker cannot be seen by it; a tracked
-    iterable that delivers more batches than the sampler drew is refused."""
+def test_a_wrapper_below_the_tracker_that_repeats_batches_is_refused_by_count():
+    """A tracked iterable that delivers more batches than the sampler drew is refused (one
+    that drops batches without saying so cannot be seen: docs/howto-mixture.md, Limits)."""
     s = make()
 
     class Duplicating:
