@@ -125,12 +125,8 @@ class GAR:
     to the k-th batch the tracked loader delivered after it. Semantics, memory and cost:
     docs/howto-gar.md; resume: docs/howto-resume.md.
 
-    Mixed precision: call ``step()`` after ``scaler.unscale_(optimizer)`` (a scaled ``.grad``
-    scales ``D``, and with it the dot reward, by the scaler's factor). A step whose ``.grad``
-    holds NaN or inf, which a ``GradScaler`` skips, is skipped by ``step()`` too: no error, no
-    reward, the step's batch dropped, a batch kept before it rewarded at the next step, and
-    the step counted in ``metrics()["steps_skipped_nonfinite"]``. Autocast (bf16, fp16)
-    forwards work. FSDP and DeepSpeed (flattened, sharded parameters) are refused.
+    Mixed precision: call ``step()`` after ``scaler.unscale_(optimizer)``; a step whose
+    ``.grad`` is not finite (one a ``GradScaler`` skips) is skipped too (docs/howto-gar.md).
 
     Args:
         model: the model the loop trains (or its DDP wrapper).

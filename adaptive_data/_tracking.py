@@ -96,8 +96,8 @@ class TrackedLoader:
     the loop, so ``sampler.update(r)``, ``sampler.last_batch``, ``sampler.state_dict()`` and
     :class:`GAR` know which batch the loop holds. Everything else (``len``, ``state_dict``,
     ``set_epoch``, attributes) is the wrapped object's; ``len`` after the same inspection as
-    a pass (so that accelerate's per-process sharding is already off). See docs/howto-mixture.md, "Which batch
-    the loop holds".
+    a pass (so that accelerate's per-process sharding is already off). See
+    docs/howto-mixture.md, "Which batch the loop holds".
     """
 
     def __init__(self, sampler: GARSampler, iterable: Iterable[Any]) -> None:
