@@ -71,6 +71,15 @@ def test_lm_mixture_quick() -> None:
         assert f"| {arm} | " in done.stdout
 
 
+def test_reference_staleness_quick() -> None:
+    if not (ROOT.parent / "shared" / "data" / "fashion-mnist").is_dir():
+        pytest.skip("Fashion-MNIST not found beside the repository")
+    done = _run("benchmarks/reference_staleness.py", "--quick")
+    assert done.returncode == 0, done.stderr
+    for row in ("| another fresh batch |", "| 1 steps old |", "| 3 steps old |"):
+        assert row in done.stdout
+
+
 def test_lm_mixture_says_what_to_pass_without_data(tmp_path: Path) -> None:
     done = _run("benchmarks/lm_mixture.py", str(tmp_path), "--quick")
     assert done.returncode != 0
