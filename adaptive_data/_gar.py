@@ -27,7 +27,7 @@ from ._direction import (
 )
 from ._ghost import Call, Entry, register_call_hooks
 from ._probe import REWARDS, _cosine, mean_loss_gradient
-from ._sampler import GARSampler
+from ._sampler import GARSampler, _mix
 from ._state import RngSnapshot, cuda_devices
 
 __all__ = ["GAR"]
@@ -35,7 +35,7 @@ __all__ = ["GAR"]
 _STATE_VERSION = 1
 _STATE_KEYS = ("mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded")
 _STATE_KEYS += ("dropped", "skipped_nonfinite", "last_mean", "reference")
-_STATE_KEYS += ("reference_refresh", "reference_gradient", "reference_step")
+_STATE_KEYS += ("reference_refresh", "reference_gradient", "reference_step", "rows")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class _Kept:
 
     call: Call  # inputs, RNG state and the rule's tangents
     grads: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # leaf -> (grad, dim)
+    rows: Tensor | None = None  # the rows kept of the inputs and output gradients (None: all)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Group:
     step: int  # the number of step() calls made before its forward
     calls: list[_Kept] = field(default_factory=list)
     n: int | None = None  # batch size, from the first output seen
+    rows: Tensor | None = None  # the rows rewarded, sorted (None: all)
     entries: set[int] = field(default_factory=set)  # ids of the entries called (cosine check)
 
 
@@ -68,6 +70,7 @@ def check_arguments(
     reference: Any,
     loss_fn: Any,
     reference_refresh: Any = 1,
+    rows: Any = None,
     prefix: str = "",
 ) -> None:
     """GAR's checks of ``every``, ``reward``, the reference and its refresh, shared with the
@@ -76,6 +79,7 @@ def check_arguments(
     p = prefix
     check_int(f"{p}every", every, minimum=1)
     check_int(f"{p}reference_refresh", reference_refresh, minimum=1)
+    check_int(f"{p}rows", rows, minimum=1, none_ok=True)
     if reference is None and reference_refresh != 1:
         raise ValueError(
             f"{p}reference_refresh reuses a held-out reference gradient: it needs "
@@ -149,6 +153,12 @@ class GAR:
             optimizer's state of the step that uses it. Saves a reference forward and
             backward on ``reference_refresh - 1`` of every ``reference_refresh`` rewarded
             steps and holds one gradient's worth of memory (docs/howto-gar.md).
+        rows: reward at most this many rows of each kept batch (>= 1; ``None``: all), chosen
+            at random from the sampler's seed and the batch id. The per-row work and what the
+            hooks keep shrink to those rows for the layers whose examples do not mix (Linear,
+            Conv, Embedding, the norms without batch statistics, attention); others are
+            computed on the whole batch and cut. The sampler learns from the rows alone
+            (``update(rows=)``), the full update in expectation.
 
     Raises at construction for a model without a layer the ghost rules cover, an FSDP or
     DeepSpeed model, an optimizer that does not own the model's trainable parameters, a
@@ -166,12 +176,13 @@ class GAR:
         reference: Iterable[Any] | None = None,
         loss_fn: Any = None,
         reference_refresh: int = 1,
+        rows: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
-        check_arguments(sampler, every, reward, reference, loss_fn, reference_refresh)
+        check_arguments(sampler, every, reward, reference, loss_fn, reference_refresh, rows)
         if reference is not None:
             reference = iter(reference)
         check_unsharded(model)
@@ -196,6 +207,7 @@ class GAR:
         self.reward = reward
         self.loss_fn = loss_fn
         self.reference_refresh = reference_refresh
+        self.rows = rows
         # The last reference gradient (all-reduced, not preconditioned) and the step it was
         # computed at: reused while fewer than reference_refresh steps have passed.
         self._ref_grad: Direction | None = None
@@ -236,9 +248,10 @@ class GAR:
     def __repr__(self) -> str:
         mode = "next batch" if self._reference is None else "held-out"
         refresh = f", reference_refresh={self.reference_refresh}" if self._reference else ""
+        rows = "" if self.rows is None else f", rows={self.rows}"
         return (
             f"{type(self).__name__}(reference={mode}, every={self.every}, "
-            f"reward={self.reward!r}{refresh})"
+            f"reward={self.reward!r}{refresh}{rows})"
         )
 
     def __enter__(self) -> GAR:
@@ -311,6 +324,16 @@ class GAR:
         finally:
             self._paused = False
             self._current = group  # the layout runs' root hooks cleared it
+        if self.rows is not None and self.rows < n:
+            group.rows = self.choose_rows(group.batch, n)
+
+    def choose_rows(self, batch: int, n: int) -> Tensor:
+        """The rows of batch ``batch`` (of ``n`` examples) that ``rows=`` rewards: a uniformly
+        random subset of ``rows`` positions, sorted, drawn from ``(sampler seed, batch id,
+        rank)``: the same in a resumed run, and every row equally likely."""
+        seed = _mix(self.sampler.seed, 4, batch, self.sampler.rank)
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(n, generator=g)[: self.rows].sort().values
 
     def _rng(self, entry: Entry, module: nn.Module, args: tuple) -> None:
         if self._current is not None:
@@ -339,6 +362,11 @@ class GAR:
         if call is None:
             return
         kept = _Kept(call)
+        if group.rows is not None and _ghost.rows_independent(
+            entry, call.layout, call.args or (), call.kwargs or {}
+        ):
+            call.select_rows(group.rows)  # keep the chosen rows only
+            kept.rows = group.rows
         for i, leaf in enumerate(outs):
             if not (isinstance(leaf, Tensor) and leaf.requires_grad):
                 continue
@@ -354,7 +382,10 @@ class GAR:
         group.calls.append(kept)
 
     def _on_grad(self, kept: _Kept, i: int, dim: int, grad: Tensor) -> None:
-        kept.grads[i] = (grad.detach(), dim)
+        grad = grad.detach()
+        if kept.rows is not None:
+            grad = grad.index_select(dim, kept.rows.to(grad.device))
+        kept.grads[i] = (grad, dim)
 
     # ------------------------------------------------------------------ the step
 
@@ -411,7 +442,10 @@ class GAR:
             if r is None:
                 self._dropped += 1
                 continue
-            self.sampler.update(r, batch=group.batch)
+            if group.rows is None:
+                self.sampler.update(r, batch=group.batch)
+            else:
+                self.sampler.update(r, batch=group.batch, rows=group.rows)
             self._rewarded += 1
             finite = r[torch.isfinite(r)]
             self._last_mean = float(finite.mean()) if finite.numel() else math.nan
@@ -526,13 +560,21 @@ class GAR:
             return None  # a forward without a backward: nothing to reward
         device = next(iter(d.values())).device
         cosine = self.reward == "cosine"
-        acc = _ghost.Accumulator(group.n, device, norms=cosine)
+        rows = None if group.rows is None else group.rows.to(device)
+        acc = _ghost.Accumulator(group.n if rows is None else len(rows), device, norms=cosine)
         self._paused = True  # forwards replayed by the rules are not training batches
         try:
             with torch.no_grad():
                 for kept in group.calls:
                     grads = {i: grad for i, (grad, _) in kept.grads.items()}
-                    kept.call.contribute(acc, grads, d, cosine)
+                    if rows is None or kept.rows is not None:
+                        kept.call.contribute(acc, grads, d, cosine)
+                        continue
+                    # A call whose examples mix (batch statistics, a replay): the whole
+                    # batch, then the chosen rows.
+                    whole = _ghost.Accumulator(group.n, device, norms=cosine)
+                    kept.call.contribute(whole, grads, d, cosine)
+                    acc.add_rows(kept.call.entry.name, whole, rows)
         finally:
             self._paused = False
         r, sq = acc.result()
@@ -575,6 +617,7 @@ class GAR:
                 else {name: t.detach().clone() for name, t in self._ref_grad.items()}
             ),
             "reference_step": self._ref_step,
+            "rows": self.rows,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -598,6 +641,7 @@ class GAR:
             ("every", self.every),
             ("reward", self.reward),
             ("reference_refresh", self.reference_refresh),
+            ("rows", self.rows),
         )
         for key, mine in mine_all:
             if state[key] != mine:

@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import _norms
 from ._norms import Pieces, norm_rule
@@ -847,6 +847,13 @@ class Accumulator:
         if self.module_sums is not None:
             self.module_sums[name] = self.module_sums.get(name, 0) + dot.sum()
 
+    def add_rows(self, name: str, other: Accumulator, rows: Tensor) -> None:
+        """Add the rows ``rows`` of another accumulator's sums (one call, computed on the
+        whole batch) to this one, whose rows are those."""
+        sq = None if other.sq is None else other.sq[rows]
+        kept = {g: t[rows] for g, t in other.kept.items()}
+        self.add(name, other.r[rows], sq, kept)
+
     def result(self) -> tuple[Tensor, Tensor | None]:
         """``(r, sq)``; ``sq`` None without norms."""
         if self.sq is not None:
@@ -980,6 +987,20 @@ class Call:
                 per_example_dot(grad, tangents[i], cast(int, self.layout.outputs[i])),
             )
 
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only the examples ``rows`` (sorted indices into the batch) of the inputs:
+        their shares are then exactly those of the whole batch's same rows, for a call that
+        :func:`rows_independent` accepts. Inputs that do not hold the batch stay whole."""
+        leaves, spec = tree_flatten((self.args or (), self.kwargs or {}))
+        kept = [
+            leaf.index_select(dim, rows.to(leaf.device))
+            if isinstance(leaf, Tensor) and dim is not None and dim >= 0
+            else leaf
+            for leaf, dim in zip(leaves, self.layout.inputs, strict=True)
+        ]
+        self.args, self.kwargs = tree_unflatten(kept, spec)
+        self.versions = []  # copies made at the forward: no later in-place edit reaches them
+
     def release(self) -> None:
         """Let go of the inputs and gradients (memory)."""
         self.args = self.kwargs = self._tangents = None
@@ -1027,6 +1048,46 @@ def per_example_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
     a = a.movedim(dim, 0).reshape(a.shape[dim], 1, -1)
     b = b.movedim(dim, 0).reshape(b.shape[dim], -1, 1)
     return torch.bmm(a.float(), b.float()).view(-1)
+
+
+# Covered modules whose every example's share depends on that example's inputs and output
+# gradient alone, so that a subset of the rows gives exactly those rows' shares. A module left
+# out (a rule registered by the user included) is computed on the whole batch.
+_ROW_INDEPENDENT: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def rows_independent(entry: Entry, layout: CallLayout, args: tuple, kwargs: dict) -> bool:
+    """Whether this call's shares of a subset of the batch's rows can be computed from those
+    rows alone: each input that holds the batch does so in one known dim, and the module does
+    not mix examples (no batch statistics, no per-batch counts, no mask that folds the batch
+    into another dim) nor replay randomness."""
+    module = entry.module
+    if entry.root or any(d is not None and d < 0 for d in layout.inputs):
+        return False
+    kind = type(module)
+    if kind in _ROW_INDEPENDENT:
+        return True
+    if kind is nn.Embedding:
+        return not cast(nn.Embedding, module).scale_grad_by_freq
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and kind in (
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+    ):
+        return not _uses_batch_stats(module)
+    if kind is nn.MultiheadAttention:
+        att = _attention_call(module, args, kwargs)
+        # A 3-d attn_mask holds batch x heads in one dim: it cannot be cut by rows.
+        return att is not None and (att.attn_mask is None or att.attn_mask.dim() == 2)
+    return False
 
 
 def unattributable(entry: Entry, shape: list[int], grad: Tensor) -> None:

@@ -550,6 +550,34 @@ def _check_batch_id(batch: Any) -> None:
     check_int("batch", batch, what="an int id from sampler.last_batch")
 
 
+def _check_rows(rows: Any, n: int) -> list[int]:
+    """``rows`` of ``update()`` as a list of distinct positions in ``[0, n)``."""
+    if isinstance(rows, Tensor):
+        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise TypeError(
+                "rows should be a 1-D integer Tensor or a sequence of ints (positions in the "
+                f"batch), but got a Tensor of shape {tuple(rows.shape)} and dtype {rows.dtype}"
+            )
+        picked = rows.tolist()
+    elif isinstance(rows, Sequence) and not isinstance(rows, str):
+        picked = list(rows)
+        for i in picked:
+            check_int("rows", i, what="positions in the batch")
+    else:
+        raise TypeError(
+            "rows should be a 1-D integer Tensor or a sequence of ints (positions in the batch), "
+            f"but got {type(rows).__name__}"
+        )
+    if not picked:
+        raise ValueError("rows should name at least one position in the batch, but got none")
+    bad = [i for i in picked if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"rows should be positions in [0, {n}) of the batch, but got {bad}")
+    if len(set(picked)) != len(picked):
+        raise ValueError(f"rows should be distinct, but got {picked}")
+    return picked
+
+
 class GARSampler(Sampler[list[int]]):
     """A batch sampler that learns the mixture of its sources from per-example rewards.
 
@@ -1128,15 +1156,24 @@ class GARSampler(Sampler[list[int]]):
                     )
         return rec
 
-    def update(self, rewards: Tensor, batch: int | None = None) -> None:
-        """Learn from the rewards of one batch.
+    def update(
+        self, rewards: Tensor, batch: int | None = None, rows: Sequence[int] | Tensor | None = None
+    ) -> None:
+        """Learn from the rewards of one batch, or of some of its rows.
 
         Args:
             rewards: floating Tensor ``[batch_size]`` (any device; copied to the CPU), one per
-                example, in the order of the batch. NaN/inf entries are dropped and counted
+                example, in the order of the batch (with ``rows``: ``[len(rows)]``, one per
+                row given). NaN/inf entries are dropped and counted
                 (``metrics()["nonfinite_rewards"]``).
             batch: the batch they belong to, an id from :attr:`last_batch`; default: the
                 batch the training loop received most recently.
+            rows: the positions in the batch that ``rewards`` belong to (distinct, in
+                ``[0, batch_size)``); default: every row. The update then learns from those
+                rows alone, as from a batch of ``len(rows)`` examples: rows chosen uniformly
+                at random give the full update in expectation (the per-choice statistics are
+                means over the rows given), though ``normalize="batch"`` then standardises by
+                the rows' own mean and spread.
 
         Raises if the batch cannot be matched (none received yet, not delivered, too old,
         already rewarded) or the rewards have the wrong type, dtype, shape or device.
@@ -1154,14 +1191,19 @@ class GARSampler(Sampler[list[int]]):
             raise ValueError(
                 f"batch {rec.id} already received its rewards; each batch is updated at most once"
             )
-        check_rewards(rewards, len(rec.keys))
+        picked = None if rows is None else _check_rows(rows, len(rec.keys))
+        check_rewards(rewards, len(rec.keys) if picked is None else len(picked))
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
-        stats = self._policy.statistics_of(rec.sources, r)
+        sources = rec.sources if picked is None else [rec.sources[i] for i in picked]
+        stats = self._policy.statistics_of(sources, r)
         width, k = len(stats), len(self.sizes)
         own = stats[STATS_HEAD:width]  # this rank's per-source sums and counts, for metrics()
         tf = self.transform
         if tf is not None and rec.aug is not None:
-            stats += tf.statistics_of(rec.aug.ops, rec.aug.bins, r)
+            ops, bins = rec.aug.ops, rec.aug.bins
+            if picked is not None:
+                ops, bins = [ops[i] for i in picked], [bins[i] for i in picked]
+            stats += tf.statistics_of(ops, bins, r)
         if self._group.active:
             # The batch ids ride along: all ranks must reward the same batch (all equal iff
             # W * sum(id^2) == sum(id)^2), else an update was skipped on some rank.

@@ -36,6 +36,7 @@ class Wiring:
         reward: str,
         prefix: str,
         reference_refresh: int = 1,
+        rows: int | None = None,
     ) -> None:
         p = prefix
         if not isinstance(sampler, GARSampler):
@@ -52,13 +53,17 @@ class Wiring:
             given = [n for n, v in pairs if v is not None]
             if reference_refresh != 1:
                 given.append("reference_refresh")
+            if rows is not None:
+                given.append("rows")
             if given:
                 raise ValueError(
                     f"{p}gar is already built, so {', '.join(p + n for n in given)} would be "
                     "ignored; pass them to GAR(...) or leave gar out"
                 )
         else:
-            check_arguments(sampler, every, reward, reference, loss_fn, reference_refresh, prefix=p)
+            check_arguments(
+                sampler, every, reward, reference, loss_fn, reference_refresh, rows, prefix=p
+            )
         self.sampler = sampler
         self.gar = gar
         self.reference = reference
@@ -66,6 +71,7 @@ class Wiring:
         self.every = every
         self.reward = reward
         self.reference_refresh = reference_refresh
+        self.rows = rows
         self._built = False  # whether self.gar is ours (built by build())
         self._pending_gar: Mapping[str, Any] | None = None
 
@@ -90,6 +96,7 @@ class Wiring:
                 reference=self.reference,
                 loss_fn=self.loss_fn,
                 reference_refresh=self.reference_refresh,
+                rows=self.rows,
             )
             self._built = True
         if self._pending_gar is not None:

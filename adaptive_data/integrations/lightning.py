@@ -64,6 +64,7 @@ class GARCallback(Callback):
         reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
             that many steps (with ``reference``).
+        rows: GAR's ``rows``: reward at most that many rows of each batch.
         module: the module GAR watches (default: the LightningModule).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
         log_metrics: whether to log the metrics.
@@ -78,6 +79,7 @@ class GARCallback(Callback):
         every: int = 1,
         reward: str = "cosine",
         reference_refresh: int = 1,
+        rows: int | None = None,
         module: nn.Module | None = None,
         gar: GAR | None = None,
         log_metrics: bool = True,
@@ -86,7 +88,9 @@ class GARCallback(Callback):
             raise TypeError(f"module should be an nn.Module, but got {type(module).__name__}")
         if module is not None and gar is not None:
             raise ValueError("gar is already built over its model; leave module out")
-        self.wiring = Wiring(sampler, gar, reference, loss_fn, every, reward, "", reference_refresh)
+        self.wiring = Wiring(
+            sampler, gar, reference, loss_fn, every, reward, "", reference_refresh, rows
+        )
         self.module = module
         self.log_metrics = log_metrics
 

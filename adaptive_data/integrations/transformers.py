@@ -116,6 +116,7 @@ class GARTrainerMixin:
         gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         gar_reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
             that many steps (with ``gar_reference``).
+        gar_rows: GAR's ``rows``: reward at most that many rows of each batch.
         gar: a :class:`GAR` built by the user instead (over ``gar_sampler``, with the
             optimizer the Trainer gets through ``optimizers=``).
     """
@@ -129,6 +130,7 @@ class GARTrainerMixin:
         gar_every: int = 1,
         gar_reward: str = "cosine",
         gar_reference_refresh: int = 1,
+        gar_rows: int | None = None,
         gar: GAR | None = None,
         **kwargs: Any,
     ) -> None:
@@ -160,6 +162,7 @@ class GARTrainerMixin:
             gar_reward,
             "gar_",
             gar_reference_refresh,
+            gar_rows,
         )
         super().__init__(*args, **kwargs)
         self.args.ignore_data_skip = True
