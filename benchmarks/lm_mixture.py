@@ -33,7 +33,9 @@ for the same number of steps:
 * ``gar``: the one-line GAR with a held-out reference (``ReferenceBatches`` of 32 target
   sequences), every default otherwise; ``gar_every4``: the same, rewarding every 4th step;
   ``gar_r8`` and ``gar_every4_r8`` (not in the default run: ``--methods``): the same two
-  against a reference gradient recomputed every 8th step (``reference_refresh=8``).
+  against a reference gradient recomputed every 8th step (``reference_refresh=8``);
+  ``gar_r8_rows4`` and ``gar_r8_rows8``: every step, the reference recomputed every 8th, 4 or
+  8 rows of each batch of 16 rewarded (``rows=``).
 
 Reported per arm: test loss against steps and against wall time
 (``benchmarks/results/lm_mixture_loss_steps.png``, ``..._loss_wall.png``), the weights over
@@ -84,8 +86,16 @@ TARGET = "en_man1_target"
 SEQ = 128
 VOCAB = 256
 METHODS = ("uniform", "proportional", "odm_exp3", "doremi", "doge", "gar", "gar_every4")
-# The GAR arms: (every, reference_refresh). The _r8 arms are not in the default run.
-GAR_ARMS = {"gar": (1, 1), "gar_every4": (4, 1), "gar_r8": (1, 8), "gar_every4_r8": (4, 8)}
+# The GAR arms: (every, reference_refresh, rows). The _r8 and _rows arms are not in the
+# default run.
+GAR_ARMS = {
+    "gar": (1, 1, None),
+    "gar_every4": (4, 1, None),
+    "gar_r8": (1, 8, None),
+    "gar_every4_r8": (4, 8, None),
+    "gar_r8_rows4": (1, 8, 4),
+    "gar_r8_rows8": (1, 8, 8),
+}
 CORRUPTED = ("random_bytes", "shuffled_en")
 
 
@@ -260,7 +270,7 @@ def run(
     loader = loader_for(sampler, args)
     gar = None
     if method in GAR_ARMS:
-        every, refresh = GAR_ARMS[method]
+        every, refresh, rows = GAR_ARMS[method]
         gar = ad.GAR(
             model,
             sampler,
@@ -269,6 +279,7 @@ def run(
             reference=ad.ReferenceBatches(ref_set, args.ref_batch, seed=seed),
             loss_fn=per_example_loss,
             reference_refresh=refresh,
+            rows=rows,
         )
     ref_iter = (
         iter(ad.ReferenceBatches(ref_set, args.ref_batch, seed=seed)) if method == "doge" else None

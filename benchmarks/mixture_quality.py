@@ -26,7 +26,8 @@ batch 64) for the same number of steps under each mixture:
   ``gar.step()`` after ``backward()``, every default otherwise (cosine reward, exponentiated
   gradient): ``gar_line`` rewards every step's batch, ``gar_line_k4`` every 4th step's,
   ``gar_line_r8`` every step's against a reference gradient recomputed every 8th step
-  (``reference_refresh=8``). The reference batches are the same as the probe arms' (same
+  (``reference_refresh=8``), ``gar_line_rows16`` 16 rows of every batch of 64 (``rows=16``),
+  ``gar_line_rows16_r8`` both. The reference batches are the same as the probe arms' (same
   held-out split and seed);
 * ``oracle``: the clean source only; ``oracle_floor``: the clean source at the largest weight the
   exploration floor allows (every other source keeps ``0.01 / 4``), never updated: the best
@@ -91,11 +92,13 @@ GAR_ARMS: dict[str, tuple[str, float | None, str, int, float | None]] = {
     "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4, None),
     "gar_exp_grad_floor0.05": ("exp_grad", None, "cosine", 1, 0.05),  # the former default
 }
-# One-line GAR arms: (every, reference_refresh).
-LINE_ARMS: dict[str, tuple[int, int]] = {
-    "gar_line": (1, 1),
-    "gar_line_k4": (4, 1),
-    "gar_line_r8": (1, 8),
+# One-line GAR arms: (every, reference_refresh, rows).
+LINE_ARMS: dict[str, tuple[int, int, int | None]] = {
+    "gar_line": (1, 1, None),
+    "gar_line_k4": (4, 1, None),
+    "gar_line_r8": (1, 8, None),
+    "gar_line_rows16": (1, 1, 16),
+    "gar_line_rows16_r8": (1, 8, 16),
 }
 METHODS = (
     "uniform",
@@ -227,7 +230,7 @@ def run(
     )
     one_line = None
     if line:
-        line_every, refresh = LINE_ARMS[method]
+        line_every, refresh, rows = LINE_ARMS[method]
         one_line = ad.GAR(
             model,
             sampler,
@@ -236,6 +239,7 @@ def run(
             reference=ref,
             loss_fn=loss_fn,
             reference_refresh=refresh,
+            rows=rows,
         )
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
