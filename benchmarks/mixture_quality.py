@@ -11,7 +11,9 @@ A held-out clean split (1,000 training images) is the reference; accuracy is mea
 10,000 test images. A small CNN (2 conv + 1 linear, ~19k parameters) trains with Adam (lr 1e-3,
 batch 64) for the same number of steps under each mixture:
 
-* ``uniform`` and ``proportional`` (to source sizes): fixed weights;
+* ``uniform`` and ``proportional`` (to source sizes): fixed weights; ``uniform_x2`` (not in
+  the default run): the uniform mixture for twice the steps, an equal-compute baseline for
+  the GAR arms that cost about 2x;
 * ``exp3_loss``: the online loss bandit of ODM: exponentiated gradient on the training loss;
 * GAR arms (``GAR_ARMS``): GARSampler updated with the rewards of
   ``GradientProbe(method="ghost")`` against a reference batch (128) from the held-out split,
@@ -245,6 +247,8 @@ def run(
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
     step = 0
     t0, c0 = time.perf_counter(), time.process_time()
+    if method == "uniform_x2":  # the uniform mixture for twice the steps: equal compute
+        epochs *= 2
     for _ in range(epochs):
         for x, y in loader:
             if gar and step % every == 0:
@@ -374,7 +378,10 @@ def main() -> None:
             name: {"rule": r, "lr": lr, "reward": rw, "probe_every": k, "floor_total": f}
             for name, (r, lr, rw, k, f) in GAR_ARMS.items()
         },
-        "line_arms": {name: {"every": k} for name, k in LINE_ARMS.items()},
+        "line_arms": {
+            name: {"every": e, "reference_refresh": k, "rows": m}
+            for name, (e, k, m) in LINE_ARMS.items()
+        },
         "targets": {
             "gar_vs_oracle_points": -0.5,
             "gar_vs_uniform_points": 3.0,
@@ -408,7 +415,7 @@ def main() -> None:
             entry["cpu_vs_uniform"] = statistics.median(
                 r["cpu_s"] / b["cpu_s"] for r, b in zip(runs, base["runs"], strict=True)
             )
-        if method not in ("oracle", "oracle_floor", "uniform", "proportional"):
+        if method not in ("oracle", "oracle_floor", "uniform", "uniform_x2", "proportional"):
             firsts = {
                 name: [r["first_step_below_5pct"].get(name) for r in runs] for name in CORRUPTED
             }
