@@ -646,6 +646,7 @@ class GAR:
         for key, mine in mine_all:
             if state[key] != mine:
                 raise ValueError(f"state has {key}={state[key]!r}, but this GAR has {key}={mine!r}")
+        ref_grad = self._load_reference_gradient(state["reference_gradient"])  # checked first
         if state["reference"] is not None and self._reference is not None:
             if not hasattr(self._reference, "load_state_dict"):
                 raise ValueError(
@@ -661,7 +662,7 @@ class GAR:
         self._dropped = int(state["dropped"])
         self._skipped_nonfinite = int(state["skipped_nonfinite"])
         self._last_mean = float(state["last_mean"])
-        self._ref_grad = self._load_reference_gradient(state["reference_gradient"])
+        self._ref_grad = ref_grad
         self._ref_step = int(state["reference_step"])
         self._groups.clear()
         self._current = None
