@@ -10,8 +10,10 @@ for (``batch_size >= 1``), as torch's ``BatchSampler`` does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import torch
 
 __all__: list[str] = []
 
@@ -24,6 +26,28 @@ def is_int(value: Any) -> bool:
 def is_real(value: Any) -> bool:
     """A finite Python ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def int_list(name: str, value: Any) -> list[int]:
+    """``value``, a 1-D integer Tensor or a sequence of ints (bools refused), as a list of
+    ints; a ``TypeError`` naming ``name`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name} should be a 1-D integer Tensor or a sequence of ints, but got a Tensor "
+                f"of dtype={value.dtype}, shape={tuple(value.shape)}"
+            )
+        return value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        out = list(value)
+        bad = [v for v in out if not is_int(v)]
+        if bad:
+            raise TypeError(f"{name} should hold ints, but got {bad[0]!r}")
+        return out
+    raise TypeError(
+        f"{name} should be a 1-D integer Tensor or a sequence of ints, but got "
+        f"{type(value).__name__}"
+    )
 
 
 def _int_words(minimum: int | None) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._check import check_int, check_keys, check_number
+from ._check import check_int, check_keys, check_number, int_list
 
 __all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy"]
 
@@ -263,19 +263,7 @@ class CategoricalPolicy:
         several batches (an all-reduce over ranks) are the statistics of their union.
         Validates the arguments (see :meth:`update`).
         """
-        if isinstance(choices, Tensor):
-            if choices.dim() != 1 or choices.dtype.is_floating_point or choices.dtype == torch.bool:
-                raise TypeError(
-                    "choices should be a 1-D integer Tensor, but got "
-                    f"dtype={choices.dtype}, shape={tuple(choices.shape)}"
-                )
-            c = choices.tolist()
-        elif isinstance(choices, list):
-            c = choices
-        else:
-            raise TypeError(
-                f"choices should be a 1-D integer Tensor, but got {type(choices).__name__}"
-            )
+        c = int_list("choices", choices)
         check_rewards(rewards, len(c))
         k = self.num_choices
         if c and (min(c) < 0 or max(c) >= k):

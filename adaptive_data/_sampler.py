@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ._augment_policy import NO_AUGMENTATION
-from ._check import check_int, check_keys, check_number, is_int
+from ._check import check_int, check_keys, check_number, int_list, is_int
 from ._distributed import current_group
 from ._history import History
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
@@ -552,22 +552,7 @@ def _check_batch_id(batch: Any) -> None:
 
 def _check_rows(rows: Any, n: int) -> list[int]:
     """``rows`` of ``update()`` as a list of distinct positions in ``[0, n)``."""
-    if isinstance(rows, Tensor):
-        if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise TypeError(
-                "rows should be a 1-D integer Tensor or a sequence of ints (positions in the "
-                f"batch), but got a Tensor of shape {tuple(rows.shape)} and dtype {rows.dtype}"
-            )
-        picked = rows.tolist()
-    elif isinstance(rows, Sequence) and not isinstance(rows, str):
-        picked = list(rows)
-        for i in picked:
-            check_int("rows", i, what="positions in the batch")
-    else:
-        raise TypeError(
-            "rows should be a 1-D integer Tensor or a sequence of ints (positions in the batch), "
-            f"but got {type(rows).__name__}"
-        )
+    picked = int_list("rows", rows)
     if not picked:
         raise ValueError("rows should name at least one position in the batch, but got none")
     bad = [i for i in picked if not 0 <= i < n]

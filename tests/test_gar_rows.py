@@ -262,6 +262,8 @@ def test_update_rows_is_checked():
         s.update(torch.zeros(3), rows=[0, 1])
     with pytest.raises(TypeError, match=r"rows should be a 1-D integer Tensor"):
         s.update(r, rows=torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match=r"rows should hold ints, but got True"):
+        s.update(r, rows=[True, 1])
     with pytest.raises(ValueError, match=r"at least one position"):
         s.update(torch.zeros(0), rows=[])
     with pytest.raises(ValueError, match=r"rows should be .*got rows=0"):
