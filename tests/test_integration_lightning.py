@@ -166,3 +166,21 @@ def test_callback_arguments_are_checked():
     other = ad.GARSampler(sources, batch_size=BATCH, seed=1)
     with pytest.raises(ValueError, match=r"gar was built over another GARSampler"):
         GARCallback(other, gar=gar)
+    with pytest.raises(ValueError, match=r"gar is already built, so rows would be ignored"):
+        GARCallback(sampler, gar=gar, rows=4)
+    with pytest.raises(ValueError, match=r"rows should be a positive integer value.*rows=0"):
+        GARCallback(sampler, reference=ref, loss_fn=per_example_loss, rows=0)
+    with pytest.raises(ValueError, match=r"reference_refresh reuses a held-out reference"):
+        GARCallback(sampler, gar=None, reward="dot", reference_refresh=2, reference=None)
+
+
+def test_the_callback_builds_gar_with_every_option_given():
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    ref = ad.ReferenceBatches(val, BATCH)
+    callback = GARCallback(
+        sampler, reference=ref, loss_fn=per_example_loss, every=2, reference_refresh=3, rows=5
+    )
+    module = Module()
+    gar = callback.wiring.build(module, torch.optim.SGD(module.parameters(), lr=0.1))
+    assert (gar.every, gar.reference_refresh, gar.rows, gar.reward) == (2, 3, 5, "cosine")

@@ -68,10 +68,13 @@ class Wiring:
         self.gar = gar
         self.reference = reference
         self.loss_fn = loss_fn
-        self.every = every
-        self.reward = reward
-        self.reference_refresh = reference_refresh
-        self.rows = rows
+        # GAR's other arguments, as given (checked above)
+        self.options = {
+            "every": every,
+            "reward": reward,
+            "reference_refresh": reference_refresh,
+            "rows": rows,
+        }
         self._built = False  # whether self.gar is ours (built by build())
         self._pending_gar: Mapping[str, Any] | None = None
 
@@ -91,12 +94,9 @@ class Wiring:
                 model,
                 self.sampler,
                 optimizer=optimizer,
-                every=self.every,
-                reward=self.reward,
                 reference=self.reference,
                 loss_fn=self.loss_fn,
-                reference_refresh=self.reference_refresh,
-                rows=self.rows,
+                **self.options,
             )
             self._built = True
         if self._pending_gar is not None:
