@@ -46,6 +46,13 @@ def test_quick_run(script: str) -> None:
     assert expected in done.stdout
 
 
+def test_gar_cost_quick_in_the_held_out_mode() -> None:
+    done = _run("benchmarks/gar_cost.py", "--quick", "--mode", "heldout", "--models", "mlp")
+    assert done.returncode == 0, done.stderr
+    for variant in ("heldout", "heldout_r8", "heldout_r8_rows32", "heldout_every4_r8"):
+        assert f"| mlp | {variant} |" in done.stdout
+
+
 def test_mixture_quality_quick() -> None:
     data = ROOT.parent / "shared" / "data" / "fashion-mnist"
     if not data.is_dir():
