@@ -40,7 +40,9 @@ batch 64) for the same number of steps under each mixture:
 over uniform's, in both), the time spent in the probe and ``update()`` calls (``probe_s``; in
 ``gar.step()`` for the one-line arms, whose hooks also add to the training forward and
 backward), the first step at which each corrupted source's weight fell below 5%, and the
-weights over time (``benchmarks/results/mixture_quality_weights.png``).
+weights over time (``benchmarks/results/mixture_quality_weights.png``); with ``--eval-every N``
+the accuracy on ``--eval-size`` test images every N steps against CPU time (evaluation not
+counted), in ``..._time.png``.
 
     python benchmarks/mixture_quality.py [DATA_DIR]          # full run, ~10-20 min on 2 cores
     python benchmarks/mixture_quality.py [DATA_DIR] --quick  # smoke run (seconds), writes nothing
@@ -246,6 +248,10 @@ def run(
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
     step = 0
+    # (step, wall s, CPU s, accuracy on the first eval_size test images); evaluation is not
+    # counted in the times
+    curve: list[tuple[int, float, float, float]] = []
+    wall = cpu = 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     if method == "uniform_x2":  # the uniform mixture for twice the steps: equal compute
         epochs *= 2
@@ -270,7 +276,14 @@ def run(
             for name in CORRUPTED:
                 if below[name] is None and name in sampler.weights and sampler.weights[name] < 0.05:
                     below[name] = step
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if args.eval_every and step % args.eval_every == 0:
+                wall += time.perf_counter() - t0
+                cpu += time.process_time() - c0
+                n = args.eval_size
+                curve.append((step, wall, cpu, accuracy(model, test[0][:n], test[1][:n])))
+                t0, c0 = time.perf_counter(), time.process_time()
+    wall += time.perf_counter() - t0
+    cpu += time.process_time() - c0
     if one_line is not None:
         one_line.close()
     m = sampler.metrics()
@@ -280,6 +293,7 @@ def run(
         "cpu_s": cpu,
         "probe_s": probe_time,
         "steps": step,
+        "curve": curve,
         "final_weights": sampler.weights,
         "first_step_below_5pct": {k: v for k, v in below.items() if k in sampler.weights},
         "nonfinite_rewards": m["nonfinite_rewards"],
@@ -333,6 +347,34 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_curves(results: dict[str, Any], path: Path) -> bool:
+    """Test accuracy (on the evaluation subset) against CPU time, mean over seeds, per arm."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, entry in results["methods"].items():
+        curves = [r["curve"] for r in entry["runs"] if r.get("curve")]
+        if not curves:
+            continue
+        points = min(len(c) for c in curves)
+        xs = [statistics.fmean(c[i][2] for c in curves) for i in range(points)]
+        ys = [statistics.fmean(c[i][3] for c in curves) for i in range(points)]
+        ax.plot(xs, ys, marker=".", label=method)
+    ax.set_xlabel("CPU time (s, mean over seeds)")
+    ax.set_ylabel(f"test accuracy on {results['eval_size']} images (%)")
+    ax.set_title("accuracy against compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -345,6 +387,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="evaluate every N steps for an accuracy-against-time plot (0: off)",
+    )
+    parser.add_argument("--eval-size", type=int, default=2000, help="test images per evaluation")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--ref-batch", type=int, default=128)
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -372,6 +421,8 @@ def main() -> None:
         "test_size": len(test[0]),
         "batch": args.batch,
         "epochs": args.epochs,
+        "eval_every": args.eval_every,
+        "eval_size": args.eval_size,
         "steps_per_epoch": steps_per_epoch,
         "seeds": seeds,
         "gar_arms": {
@@ -454,6 +505,11 @@ def main() -> None:
         if plot(results, png):
             results["weights_plot"] = (
                 str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
+            )
+        curves = args.out.with_name(args.out.stem + "_time.png")
+        if args.eval_every and plot_curves(results, curves):
+            results["time_plot"] = (
+                str(curves.relative_to(ROOT)) if curves.is_relative_to(ROOT) else str(curves)
             )
         write(args.out, results, indent=1)
 
