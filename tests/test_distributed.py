@@ -206,7 +206,9 @@ def scenario_mismatched_sources(rank: int, world: int) -> dict:
     return {"error_message": None}
 
 
-def scenario_ddp_gar(rank: int, world: int) -> dict:
+def scenario_ddp_gar(rank: int, world: int, **options) -> dict:
+    """GAR over a DDP model, each rank its own held-out reference batches; ``options`` go to
+    GAR (the reference reuse and partial rows: collectives at the same steps on every rank)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -226,7 +228,9 @@ def scenario_ddp_gar(rank: int, world: int) -> dict:
     )
     reference = ad.ReferenceBatches(held_out, 8, seed=rank)  # each rank its own reference
     grads_untouched = True
-    with ad.GAR(ddp, sampler, optimizer=opt, reference=reference, loss_fn=loss_fn) as gar:
+    with ad.GAR(
+        ddp, sampler, optimizer=opt, reference=reference, loss_fn=loss_fn, **options
+    ) as gar:
         for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
             opt.zero_grad()
             nn.functional.cross_entropy(ddp(x), y).backward()
@@ -314,6 +318,7 @@ SCENARIOS = {
     "extra_update": scenario_extra_update,
     "mismatched_sources": scenario_mismatched_sources,
     "ddp_gar": scenario_ddp_gar,
+    "ddp_gar_cheap": lambda rank, world: scenario_ddp_gar(rank, world, reference_refresh=3, rows=4),
     "held_out_gar": scenario_held_out_gar,
 }
 
@@ -377,6 +382,13 @@ def test_gar_and_probe_on_a_ddp_model(tmp_path):
     assert results[0]["params"] == results[1]["params"]  # DDP kept the replicas in sync
     assert all(r["grads_untouched"] for r in results)
     assert results[0]["rewarded"] > 0
+
+
+def test_gar_with_a_reused_reference_and_partial_rows_on_a_ddp_model(tmp_path):
+    results = launch(tmp_path, 2, "ddp_gar_cheap")
+    assert results[0]["weights"] == results[1]["weights"]  # one policy on every rank
+    assert results[0]["params"] == results[1]["params"]
+    assert results[0]["rewarded"] == results[1]["rewarded"] > 0
 
 
 def test_held_out_gar_averages_the_ranks_reference_gradients(tmp_path):
