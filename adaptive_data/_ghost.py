@@ -1077,12 +1077,8 @@ def rows_independent(entry: Entry, layout: CallLayout, args: tuple, kwargs: dict
         return True
     if kind is nn.Embedding:
         return not cast(nn.Embedding, module).scale_grad_by_freq
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and kind in (
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-    ):
-        return not _uses_batch_stats(module)
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return not _uses_batch_stats(cast(nn.modules.batchnorm._BatchNorm, module))
     if kind is nn.MultiheadAttention:
         att = _attention_call(module, args, kwargs)
         # A 3-d attn_mask holds batch x heads in one dim: it cannot be cut by rows.

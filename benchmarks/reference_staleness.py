@@ -29,7 +29,7 @@ reference, its CNN, Adam 1e-3, batch 64, reference batch 128) and ``lm`` (``lm_m
 six byte-level sources and target reference, its transformer with positions ``[B, T]``,
 AdamW 1e-3, batch 16, reference batch 32).
 
-    python benchmarks/reference_staleness.py [DATA_DIR] --task fmnist   # about 5 min
+    python benchmarks/reference_staleness.py [DATA_DIR] --task fmnist   # about 8 min
     python benchmarks/reference_staleness.py [DATA_DIR] --task lm       # about 12 min
     python benchmarks/reference_staleness.py --quick                    # smoke run
 

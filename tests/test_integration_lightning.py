@@ -168,6 +168,8 @@ def test_callback_arguments_are_checked():
         GARCallback(other, gar=gar)
     with pytest.raises(ValueError, match=r"gar is already built, so rows would be ignored"):
         GARCallback(sampler, gar=gar, rows=4)
+    with pytest.raises(ValueError, match=r"gar is already built, so every, reward would be"):
+        GARCallback(sampler, gar=gar, every=2, reward="dot")
     with pytest.raises(ValueError, match=r"rows should be a positive integer value.*rows=0"):
         GARCallback(sampler, reference=ref, loss_fn=per_example_loss, rows=0)
     with pytest.raises(ValueError, match=r"reference_refresh reuses a held-out reference"):

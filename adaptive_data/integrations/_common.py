@@ -3,6 +3,7 @@ the state saved beside the trainer's checkpoints, and the metrics for its logger
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,6 +17,13 @@ from .._sampler import GARSampler
 __all__: list[str] = []
 
 STATE_VERSION = 1
+
+# GAR's own defaults: an option set otherwise beside a GAR the user built would be ignored.
+_GAR_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(GAR.__init__).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
 
 
 class Wiring:
@@ -49,12 +57,15 @@ class Wiring:
                     f"{p}gar was built over another GARSampler than {p}sampler; build it over "
                     f"the same one"
                 )
-            pairs = (("reference", reference), ("loss_fn", loss_fn))
-            given = [n for n, v in pairs if v is not None]
-            if reference_refresh != 1:
-                given.append("reference_refresh")
-            if rows is not None:
-                given.append("rows")
+            options = {
+                "reference": reference,
+                "loss_fn": loss_fn,
+                "every": every,
+                "reward": reward,
+                "reference_refresh": reference_refresh,
+                "rows": rows,
+            }
+            given = [n for n, v in options.items() if v != _GAR_DEFAULTS[n]]
             if given:
                 raise ValueError(
                     f"{p}gar is already built, so {', '.join(p + n for n in given)} would be "
