@@ -220,6 +220,11 @@ class GAR:
         self._devices = cuda_devices(core)
         self._steps = 0
         self._seen = sampler.deliveries  # deliveries paired with a training forward so far
+        # A next-batch reference rewards a batch one delivery later: the sampler refuses, at
+        # its first batch, a loader that reads too far ahead for its lag to wait for that.
+        delay = 0 if reference is not None else 1
+        if sampler.reward_delay is None or sampler.reward_delay < delay:
+            sampler.reward_delay = delay
         self._step_batches: list[int] = []  # batches received since the last step, in order
         self._forwards = 0  # training forwards since the last step
         self._last_step_batches: list[int] = []  # the batches of the last step

@@ -19,6 +19,7 @@ from ._augment_policy import NO_AUGMENTATION
 from ._check import check_int, check_keys, check_number, int_list, is_int
 from ._distributed import current_group
 from ._history import History
+from ._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
 from ._streams import ON_STREAM_END, StreamReaders, is_stream
 from ._structure import difference, structure
@@ -69,6 +70,7 @@ _RANK = "rank"
 _WORLD_SIZE = "world_size"
 _REFERENCE_EVERY = "reference_every"
 _STREAM_FIRST = "stream_first_batch"  # per source: id of the first batch that drew it, or -1
+_LAG = "lag"  # the drawing policies and the updates waiting for their fixed point
 
 
 def _mix(*values: int) -> int:
@@ -425,6 +427,9 @@ class _Record:
     lost: bool = False
     # Restored without keys (a rewarded or lost batch holds only its place in the window).
     was_reference: bool = False
+    # The sources' cursors and rounds just before this batch was drawn: a pass that ends
+    # before the batch reaches the loop rewinds the sampler to them.
+    before: tuple[list[int], list[int]] | None = None
 
     @property
     def reference(self) -> bool:
@@ -462,6 +467,9 @@ class _Record:
             d["bins"] = torch.tensor(self.aug.bins, dtype=torch.long)
             d["negate"] = torch.tensor(self.aug.negate, dtype=torch.bool)
             d["seeds"] = torch.tensor(self.aug.seeds, dtype=torch.long)
+        if self.before is not None:
+            d["cursors_before"] = torch.tensor(self.before[0], dtype=torch.long)
+            d["rounds_before"] = torch.tensor(self.before[1], dtype=torch.long)
         return d
 
     @classmethod
@@ -476,6 +484,11 @@ class _Record:
         if "ops" in d:
             rec.aug = _Decisions(
                 *(torch.as_tensor(d[k]).tolist() for k in ("ops", "bins", "negate", "seeds"))
+            )
+        if "cursors_before" in d:
+            rec.before = (
+                torch.as_tensor(d["cursors_before"]).tolist(),
+                torch.as_tensor(d["rounds_before"]).tolist(),
             )
         return rec
 
@@ -623,6 +636,14 @@ class GARSampler(Sampler[list[int]]):
         on_stream_end: what a process does when its shard of a stream ends: ``"restart"``
             (default: read the shard again, a new pass) or ``"raise"`` (a ``RuntimeError``
             naming the stream).
+        lag: batch ``t`` is drawn from the policy with the updates of batches ``<= t - lag``
+            (>= 1; default 8), applied in batch order: the same seed then draws the same
+            batches, and ends with the same weights, whatever ``num_workers`` and
+            ``prefetch_factor`` (map-style sources). Rewards of batch ``t`` must reach
+            ``update()`` before batch ``t + lag`` is drawn, or ``update()`` raises; a loader
+            that reads further ahead than the lag allows is refused at its first batch when
+            the sampler knows the reward delay (:class:`GAR` tells it). docs/howto-mixture.md,
+            "The policy lag".
 
     Under ``torch.distributed`` each rank draws from its own shard of every source and
     ``update()`` is a collective that keeps the ranks' weights identical (docs/howto-ddp.md).
@@ -649,8 +670,10 @@ class GARSampler(Sampler[list[int]]):
         world_size: int | None = None,
         sync_timeout_s: float = 60.0,
         on_stream_end: str = "restart",
+        lag: int = DEFAULT_LAG,
     ) -> None:
         check_int("batch_size", batch_size, minimum=1)
+        check_int("lag", lag, minimum=1)
         check_int("seed", seed)
         check_int("reward_window", reward_window, minimum=2)
         if transform is not None and not _is_gar_transform(transform):
@@ -743,6 +766,10 @@ class GARSampler(Sampler[list[int]]):
             sizes=None if self._stream_ids else self.sizes,
         )
         self._initial_weights = self._policy.probs_list()
+        self._lagged = LaggedPolicies(
+            lag, self._policy, None if transform is None else transform.policy
+        )
+        self._reward_delay: int | None = None
         self._offsets = self.dataset.offsets[:-1]
         self._choice_gen = torch.Generator()
         self._rounds = [0] * len(srcs)
@@ -780,6 +807,7 @@ class GARSampler(Sampler[list[int]]):
             self.seed,
             self.reference_every,
             table,
+            self.lag,
         )
 
     # ------------------------------------------------------------------ Sampler protocol
@@ -839,6 +867,17 @@ class GARSampler(Sampler[list[int]]):
                 f"yielded only {it.returned}: its batches are not this sampler's, in order"
             )
         p.delivered += 1
+        delay = self._reward_delay
+        if delay is not None and lag_needed(it.returned - n, delay) > self.lag:
+            ahead = it.returned - n
+            raise ValueError(
+                f"lag={self.lag} is too small for this loader: it had drawn {ahead} batch(es) "
+                f"beyond the one it delivered (num_workers * prefetch_factor, plus any wrapper "
+                f"that reads ahead), and rewards arrive {delay} batch(es) after their own, so "
+                f"batches would be drawn before the rewards they depend on. Pass "
+                f"GARSampler(lag={lag_needed(ahead, delay)}) or more, or a loader with fewer "
+                "workers or a smaller prefetch_factor (docs/howto-mixture.md, 'The policy lag')"
+            )
         bid = it.first_id + n - 1
         self._deliveries.append(bid)
         self._num_deliveries += 1
@@ -849,6 +888,25 @@ class GARSampler(Sampler[list[int]]):
         """How many batches tracked loaders have handed to the training loop, in total (this
         process, since construction)."""
         return self._num_deliveries
+
+    @property
+    def lag(self) -> int:
+        """Batch ``t`` is drawn from the updates of batches ``<= t - lag`` (see ``lag=``)."""
+        return self._lagged.lag
+
+    @property
+    def reward_delay(self) -> int | None:
+        """How many batches after a batch the loop delivers before that batch's rewards reach
+        :meth:`update` (0: while the loop holds it), if known: :class:`GAR` sets it. With it,
+        a loader that reads too far ahead for :attr:`lag` is refused at its first batch;
+        without it (``None``), at the first late :meth:`update`."""
+        return self._reward_delay
+
+    @reward_delay.setter
+    def reward_delay(self, value: int | None) -> None:
+        if value is not None:
+            check_int("reward_delay", value, minimum=0, what="None or an int >= 0")
+        self._reward_delay = value
 
     def delivery(self, i: int) -> int:
         """Id of the ``i``-th batch (0-based, in :attr:`deliveries`' count) handed to the loop;
@@ -930,18 +988,20 @@ class GARSampler(Sampler[list[int]]):
         Source s's slots get its next examples in slot order. Cost: one multinomial, K list
         slices and one pass over the batch (about 10 us for B=64, K=3).
         """
-        src = self._policy.sample(self.batch_size, self._choice_gen).tolist()
+        lagged = self._lagged
+        lagged.catch_up(self._next_id)
+        before = (list(self._cursors), list(self._rounds))
+        src = lagged.policy.sample(self.batch_size, self._choice_gen).tolist()
         take = self._take_or_stream if self._stream_ids else self._take
         chunks: list[Any] = [None] * len(self.sizes)
         for s in set(src):
             chunks[s] = iter(take(s, src.count(s)))
         keys = list(map(next, map(chunks.__getitem__, src)))  # slot by slot, at C speed
         epoch = self._epoch if self._epoch is not None else self._next_epoch
-        rec = _Record(self._next_id, epoch, self._pos + 1, keys, src)
-        tf = self.transform
-        if tf is not None:
+        rec = _Record(self._next_id, epoch, self._pos + 1, keys, src, before=before)
+        if lagged.augment is not None:
             n, g = self.batch_size, self._choice_gen
-            ops, bins, negate = tf.draw(n, g)
+            ops, bins, negate = lagged.augment.draw(n, g)
             seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()
             if self.reference_every and rec.position % self.reference_every == 0:
                 rec.aug = _Decisions([NO_AUGMENTATION] * n, [0] * n, [False] * n, seeds)
@@ -972,6 +1032,8 @@ class GARSampler(Sampler[list[int]]):
                 return
             in_progress = state[_EPOCH] is not None and state[_POSITION] < self.num_batches
             if target == "fresh" or not in_progress:
+                if replay:  # drawn before the checkpoint, never delivered: drawn again
+                    self._rewind(replay[0].id)
                 self._new_epoch()
             else:
                 start = state[_POSITION] if not isinstance(target, tuple) else target[2]
@@ -985,6 +1047,16 @@ class GARSampler(Sampler[list[int]]):
                     "a StatefulDataLoader restored its position, but the GARSampler's state "
                     "was not loaded with it"
                 )
+            old = self._active
+            if old is not None and old.tracker is not None and old.returned:
+                # A pass left early: the batches its loader read ahead never reached the
+                # loop. Draw them again, so that what follows is the same with any loader.
+                kept = self._delivered(old)
+                if kept < old.returned:
+                    self._rewind(old.first_id + kept)
+                    old.returned = kept
+            elif self._replay:
+                self._rewind(self._replay[0].id)
             self._new_epoch()
         if not self._replay:
             it.first_id = self._next_id
@@ -996,7 +1068,23 @@ class GARSampler(Sampler[list[int]]):
         self._active = it
         self._iters.append(it)
 
+    def _rewind(self, first: int) -> None:
+        """Forget the batches from id ``first`` on (drawn, never delivered): the sources'
+        cursors, the ids and the counters go back to just before ``first`` was drawn."""
+        rec = self._records.get(first)
+        if rec is None or rec.before is None or first >= self._next_id:
+            return  # nothing drawn from there, or a state saved without the snapshots
+        self._cursors, self._rounds = list(rec.before[0]), list(rec.before[1])
+        gone = [i for i in self._records if i >= first]
+        for i in gone:
+            del self._records[i]
+        self._drawn -= self._next_id - first
+        self._next_id = first
+        self._replay = deque()
+
     def _new_epoch(self) -> None:
+        tf = self.transform
+        self._lagged.sync(self._policy, None if tf is None else tf.policy)
         self._epoch = self._next_epoch
         self._next_epoch += 1
         self._pos = 0
@@ -1178,6 +1266,7 @@ class GARSampler(Sampler[list[int]]):
             )
         picked = None if rows is None else _check_rows(rows, len(rec.keys))
         check_rewards(rewards, len(rec.keys) if picked is None else len(picked))
+        self._lagged.check_on_time(rec.id, self._next_id)
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
         sources = rec.sources if picked is None else [rec.sources[i] for i in picked]
         stats = self._policy.statistics_of(sources, r)
@@ -1203,9 +1292,11 @@ class GARSampler(Sampler[list[int]]):
                     f"{total / self.world_size:g}. Every rank must update after the same batches "
                     "(skip an update on all ranks or on none)"
                 )
-        self._policy.apply(stats[:width])
-        if tf is not None and rec.aug is not None:
-            tf.apply(stats[width:])
+        update = UpdateStatistics.split(stats, width, tf is not None and rec.aug is not None)
+        self._policy.apply(update.sources)
+        if update.augment is not None:
+            tf.apply(update.augment)
+        self._lagged.queue(rec.id, update)
         rec.rewarded = True
         self._rewarded += 1
         self._fold_reward_means(own[:k], own[k:])
@@ -1338,6 +1429,7 @@ class GARSampler(Sampler[list[int]]):
             _RANK: self.rank,
             _WORLD_SIZE: self.world_size,
             _STREAM_FIRST: list(self._stream_first),
+            _LAG: self._lagged.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1414,6 +1506,12 @@ class GARSampler(Sampler[list[int]]):
                 raise ValueError(
                     f"state has {key}={state[key]!r}, but this sampler has {key}={value!r}"
                 )
+        lagged = state.get(_LAG)
+        if lagged is not None and int(lagged["lag"]) != self.lag:
+            raise ValueError(
+                f"state has lag={int(lagged['lag'])}, but this sampler has lag={self.lag}: the "
+                "batches drawn after the checkpoint depend on it"
+            )
         loaded = copy.deepcopy(dict(state))
         self._apply(loaded)
         self._pending.append(loaded)
@@ -1451,6 +1549,13 @@ class GARSampler(Sampler[list[int]]):
         self._drawn, self._rewarded, self._dropped_unrewarded = (int(v) for v in state[_COUNTERS])
         if self.transform is not None:
             self.transform.load_state_dict(state[_TRANSFORM])
+        lagged = state.get(_LAG)
+        if lagged is None:  # saved before the lag: the policies drawn from were the live ones
+            self._lagged.sync(
+                self._policy, None if self.transform is None else self.transform.policy
+            )
+        else:
+            self._lagged.load_state_dict(lagged)
         self._iters.clear()
         first = state.get(_STREAM_FIRST)
         self._stream_first = [-1] * len(self.names) if first is None else [int(v) for v in first]

@@ -261,6 +261,8 @@ def run(
     model = ByteLM(expand_positions=args.expand_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     kw: dict[str, Any] = {"batch_size": args.batch, "seed": seed, "num_batches": args.steps}
+    if args.lag is not None:
+        kw["lag"] = args.lag
     if method == "proportional":  # to the sources' sizes (a stream has no len(): given)
         sampler = ad.GARSampler(sources, weights=[args.sizes[n] for n in names], **kw)
     elif method == "odm_exp3":
@@ -546,6 +548,9 @@ def main() -> None:
     )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--lag", type=int, default=None, help="GARSampler(lag=) of every arm (default: its default)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "lm_mixture.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

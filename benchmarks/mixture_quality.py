@@ -209,6 +209,8 @@ def run(
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     kw: dict[str, Any] = {"batch_size": args.batch, "seed": seed, "num_batches": steps_per_epoch}
+    if args.lag is not None:
+        kw["lag"] = args.lag
     gar = method in GAR_ARMS
     line = method in LINE_ARMS
     every = 1
@@ -398,6 +400,9 @@ def main() -> None:
     parser.add_argument("--ref-batch", type=int, default=128)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--lag", type=int, default=None, help="GARSampler(lag=) of every arm (default: its default)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "mixture_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

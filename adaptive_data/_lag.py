@@ -1,0 +1,160 @@
+"""The policy lag of a GARSampler: batch ``t`` is drawn from the updates of batches ``<= t - lag``.
+
+A DataLoader with workers draws batches ahead of the loop (``num_workers * prefetch_factor``
+of them), so "the policy as it is when the batch is drawn" would depend on the worker count and
+on timing. :class:`LaggedPolicies` keeps the copies of the sampler's policies that batches are
+drawn from and applies each batch's update to them at a fixed point, just before batch
+``id + lag`` is drawn, in batch order: the same seed then draws the same batches with any
+loader that delivers each batch's rewards before its fixed point, and an update that arrives
+later is refused (:meth:`check_on_time`) instead of being applied at a point that depends on
+the loader.
+
+The live policies (``sampler.weights``, ``transform.op_weights``) take every update as soon
+as it arrives; the copies here catch up with them at the fixed points. At the start of every
+pass (epoch) the copies are set to the live policies, so a pass left early (a ``break``, whose
+prefetched batches the loop never received) leaves nothing that depends on the worker count.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._check import check_int
+from ._policy import CategoricalPolicy
+
+if TYPE_CHECKING:
+    from ._augment_policy import AugmentPolicy
+
+__all__ = ["DEFAULT_LAG", "LaggedPolicies", "UpdateStatistics", "lag_needed"]
+
+DEFAULT_LAG = 8
+"""Default ``GARSampler(lag=)``: covers a DataLoader with ``num_workers * prefetch_factor`` up to
+5 (2 workers at the default prefetch factor, behind accelerate's one-batch read-ahead) with
+rewards that arrive one batch late (next-batch references). docs/howto-mixture.md."""
+
+
+def lag_needed(read_ahead: int, reward_delay: int) -> int:
+    """The smallest lag for a loader ``read_ahead`` batches ahead of the loop whose rewards
+    arrive ``reward_delay`` deliveries after their batch: the draw of batch ``t + read_ahead +
+    reward_delay`` happens before batch ``t``'s rewards, so the lag must exceed that."""
+    return read_ahead + reward_delay + 1
+
+
+@dataclass
+class UpdateStatistics:
+    """One update's sufficient statistics, summed over ranks: the source policy's and (with a
+    transform) the augmentation policy's, as their ``statistics()`` methods return them."""
+
+    sources: list[float]
+    augment: list[float] | None = None
+
+    def flat(self) -> list[float]:
+        """One list (what an all-reduce takes)."""
+        return self.sources + (self.augment or [])
+
+    @classmethod
+    def split(cls, flat: list[float], width: int, has_augment: bool) -> UpdateStatistics:
+        """The inverse of :meth:`flat`; ``width`` is the source policy's part."""
+        return cls(flat[:width], flat[width:] if has_augment else None)
+
+
+class LaggedPolicies:
+    """The policies a :class:`GARSampler` draws from, and the updates waiting for their fixed
+    point (``batch id + lag``). Holds copies: the live policies are the sampler's and the
+    transform's own."""
+
+    def __init__(
+        self, lag: int, policy: CategoricalPolicy, augment: AugmentPolicy | None = None
+    ) -> None:
+        check_int("lag", lag, minimum=1)
+        self.lag = lag
+        self.policy = copy.deepcopy(policy)
+        self.augment = None if augment is None else copy.deepcopy(augment)
+        self._queued: dict[int, UpdateStatistics] = {}  # batch id -> its update, not yet applied
+
+    def __len__(self) -> int:
+        """Updates waiting for their fixed point."""
+        return len(self._queued)
+
+    def check_on_time(self, batch: int, next_id: int) -> None:
+        """Raise if the update of ``batch`` comes too late: batch ``batch + lag`` (the first one
+        drawn from it) was already drawn, ``next_id`` being the id the sampler draws next."""
+        if batch + self.lag < next_id:
+            raise RuntimeError(
+                f"the rewards of batch {batch} arrived after batch {batch + self.lag} was drawn: "
+                f"with lag={self.lag} batch {batch + self.lag} is drawn from the updates of "
+                f"batches up to {batch}, so these rewards would change draws that depend on how far the "
+                f"loader reads ahead. The sampler had drawn up to batch {next_id - 1}: pass "
+                f"GARSampler(lag={next_id - batch}) or more, or reward batches sooner "
+                "(docs/howto-mixture.md, 'The policy lag')"
+            )
+
+    def queue(self, batch: int, stats: UpdateStatistics) -> None:
+        """Hold the update of ``batch`` until batch ``batch + lag`` is drawn."""
+        self._queued[batch] = stats
+
+    def catch_up(self, next_id: int) -> None:
+        """Before batch ``next_id`` is drawn: apply the waiting updates of batches
+        ``<= next_id - lag``, in batch order."""
+        if not self._queued:
+            return
+        due = sorted(b for b in self._queued if b <= next_id - self.lag)
+        for b in due:
+            stats = self._queued.pop(b)
+            self.policy.apply(stats.sources)
+            if self.augment is not None and stats.augment is not None:
+                self.augment.apply(stats.augment)
+
+    def sync(self, policy: CategoricalPolicy, augment: AugmentPolicy | None) -> None:
+        """A new pass: draw from the live policies (every update received so far)."""
+        self.policy.load_state_dict(policy.state_dict())
+        if self.augment is not None and augment is not None:
+            self.augment.load_state_dict(augment.state_dict())
+        self._queued.clear()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The drawing policies and the waiting updates (torch tensors and Python values)."""
+        ids = sorted(self._queued)
+        return {
+            "lag": self.lag,
+            "policy": self.policy.state_dict(),
+            "augment": None if self.augment is None else self.augment.state_dict(),
+            "queued_ids": torch.tensor(ids, dtype=torch.long),
+            "queued_sources": torch.tensor(
+                [self._queued[b].sources for b in ids], dtype=torch.float64
+            ),
+            "queued_augment": [
+                None
+                if self._queued[b].augment is None
+                else torch.tensor(self._queued[b].augment, dtype=torch.float64)
+                for b in ids
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["lag"]) != self.lag:
+            raise ValueError(
+                f"state has lag={int(state['lag'])}, but this sampler has lag={self.lag}: the "
+                "batches drawn after the checkpoint depend on it"
+            )
+        self.policy.load_state_dict(state["policy"])
+        if self.augment is not None:
+            if state["augment"] is None:
+                raise ValueError("state holds no augmentation policy, but this sampler has one")
+            self.augment.load_state_dict(state["augment"])
+        ids = torch.as_tensor(state["queued_ids"]).tolist()
+        sources = torch.as_tensor(state["queued_sources"], dtype=torch.float64)
+        self._queued = {
+            int(b): UpdateStatistics(
+                sources[i].tolist(),
+                None if aug is None else torch.as_tensor(aug, dtype=torch.float64).tolist(),
+            )
+            for i, (b, aug) in enumerate(zip(ids, state["queued_augment"], strict=True))
+        }

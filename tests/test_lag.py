@@ -1,0 +1,227 @@
+"""The policy lag: the same seed draws the same batches and ends with the same weights whatever
+the loader reads ahead (workers, prefetch), the update schedule, breaks and resumes, or a
+clear error. Rewards come from the batches' content, so a batch drawn from another policy
+changes every later batch and the weights."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from adaptive_data import GARSampler
+from adaptive_data._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
+from adaptive_data._policy import CategoricalPolicy
+
+from .test_sampler import make, reward_of
+
+
+class ReadAhead:
+    """A loader that draws ``ahead`` batches beyond the one it delivers, in this process: a
+    DataLoader with ``num_workers * prefetch_factor == ahead`` draws that many when a pass
+    starts and one more before each batch it hands out."""
+
+    def __init__(self, sampler: GARSampler, ahead: int) -> None:
+        self.sampler, self.ahead = sampler, ahead
+
+    def __iter__(self):
+        it = iter(self.sampler)
+        buf: deque = deque()
+
+        def pull() -> None:
+            with contextlib.suppress(StopIteration):
+                buf.append(next(it))
+
+        for _ in range(self.ahead):
+            pull()
+        while True:
+            pull()
+            if not buf:
+                return
+            yield self.sampler.decode(buf.popleft())
+
+
+def loop(
+    s: GARSampler,
+    loader,
+    epochs: int = 2,
+    every: int = 1,
+    delay: int = 0,
+    stop: int | None = None,
+    waiting: deque | None = None,
+    limit: int | None = None,
+) -> list[list[int]]:
+    """The user's loop: the rewards of every ``every``-th batch of an epoch reach ``update``
+    ``delay`` deliveries after the batch (``update(r, batch=id)``); ``stop`` breaks out of
+    the first epoch after its batch ``stop``; ``limit`` ends the run after that many batches,
+    leaving the rewards still waiting in ``waiting``."""
+    seen: list[list[int]] = []
+    waiting = deque() if waiting is None else waiting
+    for e in range(epochs):
+        for t, (sid, idx) in enumerate(loader):
+            seen.append((sid * 100 + idx).tolist())
+            if t % every == 0:
+                waiting.append((len(seen) - 1, s.last_batch, reward_of(sid, idx)))
+            while waiting and waiting[0][0] + delay <= len(seen) - 1:
+                _, bid, r = waiting.popleft()
+                s.update(r, batch=bid)
+            if (stop is not None and e == 0 and t == stop) or len(seen) == limit:
+                break
+        if len(seen) == limit:
+            break
+    return seen
+
+
+def outcome(s: GARSampler, seen: list[list[int]]) -> tuple:
+    return seen, s.policy.state_dict()["logits"].tolist(), s.metrics()["batches_drawn"]
+
+
+def run(ahead: int, **kw) -> tuple:
+    lag = kw.pop("lag", DEFAULT_LAG)
+    s = make(seed=kw.pop("seed", 0), lag=lag)
+    return outcome(s, loop(s, s.track(ReadAhead(s, ahead)), **kw))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ahead=st.integers(0, 6),
+    every=st.integers(1, 3),
+    delay=st.integers(0, 1),
+    stop=st.one_of(st.none(), st.integers(0, 6)),
+    seed=st.integers(0, 2**20),
+)
+def test_same_batches_and_weights_whatever_the_loader_reads_ahead(ahead, every, delay, stop, seed):
+    kw = {"every": every, "delay": delay, "stop": stop, "seed": seed, "epochs": 3}
+    assert run(ahead, **kw) == run(0, **kw)
+
+
+@settings(max_examples=15, deadline=None)
+@given(ahead=st.integers(0, 5), delay=st.integers(0, 2), extra=st.integers(0, 3))
+def test_any_lag_that_covers_the_loader_gives_the_in_process_run(ahead, delay, extra):
+    lag = lag_needed(ahead, delay) + extra
+    assert run(ahead, lag=lag, delay=delay) == run(0, lag=lag, delay=delay)
+
+
+def test_the_lag_changes_the_draws():
+    """Not a no-op: another lag draws other batches once updates start to count."""
+    assert run(0, lag=1)[0] != run(0, lag=DEFAULT_LAG)[0]
+
+
+def test_a_late_update_raises_and_names_the_lag_it_needs():
+    s = make(lag=4)
+    loader = s.track(ReadAhead(s, 3))  # needs 3 + 1 + 1 = 5 with rewards one batch late
+    with pytest.raises(RuntimeError, match=r"batch 0 arrived after batch 4 was drawn.*lag=5\)"):
+        loop(s, loader, delay=1)
+    assert s.metrics()["updates"] == 0  # nothing applied
+
+
+def test_a_loader_that_reads_too_far_ahead_is_refused_at_its_first_batch():
+    s = make(lag=4)
+    s.reward_delay = 1
+    it = iter(s.track(ReadAhead(s, 3)))
+    with pytest.raises(ValueError, match=r"lag=4 is too small.*drawn 3 batch.*GARSampler\(lag=5\)"):
+        next(it)
+    s = make(lag=5)
+    s.reward_delay = 1
+    assert len(loop(s, s.track(ReadAhead(s, 3)), delay=1)) == 2 * len(s)
+
+
+def test_reward_delay_is_checked():
+    s = make()
+    assert s.reward_delay is None
+    with pytest.raises(ValueError, match=r"reward_delay should be None or an int >= 0"):
+        s.reward_delay = -1
+    with pytest.raises(ValueError, match=r"lag should be a positive integer value, but got lag=0"):
+        make(lag=0)
+
+
+@pytest.mark.parametrize("ahead", [2, 5])
+def test_a_break_does_not_shift_what_follows(ahead):
+    """The batches a loader read ahead before a break never reached the loop: they are
+    drawn again, with the same ids, so the next epoch is the in-process run's."""
+    s = make()
+    seen = loop(s, s.track(ReadAhead(s, ahead)), stop=1, epochs=2)
+    ref = make()
+    assert seen == loop(ref, ref.track(ReadAhead(ref, 0)), stop=1, epochs=2)
+    assert s.last_batch == ref.last_batch
+    assert s.metrics()["batches_drawn"] == ref.metrics()["batches_drawn"]
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 0), (0, 4), (2, 6)])
+def test_resume_with_another_read_ahead_is_exact(before, after):
+    """A state saved under one loader resumes exactly under another (what resuming with
+    another num_workers does), rewards still waiting included: the same batches and, at the
+    same point, the same weights as the uninterrupted in-process run."""
+    full = make()
+    want = loop(full, full.track(ReadAhead(full, 0)), delay=1)
+    cut = len(full) + 3  # three batches into the second epoch
+    first = make()
+    waiting: deque = deque()
+    seen = loop(first, first.track(ReadAhead(first, before)), delay=1, waiting=waiting, limit=cut)
+    second = make()
+    second.load_state_dict(first.state_dict())
+    tail = deque((i - cut, bid, r) for i, bid, r in waiting)  # delivery indices of the new run
+    more = loop(second, second.track(ReadAhead(second, after)), delay=1, waiting=tail, epochs=1)
+    assert seen + more == want
+    assert second.policy.state_dict()["logits"].tolist() == (
+        full.policy.state_dict()["logits"].tolist()
+    )
+
+
+def test_weights_show_every_update_received():
+    """sampler.weights is the live policy: it moves at once, while the draws wait for the lag."""
+    s = make(lag=3)
+    it = iter(s.track(ReadAhead(s, 0)))
+    before = dict(s.weights)
+    sid, idx = next(it)
+    s.update(reward_of(sid, idx))
+    assert s.weights != before
+
+
+@pytest.mark.parametrize(
+    ("workers", "prefetch"),
+    [
+        (1, 2),
+        pytest.param(2, 2, marks=pytest.mark.slow),
+        pytest.param(2, 3, marks=pytest.mark.slow),
+    ],
+)
+@pytest.mark.parametrize("delay", [0, 1])
+def test_dataloader_workers_draw_the_in_process_batches(workers, prefetch, delay):
+    """The README's claim, with real worker processes: updates every batch, rewards from the
+    content, num_workers 0 against num_workers > 0."""
+    out = []
+    for w in (0, workers):
+        s = make()
+        kw = {"num_workers": w} if not w else {"num_workers": w, "prefetch_factor": prefetch}
+        loader = s.track(DataLoader(s.dataset, batch_sampler=s, **kw))
+        out.append(outcome(s, loop(s, loader, delay=delay, stop=2, epochs=3)))
+    assert out[0] == out[1]
+
+
+def test_lagged_policies_state_round_trip():
+    live = CategoricalPolicy(3, lr=0.5)
+    lagged = LaggedPolicies(2, live)
+    stats = live.statistics(torch.tensor([0, 1, 2, 0]), torch.tensor([1.0, 0.0, -1.0, 2.0]))
+    lagged.queue(5, UpdateStatistics(stats))
+    lagged.queue(4, UpdateStatistics(stats))
+    copy = LaggedPolicies(2, live)
+    copy.load_state_dict(lagged.state_dict())
+    assert len(copy) == 2
+    copy.catch_up(6)  # applies batch 4's update only
+    lagged.catch_up(6)
+    assert len(copy) == len(lagged) == 1
+    assert copy.policy.probs_list() == lagged.policy.probs_list() != live.probs_list()
+    with pytest.raises(ValueError, match=r"state has lag=2, but this sampler has lag=3"):
+        LaggedPolicies(3, live).load_state_dict(lagged.state_dict())
+
+
+def test_state_with_another_lag_is_refused():
+    s = make(lag=3)
+    with pytest.raises(ValueError, match=r"state has lag=3, but this sampler has lag=4"):
+        make(lag=4).load_state_dict(s.state_dict())
