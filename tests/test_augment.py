@@ -675,6 +675,21 @@ def test_batches_are_bit_identical_with_any_num_workers():
         assert all(torch.equal(a, b) for a, b in zip(xs, base, strict=True))
 
 
+def test_with_updates_too_the_batches_and_policies_are_the_same_with_any_num_workers():
+    """The policy lag: the augmentation decisions of batch t come from the updates of batches
+    up to t - lag, whatever the prefetch depth (rewards from the images' content)."""
+    base, base_keys, s0 = collect(0, update=True)
+    assert s0.metrics()["augment/updates"] > 0
+    for nw in (1, 2):
+        xs, keys, s = collect(nw, update=True)
+        assert keys == base_keys
+        assert all(torch.equal(a, b) for a, b in zip(xs, base, strict=True))
+        assert s.transform.policy.state_dict()["op_policy"]["logits"].tolist() == (
+            s0.transform.policy.state_dict()["op_policy"]["logits"].tolist()
+        )
+        assert s.weights == s0.weights
+
+
 def test_workers_apply_exactly_the_decisions_in_the_keys():
     """With updates, keys depend on the prefetch lag; the images must still be exactly what
     the main process makes of the same keys."""

@@ -202,3 +202,32 @@ def test_augment_gpu_runs_in_pieces_that_resume_into_the_uninterrupted_run(
     assert pieces == whole
     assert len(whole["gar/seed0"]["train_loss"]) == 2
     assert whole["gar/seed0"]["op_weights"] != ad.GARTransform().op_weights  # it learned
+
+
+def test_augment_study_quick_on_digits() -> None:
+    """Every arm of the augmentation study runs on the embedded digits (no data files)."""
+    pytest.importorskip("sklearn")
+    done = _run("benchmarks/augment_study.py", "--quick", "--datasets", "digits")
+    assert done.returncode == 0, done.stderr
+    for arm in (
+        "none",
+        "trivial_augment",
+        "frozen",
+        "gar",
+        "gar_dot",
+        "gar_heldout",
+        "gar_baseline",
+        "gar_mag_only",
+        "gar_ops_only",
+        "gar_big_evidence",
+    ):
+        assert f"| digits | {arm} |" in done.stdout
+    assert "| gar_baseline | " in done.stdout  # the decision table
+
+
+def test_augment_study_says_what_to_pass_without_data(tmp_path: Path) -> None:
+    done = _run(
+        "benchmarks/augment_study.py", "--quick", "--datasets", "fmnist", "--data", str(tmp_path)
+    )
+    assert done.returncode != 0
+    assert "Fashion-MNIST not found" in done.stderr

@@ -12,8 +12,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import adaptive_data as ad
 from adaptive_data import GARSampler
 from adaptive_data._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
 from adaptive_data._policy import CategoricalPolicy
@@ -129,6 +131,22 @@ def test_a_loader_that_reads_too_far_ahead_is_refused_at_its_first_batch():
     s = make(lag=5)
     s.reward_delay = 1
     assert len(loop(s, s.track(ReadAhead(s, 3)), delay=1)) == 2 * len(s)
+
+
+def test_gar_tells_the_sampler_its_reward_delay():
+    """GAR with the next batch as reference rewards each batch one delivery later: a
+    DataLoader whose 2 workers prefetch 4 batches each needs lag 10, and is refused at once."""
+    data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    s = GARSampler(data, batch_size=4, seed=0)
+    ad.GAR(nn.Linear(3, 2), s)
+    assert s.reward_delay == 1
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=4))
+    with pytest.raises(ValueError, match=r"lag=8 is too small.*GARSampler\(lag=10\)"):
+        next(iter(loader))
+    held_out = GARSampler(data, batch_size=4, seed=0)
+    ref = ad.ReferenceBatches(data, batch_size=4, seed=0)
+    ad.GAR(nn.Linear(3, 2), held_out, reference=ref, loss_fn=nn.CrossEntropyLoss(reduction="none"))
+    assert held_out.reward_delay == 0
 
 
 def test_reward_delay_is_checked():
