@@ -9,10 +9,11 @@ from ._augment_policy import KERNELS, AugmentPolicy, trivial_augment_wide_table
 from ._batch import split_batch
 from ._gar import GAR
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
+from ._mixture_dataset import MixtureDataset
 from ._policy import CategoricalPolicy
 from ._probe import METHODS, REWARDS, GradientProbe
 from ._reference import ReferenceBatches
-from ._sampler import GARSampler, MixtureDataset
+from ._sampler import GARSampler
 
 if TYPE_CHECKING:  # imported on first use (below); type checkers see them here
     from ._augment import GARTransform, apply_op

@@ -26,8 +26,9 @@ from ._direction import (
     zero_rows,
 )
 from ._ghost import Call, Entry, register_call_hooks
+from ._mix import mix
 from ._probe import REWARDS, _cosine, mean_loss_gradient
-from ._sampler import GARSampler, _mix
+from ._sampler import GARSampler
 from ._state import RngSnapshot, cuda_devices
 
 __all__ = ["GAR"]
@@ -336,7 +337,7 @@ class GAR:
         """The rows of batch ``batch`` (of ``n`` examples) that ``rows=`` rewards: a uniformly
         random subset of ``rows`` positions, sorted, drawn from ``(sampler seed, batch id,
         rank)``: the same in a resumed run, and every row equally likely."""
-        seed = _mix(self.sampler.seed, 4, batch, self.sampler.rank)
+        seed = mix(self.sampler.seed, 4, batch, self.sampler.rank)
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(n, generator=g)[: self.rows].sort().values
 

@@ -86,12 +86,12 @@ class LaggedPolicies:
         drawn from it) was already drawn, ``next_id`` being the id the sampler draws next."""
         if batch + self.lag < next_id:
             raise RuntimeError(
-                f"the rewards of batch {batch} arrived after batch {batch + self.lag} was drawn: "
-                f"with lag={self.lag} batch {batch + self.lag} is drawn from the updates of "
-                f"batches up to {batch}, so these rewards would change draws that depend on how far the "
-                f"loader reads ahead. The sampler had drawn up to batch {next_id - 1}: pass "
-                f"GARSampler(lag={next_id - batch}) or more, or reward batches sooner "
-                "(docs/howto-mixture.md, 'The policy lag')"
+                f"the rewards of batch {batch} arrived after batch {batch + self.lag} was "
+                f"drawn: with lag={self.lag} batch {batch + self.lag} is drawn from the updates "
+                f"of batches up to {batch}, so these rewards would change draws that depend on "
+                "how far the loader reads ahead. The sampler had drawn up to batch "
+                f"{next_id - 1}: pass GARSampler(lag={next_id - batch}) or more, or reward "
+                "batches sooner (docs/howto-mixture.md, 'The policy lag')"
             )
 
     def queue(self, batch: int, stats: UpdateStatistics) -> None:

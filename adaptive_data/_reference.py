@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ._check import check_int
-from ._sampler import _mix
+from ._mix import mix
 from ._streams import is_stream
 
 __all__ = ["ReferenceBatches"]
@@ -81,7 +81,7 @@ class ReferenceBatches:
 
     def _order(self) -> torch.Tensor:
         if self._perm is None:
-            g = torch.Generator().manual_seed(_mix(self.seed, 3, self._pass))
+            g = torch.Generator().manual_seed(mix(self.seed, 3, self._pass))
             self._perm = torch.randperm(self._n, generator=g)
         return self._perm
 
