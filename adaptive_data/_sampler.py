@@ -7,7 +7,6 @@ import math
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,13 +20,12 @@ from ._history import History
 from ._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
 from ._mix import mix
 from ._mixture_dataset import (
-    Decision,
-    KeyBatch,
     MixtureDataset,
     StreamingMixtureDataset,
     resolve_sources,
 )
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
+from ._records import Decisions, Record
 from ._shards import ShardOrder
 from ._streams import ON_STREAM_END, StreamReaders, is_stream
 from ._tracking import TrackedLoader, _Pass
@@ -77,97 +75,6 @@ _WORLD_SIZE = "world_size"
 _REFERENCE_EVERY = "reference_every"
 _STREAM_FIRST = "stream_first_batch"  # per source: id of the first batch that drew it, or -1
 _LAG = "lag"  # the drawing policies and the updates waiting for their fixed point
-
-
-@dataclass
-class _Decisions:
-    """Augmentation decisions of one batch, one entry per example."""
-
-    ops: list[int]  # op ids; NO_AUGMENTATION throughout in a reference batch
-    bins: list[int]
-    negate: list[bool]
-    seeds: list[int]  # for torch's default generator while the example is fetched
-
-
-@dataclass
-class _Record:
-    id: int
-    epoch: int
-    position: int  # 1-based position of the batch in its epoch
-    keys: list[int]  # [B] keys of sampler.dataset
-    sources: list[int]  # [B] source ids
-    rewarded: bool = False
-    aug: _Decisions | None = None  # when the sampler has a transform
-    # Drawn but never delivered: the loop left its epoch before the batch arrived.
-    lost: bool = False
-    # Restored without keys (a rewarded or lost batch holds only its place in the window).
-    was_reference: bool = False
-    # The sources' cursors and rounds just before this batch was drawn: a pass that ends
-    # before the batch reaches the loop rewinds the sampler to them.
-    before: tuple[list[int], list[int]] | None = None
-
-    @property
-    def reference(self) -> bool:
-        return self.was_reference or (self.aug is not None and self.aug.ops[0] == NO_AUGMENTATION)
-
-    def spent_row(self, lost: bool) -> list[int]:
-        """A rewarded or lost batch in a state: what keeps its place in the reward window."""
-        return [self.id, self.epoch, self.position, self.rewarded, lost, self.reference]
-
-    @classmethod
-    def from_spent_row(cls, row: Sequence[int]) -> _Record:
-        i, epoch, position, rewarded, lost, reference = (int(v) for v in row)
-        rec = cls(i, epoch, position, [], [], rewarded=bool(rewarded), lost=bool(lost))
-        rec.was_reference = bool(reference)
-        return rec
-
-    def batch(self, sources: bool = True) -> list[Any]:
-        """What the DataLoader gets: the keys (as a :class:`KeyBatch` with ``sources``), or
-        one decision tuple per example."""
-        a = self.aug
-        if a is None:
-            return KeyBatch(self.keys, self.sources) if sources else list(self.keys)
-        return list(
-            map(Decision._make, zip(self.keys, a.ops, a.bins, a.negate, a.seeds, strict=True))
-        )
-
-    def to_state(self) -> dict[str, Any]:
-        d = {
-            "id": self.id,
-            "epoch": self.epoch,
-            "position": self.position,
-            "keys": torch.tensor(self.keys, dtype=torch.long),
-            "sources": torch.tensor(self.sources, dtype=torch.long),
-        }
-        if self.aug is not None:
-            d["ops"] = torch.tensor(self.aug.ops, dtype=torch.long)
-            d["bins"] = torch.tensor(self.aug.bins, dtype=torch.long)
-            d["negate"] = torch.tensor(self.aug.negate, dtype=torch.bool)
-            d["seeds"] = torch.tensor(self.aug.seeds, dtype=torch.long)
-        if self.before is not None:
-            d["cursors_before"] = torch.tensor(self.before[0], dtype=torch.long)
-            d["rounds_before"] = torch.tensor(self.before[1], dtype=torch.long)
-        return d
-
-    @classmethod
-    def from_state(cls, d: Mapping[str, Any]) -> _Record:
-        rec = cls(
-            int(d["id"]),
-            int(d["epoch"]),
-            int(d["position"]),
-            torch.as_tensor(d["keys"], dtype=torch.long).tolist(),
-            torch.as_tensor(d["sources"], dtype=torch.long).tolist(),
-        )
-        if "ops" in d:
-            rec.aug = _Decisions(
-                *(torch.as_tensor(d[k]).tolist() for k in ("ops", "bins", "negate", "seeds"))
-            )
-        if "cursors_before" in d:
-            rec.before = (
-                torch.as_tensor(d["cursors_before"]).tolist(),
-                torch.as_tensor(d["rounds_before"]).tolist(),
-            )
-        return rec
 
 
 class _GARIterator:
@@ -450,8 +357,8 @@ class GARSampler(Sampler[list[int]]):
         self._epoch: int | None = None
         self._pos = 0  # batches yielded in the current epoch
         self._next_id = 0
-        self._records: OrderedDict[int, _Record] = OrderedDict()
-        self._replay: deque[_Record] = deque()
+        self._records: OrderedDict[int, Record] = OrderedDict()
+        self._replay: deque[Record] = deque()
         self._iters: deque[_GARIterator] = deque(maxlen=8)  # started iterators, oldest first
         self._open: _Pass | None = None  # the tracked pass the next iteration belongs to
         self._deliveries: deque[int] = deque(maxlen=reward_window)  # ids handed to the loop
@@ -600,7 +507,7 @@ class GARSampler(Sampler[list[int]]):
 
     # ------------------------------------------------------------------ drawing
 
-    def _note_streams(self, rec: _Record) -> None:
+    def _note_streams(self, rec: Record) -> None:
         """Remember which streams were drawn, and from which batch on: a DataLoader worker
         started later finds them already read by others (``StreamReaders.started``)."""
         readers, first = self._readers, self._stream_first
@@ -611,7 +518,7 @@ class GARSampler(Sampler[list[int]]):
                 if s not in readers.started:
                     readers.started = readers.started | {s}
 
-    def _draw(self) -> _Record:
+    def _draw(self) -> Record:
         """One batch: B source choices from the policy, then each source's next examples.
 
         Source s's slots get its next examples in slot order. Cost: one multinomial, K list
@@ -627,18 +534,18 @@ class GARSampler(Sampler[list[int]]):
             chunks[s] = iter(take(s, src.count(s)))
         keys = list(map(next, map(chunks.__getitem__, src)))  # slot by slot, at C speed
         epoch = self._epoch if self._epoch is not None else self._next_epoch
-        rec = _Record(self._next_id, epoch, self._pos + 1, keys, src, before=before)
+        rec = Record(self._next_id, epoch, self._pos + 1, keys, src, before=before)
         if lagged.augment is not None:
             n, g = self.batch_size, self._choice_gen
             ops, bins, negate = lagged.augment.draw(n, g)
             seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()
             if self.reference_every and rec.position % self.reference_every == 0:
-                rec.aug = _Decisions([NO_AUGMENTATION] * n, [0] * n, [False] * n, seeds)
+                rec.aug = Decisions([NO_AUGMENTATION] * n, [0] * n, [False] * n, seeds)
             else:
-                rec.aug = _Decisions(ops.tolist(), bins.tolist(), negate.tolist(), seeds)
+                rec.aug = Decisions(ops.tolist(), bins.tolist(), negate.tolist(), seeds)
         return rec
 
-    def _remember(self, rec: _Record) -> None:
+    def _remember(self, rec: Record) -> None:
         self._records[rec.id] = rec
         while len(self._records) > self.reward_window:
             _, old = self._records.popitem(last=False)
@@ -777,7 +684,7 @@ class GARSampler(Sampler[list[int]]):
             lost.update(range(it.first_id + self._delivered(it), it.first_id + it.returned))
         return lost
 
-    def _received(self) -> _Record:
+    def _received(self) -> Record:
         it = self._active
         if it is not None and it.tracker is None and it.returned:
             raise RuntimeError(
@@ -815,7 +722,7 @@ class GARSampler(Sampler[list[int]]):
         """Id of the batch the training loop received most recently (for ``update(batch=)``)."""
         return self._received().id
 
-    def _lookup(self, batch: int) -> _Record:
+    def _lookup(self, batch: int) -> Record:
         _check_batch_id(batch)
         if batch < 0 or batch >= self._next_id:
             raise ValueError(
@@ -1168,10 +1075,10 @@ class GARSampler(Sampler[list[int]]):
         self._next_id = int(state[_NEXT_ID])
         # The reward window as it was, oldest first: the batches that can still be rewarded
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
-        records = [_Record.from_state(r) for r in (*state[_UNREWARDED], *state[_WINDOW])]
-        records += [_Record.from_spent_row(row) for row in state[_SPENT].tolist()]
+        records = [Record.from_state(r) for r in (*state[_UNREWARDED], *state[_WINDOW])]
+        records += [Record.from_spent_row(row) for row in state[_SPENT].tolist()]
         self._records = OrderedDict((r.id, r) for r in sorted(records, key=lambda r: r.id))
-        self._replay = deque(_Record.from_state(r) for r in state[_WINDOW])
+        self._replay = deque(Record.from_state(r) for r in state[_WINDOW])
         self._history.load(state[_HISTORY])
         self._reward_means = [float(v) for v in state[_REWARD_MEANS]]
         self._drawn, self._rewarded, self._dropped_unrewarded = (int(v) for v in state[_COUNTERS])
@@ -1196,7 +1103,7 @@ class GARSampler(Sampler[list[int]]):
                 frozenset(s for s in self._stream_ids if 0 <= self._stream_first[s] < cut)
             )
 
-    def _choose_restore(self, target: Any) -> tuple[dict[str, Any], list[_Record]]:
+    def _choose_restore(self, target: Any) -> tuple[dict[str, Any], list[Record]]:
         """Pick the loaded state to resume from.
 
         A StatefulDataLoader with workers snapshots the sampler when it *draws* a batch, not
@@ -1206,7 +1113,7 @@ class GARSampler(Sampler[list[int]]):
         """
         if not isinstance(target, tuple):
             state = self._pending[-1]
-            return state, [_Record.from_state(r) for r in state[_WINDOW]]
+            return state, [Record.from_state(r) for r in state[_WINDOW]]
         _, epoch, pos = target
         fits = [
             s for s in self._pending if s[_EPOCH] == epoch and s[_POSITION] <= pos <= s[_YIELDED]
@@ -1234,4 +1141,4 @@ class GARSampler(Sampler[list[int]]):
                 "beside loader.state_dict() and load both for an exact resume",
                 stacklevel=4,
             )
-        return state, [_Record.from_state(r) for r in state[_WINDOW]]
+        return state, [Record.from_state(r) for r in state[_WINDOW]]
