@@ -243,3 +243,25 @@ def test_state_with_another_lag_is_refused():
     s = make(lag=3)
     with pytest.raises(ValueError, match=r"state has lag=3, but this sampler has lag=4"):
         make(lag=4).load_state_dict(s.state_dict())
+
+
+def test_resume_with_another_num_workers_from_the_sampler_state():
+    """Saved under 2 real workers mid-epoch, resumed under none with a fresh DataLoader and the
+    sampler's own state: the same batches and weights as the uninterrupted run under none."""
+    full = make()
+    want = loop(full, full.track(DataLoader(full.dataset, batch_sampler=full)), delay=1)
+    cut = len(full) + 2
+    first = make()
+    waiting: deque = deque()
+    two = first.track(DataLoader(first.dataset, batch_sampler=first, num_workers=2))
+    seen = loop(first, two, delay=1, waiting=waiting, limit=cut)
+    state = first.state_dict()
+    del two
+    second = make()
+    second.load_state_dict(state)
+    tail = deque((i - cut, bid, r) for i, bid, r in waiting)
+    none = second.track(DataLoader(second.dataset, batch_sampler=second))
+    assert seen + loop(second, none, delay=1, waiting=tail, epochs=1) == want
+    assert second.policy.state_dict()["logits"].tolist() == (
+        full.policy.state_dict()["logits"].tolist()
+    )
