@@ -217,6 +217,7 @@ class AugmentPolicy:
         rule: str = "exp_grad",
         normalize: str = "batch",
     ) -> None:
+        self.loads = 0  # load_state_dict() calls
         for name, flag in (("learn_ops", learn_ops), ("learn_magnitudes", learn_magnitudes)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} should be a bool, but got {name}={flag!r}")
@@ -506,3 +507,4 @@ class AugmentPolicy:
         )
         self._history.load(state["history"])
         self._bin_probs = None
+        self.loads += 1  # a GARSampler's drawing copy re-syncs on it

@@ -76,6 +76,14 @@ class LaggedPolicies:
         self.policy = copy.deepcopy(policy)
         self.augment = None if augment is None else copy.deepcopy(augment)
         self._queued: dict[int, UpdateStatistics] = {}  # batch id -> its update, not yet applied
+        # The live policies, and how often they were loaded when last seen: one loaded from
+        # outside the sampler (a user setting the weights) is copied at the next draw.
+        self._live = (policy, augment)
+        self._loads = self._live_loads()
+
+    def _live_loads(self) -> tuple[int, int]:
+        policy, augment = self._live
+        return policy.loads, 0 if augment is None else augment.loads
 
     def __len__(self) -> int:
         """Updates waiting for their fixed point."""
@@ -100,7 +108,10 @@ class LaggedPolicies:
 
     def catch_up(self, next_id: int) -> None:
         """Before batch ``next_id`` is drawn: apply the waiting updates of batches
-        ``<= next_id - lag``, in batch order."""
+        ``<= next_id - lag``, in batch order; a live policy loaded from outside since the last
+        draw replaces the copy (with every update received so far)."""
+        if self._live_loads() != self._loads:
+            self.sync(*self._live)
         if not self._queued:
             return
         due = sorted(b for b in self._queued if b <= next_id - self.lag)
@@ -110,12 +121,26 @@ class LaggedPolicies:
             if self.augment is not None and stats.augment is not None:
                 self.augment.apply(stats.augment)
 
+    def peek(self, next_id: int) -> list[float]:
+        """The source probabilities batch ``next_id`` will be drawn from, if no other update
+        arrives before it; changes nothing."""
+        if self._live_loads() != self._loads:
+            policy = copy.deepcopy(self._live[0])
+            due: list[int] = []
+        else:
+            policy = copy.deepcopy(self.policy)
+            due = sorted(b for b in self._queued if b <= next_id - self.lag)
+        for b in due:
+            policy.apply(self._queued[b].sources)
+        return policy.probs_list()
+
     def sync(self, policy: CategoricalPolicy, augment: AugmentPolicy | None) -> None:
         """A new pass: draw from the live policies (every update received so far)."""
         self.policy.load_state_dict(policy.state_dict())
         if self.augment is not None and augment is not None:
             self.augment.load_state_dict(augment.state_dict())
         self._queued.clear()
+        self._loads = self._live_loads()
 
     # ------------------------------------------------------------------ state
 
@@ -158,3 +183,4 @@ class LaggedPolicies:
             )
             for i, (b, aug) in enumerate(zip(ids, state["queued_augment"], strict=True))
         }
+        self._loads = self._live_loads()  # the sampler loaded the live policies just before

@@ -157,6 +157,7 @@ class CategoricalPolicy:
         # Running statistics (normalize="running"/"none") and counters.
         self._mean = 0.0
         self._var = 1.0
+        self.loads = 0  # load_state_dict() calls: a GARSampler's drawing copy re-syncs on them
         self._stats_weight = 0.0  # bias correction of the exponential averages
         self._updates = 0
         self._applied = 0
@@ -423,6 +424,7 @@ class CategoricalPolicy:
         self._updates, self._applied, self._nonfinite, self._skipped = (
             int(v) for v in state["counters"]
         )
+        self.loads += 1
 
 
 _STATE_KEYS = ("version", "num_choices", "logits", "running", "counters", "config")

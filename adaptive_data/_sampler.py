@@ -856,8 +856,16 @@ class GARSampler(Sampler[list[int]]):
 
     @property
     def weights(self) -> dict[str, float]:
-        """``{source name: probability}`` of the current policy; sums to 1."""
+        """``{source name: probability}`` of the live policy, with every update received so
+        far; sums to 1. Batches are drawn from :attr:`drawing_weights` (the policy lag)."""
         return self._policy.weights
+
+    @property
+    def drawing_weights(self) -> dict[str, float]:
+        """``{source name: probability}`` the next batch will be drawn from: the updates of
+        batches up to ``lag`` before it (:attr:`weights` holds every update received)."""
+        probs = self._lagged.peek(self._next_id)
+        return dict(zip(self.names, probs, strict=True))
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -291,6 +291,7 @@ def run(
     weights_hist: list[list[float]] = []
     curve: list[tuple[int, float, float]] = []  # (step, wall s, test loss)
     below: dict[str, int | None] = {n: None for n in CORRUPTED}
+    drawn_below: dict[str, int | None] = {n: None for n in CORRUPTED}
     wall = reference_model[1] if method == "doremi" else 0.0
     curve.append((0, wall, target_loss(model, *test)))
     step = 0
@@ -345,9 +346,12 @@ def run(
         step += 1
         w = alpha if method == "doge" else list(sampler.weights.values())
         weights_hist.append(w)
+        drawn = alpha if method == "doge" else list(sampler.drawing_weights.values())
         for n in CORRUPTED:
             if below[n] is None and w[names.index(n)] < 0.05:
                 below[n] = step
+            if drawn_below[n] is None and drawn[names.index(n)] < 0.05:
+                drawn_below[n] = step  # the next batch is drawn with it under 5%
         if step % args.eval_every == 0 or step == args.steps:
             wall += time.perf_counter() - tick
             curve.append((step, wall, target_loss(model, *test)))
@@ -363,6 +367,7 @@ def run(
         "curve": curve,
         "final_weights": dict(zip(names, weights_hist[-1], strict=True)),
         "first_step_below_5pct": below,
+        "first_drawn_step_below_5pct": drawn_below,
         "weights_stride": stride,
         "weights": weights_hist[::stride],
     }
@@ -403,8 +408,10 @@ def analyse(results: dict[str, Any]) -> None:
         )
         firsts = {n: [r["first_step_below_5pct"][n] for r in runs] for n in CORRUPTED}
         entry["first_step_below_5pct"] = firsts
+        drawn = {n: [r["first_drawn_step_below_5pct"][n] for r in runs] for n in CORRUPTED}
+        entry["first_drawn_step_below_5pct"] = drawn  # what the batches follow, after the lag
         entry["random_below_5pct_in_first_10pct"] = [
-            v is not None and v <= steps // 10 for v in firsts["random_bytes"]
+            v is not None and v <= steps // 10 for v in drawn["random_bytes"]
         ]
         entry["shuffled_below_5pct_at_end"] = [
             r["final_weights"]["shuffled_en"] < 0.05 for r in runs

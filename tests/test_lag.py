@@ -265,3 +265,33 @@ def test_resume_with_another_num_workers_from_the_sampler_state():
     assert second.policy.state_dict()["logits"].tolist() == (
         full.policy.state_dict()["logits"].tolist()
     )
+
+
+def test_a_policy_loaded_from_outside_is_drawn_from_at_the_next_batch():
+    """Setting the live policy directly (a baseline that computes its own weights) reaches
+    the draws at the next batch instead of waiting for the next pass."""
+    s = make(lag=4)
+    it = iter(s.track(ReadAhead(s, 0)))
+    next(it)
+    state = s.policy.state_dict()
+    state["logits"] = torch.tensor([0.0, -50.0, -50.0], dtype=torch.float64)  # all on source 0
+    s.policy.load_state_dict(state)
+    counts = torch.zeros(3)
+    for _ in range(3):
+        sid, _ = next(it)
+        counts += torch.bincount(sid, minlength=3)
+    assert counts[0] >= 14  # of 15: only the floor's share elsewhere
+
+
+def test_drawing_weights_trail_the_live_weights_by_the_lag():
+    s = make(lag=3)
+    it = iter(s.track(ReadAhead(s, 0)))
+    start = s.drawing_weights
+    live = []
+    for t in range(5):
+        sid, idx = next(it)  # batch t, drawn from the updates of batches <= t - 3
+        s.update(reward_of(sid, idx))
+        live.append(dict(s.weights))
+        # the next batch, t + 1, is drawn from the live weights after the update of t + 1 - 3
+        assert s.drawing_weights == (start if t + 1 - 3 < 0 else live[t + 1 - 3])
+    assert live[0] != start
