@@ -5,7 +5,8 @@ A :class:`Record` is what the reward window keeps per batch, and what a state sa
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from ._augment_policy import NO_AUGMENTATION
 from ._mixture_dataset import Decision, KeyBatch
 
-__all__ = ["Decisions", "Record"]
+__all__ = ["Decisions", "Record", "RewardWindow"]
 
 
 @dataclass
@@ -106,3 +107,39 @@ class Record:
                 torch.as_tensor(d["rounds_before"]).tolist(),
             )
         return rec
+
+
+class RewardWindow:
+    """The last ``size`` batches drawn, by id, oldest first: the ones ``update(batch=)`` can
+    still find. A batch that leaves it unrewarded is counted (:attr:`dropped_unrewarded`)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._records: OrderedDict[int, Record] = OrderedDict()
+        self.dropped_unrewarded = 0
+
+    def add(self, rec: Record) -> None:
+        self._records[rec.id] = rec
+        while len(self._records) > self.size:
+            _, old = self._records.popitem(last=False)
+            if not old.rewarded:
+                self.dropped_unrewarded += 1
+
+    def get(self, batch: int) -> Record | None:
+        return self._records.get(batch)
+
+    def __getitem__(self, batch: int) -> Record:
+        return self._records[batch]
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self._records.values())
+
+    def forget_from(self, first: int) -> None:
+        """Drop the batches with ids ``>= first`` (drawn again after a rewind)."""
+        for i in [i for i in self._records if i >= first]:
+            del self._records[i]
+
+    def restore(self, records: Iterable[Record], dropped_unrewarded: int) -> None:
+        """The window of a saved state (any order; kept by id)."""
+        self._records = OrderedDict((r.id, r) for r in sorted(records, key=lambda r: r.id))
+        self.dropped_unrewarded = dropped_unrewarded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +25,10 @@ from ._mixture_dataset import (
     resolve_sources,
 )
 from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
-from ._records import Decisions, Record
+from ._records import Decisions, Record, RewardWindow
 from ._shards import ShardOrder
 from ._streams import ON_STREAM_END, StreamReaders, is_stream
-from ._tracking import TrackedLoader, _Pass
+from ._tracking import DeliveryLog, TrackedLoader, _Pass
 
 if TYPE_CHECKING:
     from ._augment import GARTransform
@@ -357,13 +357,11 @@ class GARSampler(Sampler[list[int]]):
         self._epoch: int | None = None
         self._pos = 0  # batches yielded in the current epoch
         self._next_id = 0
-        self._records: OrderedDict[int, Record] = OrderedDict()
+        self._records = RewardWindow(reward_window)
         self._replay: deque[Record] = deque()
         self._iters: deque[_GARIterator] = deque(maxlen=8)  # started iterators, oldest first
         self._open: _Pass | None = None  # the tracked pass the next iteration belongs to
-        self._deliveries: deque[int] = deque(maxlen=reward_window)  # ids handed to the loop
-        self._num_deliveries = 0
-        self._last_received: int | None = None
+        self._deliveries = DeliveryLog(reward_window)  # ids handed to the loop
         self._active: _GARIterator | None = None
         self._pending: list[dict[str, Any]] = []  # loaded states not yet consumed by an epoch
         self._live: dict[str, Any] | None = None  # the one of them the sampler holds now
@@ -371,7 +369,6 @@ class GARSampler(Sampler[list[int]]):
         self._reward_means = [math.nan] * len(srcs)
         self._drawn = 0
         self._rewarded = 0
-        self._dropped_unrewarded = 0
         self._group.check_same(self._fingerprint(), "the sources and sampler settings")
 
     def _fingerprint(self) -> tuple[Any, ...]:
@@ -457,15 +454,13 @@ class GARSampler(Sampler[list[int]]):
                 "workers or a smaller prefetch_factor (docs/howto-mixture.md, 'The policy lag')"
             )
         bid = it.first_id + n - 1
-        self._deliveries.append(bid)
-        self._num_deliveries += 1
-        self._last_received = bid
+        self._deliveries.add(bid)
 
     @property
     def deliveries(self) -> int:
         """How many batches tracked loaders have handed to the training loop, in total (this
         process, since construction)."""
-        return self._num_deliveries
+        return self._deliveries.count
 
     @property
     def lag(self) -> int:
@@ -489,12 +484,7 @@ class GARSampler(Sampler[list[int]]):
     def delivery(self, i: int) -> int:
         """Id of the ``i``-th batch (0-based, in :attr:`deliveries`' count) handed to the loop;
         the last ``reward_window`` deliveries are kept."""
-        first = self._num_deliveries - len(self._deliveries)
-        if isinstance(i, bool) or not isinstance(i, int) or not first <= i < self._num_deliveries:
-            raise IndexError(
-                f"delivery should be an int in [{first}, {self._num_deliveries}), but got i={i!r}"
-            )
-        return self._deliveries[i - first]
+        return self._deliveries[i]
 
     def set_epoch(self, epoch: int) -> None:
         """Number the next epoch ``epoch`` (its generator is seeded from ``(seed, epoch)``).
@@ -544,13 +534,6 @@ class GARSampler(Sampler[list[int]]):
             else:
                 rec.aug = Decisions(ops.tolist(), bins.tolist(), negate.tolist(), seeds)
         return rec
-
-    def _remember(self, rec: Record) -> None:
-        self._records[rec.id] = rec
-        while len(self._records) > self.reward_window:
-            _, old = self._records.popitem(last=False)
-            if not old.rewarded:
-                self._dropped_unrewarded += 1
 
     def _start(self, it: _GARIterator) -> None:
         """First ``next()`` of an iterator: resume a loaded state or begin a new epoch."""
@@ -611,9 +594,7 @@ class GARSampler(Sampler[list[int]]):
         if rec is None or rec.before is None or first >= self._next_id:
             return  # nothing drawn from there, or a state saved without the snapshots
         self._shards.restore(*rec.before)
-        gone = [i for i in self._records if i >= first]
-        for i in gone:
-            del self._records[i]
+        self._records.forget_from(first)
         self._drawn -= self._next_id - first
         self._next_id = first
         self._replay = deque()
@@ -653,7 +634,7 @@ class GARSampler(Sampler[list[int]]):
             self._drawn += 1
         if self._stream_ids:
             self._note_streams(rec)
-        self._remember(rec)
+        self._records.add(rec)
         self._pos = rec.position
         it.returned += 1
         # In-process loaders get the source ids along (no search in the dataset); for worker
@@ -692,7 +673,7 @@ class GARSampler(Sampler[list[int]]):
                 "not iterated through sampler.track(). Wrap the iterable the loop consumes, "
                 "loader = sampler.track(loader), or pass update(r, batch=id)"
             )
-        bid = self._last_received
+        bid = self._deliveries.last
         if bid is None:
             raise RuntimeError(
                 "update() was called before any batch was received through sampler.track(loader)"
@@ -897,7 +878,7 @@ class GARSampler(Sampler[list[int]]):
                 "epoch": -1 if self._epoch is None else self._epoch,
                 "batches_drawn": self._drawn,
                 "batches_rewarded": self._rewarded,
-                "batches_dropped_unrewarded": self._dropped_unrewarded,
+                "batches_dropped_unrewarded": self._records.dropped_unrewarded,
             }
         )
         for name, w in policy["weights"].items():
@@ -939,7 +920,7 @@ class GARSampler(Sampler[list[int]]):
         # number can repeat (set_epoch).
         lost = self._lost_ids()
         window, unrewarded, spent = [], [], []
-        for r in self._records.values():
+        for r in self._records:
             if r.id >= cut:
                 window.append(r.to_state())
             elif r.rewarded or r.lost or r.id in lost:
@@ -967,7 +948,7 @@ class GARSampler(Sampler[list[int]]):
             _SPENT: torch.tensor(spent, dtype=torch.long).reshape(len(spent), 6),
             _HISTORY: self._history.state(),
             _REWARD_MEANS: list(self._reward_means),
-            _COUNTERS: [self._drawn, self._rewarded, self._dropped_unrewarded],
+            _COUNTERS: [self._drawn, self._rewarded, self._records.dropped_unrewarded],
             _REFERENCE_EVERY: self.reference_every,
             _TRANSFORM: None if self.transform is None else self.transform.state_dict(),
             _RANK: self.rank,
@@ -1085,11 +1066,11 @@ class GARSampler(Sampler[list[int]]):
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
         records = [Record.from_state(r) for r in (*state[_UNREWARDED], *state[_WINDOW])]
         records += [Record.from_spent_row(row) for row in state[_SPENT].tolist()]
-        self._records = OrderedDict((r.id, r) for r in sorted(records, key=lambda r: r.id))
         self._replay = deque(Record.from_state(r) for r in state[_WINDOW])
         self._history.load(state[_HISTORY])
         self._reward_means = [float(v) for v in state[_REWARD_MEANS]]
-        self._drawn, self._rewarded, self._dropped_unrewarded = (int(v) for v in state[_COUNTERS])
+        self._drawn, self._rewarded, dropped = (int(v) for v in state[_COUNTERS])
+        self._records.restore(records, dropped)
         if self.transform is not None:
             self.transform.load_state_dict(state[_TRANSFORM])
         lagged = state.get(_LAG)

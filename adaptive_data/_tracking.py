@@ -13,13 +13,38 @@ and to account for the ones it can (accelerate's ``SkipBatchSampler``, ``skip_ba
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._sampler import GARSampler, _GARIterator
 
-__all__ = ["TrackedLoader"]
+__all__ = ["DeliveryLog", "TrackedLoader"]
+
+
+class DeliveryLog:
+    """The ids of the batches tracked loaders handed to the training loop, in order: how many
+    in all (:attr:`count`), the last one, and the ids of the last ``keep``."""
+
+    def __init__(self, keep: int) -> None:
+        self._ids: deque[int] = deque(maxlen=keep)
+        self.count = 0
+        self.last: int | None = None
+
+    def add(self, batch: int) -> None:
+        self._ids.append(batch)
+        self.count += 1
+        self.last = batch
+
+    def __getitem__(self, i: int) -> int:
+        """Id of the ``i``-th delivery (0-based, counted since construction)."""
+        first = self.count - len(self._ids)
+        if isinstance(i, bool) or not isinstance(i, int) or not first <= i < self.count:
+            raise IndexError(
+                f"delivery should be an int in [{first}, {self.count}), but got i={i!r}"
+            )
+        return self._ids[i - first]
 
 
 class _Pass:
