@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
+from adaptive_data._shards import ShardOrder
 
 
 def tagged(sid: int, n: int) -> TensorDataset:
@@ -40,10 +41,11 @@ def test_simulated_ranks_draw_disjoint_shards(world):
     # Uniform weights and len(sampler) batches: no rank exhausts its shard of a source here
     # except by chance; collect exactly one round per source per rank by drawing directly.
     per_rank = []
-    for s in samplers:
+    for s in samplers:  # each rank's ShardOrder over the same sources
+        order = ShardOrder(s.sizes, s.dataset.offsets[:-1], s.seed, s.rank, s.world_size)
         keys = []
         for s_id in range(3):
-            keys += s._take(s_id, s._shard_sizes[s_id])  # one whole round of this rank's shard
+            keys += order.take(s_id, order.shard_sizes[s_id])  # one round of this rank's shard
         per_rank.append(keys)
     for a in range(world):
         for b in range(a + 1, world):
