@@ -193,8 +193,10 @@ class AugmentPolicy:
             (``None`` for Identity, AutoContrast, Equalize, Invert); see :data:`KERNELS` and
             :func:`apply_op` for the names and the meaning of a magnitude.
         num_magnitude_bins: bins of the default table (>= 2).
-        learn_ops: ``False`` freezes the op policy at its initial weights.
-        learn_magnitudes: ``False`` freezes the magnitude policies at their initial weights.
+        learn_ops: ``True`` learns the op policy; ``False`` (default) keeps it at its
+            initial weights (see :class:`GARTransform` for why learning is opt-in).
+        learn_magnitudes: ``True`` learns the magnitude policies; ``False`` (default) keeps
+            them at their initial weights.
         floor: exploration floor of every policy (default ``0.05 / K`` of each).
         lr: step size of the op policy (default 0.1 for ``rule="exp_grad"``, the policy's
             default for ``"reinforce"``); 0 makes a policy that never moves but counts its
@@ -209,8 +211,8 @@ class AugmentPolicy:
         ops: Any = None,
         *,
         num_magnitude_bins: int = 31,
-        learn_ops: bool = True,
-        learn_magnitudes: bool = True,
+        learn_ops: bool = False,
+        learn_magnitudes: bool = False,
         floor: float | None = None,
         lr: float | None = None,
         magnitude_lr: float | None = None,

@@ -86,7 +86,7 @@ def time_loaders(n: int, workers: int, repeats: int) -> dict[str, Any]:
         )
     }
     for name, update in (("GARSampler+GARTransform", False), ("... +update", True)):
-        tf = GARTransform()
+        tf = GARTransform(learn_ops=True, learn_magnitudes=True)
         # Every batch augmented (no un-augmented reference batches), like the plain loader.
         s = GARSampler(
             Images(n, pipeline(tf)), batch_size=BATCH, seed=0, transform=tf, reference_every=None

@@ -327,13 +327,15 @@ def gar_options(arm: str) -> dict[str, Any] | None:
         return None
     if arm == "frozen":
         return {"learn_ops": False, "learn_magnitudes": False}
+    # learning is opt-in (GARTransform's default is the frozen control)
     if arm == "gar_mag_only":
-        return {"learn_ops": False}
+        return {"learn_ops": False, "learn_magnitudes": True}
     if arm == "gar_ops_only":
-        return {"learn_magnitudes": False}
+        return {"learn_ops": True, "learn_magnitudes": False}
+    learn = {"learn_ops": True, "learn_magnitudes": True}
     if arm == "gar_big_evidence":
-        return {"lr": DEFAULT_OP_STEP / BIG_EVIDENCE}
-    return {}
+        return {**learn, "lr": DEFAULT_OP_STEP / BIG_EVIDENCE}
+    return learn
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ BATCH = 64
 def make(transform: bool) -> ad.GARSampler:
     """A sampler of this process's group: synchronised if a group exists when it is built."""
     data = {f"s{i}": TensorDataset(torch.zeros(5000, 1)) for i in range(3)}
-    tf = ad.GARTransform() if transform else None
+    tf = ad.GARTransform(learn_ops=True, learn_magnitudes=True) if transform else None
     return ad.GARSampler(data, batch_size=BATCH, seed=0, transform=tf, num_batches=10**9)
 
 

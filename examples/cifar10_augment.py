@@ -141,7 +141,9 @@ def main() -> None:
         args.per_class, args.epochs = 30, 1
     torch.manual_seed(0)
 
-    tf = ad.GARTransform()  # TrivialAugmentWide's space, learned
+    # TrivialAugmentWide's space, learned: opt-in, since learning has not been shown to beat
+    # its frozen control (benchmarks/README.md, "Augmentation: what the reward learns")
+    tf = ad.GARTransform(learn_ops=True, learn_magnitudes=True)
     pipeline = v2.Compose(
         [
             v2.RandomCrop(32, padding=4),
