@@ -133,6 +133,8 @@ class Run:
             seed=seed,
             transform=self.tf,
             reference_every=None if self.tf is None else 2,
+            # 2 batches prefetched per worker, rewards one batch late: the lag must cover both
+            lag=max(8, 2 * args.workers + 2),
         )
         self.loader = self.sampler.track(
             DataLoader(

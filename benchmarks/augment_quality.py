@@ -226,6 +226,7 @@ def run(
         seed=seed,
         transform=tf,
         reference_every=None if tf is None or arm == "gar_aug_ref" else 2,
+        lag=max(8, 2 * args.workers + 2),  # covers 2 prefetched batches per worker, 1 late
     )
     loader = sampler.track(
         DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=args.workers)

@@ -168,7 +168,12 @@ def main() -> None:
         tar_path = find_data(args.data or args.data_dir)
         train_set = JpegCIFAR10(tar_path, args.per_class, pipeline)
 
-    sampler = ad.GARSampler(train_set, batch_size=128, seed=0, transform=tf, reference_every=2)
+    # The policy lag must cover the loader: 2 batches prefetched per worker, and each augmented
+    # batch rewarded when the next one arrives (docs/howto-mixture.md, "The policy lag").
+    lag = max(8, 2 * args.workers + 2)
+    sampler = ad.GARSampler(
+        train_set, batch_size=128, seed=0, transform=tf, reference_every=2, lag=lag
+    )
     loader = sampler.track(
         DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=args.workers)
     )
