@@ -1,4 +1,4 @@
-"""GARTransform against TrivialAugmentWide in the seed's setting: CIFAR-10, a Wide-ResNet, a GPU.
+"""GARTransform against TrivialAugmentWide in the seed's setting: CIFAR-10/100, a WRN, a GPU.
 
 The setting of the TrivialAugment paper: all 50,000 CIFAR-10 training images, a Wide-ResNet
 (WRN-40-2 by default, ``--depth 28 --widen 10`` for WRN-28-10), SGD (momentum 0.9, nesterov,
@@ -28,7 +28,9 @@ runs. Status 0 means every run is done; the table is printed and ``results.json`
     python benchmarks/augment_gpu.py [DATA_DIR] --quick                       # CPU smoke run
 
 ``DATA_DIR`` holds ``cifar10-jpeg.tar.gz`` (default ``../shared/data``); the decoded arrays are
-cached under ``--cache``. A WRN-40-2 checkpoint is about 18 MB (weights and momentum).
+cached under ``--cache``. ``--dataset cifar100`` reads torchvision's ``cifar-100-python`` folder
+under ``DATA_DIR`` instead (100 classes, 500 training images each; never downloaded here). A
+WRN-40-2 checkpoint is about 18 MB (weights and momentum).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -50,10 +53,55 @@ from torchvision.transforms import v2
 import adaptive_data as ad
 
 from _common import header, summary
-from augment_quality import DEFAULT_CACHE, DEFAULT_DATA, MEAN, STD, Images, load, pipeline, subset
+from augment_quality import DEFAULT_CACHE, DEFAULT_DATA, MEAN, STD, Images, load, subset
+
+# CIFAR-100's channel statistics (of its training images), as CIFAR-10's MEAN and STD.
+MEAN_100, STD_100 = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
 
 ARMS = ("trivial_augment", "gar", "gar_frozen", "crop_flip")
+DATASETS = ("cifar10", "cifar100")
 MORE_TO_DO = 3  # exit status while runs are left
+
+
+# ------------------------------------------------------------------ data
+
+
+def load_cifar100(data_dir: Path) -> dict[str, np.ndarray]:
+    """CIFAR-100 from torchvision's ``cifar-100-python`` folder under ``data_dir`` (what
+    ``torchvision.datasets.CIFAR100(data_dir, download=True)`` writes), as ``load`` returns
+    CIFAR-10: uint8 ``[N, 32, 32, 3]`` images, fine labels, and each image's index within its
+    class (``i_train``, for ``--per-class``)."""
+    folder = data_dir / "cifar-100-python"
+    missing = [f for f in ("train", "test") if not (folder / f).is_file()]
+    if missing:
+        sys.exit(
+            f"CIFAR-100 not found: {folder} lacks {', '.join(missing)}. This benchmark never "
+            "downloads: run torchvision.datasets.CIFAR100(DATA_DIR, download=True) where the "
+            "internet is reachable, and pass that DATA_DIR"
+        )
+    out: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        with open(folder / split, "rb") as f:
+            d = pickle.load(f, encoding="bytes")  # the format's own pickles, from the user
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.asarray(d[b"fine_labels"], dtype=np.int64)
+        seen: dict[int, int] = {}
+        within = np.empty(len(y), dtype=np.int64)
+        for k, label in enumerate(y.tolist()):
+            within[k] = seen.get(label, 0)
+            seen[label] = within[k] + 1
+        out[f"x_{split}"], out[f"y_{split}"], out[f"i_{split}"] = np.ascontiguousarray(x), y, within
+    return out
+
+
+def pipeline(augment: Any | None, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """``RandomCrop(32, padding=4), RandomHorizontalFlip(), <augmentation>, ToImage, ToDtype,
+    Normalize(mean, std)``."""
+    steps: list[Any] = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+    if augment is not None:
+        steps.append(augment)
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
 
 
 # ------------------------------------------------------------------ the model
@@ -116,7 +164,7 @@ class Run:
         self.arm, self.seed, self.args = arm, seed, args
         self.path = args.out / f"run_{arm}_seed{seed}.pt"
         torch.manual_seed(seed)  # the model's initialisation
-        self.model = wide_resnet(args.depth, args.widen).to(args.device)
+        self.model = wide_resnet(args.depth, args.widen, args.classes).to(args.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = nn.CrossEntropyLoss(reduction="none")
         self.tf: ad.GARTransform | None = None
@@ -126,7 +174,7 @@ class Run:
         elif arm.startswith("gar"):
             frozen = arm == "gar_frozen"
             self.tf = augment = ad.GARTransform(learn_ops=not frozen, learn_magnitudes=not frozen)
-        data = Images(*train, pipeline(augment))
+        data = Images(*train, pipeline(augment, args.mean, args.std))
         self.sampler = ad.GARSampler(
             data,
             batch_size=args.batch,
@@ -267,7 +315,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--per-class", type=int, default=5000, help="training images per class")
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="cifar10", help="cifar10 (default) or cifar100"
+    )
+    parser.add_argument(
+        "--per-class", type=int, default=None, help="training images per class (default: all)"
+    )
     parser.add_argument("--test-every", type=int, default=1, help="keep every k-th test image")
     parser.add_argument("--workers", type=int, default=min(12, (os.cpu_count() or 2) - 1))
     parser.add_argument("--device", default="cuda")
@@ -314,10 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = (
         json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
     )
-    arrays = load(args.data, args.cache)
-    train = subset(arrays, args.per_class)
+    if args.dataset == "cifar100":
+        arrays = load_cifar100(args.data)
+        args.classes, args.mean, args.std = 100, MEAN_100, STD_100
+    else:
+        arrays = load(args.data, args.cache)
+        args.classes, args.mean, args.std = 10, MEAN, STD
+    train = subset(arrays, args.per_class or len(arrays["y_train"]))
     x_test = torch.from_numpy(arrays["x_test"][:: args.test_every]).permute(0, 3, 1, 2)
-    x_test = v2.functional.normalize(x_test.float().div(255), MEAN, STD)
+    x_test = v2.functional.normalize(x_test.float().div(255), args.mean, args.std)
     test = (x_test, torch.from_numpy(arrays["y_test"][:: args.test_every]))
     epochs_this_call, slowest = 0, 0.0
     todo = [(arm, seed) for seed in seeds for arm in arms]
@@ -366,7 +424,8 @@ def _setting(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
-        "train_images": 10 * args.per_class,
+        "dataset": args.dataset,
+        "train_images": args.classes * args.per_class if args.per_class else "all",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,41 @@ def test_augment_gpu_runs_in_pieces_that_resume_into_the_uninterrupted_run(
     assert pieces == whole
     assert len(whole["gar/seed0"]["train_loss"]) == 2
     assert whole["gar/seed0"]["op_weights"] != ad.GARTransform().op_weights  # it learned
+
+
+def test_augment_gpu_reads_cifar100_from_torchvisions_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dataset cifar100 reads torchvision's cifar-100-python pickles (a small stand-in here)
+    and trains a 100-class model; a folder without them exits naming what is missing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import augment_gpu
+
+    g = np.random.default_rng(0)
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 400), ("test", 100)):
+        d = {
+            b"data": g.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": (np.arange(n) % 100).tolist(),
+        }
+        with open(folder / split, "wb") as f:
+            pickle.dump(d, f)
+    arrays = augment_gpu.load_cifar100(tmp_path / "data")
+    assert arrays["x_train"].shape == (400, 32, 32, 3)
+    assert arrays["i_train"].tolist()[:101] == [0] * 100 + [1]  # index within its class
+    out = tmp_path / "runs"
+    threads = torch.get_num_threads()
+    try:
+        argv = [str(tmp_path / "data"), "--quick", "--dataset", "cifar100"]
+        assert augment_gpu.main([*argv, "--arms", "trivial_augment", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "cifar100"
+    assert "trivial_augment/seed0" in results["runs"]
+    with pytest.raises(SystemExit, match=r"CIFAR-100 not found: .* lacks train, test"):
+        augment_gpu.load_cifar100(tmp_path / "nothing")
 
 
 def test_augment_study_quick_on_digits() -> None:
