@@ -88,6 +88,8 @@ def test_lightning_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_p
     assert sampler.weights["clean"] > 0.9, sampler.weights
     rewarded = [h["batch"] for h in sampler.history[1:]]
     assert len(rewarded) == len(module.seen) == 24  # 12 steps x 2 micro-batches
+    # held-out reference (0) plus the step's second micro-batch: the first waits one delivery
+    assert sampler.reward_delay == 1
     for bid, x in zip(rewarded, module.seen, strict=True):
         keys = sampler._records[bid].keys
         assert torch.equal(torch.stack([sampler.dataset[k][0] for k in keys]), x)

@@ -114,6 +114,8 @@ def test_trainer_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_pat
     # the model saw equals the content of the batch ids in the sampler's history.
     rewarded = [h["batch"] for h in sampler.history[1:]]
     assert len(rewarded) == len(model.seen) == 24  # 12 steps x 2 micro-batches
+    # held-out reference (0) plus the step's second micro-batch: the first waits one delivery
+    assert sampler.reward_delay == 1
     for bid, x in zip(rewarded, model.seen, strict=True):
         keys = sampler._records[bid].keys
         assert torch.equal(torch.stack([sampler.dataset[k]["x"] for k in keys]), x)

@@ -87,6 +87,7 @@ class Wiring:
             "rows": rows,
         }
         self._built = False  # whether self.gar is ours (built by build())
+        self._accumulation_noted = False  # expect_accumulation() told the sampler
         self._pending_gar: Mapping[str, Any] | None = None
 
     @property
@@ -114,6 +115,16 @@ class Wiring:
             self.gar.load_state_dict(self._pending_gar)
             self._pending_gar = None
         return self.gar
+
+    def expect_accumulation(self, steps: int) -> None:
+        """The trainer steps every ``steps`` micro-batches, and GAR rewards them all at the
+        step: the first one's rewards come ``steps - 1`` deliveries later than GAR alone says,
+        so the sampler hears of it and refuses, at its first batch, a loader too deep for its
+        lag. Counted once per sampler."""
+        s = self.sampler
+        if steps > 1 and not self._accumulation_noted and s.reward_delay is not None:
+            s.reward_delay = s.reward_delay + steps - 1
+            self._accumulation_noted = True
 
     def step(self) -> None:
         if self.gar is None:

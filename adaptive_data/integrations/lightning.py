@@ -127,6 +127,7 @@ class GARCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.wiring.given:
             self.wiring.build(pl_module, None)  # applies a state loaded before fit
+            self.wiring.expect_accumulation(trainer.accumulate_grad_batches)
             return
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
@@ -136,6 +137,7 @@ class GARCallback(Callback):
                 "GAR(...) yourself and pass gar="
             )
         self.wiring.build(self.module if self.module is not None else pl_module, optimizers[0])
+        self.wiring.expect_accumulation(trainer.accumulate_grad_batches)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loader = trainer.train_dataloader

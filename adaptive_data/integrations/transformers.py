@@ -64,6 +64,7 @@ class GARCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("the Trainer passed no model to on_train_begin")
         self.wiring.build(model, optimizer)
+        self.wiring.expect_accumulation(args.gradient_accumulation_steps)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.wiring.step()
