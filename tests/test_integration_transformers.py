@@ -75,7 +75,7 @@ def per_example_loss(output, labels):
     return F.cross_entropy(output["logits"], labels, reduction="none")
 
 
-def build(tmp_path, max_steps: int, save_steps: int = 1000):
+def build(tmp_path, max_steps: int, save_steps: int = 1000, workers: int = 0):
     torch.manual_seed(0)
     sources, val = make_data()
     sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
@@ -94,6 +94,7 @@ def build(tmp_path, max_steps: int, save_steps: int = 1000):
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
+        dataloader_num_workers=workers,
     )
     trainer = GARTrainer(
         model=model,
@@ -124,6 +125,21 @@ def test_trainer_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_pat
     assert logged
     assert "mixture/weight/clean" in logged[-1]
     assert logged[-1]["gar/batches_rewarded"] == 20  # at step 10
+
+
+def test_trainer_with_dataloader_workers_learns_what_it_learns_without(tmp_path):
+    """The policy lag through the real stack: the Trainer's DataLoader with 2 workers behind
+    accelerate's read-ahead rewards the same batches and ends with the same weights as with
+    none."""
+    runs = []
+    for workers in (0, 2):
+        trainer, sampler, model = build(tmp_path / str(workers), max_steps=8, workers=workers)
+        trainer.train()
+        runs.append(([h["batch"] for h in sampler.history[1:]], sampler.weights, model.seen))
+    assert len(runs[0][0]) == 16
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2], strict=True))
 
 
 def params(model):
