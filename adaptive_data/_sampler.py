@@ -355,6 +355,7 @@ class GARSampler(Sampler[list[int]]):
         )
         self._next_epoch = 0
         self._epoch: int | None = None
+        self._counted_epoch: int | None = None  # _next_epoch as the last new epoch set it
         self._pos = 0  # batches yielded in the current epoch
         self._next_id = 0
         self._records = RewardWindow(reward_window)
@@ -574,6 +575,10 @@ class GARSampler(Sampler[list[int]]):
                 if kept < old.returned:
                     self._rewind(old.first_id + kept)
                     old.returned = kept
+                if kept == 0 and self._next_epoch == self._counted_epoch:
+                    # Nothing reached the loop: the pass never happened for it (a loader
+                    # without workers would not even have started it). Reuse its epoch.
+                    self._next_epoch = self._epoch
             elif self._replay:
                 self._rewind(self._replay[0].id)
             self._new_epoch()
@@ -604,6 +609,7 @@ class GARSampler(Sampler[list[int]]):
         self._lagged.sync(self._policy, None if tf is None else tf.policy)
         self._epoch = self._next_epoch
         self._next_epoch += 1
+        self._counted_epoch = self._next_epoch  # set_epoch() since changes it
         self._pos = 0
         self._replay = deque()
         if self.world_size == 1:

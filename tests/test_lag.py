@@ -39,13 +39,17 @@ class ReadAhead:
             with contextlib.suppress(StopIteration):
                 buf.append(next(it))
 
-        for _ in range(self.ahead):
+        for _ in range(self.ahead):  # at iter(), as DataLoader workers start prefetching
             pull()
-        while True:
-            pull()
-            if not buf:
-                return
-            yield self.sampler.decode(buf.popleft())
+
+        def deliver():
+            while True:
+                pull()
+                if not buf:
+                    return
+                yield self.sampler.decode(buf.popleft())
+
+        return deliver()
 
 
 def loop(
@@ -295,3 +299,17 @@ def test_drawing_weights_trail_the_live_weights_by_the_lag():
         # the next batch, t + 1, is drawn from the live weights after the update of t + 1 - 3
         assert s.drawing_weights == (start if t + 1 - 3 < 0 else live[t + 1 - 3])
     assert live[0] != start
+
+
+@pytest.mark.parametrize("ahead", [0, 3])
+def test_a_pass_abandoned_before_its_first_batch_leaves_no_trace(ahead):
+    """A loop that calls iter() and drops it (a trainer checking its loader) has, with
+    workers, made the sampler draw batches; without workers nothing. Either way the run that
+    follows is the in-process run without the abandoned pass, its epoch number included."""
+    s = make()
+    loader = s.track(ReadAhead(s, ahead))
+    iter(loader)  # prefetches `ahead` batches, delivers none
+    seen = loop(s, loader, epochs=2)
+    ref = make()
+    assert seen == loop(ref, ref.track(ReadAhead(ref, 0)), epochs=2)
+    assert s.metrics()["epoch"] == ref.metrics()["epoch"] == 1
