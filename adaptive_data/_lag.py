@@ -113,10 +113,7 @@ class LaggedPolicies:
         draw replaces the copy (with every update received so far)."""
         if self._live_loads() != self._loads:
             self.sync(*self._live)
-        if not self._queued:
-            return
-        due = sorted(b for b in self._queued if b <= next_id - self.lag)
-        for b in due:
+        for b in self._due(next_id):
             stats = self._queued.pop(b)
             self.policy.apply(stats.sources)
             if self.augment is not None and stats.augment is not None:
@@ -125,15 +122,16 @@ class LaggedPolicies:
     def peek(self, next_id: int) -> list[float]:
         """The source probabilities batch ``next_id`` will be drawn from, if no other update
         arrives before it; changes nothing."""
-        if self._live_loads() != self._loads:
-            policy = copy.deepcopy(self._live[0])
-            due: list[int] = []
-        else:
-            policy = copy.deepcopy(self.policy)
-            due = sorted(b for b in self._queued if b <= next_id - self.lag)
-        for b in due:
+        if self._live_loads() != self._loads:  # the next draw copies the live policy
+            return self._live[0].probs_list()
+        policy = copy.deepcopy(self.policy)
+        for b in self._due(next_id):
             policy.apply(self._queued[b].sources)
         return policy.probs_list()
+
+    def _due(self, next_id: int) -> list[int]:
+        """The waiting updates to apply before batch ``next_id`` is drawn, in batch order."""
+        return sorted(b for b in self._queued if b <= next_id - self.lag)
 
     def sync(self, policy: CategoricalPolicy, augment: AugmentPolicy | None) -> None:
         """A new pass: draw from the live policies (every update received so far)."""

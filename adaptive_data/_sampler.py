@@ -792,22 +792,25 @@ class GARSampler(Sampler[list[int]]):
         self._lagged.check_on_time(rec.id, self._next_id)
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
         sources = rec.sources if picked is None else [rec.sources[i] for i in picked]
-        stats = self._policy.statistics_of(sources, r)
-        width, k = len(stats), len(self.sizes)
-        own = stats[STATS_HEAD:width]  # this rank's per-source sums and counts, for metrics()
+        update = UpdateStatistics(self._policy.statistics_of(sources, r))
+        k = len(self.sizes)
+        own = update.sources[STATS_HEAD:]  # this rank's per-source sums and counts, for metrics()
         tf = self.transform
         if tf is not None and rec.aug is not None:
             ops, bins = rec.aug.ops, rec.aug.bins
             if picked is not None:
                 ops, bins = [ops[i] for i in picked], [bins[i] for i in picked]
-            stats += tf.statistics_of(ops, bins, r)
+            update.augment = tf.statistics_of(ops, bins, r)
         if self._group.active:
             # The batch ids ride along: all ranks must reward the same batch (all equal iff
             # W * sum(id^2) == sum(id)^2), else an update was skipped on some rank.
-            stats += [float(rec.id), float(rec.id) ** 2]
-            stats = self._group.all_reduce_sum(stats, "GARSampler.update()")
-            total, total_sq = stats[-2], stats[-1]
-            stats = stats[:-2]
+            summed = self._group.all_reduce_sum(
+                [*update.flat(), float(rec.id), float(rec.id) ** 2], "GARSampler.update()"
+            )
+            total, total_sq = summed[-2], summed[-1]
+            update = UpdateStatistics.split(
+                summed[:-2], len(update.sources), update.augment is not None
+            )
             if self.world_size * total_sq != total * total:
                 raise RuntimeError(
                     f"ranks disagree on which batch GARSampler.update() rewards: rank "
@@ -815,7 +818,6 @@ class GARSampler(Sampler[list[int]]):
                     f"{total / self.world_size:g}. Every rank must update after the same batches "
                     "(skip an update on all ranks or on none)"
                 )
-        update = UpdateStatistics.split(stats, width, tf is not None and rec.aug is not None)
         self._policy.apply(update.sources)
         if update.augment is not None:
             tf.apply(update.augment)
