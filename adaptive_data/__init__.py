@@ -5,12 +5,12 @@ The public surface is re-exported here; the modules behind it are private.
 
 from typing import TYPE_CHECKING, Any
 
-from ._augment_policy import KERNELS, AugmentPolicy, trivial_augment_wide_table
+from ._augment_policy import KERNELS, AugmentPolicy, AugmentStatistics, trivial_augment_wide_table
 from ._batch import split_batch
 from ._gar import GAR
 from ._ghost import GhostRule, ghost_rules, register_ghost_rule
 from ._mixture_dataset import MixtureDataset
-from ._policy import CategoricalPolicy
+from ._policy import CategoricalPolicy, ChoiceStatistics
 from ._probe import METHODS, REWARDS, GradientProbe
 from ._reference import ReferenceBatches
 from ._sampler import GARSampler
@@ -37,7 +37,9 @@ __all__ = [
     "METHODS",
     "REWARDS",
     "AugmentPolicy",
+    "AugmentStatistics",
     "CategoricalPolicy",
+    "ChoiceStatistics",
     "GARSampler",
     "GARTransform",
     "GhostRule",

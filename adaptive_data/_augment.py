@@ -23,6 +23,7 @@ from ._augment_policy import (
     MAGNITUDE_LR_RATIO,
     NO_AUGMENTATION,
     AugmentPolicy,
+    AugmentStatistics,
     trivial_augment_wide_table,
 )
 from ._check import is_real
@@ -370,13 +371,13 @@ class GARTransform(v2.Transform):
 
     def statistics(
         self, ops: Sequence[int] | Tensor, bins: Sequence[int] | Tensor, rewards: Tensor
-    ) -> list[float]:
+    ) -> AugmentStatistics:
         """:meth:`AugmentPolicy.statistics`."""
         return self.policy.statistics(ops, bins, rewards)
 
     def statistics_of(
         self, ops: Sequence[int], bins: Sequence[int], r_all: list[float]
-    ) -> list[float]:
+    ) -> AugmentStatistics:
         """:meth:`AugmentPolicy.statistics_of`."""
         return self.policy.statistics_of(ops, bins, r_all)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from ._policy import (
     DEFAULT_LR,
     STATS_HEAD,
     CategoricalPolicy,
+    ChoiceStatistics,
     check_policy_state,
     check_rewards,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "KERNELS",
     "NO_AUGMENTATION",
     "AugmentPolicy",
+    "AugmentStatistics",
     "trivial_augment_wide_table",
 ]
 
@@ -54,6 +57,31 @@ KERNELS = (
 )
 """The op names :class:`GARTransform` can apply (the keys an op table may use)."""
 _NEEDS_MAGNITUDE = frozenset(KERNELS[1:12])
+
+
+@dataclass(frozen=True)
+class AugmentStatistics:
+    """One batch's sufficient statistics for :meth:`AugmentPolicy.apply`: the op policy's, and
+    each magnitude policy's (of the ops with magnitudes, in op order), over the augmented
+    examples. Sums over batches or ranks are the statistics of their union (an all-reduce of
+    :meth:`flat`, read back with :meth:`AugmentPolicy.statistics_from_flat`)."""
+
+    ops: ChoiceStatistics
+    magnitudes: tuple[ChoiceStatistics, ...]
+
+    @property
+    def empty(self) -> bool:
+        """No augmented example (a reference batch): nothing to learn from."""
+        return self.ops.n == 0 and self.ops.nonfinite == 0
+
+    def flat(self) -> list[float]:
+        """The op policy's :meth:`ChoiceStatistics.flat`, then each magnitude policy's."""
+        out = self.ops.flat()
+        for part in self.magnitudes:
+            out += part.flat()
+        return out
+
+
 _STATE_VERSION = 2  # 2: the history as float64 tensors, the op table
 # Keys of a policy's state_dict().
 _STATE_KEYS = (
@@ -312,11 +340,11 @@ class AugmentPolicy:
 
     def statistics(
         self, ops: Sequence[int] | Tensor, bins: Sequence[int] | Tensor, rewards: Tensor
-    ) -> list[float]:
-        """One batch's sufficient statistics for :meth:`apply` (a fixed-length list of floats:
-        the op policy's, then each magnitude policy's; see
-        :meth:`CategoricalPolicy.statistics`). Sums over ranks are the statistics of the union.
-        Examples with op ``NO_AUGMENTATION`` (reference batches) are left out."""
+    ) -> AugmentStatistics:
+        """One batch's sufficient statistics for :meth:`apply` (:class:`AugmentStatistics`: the
+        op policy's and each magnitude policy's; see :meth:`CategoricalPolicy.statistics`).
+        Sums over ranks are the statistics of the union. Examples with op
+        ``NO_AUGMENTATION`` (reference batches) are left out."""
         if isinstance(ops, Tensor):  # as draw() returns them
             ops = ops.tolist()
         if isinstance(bins, Tensor):
@@ -326,7 +354,7 @@ class AugmentPolicy:
 
     def statistics_of(
         self, ops: Sequence[int], bins: Sequence[int], r_all: list[float]
-    ) -> list[float]:
+    ) -> AugmentStatistics:
         """:meth:`statistics` of rewards already checked and given as a list of floats."""
         if not len(bins) == len(ops) == len(r_all):
             raise ValueError(
@@ -347,43 +375,61 @@ class AugmentPolicy:
                     f"bins should lie in [0, {n_bins}) for op {self.op_names[ops[i]]!r}, but "
                     f"example {i} has bin {bins[i]}"
                 )
-        stats = self._op_policy.statistics_of([ops[i] for i in keep], [r_all[i] for i in keep])
+        op_stats = self._op_policy.statistics_of([ops[i] for i in keep], [r_all[i] for i in keep])
         by_op: dict[int, list[int]] = {}
         for i in keep:
             by_op.setdefault(ops[i], []).append(i)
-        for o, pol in self._mag_policies.items():
-            idx = by_op.get(o, [])
-            stats += pol.statistics_of([bins[i] for i in idx], [r_all[i] for i in idx])
-        return stats
+        magnitudes = tuple(
+            pol.statistics_of([bins[i] for i in idx], [r_all[i] for i in idx])
+            for o, pol in self._mag_policies.items()
+            for idx in (by_op.get(o, []),)
+        )
+        return AugmentStatistics(op_stats, magnitudes)
 
     @property
     def statistics_width(self) -> int:
-        """The length of a :meth:`statistics` list."""
+        """The length of a :meth:`AugmentStatistics.flat` list of this policy."""
         return sum(STATS_HEAD + 2 * p.num_choices for p in self._policies())
+
+    def statistics_from_flat(self, values: Sequence[float]) -> AugmentStatistics:
+        """The inverse of :meth:`AugmentStatistics.flat` for this policy's op table; raises on
+        another length."""
+        if len(values) != self.statistics_width:
+            raise ValueError(
+                f"stats should hold {self.statistics_width} numbers (this policy's statistics()),"
+                f" but got {len(values)}"
+            )
+        parts, pos = [], 0
+        for pol in self._policies():
+            w = STATS_HEAD + 2 * pol.num_choices
+            parts.append(ChoiceStatistics.from_flat(values[pos : pos + w], pol.num_choices))
+            pos += w
+        return AugmentStatistics(parts[0], tuple(parts[1:]))
 
     def _policies(self) -> list[CategoricalPolicy]:
         return [self._op_policy, *self._mag_policies.values()]
 
-    def apply(self, stats: Sequence[float]) -> None:
-        """Update both policies from :meth:`statistics` (of one batch, or summed over ranks)."""
-        if len(stats) != self.statistics_width:
+    def apply(self, stats: AugmentStatistics | Sequence[float]) -> None:
+        """Update both policies from :meth:`statistics` (of one batch, or summed over ranks):
+        an :class:`AugmentStatistics` or its :meth:`~AugmentStatistics.flat` list."""
+        if not isinstance(stats, AugmentStatistics):
+            stats = self.statistics_from_flat(stats)
+        elif [p.num_choices for p in (stats.ops, *stats.magnitudes)] != [
+            p.num_choices for p in self._policies()
+        ]:
             raise ValueError(
-                f"stats should hold {self.statistics_width} numbers (this policy's statistics()),"
-                f" but got {len(stats)}"
+                "stats were computed by a policy with another op table than this one's "
+                f"({len(stats.ops.sums)} ops, {len(stats.magnitudes)} with magnitudes; this "
+                f"policy: {len(self.op_names)} ops, {len(self._mag_policies)} with magnitudes)"
             )
-        width = STATS_HEAD + 2 * len(self.op_names)
-        if stats[0] == 0 and stats[1] == 0:  # no augmented example: a reference batch
+        if stats.empty:  # no augmented example: a reference batch
             self._reference_skipped += 1
             return
-        self._nonfinite += round(stats[0])
+        self._nonfinite += round(stats.ops.nonfinite)
         if self.learn_ops:
-            self._op_policy.apply(stats[:width])
-        pos = width
-        for pol in self._mag_policies.values():
-            w = STATS_HEAD + 2 * pol.num_choices
-            part = stats[pos : pos + w]
-            pos += w
-            if self.learn_magnitudes and (part[0] or part[1]):
+            self._op_policy.apply(stats.ops)
+        for pol, part in zip(self._mag_policies.values(), stats.magnitudes, strict=True):
+            if self.learn_magnitudes and (part.nonfinite or part.n):
                 pol.apply(part)
         self._bin_probs = None
         self._updates += 1

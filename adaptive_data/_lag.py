@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._check import check_int
-from ._policy import CategoricalPolicy
+from ._policy import CategoricalPolicy, ChoiceStatistics
 
 if TYPE_CHECKING:
-    from ._augment_policy import AugmentPolicy
+    from ._augment_policy import AugmentPolicy, AugmentStatistics
 
 __all__ = ["DEFAULT_LAG", "LaggedPolicies", "UpdateStatistics", "lag_needed"]
 
@@ -46,22 +46,31 @@ def lag_needed(read_ahead: int, reward_delay: int) -> int:
     return read_ahead + reward_delay + 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpdateStatistics:
-    """One update's sufficient statistics, summed over ranks: the source policy's and (with a
-    transform) the augmentation policy's, as their ``statistics()`` methods return them."""
+    """One update's sufficient statistics: the source policy's and (with a transform) the
+    augmentation policy's, as their ``statistics()`` methods return them."""
 
-    sources: list[float]
-    augment: list[float] | None = None
+    sources: ChoiceStatistics
+    augment: AugmentStatistics | None = None
 
     def flat(self) -> list[float]:
         """One list (what an all-reduce takes)."""
-        return self.sources + (self.augment or [])
+        return self.sources.flat() + ([] if self.augment is None else self.augment.flat())
 
-    @classmethod
-    def split(cls, flat: list[float], width: int, has_augment: bool) -> UpdateStatistics:
-        """The inverse of :meth:`flat`; ``width`` is the source policy's part."""
-        return cls(flat[:width], flat[width:] if has_augment else None)
+    def like(
+        self, flat: list[float], augment_policy: AugmentPolicy | None = None
+    ) -> UpdateStatistics:
+        """Statistics of the same shape as these, read from ``flat`` (an all-reduced
+        :meth:`flat`); ``augment_policy`` reads the augmentation part."""
+        k = self.sources.num_choices
+        width = len(self.sources.flat())
+        sources = ChoiceStatistics.from_flat(flat[:width], k)
+        if self.augment is None:
+            return UpdateStatistics(sources)
+        if augment_policy is None:
+            raise ValueError("statistics with an augmentation part need augment_policy")
+        return UpdateStatistics(sources, augment_policy.statistics_from_flat(flat[width:]))
 
 
 class LaggedPolicies:
@@ -152,12 +161,12 @@ class LaggedPolicies:
             "augment": None if self.augment is None else self.augment.state_dict(),
             "queued_ids": torch.tensor(ids, dtype=torch.long),
             "queued_sources": torch.tensor(
-                [self._queued[b].sources for b in ids], dtype=torch.float64
+                [self._queued[b].sources.flat() for b in ids], dtype=torch.float64
             ),
             "queued_augment": [
                 None
                 if self._queued[b].augment is None
-                else torch.tensor(self._queued[b].augment, dtype=torch.float64)
+                else torch.tensor(self._queued[b].augment.flat(), dtype=torch.float64)
                 for b in ids
             ],
         }
@@ -175,11 +184,17 @@ class LaggedPolicies:
             self.augment.load_state_dict(state["augment"])
         ids = torch.as_tensor(state["queued_ids"]).tolist()
         sources = torch.as_tensor(state["queued_sources"], dtype=torch.float64)
-        self._queued = {
-            int(b): UpdateStatistics(
-                sources[i].tolist(),
-                None if aug is None else torch.as_tensor(aug, dtype=torch.float64).tolist(),
+        k = self.policy.num_choices
+        queued = {}
+        for i, (b, aug) in enumerate(zip(ids, state["queued_augment"], strict=True)):
+            augment = None
+            if aug is not None:
+                if self.augment is None:
+                    raise ValueError("state holds augmentation updates, but this sampler has none")
+                flat = torch.as_tensor(aug, dtype=torch.float64).tolist()
+                augment = self.augment.statistics_from_flat(flat)
+            queued[int(b)] = UpdateStatistics(
+                ChoiceStatistics.from_flat(sources[i].tolist(), k), augment
             )
-            for i, (b, aug) in enumerate(zip(ids, state["queued_augment"], strict=True))
-        }
+        self._queued = queued
         self._loads = self._live_loads()  # the sampler loaded the live policies just before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from ._check import check_int, check_keys, check_number, int_list
 
-__all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy"]
+__all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy", "ChoiceStatistics"]
 
 RULES = ("reinforce", "exp_grad")
 # Step sizes measured on benchmarks/mixture_quality.py (4 sources, batch 64, cosine rewards):
@@ -27,9 +28,58 @@ _TINY = 1e-12
 
 _STATE_VERSION = 1
 
-# statistics() lists start with [non-finite rewards, n, sum r, sum r^2], then the per-choice
-# sums and counts.
+# A flat statistics list starts with [non-finite rewards, n, sum r, sum r^2], then the
+# per-choice sums and counts.
 STATS_HEAD = 4
+
+
+@dataclass(frozen=True)
+class ChoiceStatistics:
+    """One batch's sufficient statistics for :meth:`CategoricalPolicy.apply`.
+
+    Over the finite rewards: their count ``n``, sum and sum of squares, and per choice ``k``
+    the sum ``sums[k]`` and count ``counts[k]``; ``nonfinite`` counts the NaN/inf rewards
+    left out. The statistics of several batches (or ranks) are the sums of theirs: ``a + b``,
+    or an all-reduce of :meth:`flat` lists read back with :meth:`from_flat`.
+    """
+
+    nonfinite: float
+    n: float
+    total: float
+    total_sq: float
+    sums: tuple[float, ...]
+    counts: tuple[float, ...]
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.sums)
+
+    def flat(self) -> list[float]:
+        """``[nonfinite, n, total, total_sq, sums..., counts...]``: ``4 + 2K`` floats (what an
+        all-reduce takes)."""
+        return [self.nonfinite, self.n, self.total, self.total_sq, *self.sums, *self.counts]
+
+    @classmethod
+    def from_flat(cls, values: Sequence[float], num_choices: int) -> ChoiceStatistics:
+        """The inverse of :meth:`flat`, for ``num_choices`` choices; raises on another length."""
+        k = num_choices
+        if len(values) != STATS_HEAD + 2 * k:
+            raise ValueError(
+                f"stats should hold 4 + 2K = {STATS_HEAD + 2 * k} numbers, but got {len(values)}"
+            )
+        v = [float(x) for x in values]
+        return cls(v[0], v[1], v[2], v[3], tuple(v[4 : 4 + k]), tuple(v[4 + k :]))
+
+    def __add__(self, other: ChoiceStatistics) -> ChoiceStatistics:
+        if not isinstance(other, ChoiceStatistics):
+            return NotImplemented
+        if other.num_choices != self.num_choices:
+            raise ValueError(
+                f"cannot add statistics of {self.num_choices} and {other.num_choices} choices"
+            )
+        return ChoiceStatistics.from_flat(
+            [a + b for a, b in zip(self.flat(), other.flat(), strict=True)], self.num_choices
+        )
 
 
 def initial_weights(
@@ -256,13 +306,11 @@ class CategoricalPolicy:
 
     # ------------------------------------------------------------------ learning
 
-    def statistics(self, choices: Tensor | list[int], rewards: Tensor) -> list[float]:
-        """One batch's sufficient statistics for :meth:`apply`: a list of ``4 + 2K`` floats.
-
-        ``[non-finite rewards, n, sum r, sum r^2, S_0..S_{K-1}, n_0..n_{K-1}]`` over the finite
-        rewards, with ``S_k``/``n_k`` the sum/count of choice k's. Sums of these lists over
-        several batches (an all-reduce over ranks) are the statistics of their union.
-        Validates the arguments (see :meth:`update`).
+    def statistics(self, choices: Tensor | list[int], rewards: Tensor) -> ChoiceStatistics:
+        """One batch's sufficient statistics for :meth:`apply` (:class:`ChoiceStatistics`:
+        count, sum and sum of squares of the finite rewards, and each choice's sum and count).
+        Their sum over several batches (an all-reduce over ranks of :meth:`ChoiceStatistics.flat`)
+        is the statistics of the union. Validates the arguments (see :meth:`update`).
         """
         c = int_list("choices", choices)
         check_rewards(rewards, len(c))
@@ -273,7 +321,7 @@ class CategoricalPolicy:
             )
         return self.statistics_of(c, rewards.detach().to("cpu", torch.float64).tolist())
 
-    def statistics_of(self, c: list[int], r_all: list[float]) -> list[float]:
+    def statistics_of(self, c: list[int], r_all: list[float]) -> ChoiceStatistics:
         """:meth:`statistics` of already-checked choices and rewards given as Python lists."""
         k = self.num_choices
         sums, counts = [0.0] * k, [0.0] * k
@@ -287,10 +335,14 @@ class CategoricalPolicy:
             total_sq.append(v * v)
             sums[choice] += v
             counts[choice] += 1
-        return [float(bad), float(n), _sum(total), _sum(total_sq), *sums, *counts]
+        return ChoiceStatistics(
+            float(bad), float(n), _sum(total), _sum(total_sq), tuple(sums), tuple(counts)
+        )
 
-    def apply(self, stats: Sequence[float]) -> int:
+    def apply(self, stats: ChoiceStatistics | Sequence[float]) -> int:
         """Update from :meth:`statistics` (of one batch, or summed over ranks); returns n.
+
+        ``stats`` is a :class:`ChoiceStatistics` or its :meth:`~ChoiceStatistics.flat` list.
 
         Rewards are normalised to ``z = (r - base) / scale`` (``normalize``: batch mean and
         standard deviation, running ones, or the running mean and 1), so each choice's summed
@@ -298,14 +350,13 @@ class CategoricalPolicy:
         the step zero. Every rank that applies the same statistics makes the same step.
         """
         k = self.num_choices
-        if len(stats) != STATS_HEAD + 2 * k:
-            raise ValueError(
-                f"stats should hold 4 + 2K = {STATS_HEAD + 2 * k} numbers, but got {len(stats)}"
-            )
-        bad, n_f, total, total_sq = (float(v) for v in stats[:STATS_HEAD])
-        sums = [float(v) for v in stats[STATS_HEAD : STATS_HEAD + k]]
-        counts = [float(v) for v in stats[STATS_HEAD + k :]]
-        n = round(n_f)
+        if not isinstance(stats, ChoiceStatistics):
+            stats = ChoiceStatistics.from_flat(stats, k)
+        elif stats.num_choices != k:
+            raise ValueError(f"stats are for {stats.num_choices} choices, but this policy has {k}")
+        bad, total, total_sq = stats.nonfinite, stats.total, stats.total_sq
+        sums, counts = stats.sums, stats.counts
+        n = round(stats.n)
         self._nonfinite += round(bad)
         self._updates += 1
         if n == 0:

@@ -24,7 +24,7 @@ from ._mixture_dataset import (
     StreamingMixtureDataset,
     resolve_sources,
 )
-from ._policy import STATS_HEAD, CategoricalPolicy, check_rewards
+from ._policy import CategoricalPolicy, check_rewards
 from ._records import Decisions, Record, RewardWindow
 from ._shards import ShardOrder
 from ._streams import ON_STREAM_END, StreamReaders, is_stream
@@ -792,15 +792,15 @@ class GARSampler(Sampler[list[int]]):
         self._lagged.check_on_time(rec.id, self._next_id)
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
         sources = rec.sources if picked is None else [rec.sources[i] for i in picked]
-        update = UpdateStatistics(self._policy.statistics_of(sources, r))
-        k = len(self.sizes)
-        own = update.sources[STATS_HEAD:]  # this rank's per-source sums and counts, for metrics()
+        own = self._policy.statistics_of(sources, r)  # this rank's, for metrics()
+        augment = None
         tf = self.transform
         if tf is not None and rec.aug is not None:
             ops, bins = rec.aug.ops, rec.aug.bins
             if picked is not None:
                 ops, bins = [ops[i] for i in picked], [bins[i] for i in picked]
-            update.augment = tf.statistics_of(ops, bins, r)
+            augment = tf.statistics_of(ops, bins, r)
+        update = UpdateStatistics(own, augment)
         if self._group.active:
             # The batch ids ride along: all ranks must reward the same batch (all equal iff
             # W * sum(id^2) == sum(id)^2), else an update was skipped on some rank.
@@ -808,9 +808,7 @@ class GARSampler(Sampler[list[int]]):
                 [*update.flat(), float(rec.id), float(rec.id) ** 2], "GARSampler.update()"
             )
             total, total_sq = summed[-2], summed[-1]
-            update = UpdateStatistics.split(
-                summed[:-2], len(update.sources), update.augment is not None
-            )
+            update = update.like(summed[:-2], None if tf is None else tf.policy)
             if self.world_size * total_sq != total * total:
                 raise RuntimeError(
                     f"ranks disagree on which batch GARSampler.update() rewards: rank "
@@ -824,11 +822,11 @@ class GARSampler(Sampler[list[int]]):
         self._lagged.queue(rec.id, update)
         rec.rewarded = True
         self._rewarded += 1
-        self._fold_reward_means(own[:k], own[k:])
+        self._fold_reward_means(own.sums, own.counts)
         self._history.append([rec.id, *self._policy.probs_list()])
         self._refresh_pending()
 
-    def _fold_reward_means(self, sums: list[float], counts: list[float]) -> None:
+    def _fold_reward_means(self, sums: Sequence[float], counts: Sequence[float]) -> None:
         """Running mean (momentum 0.9) of each source's finite raw rewards, for metrics()."""
         for src, (total, count) in enumerate(zip(sums, counts, strict=True)):
             if count:

@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import InterpolationMode
 
 from adaptive_data import (
     AugmentPolicy,
+    AugmentStatistics,
     CategoricalPolicy,
     GARSampler,
     GARTransform,
@@ -952,3 +953,37 @@ def test_learning_is_opt_in():
         tf.update([1, 1, 0], [3, 0, 0], torch.tensor([1.0, 0.8, 0.0]))
     assert (default.op_weights, default.magnitude_weights) == start
     assert learning.op_weights != start[0]
+
+
+def test_augment_statistics_are_named_and_round_trip_through_flat():
+    """statistics() names its parts (the op policy's, then one per op with magnitudes, in op
+    order); its flat list, all-reduced, reads back to the same statistics, and apply() takes
+    either. A table of another shape is refused by name, not sliced at the wrong place."""
+    policy = AugmentPolicy(
+        ["Identity", "Rotate", "Brightness"], learn_ops=True, learn_magnitudes=True
+    )
+    stats = policy.statistics(
+        [0, 1, 2, 1, NO_AUGMENTATION], [0, 3, 1, 2, 0], torch.tensor([1.0, 2.0, -1.0, 0.5, 9.0])
+    )
+    assert isinstance(stats, AugmentStatistics)
+    assert stats.ops.counts == (1.0, 2.0, 1.0)  # the reference example is left out
+    assert stats.ops.n == 4
+    assert stats.ops.total == pytest.approx(2.5)
+    assert [m.counts[3] for m in stats.magnitudes] == [1.0, 0.0]  # Rotate's bin 3 once
+    assert [m.n for m in stats.magnitudes] == [2.0, 1.0]  # Rotate twice, Brightness once
+    flat = stats.flat()
+    assert len(flat) == policy.statistics_width
+    assert policy.statistics_from_flat(flat) == stats
+    twin = AugmentPolicy(
+        ["Identity", "Rotate", "Brightness"], learn_ops=True, learn_magnitudes=True
+    )
+    policy.apply(stats)
+    twin.apply(flat)
+    assert policy.op_weights == twin.op_weights
+    assert policy.magnitude_weights == twin.magnitude_weights
+    assert policy.op_weights != pytest.approx(dict.fromkeys(policy.op_names, 1 / 3))
+    other = AugmentPolicy(["Identity", "Rotate"])
+    with pytest.raises(ValueError, match=r"another op table .*3 ops, 2 with magnitudes"):
+        other.apply(stats)
+    with pytest.raises(ValueError, match=r"should hold \d+ numbers"):
+        other.apply(flat)

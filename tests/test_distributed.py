@@ -66,7 +66,7 @@ def test_summed_statistics_make_the_step_of_the_union_batch():
         choices = [torch.randint(0, 3, (6,), generator=g) for _ in ranks]
         rewards = [torch.randn(6, generator=g, dtype=torch.float64) for _ in ranks]
         stats = [s.policy.statistics(c, r) for s, c, r in zip(ranks, choices, rewards, strict=True)]
-        summed = [a + b for a, b in zip(*stats, strict=True)]
+        summed = stats[0] + stats[1]
         for s in ranks:
             s.policy.apply(summed)
         single.update(torch.cat(choices), torch.cat(rewards))

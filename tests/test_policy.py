@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_data._policy import NORMALIZATIONS, RULES, CategoricalPolicy
+from adaptive_data._policy import NORMALIZATIONS, RULES, CategoricalPolicy, ChoiceStatistics
 
 
 def assert_valid(policy: CategoricalPolicy) -> None:
@@ -182,9 +182,13 @@ def test_statistics_layout_and_wrong_length_apply():
     policy = CategoricalPolicy(3)
     r = torch.tensor([1.0, float("nan"), 2.0, -1.0], dtype=torch.float64)
     stats = policy.statistics(torch.tensor([0, 1, 2, 2]), r)
-    assert stats == [1.0, 3.0, 2.0, 6.0, 1.0, 0.0, 1.0, 1.0, 0.0, 2.0]
+    assert stats == ChoiceStatistics(1.0, 3.0, 2.0, 6.0, (1.0, 0.0, 1.0), (1.0, 0.0, 2.0))
+    assert stats.flat() == [1.0, 3.0, 2.0, 6.0, 1.0, 0.0, 1.0, 1.0, 0.0, 2.0]
+    assert ChoiceStatistics.from_flat(stats.flat(), 3) == stats
     with pytest.raises(ValueError, match=r"should hold 4 \+ 2K = 10 numbers, but got 11"):
-        policy.apply([*stats, 1.0])
+        policy.apply([*stats.flat(), 1.0])
+    with pytest.raises(ValueError, match=r"stats are for 3 choices, but this policy has 4"):
+        CategoricalPolicy(4).apply(stats)
     assert policy.metrics()["updates"] == 0
 
 
