@@ -6,13 +6,13 @@ import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
-from . import _ghost
+from . import _fd, _ghost
 from ._batch import call_args, check_same_batch, lead_batch_size, split_batch
 from ._check import check_int
 from ._direction import (
@@ -37,6 +37,8 @@ _STATE_VERSION = 1
 _STATE_KEYS = ("mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded")
 _STATE_KEYS += ("dropped", "skipped_nonfinite", "last_mean", "reference")
 _STATE_KEYS += ("reference_refresh", "reference_gradient", "reference_step", "rows")
+# Saved since estimator= exists; a state without it was saved by the ghost estimator.
+_ESTIMATOR_KEY = "estimator"
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _Group:
     n: int | None = None  # batch size, from the first output seen
     rows: Tensor | None = None  # the rows rewarded, sorted (None: all)
     entries: set[int] = field(default_factory=set)  # ids of the entries called (cosine check)
+    fd: _fd.Kept | None = None  # estimator="fd": the root's inputs and output gradients
 
 
 def _detach(tree: Any) -> Any:
@@ -73,11 +76,17 @@ def check_arguments(
     reference_refresh: Any = 1,
     rows: Any = None,
     prefix: str = "",
+    estimator: Any = "ghost",
 ) -> None:
-    """GAR's checks of ``every``, ``reward``, the reference and its refresh, shared with the
-    integrations (which check them when they are built, before GAR is); ``prefix`` names
-    their arguments."""
+    """GAR's checks of ``every``, ``reward``, the reference and its refresh, ``rows`` and
+    ``estimator``, shared with the integrations (which check them when they are built, before
+    GAR is); ``prefix`` names their arguments."""
     p = prefix
+    if estimator not in _fd.ESTIMATORS:
+        raise ValueError(
+            f"{p}estimator should be one of {', '.join(_fd.ESTIMATORS)}, but got "
+            f"{p}estimator={estimator!r}"
+        )
     check_int(f"{p}every", every, minimum=1)
     check_int(f"{p}reference_refresh", reference_refresh, minimum=1)
     check_int(f"{p}rows", rows, minimum=1, none_ok=True)
@@ -90,6 +99,12 @@ def check_arguments(
     if reward not in REWARDS:
         raise ValueError(
             f"{p}reward should be one of {', '.join(REWARDS)}, but got {p}reward={reward!r}"
+        )
+    if estimator == "fd" and reward != "dot":
+        raise ValueError(
+            f"{p}estimator='fd' estimates <g_i, D> only, so it needs {p}reward='dot' (the "
+            "cosine needs each example's gradient norm, which only estimator='ghost' "
+            f"computes), but got {p}estimator='fd' with {p}reward={reward!r}"
         )
     if reference is not None and (loss_fn is None or not callable(loss_fn)):
         raise ValueError(
@@ -160,10 +175,27 @@ class GAR:
             Conv, Embedding, the norms without batch statistics, attention); others are
             computed on the whole batch and cut. The sampler learns from the rows alone
             (``update(rows=)``), the full update in expectation.
+        estimator: how each row's ``<g_i, D>`` is computed. ``"ghost"`` (default): exactly,
+            from the covered layers' inputs and output gradients (hooks keep them for every
+            rewarded row). ``"fd"``: forward-only, ``<B_i, J_i D>`` with ``B_i`` the
+            gradient of the loss at the model's output for row i (kept by a hook on the
+            output, rewarded rows only) and ``J_i D`` a central finite difference, two
+            no-grad forwards of the rewarded rows at ``theta +- eps D`` (moved copies of the
+            parameters, cloned buffers; the training forward's RNG state replayed, so dropout
+            draws the same masks), ``eps = sqrt(machine eps) * max(||theta||, 1) / ||D||``.
+            Needs ``reward="dot"``; keeps nothing on the inner layers; with ``rows=m`` it
+            costs two forwards of m rows. The rows are forwarded with the whole batch (two
+            forwards of it, then cut) where the model's examples mix (BatchNorm with batch
+            statistics: the reward is then row i's output moving along ``D``, batch
+            statistics included, which sums to the same batch total as ``"ghost"`` but
+            differs per row) or the forward draws random numbers (dropout: the masks must be
+            the training forward's). In the next-batch mode the forwards run at the weights
+            after the optimizer's step, the output gradients are those before it. Errors
+            and costs measured: docs/howto-gar.md.
 
-    Raises at construction for a model without a layer the ghost rules cover, an FSDP or
-    DeepSpeed model, an optimizer that does not own the model's trainable parameters, a
-    mixture without ``reference``, or bad arguments.
+    Raises at construction for a model without a layer the ghost rules cover (with
+    ``estimator="ghost"``), an FSDP or DeepSpeed model, an optimizer that does not own the
+    model's trainable parameters, a mixture without ``reference``, or bad arguments.
     """
 
     def __init__(
@@ -178,12 +210,15 @@ class GAR:
         loss_fn: Any = None,
         reference_refresh: int = 1,
         rows: int | None = None,
+        estimator: str = "ghost",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
-        check_arguments(sampler, every, reward, reference, loss_fn, reference_refresh, rows)
+        check_arguments(
+            sampler, every, reward, reference, loss_fn, reference_refresh, rows, "", estimator
+        )
         if reference is not None:
             reference = iter(reference)
         check_unsharded(model)
@@ -193,8 +228,12 @@ class GAR:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
         # The optimizer that holds the state, behind wrappers such as accelerate's.
         inner = None if optimizer is None else check_optimizer(optimizer, params)
-        entries = _ghost.plan(core, params, fallback="jvp")
-        if not any(e.rule is not _ghost.FALLBACK_RULE for e in entries):
+        if estimator == "fd":
+            # The root alone: where its inputs and outputs hold the batch.
+            entries = [_ghost.Entry("<root>", core, _ghost.FALLBACK_RULE, {}, root=True)]
+        else:
+            entries = _ghost.plan(core, params, fallback="jvp")
+        if estimator == "ghost" and not any(e.rule is not _ghost.FALLBACK_RULE for e in entries):
             allowed = ", ".join(sorted(cls.__name__ for cls in _ghost.ghost_rules()))
             raise ValueError(
                 f"GAR found no layer it covers in {type(core).__name__}: it needs at least one "
@@ -209,6 +248,7 @@ class GAR:
         self.loss_fn = loss_fn
         self.reference_refresh = reference_refresh
         self.rows = rows
+        self.estimator = estimator
         # The last reference gradient (all-reduced, not preconditioned) and the step it was
         # computed at: reused while fewer than reference_refresh steps have passed.
         self._ref_grad: Direction | None = None
@@ -248,16 +288,29 @@ class GAR:
         self._handles: list[Any] = [
             core.register_forward_pre_hook(self._begin),
             core.register_forward_pre_hook(self._find_layout, with_kwargs=True),
-            *register_call_hooks(entries, self._rng, self._keep),
         ]
+        if estimator == "fd":
+            self._root = entries[0]
+            self._param_set = frozenset(id(p) for p in params.values())
+            self._couples = _ghost.couples_examples(core)
+            # Per layout: what to do with each output leaf (found once per input signature).
+            self._actions: dict[int, tuple[_ghost.Layout, dict[int, Any]]] = {}
+            self._fd_rng: RngSnapshot | None = None
+            self._handles += [
+                core.register_forward_pre_hook(self._fd_begin),
+                core.register_forward_hook(self._fd_keep, with_kwargs=True),
+            ]
+        else:
+            self._handles += register_call_hooks(entries, self._rng, self._keep)
 
     def __repr__(self) -> str:
         mode = "next batch" if self._reference is None else "held-out"
         refresh = f", reference_refresh={self.reference_refresh}" if self._reference else ""
         rows = "" if self.rows is None else f", rows={self.rows}"
+        estimator = "" if self.estimator == "ghost" else f", estimator={self.estimator!r}"
         return (
             f"{type(self).__name__}(reference={mode}, every={self.every}, "
-            f"reward={self.reward!r}{refresh}{rows})"
+            f"reward={self.reward!r}{refresh}{rows}{estimator})"
         )
 
     def __enter__(self) -> GAR:
@@ -340,6 +393,68 @@ class GAR:
         seed = mix(self.sampler.seed, 4, batch, self.sampler.rank)
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(n, generator=g)[: self.rows].sort().values
+
+    def _fd_begin(self, module: nn.Module, args: tuple) -> None:
+        """Root forward of a kept batch (``estimator="fd"``): the RNG state it starts from."""
+        self._fd_rng = None if self._current is None else RngSnapshot(self._devices)
+
+    def _fd_keep(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """After the root forward of a kept batch (``estimator="fd"``): keep its inputs (the
+        rewarded rows, or the whole batch where rows cannot be forwarded alone), its RNG
+        state if it drew random numbers, and hooks for its outputs' gradients."""
+        group, layout, rng = self._current, self._layout, self._fd_rng
+        self._fd_rng = None
+        if group is None or layout is None or rng is None:
+            return
+        (call,) = layout.calls[id(self._root)]
+        leaves = tree_flatten(output)[0]
+        n = self._batch_size
+        if len(leaves) != len(call.outputs):
+            raise RuntimeError(
+                f"the model returned {len(leaves)} output tensors, but {len(call.outputs)} in "
+                "the runs that found where the batch is; GAR(estimator='fd') needs a forward "
+                "whose outputs do not depend on the batch"
+            )
+        for leaf, dim in zip(leaves, call.outputs, strict=True):
+            if (
+                isinstance(leaf, Tensor)
+                and dim is not None
+                and dim >= 0
+                and (leaf.dim() <= dim or leaf.shape[dim] != n)
+            ):
+                raise ValueError(
+                    f"GAR(estimator='fd') cannot attribute the model's output of shape "
+                    f"{list(leaf.shape)} to examples: it does not hold the batch (size {n}) in "
+                    f"dim {dim}, where the runs on 2 and 3 examples found it"
+                )
+        random = _fd.rng_changed(rng)
+        rows = group.rows
+        whole = (
+            rows is None
+            or random
+            or self._couples
+            or any(d is not None and d < 0 for d in call.inputs)
+        )
+        args, kwargs = _detach(args), _detach(kwargs)
+        versions: list[tuple[Tensor, int]] = []
+        if whole:
+            # Held by reference: an in-place edit before step() is caught by its version.
+            versions = [
+                (t, t._version) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
+            ]
+        else:
+            args, kwargs = _fd.cut_inputs(args, kwargs, call.inputs, cast(Tensor, rows))
+        kept = _fd.Kept(args, kwargs, whole, rng if random else None, call.outputs)
+        kept.versions = versions
+        cached = self._actions.get(id(layout))
+        if cached is None or cached[0] is not layout:
+            cached = (layout, _fd.output_actions(leaves, call.outputs, self._param_set))
+            self._actions[id(layout)] = cached
+        _fd.register(kept, leaves, cached[1], rows)
+        for i, action in cached[1].items():
+            if action == "keep" and group.n is None:
+                group.n = leaves[i].shape[call.outputs[i]]
+        group.fd = kept
 
     def _rng(self, entry: Entry, module: nn.Module, args: tuple) -> None:
         if self._current is not None:
@@ -562,6 +677,14 @@ class GAR:
         return d
 
     def _rewards(self, group: _Group, d: Direction) -> Tensor | None:
+        if self.estimator == "fd":
+            if group.n is None or group.fd is None or not group.fd.grads:
+                return None  # a forward without a backward: nothing to reward
+            self._paused = True  # the difference's forwards are not training batches
+            try:
+                return _fd.rewards(self._core, group.fd, self._params, d, group.rows, group.n)
+            finally:
+                self._paused = False
         if group.n is None or not group.calls or any(not c.grads for c in group.calls):
             return None  # a forward without a backward: nothing to reward
         device = next(iter(d.values())).device
@@ -624,11 +747,13 @@ class GAR:
             ),
             "reference_step": self._ref_step,
             "rows": self.rows,
+            _ESTIMATOR_KEY: self.estimator,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (load the sampler's state beside it). Raises if the
-        state was saved by a GAR with another mode, ``every`` or reward."""
+        state was saved by a GAR with another mode, ``every``, reward, ``reference_refresh``,
+        ``rows`` or estimator."""
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"state should be a GAR.state_dict() of version {_STATE_VERSION}, but got "
@@ -652,6 +777,11 @@ class GAR:
         for key, mine in mine_all:
             if state[key] != mine:
                 raise ValueError(f"state has {key}={state[key]!r}, but this GAR has {key}={mine!r}")
+        theirs = state.get(_ESTIMATOR_KEY, "ghost")
+        if theirs != self.estimator:
+            raise ValueError(
+                f"state has estimator={theirs!r}, but this GAR has estimator={self.estimator!r}"
+            )
         ref_grad = self._load_reference_gradient(state["reference_gradient"])  # checked first
         if state["reference"] is not None and self._reference is not None:
             if not hasattr(self._reference, "load_state_dict"):
