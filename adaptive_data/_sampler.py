@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -13,19 +12,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from ._augment_policy import NO_AUGMENTATION
-from ._check import check_int, check_keys, check_number, int_list, is_int
+from . import _checkpoint as ckpt
+from ._check import check_int, check_number, int_list, is_int
 from ._distributed import current_group
+from ._drawing import Drawer
 from ._history import History
 from ._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
-from ._mix import mix
 from ._mixture_dataset import (
     MixtureDataset,
     StreamingMixtureDataset,
     resolve_sources,
 )
 from ._policy import CategoricalPolicy, check_rewards
-from ._records import Decisions, Record, RewardWindow
+from ._records import Record, RewardWindow
 from ._shards import ShardOrder
 from ._streams import ON_STREAM_END, StreamReaders, is_stream
 from ._tracking import DeliveryLog, TrackedLoader, _Pass
@@ -43,38 +42,8 @@ def _is_gar_transform(obj: Any) -> bool:
 
 __all__ = ["GARSampler", "MixtureDataset"]
 
-_STATE_VERSION = 2  # 2: the history as float64 tensors
 # Total probability mass of the default exploration floor, shared equally by the sources.
 DEFAULT_FLOOR = 0.01
-
-# Keys of GARSampler.state_dict() (constants, as torchdata does).
-_VERSION = "version"
-_NAMES = "names"
-_SIZES = "sizes"
-_BATCH_SIZE = "batch_size"
-_NUM_BATCHES = "num_batches"
-_SEED = "seed"
-_POLICY = "policy"
-_NEXT_EPOCH = "next_epoch"
-_EPOCH = "epoch"
-_POSITION = "position"
-_YIELDED = "yielded"
-_CHOICE_GEN = "choice_generator"
-_ROUNDS = "rounds"
-_CURSORS = "cursors"
-_NEXT_ID = "next_id"
-_WINDOW = "window"
-_UNREWARDED = "unrewarded"
-_SPENT = "spent"
-_HISTORY = "history"
-_REWARD_MEANS = "reward_means"
-_COUNTERS = "counters"
-_TRANSFORM = "transform"
-_RANK = "rank"
-_WORLD_SIZE = "world_size"
-_REFERENCE_EVERY = "reference_every"
-_STREAM_FIRST = "stream_first_batch"  # per source: id of the first batch that drew it, or -1
-_LAG = "lag"  # the drawing policies and the updates waiting for their fixed point
 
 
 class _GARIterator:
@@ -345,30 +314,29 @@ class GARSampler(Sampler[list[int]]):
             sizes=None if self._stream_ids else self.sizes,
         )
         self._initial_weights = self._policy.probs_list()
-        self._lagged = LaggedPolicies(
-            lag, self._policy, None if transform is None else transform.policy
+        self._drawer = Drawer(
+            ShardOrder(self.sizes, self.dataset.offsets[:-1], seed, self.rank, self.world_size),
+            LaggedPolicies(lag, self._policy, None if transform is None else transform.policy),
+            batch_size,
+            reference_every,
+            seed,
+            self.rank,
+            self.world_size,
         )
         self._reward_delay: int | None = None
-        self._choice_gen = torch.Generator()
-        self._shards = ShardOrder(
-            self.sizes, self.dataset.offsets[:-1], seed, self.rank, self.world_size
-        )
         self._next_epoch = 0
         self._epoch: int | None = None
         self._counted_epoch: int | None = None  # _next_epoch as the last new epoch set it
         self._pos = 0  # batches yielded in the current epoch
-        self._next_id = 0
         self._records = RewardWindow(reward_window)
         self._replay: deque[Record] = deque()
         self._iters: deque[_GARIterator] = deque(maxlen=8)  # started iterators, oldest first
         self._open: _Pass | None = None  # the tracked pass the next iteration belongs to
         self._deliveries = DeliveryLog(reward_window)  # ids handed to the loop
         self._active: _GARIterator | None = None
-        self._pending: list[dict[str, Any]] = []  # loaded states not yet consumed by an epoch
-        self._live: dict[str, Any] | None = None  # the one of them the sampler holds now
+        self._loaded = ckpt.LoadedStates()  # states loaded, not yet resumed from
         self._history = History(1 + len(srcs))  # one row per update: [batch id, weights...]
         self._reward_means = [math.nan] * len(srcs)
-        self._drawn = 0
         self._rewarded = 0
         self._group.check_same(self._fingerprint(), "the sources and sampler settings")
 
@@ -466,7 +434,7 @@ class GARSampler(Sampler[list[int]]):
     @property
     def lag(self) -> int:
         """Batch ``t`` is drawn from the updates of batches ``<= t - lag`` (see ``lag=``)."""
-        return self._lagged.lag
+        return self._drawer.lagged.lag
 
     @property
     def reward_delay(self) -> int | None:
@@ -509,58 +477,32 @@ class GARSampler(Sampler[list[int]]):
                 if s not in readers.started:
                     readers.started = readers.started | {s}
 
-    def _draw(self) -> Record:
-        """One batch: B source choices from the policy, then each source's next examples.
-
-        Source s's slots get its next examples in slot order. Cost: one multinomial, K list
-        slices and one pass over the batch (about 10 us for B=64, K=3).
-        """
-        lagged = self._lagged
-        lagged.catch_up(self._next_id)
-        before = self._shards.position()
-        src = lagged.policy.sample(self.batch_size, self._choice_gen).tolist()
-        take = self._shards.take
-        chunks: list[Any] = [None] * len(self.sizes)
-        for s in set(src):
-            chunks[s] = iter(take(s, src.count(s)))
-        keys = list(map(next, map(chunks.__getitem__, src)))  # slot by slot, at C speed
-        epoch = self._epoch if self._epoch is not None else self._next_epoch
-        rec = Record(self._next_id, epoch, self._pos + 1, keys, src, before=before)
-        if lagged.augment is not None:
-            n, g = self.batch_size, self._choice_gen
-            ops, bins, negate = lagged.augment.draw(n, g)
-            seeds = torch.randint(0, 1 << 62, (n,), generator=g).tolist()
-            if self.reference_every and rec.position % self.reference_every == 0:
-                rec.aug = Decisions([NO_AUGMENTATION] * n, [0] * n, [False] * n, seeds)
-            else:
-                rec.aug = Decisions(ops.tolist(), bins.tolist(), negate.tolist(), seeds)
-        return rec
-
     def _start(self, it: _GARIterator) -> None:
         """First ``next()`` of an iterator: resume a loaded state or begin a new epoch."""
         target = it.target
-        if self._pending:
-            state, replay = self._choose_restore(target)
-            if state is not self._live:  # else the sampler holds it, with any later update
+        if self._loaded:
+            state = self._loaded.choose(target)
+            replay = ckpt.undelivered(state)
+            if state is not self._loaded.live:  # else the sampler holds it, with later updates
                 self._apply(state)
-            self._pending, self._live = [], None
+            self._loaded.clear()
             if isinstance(target, tuple) and target[2] >= self.num_batches:
                 # A StatefulDataLoader restoring an iterator that had finished its epoch builds
                 # it (its workers prefetch from it) only to drop it for a new one: this
                 # iterator yields nothing, and the next one starts the next epoch.
                 it.started = it.exhausted = True
                 return
-            in_progress = state[_EPOCH] is not None and state[_POSITION] < self.num_batches
+            in_progress = state[ckpt.EPOCH] is not None and state[ckpt.POSITION] < self.num_batches
             if target == "fresh" or not in_progress:
                 if replay:  # drawn before the checkpoint, never delivered: drawn again
                     self._rewind(replay[0].id)
                 self._new_epoch()
             else:
-                start = state[_POSITION] if not isinstance(target, tuple) else target[2]
-                self._epoch = state[_EPOCH]
+                start = state[ckpt.POSITION] if not isinstance(target, tuple) else target[2]
+                self._epoch = state[ckpt.EPOCH]
                 self._pos = start
                 self._replay = deque(r for r in replay if r.position > start)
-                it.first_id = self._replay[0].id if self._replay else self._next_id
+                it.first_id = self._replay[0].id if self._replay else self._drawer.next_id
         else:
             if isinstance(target, tuple):
                 raise RuntimeError(
@@ -583,7 +525,7 @@ class GARSampler(Sampler[list[int]]):
                 self._rewind(self._replay[0].id)
             self._new_epoch()
         if not self._replay:
-            it.first_id = self._next_id
+            it.first_id = self._drawer.next_id
         it.started = True
         if self._stream_ids:  # the main process may not start afresh what was read before
             self._readers.iteration_started = self._readers.started
@@ -596,26 +538,19 @@ class GARSampler(Sampler[list[int]]):
         """Forget the batches from id ``first`` on (drawn, never delivered): the sources'
         cursors, the ids and the counters go back to just before ``first`` was drawn."""
         rec = self._records.get(first)
-        if rec is None or rec.before is None or first >= self._next_id:
+        if rec is None or not self._drawer.rewind(rec):
             return  # nothing drawn from there, or a state saved without the snapshots
-        self._shards.restore(*rec.before)
         self._records.forget_from(first)
-        self._drawn -= self._next_id - first
-        self._next_id = first
         self._replay = deque()
 
     def _new_epoch(self) -> None:
         tf = self.transform
-        self._lagged.sync(self._policy, None if tf is None else tf.policy)
         self._epoch = self._next_epoch
+        self._drawer.new_epoch(self._epoch, self._policy, None if tf is None else tf.policy)
         self._next_epoch += 1
         self._counted_epoch = self._next_epoch  # set_epoch() since changes it
         self._pos = 0
         self._replay = deque()
-        if self.world_size == 1:
-            self._choice_gen.manual_seed(mix(self.seed, 2, self._epoch))
-        else:
-            self._choice_gen.manual_seed(mix(self.seed, 2, self._epoch, self.rank))
 
     def _next_batch(self, it: _GARIterator) -> list[int]:
         if it.exhausted:
@@ -634,10 +569,12 @@ class GARSampler(Sampler[list[int]]):
             raise StopIteration
         if it.tracker is None and self._open is not None and self._open.it is None:
             it.tracker, self._open.it = self._open, it
-        rec = self._replay.popleft() if self._replay else self._draw()
-        if rec.id >= self._next_id:
-            self._next_id = rec.id + 1
-            self._drawn += 1
+        rec = (
+            self._replay.popleft()
+            if self._replay
+            else self._drawer.draw(self._epoch, self._pos + 1)
+        )
+        self._drawer.taken(rec)
         if self._stream_ids:
             self._note_streams(rec)
         self._records.add(rec)
@@ -711,9 +648,9 @@ class GARSampler(Sampler[list[int]]):
 
     def _lookup(self, batch: int) -> Record:
         _check_batch_id(batch)
-        if batch < 0 or batch >= self._next_id:
+        if batch < 0 or batch >= self._drawer.next_id:
             raise ValueError(
-                f"batch={batch} has not been drawn; ids so far are 0..{self._next_id - 1}"
+                f"batch={batch} has not been drawn; ids so far are 0..{self._drawer.next_id - 1}"
             )
         rec = self._records.get(batch)
         if rec is None:
@@ -789,7 +726,7 @@ class GARSampler(Sampler[list[int]]):
             )
         picked = None if rows is None else _check_rows(rows, len(rec.keys))
         check_rewards(rewards, len(rec.keys) if picked is None else len(picked))
-        self._lagged.check_on_time(rec.id, self._next_id)
+        self._drawer.lagged.check_on_time(rec.id, self._drawer.next_id)
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
         sources = rec.sources if picked is None else [rec.sources[i] for i in picked]
         own = self._policy.statistics_of(sources, r)  # this rank's, for metrics()
@@ -819,7 +756,7 @@ class GARSampler(Sampler[list[int]]):
         self._policy.apply(update.sources)
         if update.augment is not None:
             tf.apply(update.augment)
-        self._lagged.queue(rec.id, update)
+        self._drawer.lagged.queue(rec.id, update)
         rec.rewarded = True
         self._rewarded += 1
         self._fold_reward_means(own.sums, own.counts)
@@ -851,7 +788,7 @@ class GARSampler(Sampler[list[int]]):
     def drawing_weights(self) -> dict[str, float]:
         """``{source name: probability}`` the next batch will be drawn from: the updates of
         batches up to ``lag`` before it (:attr:`weights` holds every update received)."""
-        probs = self._lagged.peek(self._next_id)
+        probs = self._drawer.lagged.peek(self._drawer.next_id)
         return dict(zip(self.names, probs, strict=True))
 
     @property
@@ -882,7 +819,7 @@ class GARSampler(Sampler[list[int]]):
         m.update(
             {
                 "epoch": -1 if self._epoch is None else self._epoch,
-                "batches_drawn": self._drawn,
+                "batches_drawn": self._drawer.drawn,
                 "batches_rewarded": self._rewarded,
                 "batches_dropped_unrewarded": self._records.dropped_unrewarded,
             }
@@ -909,8 +846,8 @@ class GARSampler(Sampler[list[int]]):
         but not yet delivered (they are re-yielded first on resume, exactly as drawn) and the
         delivered batches still waiting for rewards. Torch tensors and Python scalars only.
         """
-        if self._live is not None:  # loaded, not yet resumed: the loaded state, with any update
-            return copy.deepcopy(self._live)
+        if self._loaded.live is not None:  # loaded, not yet resumed: it, with any update
+            return copy.deepcopy(self._loaded.live)
         return self._state()
 
     def _state(self, yielded: int | None = None) -> dict[str, Any]:
@@ -921,219 +858,93 @@ class GARSampler(Sampler[list[int]]):
             cut = it.first_id + d  # the first batch drawn but not yet delivered
         else:
             position = self._pos
-            cut = self._replay[0].id if self._replay else self._next_id
-        # Ids, not epoch numbers, tell the drawn-but-undelivered batches apart: an epoch
-        # number can repeat (set_epoch).
-        lost = self._lost_ids()
-        window, unrewarded, spent = [], [], []
-        for r in self._records:
-            if r.id >= cut:
-                window.append(r.to_state())
-            elif r.rewarded or r.lost or r.id in lost:
-                spent.append(r.spent_row(r.lost or r.id in lost))
-            else:
-                unrewarded.append(r.to_state())
+            cut = self._replay[0].id if self._replay else self._drawer.next_id
+        window, unrewarded, spent = ckpt.window_state(self._records, cut, self._lost_ids())
         return {
-            _VERSION: _STATE_VERSION,
-            _NAMES: list(self.names),
-            _SIZES: list(self.sizes),
-            _BATCH_SIZE: self.batch_size,
-            _NUM_BATCHES: self.num_batches,
-            _SEED: self.seed,
-            _POLICY: self._policy.state_dict(),
-            _NEXT_EPOCH: self._next_epoch,
-            _EPOCH: self._epoch,
-            _POSITION: position,
-            _YIELDED: self._pos if yielded is None else yielded,
-            _CHOICE_GEN: self._choice_gen.get_state(),
-            _ROUNDS: list(self._shards.rounds),
-            _CURSORS: list(self._shards.cursors),
-            _NEXT_ID: self._next_id,
-            _WINDOW: window,
-            _UNREWARDED: unrewarded,
-            _SPENT: torch.tensor(spent, dtype=torch.long).reshape(len(spent), 6),
-            _HISTORY: self._history.state(),
-            _REWARD_MEANS: list(self._reward_means),
-            _COUNTERS: [self._drawn, self._rewarded, self._records.dropped_unrewarded],
-            _REFERENCE_EVERY: self.reference_every,
-            _TRANSFORM: None if self.transform is None else self.transform.state_dict(),
-            _RANK: self.rank,
-            _WORLD_SIZE: self.world_size,
-            _STREAM_FIRST: list(self._stream_first),
-            _LAG: self._lagged.state_dict(),
+            ckpt.VERSION: ckpt.STATE_VERSION,
+            **self._settings(),
+            ckpt.POLICY: self._policy.state_dict(),
+            ckpt.NEXT_EPOCH: self._next_epoch,
+            ckpt.EPOCH: self._epoch,
+            ckpt.POSITION: position,
+            ckpt.YIELDED: self._pos if yielded is None else yielded,
+            **self._drawer.state_dict(),
+            ckpt.WINDOW: window,
+            ckpt.UNREWARDED: unrewarded,
+            ckpt.SPENT: spent,
+            ckpt.HISTORY: self._history.state(),
+            ckpt.REWARD_MEANS: list(self._reward_means),
+            ckpt.COUNTERS: [self._drawer.drawn, self._rewarded, self._records.dropped_unrewarded],
+            ckpt.TRANSFORM: None if self.transform is None else self.transform.state_dict(),
+            ckpt.RANK: self.rank,
+            ckpt.WORLD_SIZE: self.world_size,
+            ckpt.STREAM_FIRST: list(self._stream_first),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        """What a state must share with this sampler to resume it."""
+        return {
+            ckpt.NAMES: list(self.names),
+            ckpt.SIZES: list(self.sizes),
+            ckpt.BATCH_SIZE: self.batch_size,
+            ckpt.NUM_BATCHES: self.num_batches,
+            ckpt.SEED: self.seed,
+            ckpt.REFERENCE_EVERY: self.reference_every,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next epoch iteration resumes from it exactly.
 
         The weights are restored at once; the position applies to the next ``iter()``.
-        Raises if the state belongs to other sources, sizes, batch size or seed.
+        Raises if the state belongs to other sources, sizes, batch size, seed, lag, rank or
+        world size.
         """
-        if not isinstance(state, Mapping) or state.get(_VERSION) != _STATE_VERSION:
-            raise ValueError(
-                f"state should be a GARSampler.state_dict() of version {_STATE_VERSION}, but got "
-                + (
-                    f"version={state.get(_VERSION)!r}"
-                    if isinstance(state, Mapping)
-                    else type(state).__name__
-                )
-            )
-        check_keys(
+        ckpt.check_state(
             state,
-            (
-                _NAMES,
-                _SIZES,
-                _BATCH_SIZE,
-                _NUM_BATCHES,
-                _SEED,
-                _POLICY,
-                _NEXT_EPOCH,
-                _EPOCH,
-                _POSITION,
-                _YIELDED,
-                _CHOICE_GEN,
-                _ROUNDS,
-                _CURSORS,
-                _NEXT_ID,
-                _WINDOW,
-                _UNREWARDED,
-                _SPENT,
-                _HISTORY,
-                _REWARD_MEANS,
-                _COUNTERS,
-                _REFERENCE_EVERY,
-                *((_STREAM_FIRST,) if self._stream_ids else ()),
-            ),  # rank, world_size (default 0, 1), transform (None: none) and, without stream
-            # sources, stream_first_batch (states saved before streams were supported) may be absent
-            "GARSampler.state_dict()",
+            self._settings(),
+            rank=self.rank,
+            world_size=self.world_size,
+            transform=self.transform,
+            lag=self.lag,
+            streams=bool(self._stream_ids),
         )
-        mine = {
-            _NAMES: list(self.names),
-            _SIZES: list(self.sizes),
-            _BATCH_SIZE: self.batch_size,
-            _NUM_BATCHES: self.num_batches,
-            _SEED: self.seed,
-            _REFERENCE_EVERY: self.reference_every,
-        }
-        for name, mine_v in ((_RANK, self.rank), (_WORLD_SIZE, self.world_size)):
-            if state.get(name, 0 if name == _RANK else 1) != mine_v:
-                raise ValueError(
-                    f"state has {name}={state.get(name)!r}, but this sampler has "
-                    f"{name}={mine_v!r}: resume each rank from its own state, with the same "
-                    "world size"
-                )
-        if (state.get(_TRANSFORM) is None) != (self.transform is None):
-            raise ValueError(
-                "state was saved by a sampler "
-                + ("without" if state.get(_TRANSFORM) is None else "with")
-                + " a transform, but this sampler has "
-                + ("one" if self.transform is not None else "none")
-            )
-        if self.transform is not None:
-            self.transform.check_state(state[_TRANSFORM])
-        for key, value in mine.items():
-            theirs = list(state[key]) if isinstance(value, list) else state.get(key)
-            if theirs != value:
-                raise ValueError(
-                    f"state has {key}={state[key]!r}, but this sampler has {key}={value!r}"
-                )
-        lagged = state.get(_LAG)
-        if lagged is not None and int(lagged["lag"]) != self.lag:
-            raise ValueError(
-                f"state has lag={int(lagged['lag'])}, but this sampler has lag={self.lag}: the "
-                "batches drawn after the checkpoint depend on it"
-            )
         loaded = copy.deepcopy(dict(state))
         self._apply(loaded)
-        self._pending.append(loaded)
-        self._live = loaded
+        self._loaded.add(loaded)
         self._active = None
 
     def _refresh_pending(self) -> None:
         """Between ``load_state_dict()`` and the first batch, a change to the sampler (a
         delayed ``update()`` of a batch from before the checkpoint, ``set_epoch()``) replaces
-        the loaded state it holds, so that resuming keeps the change (and ``state_dict()``
-        returns it)."""
-        if self._live is None:
-            return
-        fresh = self._state(yielded=int(self._live[_YIELDED]))
-        self._pending = [fresh if s is self._live else s for s in self._pending]
-        self._live = fresh
+        the loaded state it holds (:class:`LoadedStates`)."""
+        live = self._loaded.live
+        if live is not None:
+            self._loaded.replace_live(self._state(yielded=int(live[ckpt.YIELDED])))
 
     def _apply(self, state: Mapping[str, Any]) -> None:
-        self._policy.load_state_dict(state[_POLICY])
-        self._next_epoch = int(state[_NEXT_EPOCH])
-        self._epoch = state[_EPOCH]
-        self._pos = int(state[_POSITION])
-        self._choice_gen.set_state(state[_CHOICE_GEN].clone())
-        self._shards.restore(state[_CURSORS], state[_ROUNDS])
-        self._next_id = int(state[_NEXT_ID])
+        self._policy.load_state_dict(state[ckpt.POLICY])
+        self._next_epoch = int(state[ckpt.NEXT_EPOCH])
+        self._epoch = state[ckpt.EPOCH]
+        self._pos = int(state[ckpt.POSITION])
         # The reward window as it was, oldest first: the batches that can still be rewarded
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
-        records = [Record.from_state(r) for r in (*state[_UNREWARDED], *state[_WINDOW])]
-        records += [Record.from_spent_row(row) for row in state[_SPENT].tolist()]
-        self._replay = deque(Record.from_state(r) for r in state[_WINDOW])
-        self._history.load(state[_HISTORY])
-        self._reward_means = [float(v) for v in state[_REWARD_MEANS]]
-        self._drawn, self._rewarded, dropped = (int(v) for v in state[_COUNTERS])
-        self._records.restore(records, dropped)
-        if self.transform is not None:
-            self.transform.load_state_dict(state[_TRANSFORM])
-        lagged = state.get(_LAG)
-        if lagged is None:  # saved before the lag: the policies drawn from were the live ones
-            self._lagged.sync(
-                self._policy, None if self.transform is None else self.transform.policy
-            )
-        else:
-            self._lagged.load_state_dict(lagged)
+        self._replay = deque(ckpt.undelivered(state))
+        self._history.load(state[ckpt.HISTORY])
+        self._reward_means = [float(v) for v in state[ckpt.REWARD_MEANS]]
+        drawn, self._rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
+        self._records.restore(ckpt.window_records(state), dropped)
+        tf = self.transform
+        if tf is not None:
+            tf.load_state_dict(state[ckpt.TRANSFORM])
+        self._drawer.load_state_dict(state, drawn, self._policy, None if tf is None else tf.policy)
         self._iters.clear()
-        first = state.get(_STREAM_FIRST)
+        first = state.get(ckpt.STREAM_FIRST)
         self._stream_first = [-1] * len(self.names) if first is None else [int(v) for v in first]
         if self._stream_ids:
             # The streams read by batches the loop received before the checkpoint: no process
             # may start them afresh unless a loader restores its place in them.
-            window = state[_WINDOW]
-            cut = int(window[0]["id"]) if window else int(state[_NEXT_ID])
+            window = state[ckpt.WINDOW]
+            cut = int(window[0]["id"]) if window else int(state[ckpt.NEXT_ID])
             self._readers.resumed(
                 frozenset(s for s in self._stream_ids if 0 <= self._stream_first[s] < cut)
             )
-
-    def _choose_restore(self, target: Any) -> tuple[dict[str, Any], list[Record]]:
-        """Pick the loaded state to resume from.
-
-        A StatefulDataLoader with workers snapshots the sampler when it *draws* a batch, not
-        when the loop receives it, so its copy misses later policy updates. If the user also
-        loaded ``sampler.state_dict()`` from the same moment, that newer state covers the
-        loader's position too and wins.
-        """
-        if not isinstance(target, tuple):
-            state = self._pending[-1]
-            return state, [Record.from_state(r) for r in state[_WINDOW]]
-        _, epoch, pos = target
-        fits = [
-            s for s in self._pending if s[_EPOCH] == epoch and s[_POSITION] <= pos <= s[_YIELDED]
-        ]
-        if not fits:
-            raise RuntimeError(
-                f"no loaded GARSampler state covers the loader's position (epoch {epoch}, batch "
-                f"{pos}); load the sampler state saved with the loader's"
-            )
-        state = max(fits, key=lambda s: (s[_POLICY]["counters"][0], s[_POSITION]))
-        ahead = [s for s in self._pending if s[_EPOCH] == epoch and s[_POSITION] > pos]
-        if state[_POSITION] < pos and ahead:
-            warnings.warn(
-                f"the StatefulDataLoader's state is at batch {pos} of epoch {epoch}, behind the "
-                f"GARSampler state loaded beside it (batch {ahead[0][_POSITION]}): a loader with "
-                "snapshot_every_n_steps > 1 stores its position only every n batches, so the "
-                "resume is not exact (it continues from the loader's older copy of the sampler). "
-                "Use snapshot_every_n_steps=1 to resume exactly",
-                stacklevel=4,
-            )
-        elif state[_POSITION] < pos:
-            warnings.warn(
-                f"resuming from the sampler state the StatefulDataLoader stored when it drew batch "
-                f"{pos}; policy updates made after that are not in it. Save sampler.state_dict() "
-                "beside loader.state_dict() and load both for an exact resume",
-                stacklevel=4,
-            )
-        return state, [Record.from_state(r) for r in state[_WINDOW]]
