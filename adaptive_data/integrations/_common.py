@@ -45,6 +45,7 @@ class Wiring:
         prefix: str,
         reference_refresh: int = 1,
         rows: int | None = None,
+        estimator: str = "ghost",
     ) -> None:
         p = prefix
         if not isinstance(sampler, GARSampler):
@@ -64,6 +65,7 @@ class Wiring:
                 "reward": reward,
                 "reference_refresh": reference_refresh,
                 "rows": rows,
+                "estimator": estimator,
             }
             given = [n for n, v in options.items() if v != _GAR_DEFAULTS[n]]
             if given:
@@ -73,7 +75,15 @@ class Wiring:
                 )
         else:
             check_arguments(
-                sampler, every, reward, reference, loss_fn, reference_refresh, rows, prefix=p
+                sampler,
+                every,
+                reward,
+                reference,
+                loss_fn,
+                reference_refresh,
+                rows,
+                prefix=p,
+                estimator=estimator,
             )
         self.sampler = sampler
         self.gar = gar
@@ -85,6 +95,7 @@ class Wiring:
             "reward": reward,
             "reference_refresh": reference_refresh,
             "rows": rows,
+            "estimator": estimator,
         }
         self._built = False  # whether self.gar is ours (built by build())
         self._accumulation_noted = False  # expect_accumulation() told the sampler

@@ -65,6 +65,8 @@ class GARCallback(Callback):
         reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
             that many steps (with ``reference``).
         rows: GAR's ``rows``: reward at most that many rows of each batch.
+        estimator: GAR's ``estimator``, ``"ghost"`` or ``"fd"`` (forward-only, with
+            ``reward="dot"``).
         module: the module GAR watches (default: the LightningModule).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
         log_metrics: whether to log the metrics.
@@ -80,6 +82,7 @@ class GARCallback(Callback):
         reward: str = "cosine",
         reference_refresh: int = 1,
         rows: int | None = None,
+        estimator: str = "ghost",
         module: nn.Module | None = None,
         gar: GAR | None = None,
         log_metrics: bool = True,
@@ -89,7 +92,16 @@ class GARCallback(Callback):
         if module is not None and gar is not None:
             raise ValueError("gar is already built over its model; leave module out")
         self.wiring = Wiring(
-            sampler, gar, reference, loss_fn, every, reward, "", reference_refresh, rows
+            sampler,
+            gar,
+            reference,
+            loss_fn,
+            every,
+            reward,
+            "",
+            reference_refresh,
+            rows,
+            estimator,
         )
         self.module = module
         self.log_metrics = log_metrics

@@ -118,6 +118,8 @@ class GARTrainerMixin:
         gar_reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
             that many steps (with ``gar_reference``).
         gar_rows: GAR's ``rows``: reward at most that many rows of each batch.
+        gar_estimator: GAR's ``estimator``, ``"ghost"`` or ``"fd"`` (forward-only, with
+            ``gar_reward="dot"``).
         gar: a :class:`GAR` built by the user instead (over ``gar_sampler``, with the
             optimizer the Trainer gets through ``optimizers=``).
     """
@@ -132,6 +134,7 @@ class GARTrainerMixin:
         gar_reward: str = "cosine",
         gar_reference_refresh: int = 1,
         gar_rows: int | None = None,
+        gar_estimator: str = "ghost",
         gar: GAR | None = None,
         **kwargs: Any,
     ) -> None:
@@ -164,6 +167,7 @@ class GARTrainerMixin:
             "gar_",
             gar_reference_refresh,
             gar_rows,
+            gar_estimator,
         )
         super().__init__(*args, **kwargs)
         self.args.ignore_data_skip = True
