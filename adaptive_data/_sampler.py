@@ -17,17 +17,18 @@ from ._check import check_int, check_number, int_list, is_int
 from ._distributed import current_group
 from ._drawing import Drawer
 from ._history import History
-from ._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
+from ._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics
 from ._mixture_dataset import (
     MixtureDataset,
     StreamingMixtureDataset,
     resolve_sources,
 )
+from ._passes import Passes, SamplerIterator
 from ._policy import CategoricalPolicy, check_rewards
 from ._records import Record, RewardWindow
 from ._shards import ShardOrder
 from ._streams import ON_STREAM_END, StreamReaders, is_stream
-from ._tracking import DeliveryLog, TrackedLoader, _Pass
+from ._tracking import TrackedLoader
 
 if TYPE_CHECKING:
     from ._augment import GARTransform
@@ -44,46 +45,6 @@ __all__ = ["GARSampler", "MixtureDataset"]
 
 # Total probability mass of the default exploration floor, shared equally by the sources.
 DEFAULT_FLOOR = 0.01
-
-
-class _GARIterator:
-    """What ``iter(sampler)`` returns: yields lists of keys, one batch per ``next()``.
-
-    Stateful (torchdata): its state is its position in the epoch, which StatefulDataLoader
-    stores beside the sampler's own state. When a :class:`TrackedLoader` pass is open as it
-    yields its first batch, it is bound to that pass, whose count says how many of its
-    batches reached the loop.
-    """
-
-    def __init__(self, sampler: GARSampler) -> None:
-        self._sampler = sampler
-        self.started = False
-        self.exhausted = False
-        self.first_id = 0
-        self.returned = 0  # batches handed out by __next__
-        self.tracker: _Pass | None = None
-        self.target: Any = None  # from load_state_dict: None, "fresh" or an epoch position
-
-    def __iter__(self) -> _GARIterator:
-        return self
-
-    def __next__(self) -> list[Any]:
-        return self._sampler._next_batch(self)
-
-    def state_dict(self) -> dict[str, Any]:
-        s = self._sampler
-        if self.started and s._active is self:
-            return {"started": True, "epoch": s._epoch, "position": s._pos}
-        return {"started": False}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping) or "started" not in state:
-            raise ValueError(f"not a GARSampler iterator state: {state!r}")
-        if self.started:
-            raise RuntimeError("load_state_dict on an iterator that has already yielded batches")
-        self.target = (
-            ("at", int(state["epoch"]), int(state["position"])) if state["started"] else "fresh"
-        )
 
 
 # ---------------------------------------------------------------------- the sampler
@@ -323,17 +284,8 @@ class GARSampler(Sampler[list[int]]):
             self.rank,
             self.world_size,
         )
-        self._reward_delay: int | None = None
-        self._next_epoch = 0
-        self._epoch: int | None = None
-        self._counted_epoch: int | None = None  # _next_epoch as the last new epoch set it
-        self._pos = 0  # batches yielded in the current epoch
+        self._passes = Passes(lag, reward_window)  # iterations, epochs, deliveries
         self._records = RewardWindow(reward_window)
-        self._replay: deque[Record] = deque()
-        self._iters: deque[_GARIterator] = deque(maxlen=8)  # started iterators, oldest first
-        self._open: _Pass | None = None  # the tracked pass the next iteration belongs to
-        self._deliveries = DeliveryLog(reward_window)  # ids handed to the loop
-        self._active: _GARIterator | None = None
         self._loaded = ckpt.LoadedStates()  # states loaded, not yet resumed from
         self._history = History(1 + len(srcs))  # one row per update: [batch id, weights...]
         self._reward_means = [math.nan] * len(srcs)
@@ -359,8 +311,8 @@ class GARSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> _GARIterator:
-        return _GARIterator(self)
+    def __iter__(self) -> SamplerIterator:
+        return SamplerIterator(self._passes, self._next_batch)
 
     def track(self, loader: Any) -> TrackedLoader:
         """Wrap the iterable the training loop consumes, so rewards find their batch.
@@ -388,48 +340,13 @@ class GARSampler(Sampler[list[int]]):
                     "stream, and the new workers of every epoch would read the streams from "
                     "their start again. Pass persistent_workers=True"
                 )
-        return TrackedLoader(self, loader)
-
-    def _open_pass(self, skip: int, workers: int) -> _Pass:
-        """A tracked iterable starts a pass: the next sampler iteration to yield is its own."""
-        p = _Pass(skip, workers)
-        self._open = p
-        return p
-
-    def _deliver(self, p: _Pass) -> None:
-        """A tracked iterable handed one more batch to the loop."""
-        it = p.it
-        if it is None:
-            raise RuntimeError(
-                "the tracked iterable delivered a batch, but this GARSampler drew none in this "
-                "pass: track the loader whose batch_sampler is this sampler"
-            )
-        n = p.skip + p.delivered + 1
-        if n > it.returned:
-            raise RuntimeError(
-                f"the tracked iterable delivered its batch {n} of this pass, but the sampler has "
-                f"yielded only {it.returned}: its batches are not this sampler's, in order"
-            )
-        p.delivered += 1
-        delay = self._reward_delay
-        if delay is not None and lag_needed(it.returned - n, delay) > self.lag:
-            ahead = it.returned - n
-            raise ValueError(
-                f"lag={self.lag} is too small for this loader: it had drawn {ahead} batch(es) "
-                f"beyond the one it delivered (num_workers * prefetch_factor, plus any wrapper "
-                f"that reads ahead), and rewards arrive {delay} batch(es) after their own, so "
-                f"batches would be drawn before the rewards they depend on. Pass "
-                f"GARSampler(lag={lag_needed(ahead, delay)}) or more, or a loader with fewer "
-                "workers or a smaller prefetch_factor (docs/howto-mixture.md, 'The policy lag')"
-            )
-        bid = it.first_id + n - 1
-        self._deliveries.add(bid)
+        return TrackedLoader(self, loader, self._passes)
 
     @property
     def deliveries(self) -> int:
         """How many batches tracked loaders have handed to the training loop, in total (this
         process, since construction)."""
-        return self._deliveries.count
+        return self._passes.deliveries.count
 
     @property
     def lag(self) -> int:
@@ -442,18 +359,18 @@ class GARSampler(Sampler[list[int]]):
         :meth:`update` (0: while the loop holds it), if known: :class:`GAR` sets it. With it,
         a loader that reads too far ahead for :attr:`lag` is refused at its first batch;
         without it (``None``), at the first late :meth:`update`."""
-        return self._reward_delay
+        return self._passes.reward_delay
 
     @reward_delay.setter
     def reward_delay(self, value: int | None) -> None:
         if value is not None:
             check_int("reward_delay", value, minimum=0, what="None or an int >= 0")
-        self._reward_delay = value
+        self._passes.reward_delay = value
 
     def delivery(self, i: int) -> int:
         """Id of the ``i``-th batch (0-based, in :attr:`deliveries`' count) handed to the loop;
         the last ``reward_window`` deliveries are kept."""
-        return self._deliveries[i]
+        return self._passes.deliveries[i]
 
     def set_epoch(self, epoch: int) -> None:
         """Number the next epoch ``epoch`` (its generator is seeded from ``(seed, epoch)``).
@@ -461,7 +378,7 @@ class GARSampler(Sampler[list[int]]):
         Without calls, epochs count 0, 1, 2, ... by themselves.
         """
         check_int("epoch", epoch, minimum=0)
-        self._next_epoch = epoch
+        self._passes.next_epoch = epoch
         self._refresh_pending()
 
     # ------------------------------------------------------------------ drawing
@@ -477,7 +394,7 @@ class GARSampler(Sampler[list[int]]):
                 if s not in readers.started:
                     readers.started = readers.started | {s}
 
-    def _start(self, it: _GARIterator) -> None:
+    def _start(self, it: SamplerIterator) -> None:
         """First ``next()`` of an iterator: resume a loaded state or begin a new epoch."""
         target = it.target
         if self._loaded:
@@ -499,40 +416,37 @@ class GARSampler(Sampler[list[int]]):
                 self._new_epoch()
             else:
                 start = state[ckpt.POSITION] if not isinstance(target, tuple) else target[2]
-                self._epoch = state[ckpt.EPOCH]
-                self._pos = start
-                self._replay = deque(r for r in replay if r.position > start)
-                it.first_id = self._replay[0].id if self._replay else self._drawer.next_id
+                self._passes.epoch = state[ckpt.EPOCH]
+                self._passes.pos = start
+                self._passes.replay = deque(r for r in replay if r.position > start)
         else:
             if isinstance(target, tuple):
                 raise RuntimeError(
                     "a StatefulDataLoader restored its position, but the GARSampler's state "
                     "was not loaded with it"
                 )
-            old = self._active
+            old = self._passes.active
             if old is not None and old.tracker is not None and old.returned:
                 # A pass left early: the batches its loader read ahead never reached the
                 # loop. Draw them again, so that what follows is the same with any loader.
-                kept = self._delivered(old)
+                kept = self._passes.delivered(old)
                 if kept < old.returned:
                     self._rewind(old.first_id + kept)
                     old.returned = kept
-                if kept == 0 and self._next_epoch == self._counted_epoch:
+                if kept == 0 and self._passes.next_epoch == self._passes.counted_epoch:
                     # Nothing reached the loop: the pass never happened for it (a loader
                     # without workers would not even have started it). Reuse its epoch.
-                    self._next_epoch = self._epoch
-            elif self._replay:
-                self._rewind(self._replay[0].id)
+                    self._passes.next_epoch = self._passes.epoch
+            elif self._passes.replay:
+                self._rewind(self._passes.replay[0].id)
             self._new_epoch()
-        if not self._replay:
+        if not self._passes.replay:
             it.first_id = self._drawer.next_id
-        it.started = True
+        else:
+            it.first_id = self._passes.replay[0].id
         if self._stream_ids:  # the main process may not start afresh what was read before
             self._readers.iteration_started = self._readers.started
-        if self._active is not None and self._active is not it:
-            self._active.exhausted = True  # the old iteration is over; it draws no more
-        self._active = it
-        self._iters.append(it)
+        self._passes.activate(it)
 
     def _rewind(self, first: int) -> None:
         """Forget the batches from id ``first`` on (drawn, never delivered): the sources'
@@ -541,44 +455,39 @@ class GARSampler(Sampler[list[int]]):
         if rec is None or not self._drawer.rewind(rec):
             return  # nothing drawn from there, or a state saved without the snapshots
         self._records.forget_from(first)
-        self._replay = deque()
+        self._passes.replay = deque()
 
     def _new_epoch(self) -> None:
         tf = self.transform
-        self._epoch = self._next_epoch
-        self._drawer.new_epoch(self._epoch, self._policy, None if tf is None else tf.policy)
-        self._next_epoch += 1
-        self._counted_epoch = self._next_epoch  # set_epoch() since changes it
-        self._pos = 0
-        self._replay = deque()
+        epoch = self._passes.new_epoch()
+        self._drawer.new_epoch(epoch, self._policy, None if tf is None else tf.policy)
 
-    def _next_batch(self, it: _GARIterator) -> list[int]:
+    def _next_batch(self, it: SamplerIterator) -> list[int]:
         if it.exhausted:
             raise StopIteration
         if not it.started:
             self._start(it)
             if it.exhausted:
                 raise StopIteration
-        elif self._active is not it:
+        elif self._passes.active is not it:
             raise RuntimeError(
                 "this iteration over the GARSampler was superseded by a newer one (another "
                 "iter(loader)); only the newest iteration may draw batches"
             )
-        if self._pos >= self.num_batches:
+        if self._passes.pos >= self.num_batches:
             it.exhausted = True
             raise StopIteration
-        if it.tracker is None and self._open is not None and self._open.it is None:
-            it.tracker, self._open.it = self._open, it
+        self._passes.bind(it)
         rec = (
-            self._replay.popleft()
-            if self._replay
-            else self._drawer.draw(self._epoch, self._pos + 1)
+            self._passes.replay.popleft()
+            if self._passes.replay
+            else self._drawer.draw(self._passes.epoch, self._passes.pos + 1)
         )
         self._drawer.taken(rec)
         if self._stream_ids:
             self._note_streams(rec)
         self._records.add(rec)
-        self._pos = rec.position
+        self._passes.pos = rec.position
         it.returned += 1
         # In-process loaders get the source ids along (no search in the dataset); for worker
         # processes (or a loader not tracked) a plain list pickles faster.
@@ -586,41 +495,8 @@ class GARSampler(Sampler[list[int]]):
 
     # ------------------------------------------------------------------ attribution
 
-    def _delivered(self, it: _GARIterator) -> int:
-        """How many of ``it``'s batches went past the loop: delivered to it, or dropped by a
-        skipping wrapper on the way. Without tracking, every batch yielded counts (the state
-        a StatefulDataLoader snapshots when it draws a batch is then exact)."""
-        p = it.tracker
-        if p is None:
-            return it.returned
-        return min(p.skip + p.delivered, it.returned)
-
-    def _lost_ids(self) -> set[int]:
-        """Ids of batches that were drawn but never delivered: skipped by a wrapper, or left
-        behind by an iteration that ended early."""
-        lost: set[int] = set()
-        for it in self._iters:
-            p = it.tracker
-            if p is not None and p.skip:
-                lost.update(range(it.first_id, it.first_id + min(p.skip, it.returned)))
-            if it is self._active:
-                continue
-            lost.update(range(it.first_id + self._delivered(it), it.first_id + it.returned))
-        return lost
-
     def _received(self) -> Record:
-        it = self._active
-        if it is not None and it.tracker is None and it.returned:
-            raise RuntimeError(
-                "GARSampler cannot tell which batch the training loop holds: its batches are "
-                "not iterated through sampler.track(). Wrap the iterable the loop consumes, "
-                "loader = sampler.track(loader), or pass update(r, batch=id)"
-            )
-        bid = self._deliveries.last
-        if bid is None:
-            raise RuntimeError(
-                "update() was called before any batch was received through sampler.track(loader)"
-            )
+        bid = self._passes.last_delivered()
         rec = self._records.get(bid)
         if rec is None:
             raise RuntimeError(
@@ -658,35 +534,7 @@ class GARSampler(Sampler[list[int]]):
                 f"batch={batch} is older than the last reward_window={self.reward_window} batches "
                 "(or was drawn before the checkpoint and already rewarded); its keys are gone"
             )
-        if any(r.id == batch for r in self._replay):
-            raise ValueError(
-                f"batch={batch} was drawn before the checkpoint but not yet delivered: the "
-                "resumed loop hands it out again first"
-            )
-        if rec.lost:
-            raise ValueError(
-                f"batch={batch} was prefetched but never delivered: the training loop left its "
-                "epoch before it arrived"
-            )
-        for it in self._iters:
-            if it.first_id <= batch < it.first_id + it.returned:
-                p = it.tracker
-                if p is not None and batch < it.first_id + p.skip:
-                    raise ValueError(
-                        f"batch={batch} was skipped by a wrapper of the loader (skip_batches="
-                        f"{p.skip}) and never delivered"
-                    )
-                d = self._delivered(it)
-                if batch >= it.first_id + d:
-                    state = (
-                        "is still prefetched"
-                        if it is self._active and not it.exhausted
-                        else "was prefetched but never delivered"
-                    )
-                    raise ValueError(
-                        f"batch={batch} {state}: the training loop has received batches up to "
-                        f"{it.first_id + d - 1} of this epoch"
-                    )
+        self._passes.check_delivered(batch, rec.lost)
         return rec
 
     def update(
@@ -818,7 +666,7 @@ class GARSampler(Sampler[list[int]]):
         m: dict[str, float] = {k: v for k, v in policy.items() if k != "weights"}
         m.update(
             {
-                "epoch": -1 if self._epoch is None else self._epoch,
+                "epoch": -1 if self._passes.epoch is None else self._passes.epoch,
                 "batches_drawn": self._drawer.drawn,
                 "batches_rewarded": self._rewarded,
                 "batches_dropped_unrewarded": self._records.dropped_unrewarded,
@@ -851,23 +699,16 @@ class GARSampler(Sampler[list[int]]):
         return self._state()
 
     def _state(self, yielded: int | None = None) -> dict[str, Any]:
-        it = self._active
-        if it is not None and self._epoch is not None:
-            d = self._delivered(it)
-            position = self._pos - it.returned + d
-            cut = it.first_id + d  # the first batch drawn but not yet delivered
-        else:
-            position = self._pos
-            cut = self._replay[0].id if self._replay else self._drawer.next_id
-        window, unrewarded, spent = ckpt.window_state(self._records, cut, self._lost_ids())
+        position, cut = self._passes.checkpoint_position(self._drawer.next_id)
+        window, unrewarded, spent = ckpt.window_state(self._records, cut, self._passes.lost_ids())
         return {
             ckpt.VERSION: ckpt.STATE_VERSION,
             **self._settings(),
             ckpt.POLICY: self._policy.state_dict(),
-            ckpt.NEXT_EPOCH: self._next_epoch,
-            ckpt.EPOCH: self._epoch,
+            ckpt.NEXT_EPOCH: self._passes.next_epoch,
+            ckpt.EPOCH: self._passes.epoch,
             ckpt.POSITION: position,
-            ckpt.YIELDED: self._pos if yielded is None else yielded,
+            ckpt.YIELDED: self._passes.pos if yielded is None else yielded,
             **self._drawer.state_dict(),
             ckpt.WINDOW: window,
             ckpt.UNREWARDED: unrewarded,
@@ -911,7 +752,7 @@ class GARSampler(Sampler[list[int]]):
         loaded = copy.deepcopy(dict(state))
         self._apply(loaded)
         self._loaded.add(loaded)
-        self._active = None
+        self._passes.active = None
 
     def _refresh_pending(self) -> None:
         """Between ``load_state_dict()`` and the first batch, a change to the sampler (a
@@ -923,12 +764,12 @@ class GARSampler(Sampler[list[int]]):
 
     def _apply(self, state: Mapping[str, Any]) -> None:
         self._policy.load_state_dict(state[ckpt.POLICY])
-        self._next_epoch = int(state[ckpt.NEXT_EPOCH])
-        self._epoch = state[ckpt.EPOCH]
-        self._pos = int(state[ckpt.POSITION])
+        self._passes.next_epoch = int(state[ckpt.NEXT_EPOCH])
+        self._passes.epoch = state[ckpt.EPOCH]
+        self._passes.pos = int(state[ckpt.POSITION])
         # The reward window as it was, oldest first: the batches that can still be rewarded
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
-        self._replay = deque(ckpt.undelivered(state))
+        self._passes.replay = deque(ckpt.undelivered(state))
         self._history.load(state[ckpt.HISTORY])
         self._reward_means = [float(v) for v in state[ckpt.REWARD_MEANS]]
         drawn, self._rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
@@ -937,7 +778,7 @@ class GARSampler(Sampler[list[int]]):
         if tf is not None:
             tf.load_state_dict(state[ckpt.TRANSFORM])
         self._drawer.load_state_dict(state, drawn, self._policy, None if tf is None else tf.policy)
-        self._iters.clear()
+        self._passes.iters.clear()
         first = state.get(ckpt.STREAM_FIRST)
         self._stream_first = [-1] * len(self.names) if first is None else [int(v) for v in first]
         if self._stream_ids:

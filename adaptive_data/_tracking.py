@@ -18,7 +18,8 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._sampler import GARSampler, _GARIterator
+    from ._passes import Pass, Passes
+    from ._sampler import GARSampler
 
 __all__ = ["DeliveryLog", "TrackedLoader"]
 
@@ -45,19 +46,6 @@ class DeliveryLog:
                 f"delivery should be an int in [{first}, {self.count}), but got i={i!r}"
             )
         return self._ids[i - first]
-
-
-class _Pass:
-    """One ``iter()`` of a tracked iterable: the sampler iteration it reads, and its count."""
-
-    __slots__ = ("delivered", "ended", "it", "skip", "workers")
-
-    def __init__(self, skip: int, workers: int) -> None:
-        self.it: _GARIterator | None = None  # bound when the sampler yields its first batch
-        self.skip = skip  # batches a wrapper drops before the first delivery
-        self.workers = workers  # the loader's num_workers (0: batches stay in this process)
-        self.delivered = 0  # batches handed to the loop
-        self.ended = False
 
 
 def _inspect(sampler: GARSampler, loader: Any) -> tuple[int, int]:
@@ -125,7 +113,7 @@ class TrackedLoader:
     docs/howto-mixture.md, "Which batch the loop holds".
     """
 
-    def __init__(self, sampler: GARSampler, iterable: Iterable[Any]) -> None:
+    def __init__(self, sampler: GARSampler, iterable: Iterable[Any], passes: Passes) -> None:
         if not hasattr(iterable, "__iter__"):
             raise TypeError(
                 f"track() needs the iterable the training loop consumes (a DataLoader or what "
@@ -135,11 +123,12 @@ class TrackedLoader:
             raise TypeError("this iterable is already tracked; track the loader once")
         self.sampler = sampler
         self.iterable = iterable
+        self._passes = passes
 
     def __iter__(self) -> Iterator[Any]:
         skip, workers = _inspect(self.sampler, self.iterable)
-        p = self.sampler._open_pass(skip, workers)
-        return _TrackedIterator(self.sampler, p, iter(self.iterable))
+        p = self._passes.open_pass(skip, workers)
+        return _TrackedIterator(self._passes, p, iter(self.iterable))
 
     def __len__(self) -> int:
         # A Trainer sizes its epochs from len() before it iterates: accelerate's second
@@ -148,7 +137,7 @@ class TrackedLoader:
         return len(self.iterable)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("sampler", "iterable"):  # not set yet (unpickling): no recursion
+        if name in ("sampler", "iterable", "_passes"):  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.iterable, name)
 
@@ -157,10 +146,10 @@ class TrackedLoader:
 
 
 class _TrackedIterator:
-    __slots__ = ("_inner", "_pass", "_sampler")
+    __slots__ = ("_inner", "_pass", "_passes")
 
-    def __init__(self, sampler: GARSampler, p: _Pass, inner: Iterator[Any]) -> None:
-        self._sampler, self._pass, self._inner = sampler, p, inner
+    def __init__(self, passes: Passes, p: Pass, inner: Iterator[Any]) -> None:
+        self._passes, self._pass, self._inner = passes, p, inner
 
     def __iter__(self) -> _TrackedIterator:
         return self
@@ -171,5 +160,5 @@ class _TrackedIterator:
         except StopIteration:
             self._pass.ended = True
             raise
-        self._sampler._deliver(self._pass)
+        self._passes.deliver(self._pass)
         return batch

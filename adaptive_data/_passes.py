@@ -1,0 +1,236 @@
+"""A GARSampler's passes: its iterators, the epoch they draw, and what reached the loop.
+
+Each ``iter(sampler)`` is a :class:`SamplerIterator`; only the newest one that started may
+draw. A tracked loader (``sampler.track``) opens a :class:`Pass` at its own ``iter()``; the
+sampler iterator that yields first afterwards is bound to it, and each batch the loader hands
+to the loop is counted there (:meth:`Passes.deliver`). From the two counts :class:`Passes`
+tells which batch the loop holds, which batches were prefetched but never delivered, and where
+an epoch stands for a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._lag import lag_needed
+from ._records import Record
+from ._tracking import DeliveryLog
+
+__all__ = ["Pass", "Passes", "SamplerIterator"]
+
+
+class SamplerIterator:
+    """What ``iter(sampler)`` returns: yields lists of keys, one batch per ``next()``.
+
+    Stateful (torchdata): its state is its position in the epoch, which StatefulDataLoader
+    stores beside the sampler's own state. When a tracked pass is open as it yields its first
+    batch, it is bound to that pass, whose count says how many of its batches reached the loop.
+    """
+
+    def __init__(self, passes: Passes, next_batch: Callable[[SamplerIterator], list[Any]]) -> None:
+        self._passes = passes
+        self._next_batch = next_batch
+        self.started = False
+        self.exhausted = False
+        self.first_id = 0
+        self.returned = 0  # batches handed out by __next__
+        self.tracker: Pass | None = None
+        self.target: Any = None  # from load_state_dict: None, "fresh" or an epoch position
+
+    def __iter__(self) -> SamplerIterator:
+        return self
+
+    def __next__(self) -> list[Any]:
+        return self._next_batch(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._passes.iterator_state(self)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or "started" not in state:
+            raise ValueError(f"not a GARSampler iterator state: {state!r}")
+        if self.started:
+            raise RuntimeError("load_state_dict on an iterator that has already yielded batches")
+        self.target = (
+            ("at", int(state["epoch"]), int(state["position"])) if state["started"] else "fresh"
+        )
+
+
+class Pass:
+    """One ``iter()`` of a tracked iterable: the sampler iteration it reads, and its count."""
+
+    __slots__ = ("delivered", "ended", "it", "skip", "workers")
+
+    def __init__(self, skip: int, workers: int) -> None:
+        self.it: SamplerIterator | None = None  # bound when the sampler yields its first batch
+        self.skip = skip  # batches a wrapper drops before the first delivery
+        self.workers = workers  # the loader's num_workers (0: batches stay in this process)
+        self.delivered = 0  # batches handed to the loop
+        self.ended = False
+
+
+class Passes:
+    """The sampler's iterations and where its epochs stand.
+
+    ``epoch`` is the one being drawn (``None`` before the first), ``pos`` the batches of it
+    yielded so far, ``next_epoch`` the number the next one gets; ``replay`` holds batches
+    drawn before a checkpoint or a rewind, yielded again before new ones are drawn.
+    """
+
+    def __init__(self, lag: int, reward_window: int) -> None:
+        self.lag = lag
+        self.reward_delay: int | None = None
+        self.next_epoch = 0
+        self.epoch: int | None = None
+        self.counted_epoch: int | None = None  # next_epoch as the last new epoch set it
+        self.pos = 0
+        self.replay: deque[Record] = deque()
+        self.iters: deque[SamplerIterator] = deque(maxlen=8)  # started ones, oldest first
+        self.active: SamplerIterator | None = None
+        self.open: Pass | None = None  # the tracked pass the next iteration belongs to
+        self.deliveries = DeliveryLog(reward_window)  # ids handed to the loop
+
+    def iterator_state(self, it: SamplerIterator) -> dict[str, Any]:
+        if it.started and self.active is it:
+            return {"started": True, "epoch": self.epoch, "position": self.pos}
+        return {"started": False}
+
+    def new_epoch(self) -> int:
+        """Begin the next epoch; returns its number."""
+        self.epoch = self.next_epoch
+        self.next_epoch += 1
+        self.counted_epoch = self.next_epoch  # set_epoch() since changes it
+        self.pos = 0
+        self.replay = deque()
+        return self.epoch
+
+    def activate(self, it: SamplerIterator) -> None:
+        """``it`` yields its first batch: the iterations before it draw no more."""
+        it.started = True
+        if self.active is not None and self.active is not it:
+            self.active.exhausted = True
+        self.active = it
+        self.iters.append(it)
+
+    def bind(self, it: SamplerIterator) -> None:
+        """Bind ``it`` to the tracked pass opened before it yielded, if any."""
+        if it.tracker is None and self.open is not None and self.open.it is None:
+            it.tracker, self.open.it = self.open, it
+
+    # ------------------------------------------------------------------ deliveries
+
+    def open_pass(self, skip: int, workers: int) -> Pass:
+        """A tracked iterable starts a pass: the next sampler iteration to yield is its own."""
+        p = Pass(skip, workers)
+        self.open = p
+        return p
+
+    def deliver(self, p: Pass) -> None:
+        """A tracked iterable handed one more batch to the loop; a loader that reads too far
+        ahead for the lag (given the reward delay) is refused here, at its first batch."""
+        it = p.it
+        if it is None:
+            raise RuntimeError(
+                "the tracked iterable delivered a batch, but this GARSampler drew none in this "
+                "pass: track the loader whose batch_sampler is this sampler"
+            )
+        n = p.skip + p.delivered + 1
+        if n > it.returned:
+            raise RuntimeError(
+                f"the tracked iterable delivered its batch {n} of this pass, but the sampler has "
+                f"yielded only {it.returned}: its batches are not this sampler's, in order"
+            )
+        p.delivered += 1
+        delay, ahead = self.reward_delay, it.returned - n
+        if delay is not None and lag_needed(ahead, delay) > self.lag:
+            raise ValueError(
+                f"lag={self.lag} is too small for this loader: it had drawn {ahead} batch(es) "
+                f"beyond the one it delivered (num_workers * prefetch_factor, plus any wrapper "
+                f"that reads ahead), and rewards arrive {delay} batch(es) after their own, so "
+                f"batches would be drawn before the rewards they depend on. Pass "
+                f"GARSampler(lag={lag_needed(ahead, delay)}) or more, or a loader with fewer "
+                "workers or a smaller prefetch_factor (docs/howto-mixture.md, 'The policy lag')"
+            )
+        self.deliveries.add(it.first_id + n - 1)
+
+    def delivered(self, it: SamplerIterator) -> int:
+        """How many of ``it``'s batches went past the loop: delivered to it, or dropped by a
+        skipping wrapper on the way. Without tracking, every batch yielded counts (the state
+        a StatefulDataLoader snapshots when it draws a batch is then exact)."""
+        p = it.tracker
+        if p is None:
+            return it.returned
+        return min(p.skip + p.delivered, it.returned)
+
+    def lost_ids(self) -> set[int]:
+        """Ids of batches that were drawn but never delivered: skipped by a wrapper, or left
+        behind by an iteration that ended early."""
+        lost: set[int] = set()
+        for it in self.iters:
+            p = it.tracker
+            if p is not None and p.skip:
+                lost.update(range(it.first_id, it.first_id + min(p.skip, it.returned)))
+            if it is self.active:
+                continue
+            lost.update(range(it.first_id + self.delivered(it), it.first_id + it.returned))
+        return lost
+
+    def last_delivered(self) -> int:
+        """Id of the batch the loop received last; raises when that cannot be told."""
+        it = self.active
+        if it is not None and it.tracker is None and it.returned:
+            raise RuntimeError(
+                "GARSampler cannot tell which batch the training loop holds: its batches are "
+                "not iterated through sampler.track(). Wrap the iterable the loop consumes, "
+                "loader = sampler.track(loader), or pass update(r, batch=id)"
+            )
+        bid = self.deliveries.last
+        if bid is None:
+            raise RuntimeError(
+                "update() was called before any batch was received through sampler.track(loader)"
+            )
+        return bid
+
+    def check_delivered(self, batch: int, lost: bool) -> None:
+        """Raise unless batch ``batch`` reached the loop (not replayed, ``lost`` by a pass
+        that ended before it arrived, skipped or still prefetched)."""
+        if any(r.id == batch for r in self.replay):
+            raise ValueError(
+                f"batch={batch} was drawn before the checkpoint but not yet delivered: the "
+                "resumed loop hands it out again first"
+            )
+        if lost:
+            raise ValueError(
+                f"batch={batch} was prefetched but never delivered: the training loop left its "
+                "epoch before it arrived"
+            )
+        for it in self.iters:
+            if it.first_id <= batch < it.first_id + it.returned:
+                p = it.tracker
+                if p is not None and batch < it.first_id + p.skip:
+                    raise ValueError(
+                        f"batch={batch} was skipped by a wrapper of the loader (skip_batches="
+                        f"{p.skip}) and never delivered"
+                    )
+                d = self.delivered(it)
+                if batch >= it.first_id + d:
+                    state = (
+                        "is still prefetched"
+                        if it is self.active and not it.exhausted
+                        else "was prefetched but never delivered"
+                    )
+                    raise ValueError(
+                        f"batch={batch} {state}: the training loop has received batches up to "
+                        f"{it.first_id + d - 1} of this epoch"
+                    )
+
+    def checkpoint_position(self, next_id: int) -> tuple[int, int]:
+        """``(batches of the epoch the loop received, id of the first batch drawn but not
+        delivered)``: where a state saved now resumes."""
+        it = self.active
+        if it is not None and self.epoch is not None:
+            d = self.delivered(it)
+            return self.pos - it.returned + d, it.first_id + d
+        return self.pos, self.replay[0].id if self.replay else next_id
