@@ -669,7 +669,7 @@ class GAR:
         finally:
             self._paused = False
         # The global reference direction: the mean of the ranks' reference gradients.
-        mean = self.sampler._group.all_reduce_mean(list(d.values()), "GAR's reference gradient")
+        mean = self.sampler.sync_group.all_reduce_mean(list(d.values()), "GAR's reference gradient")
         d = dict(zip(d, mean, strict=True))
         bad = first_nonfinite(d)
         if bad is not None:

@@ -14,7 +14,7 @@ from torch.utils.data import Sampler
 
 from . import _checkpoint as ckpt
 from ._check import check_int, check_number, int_list, is_int
-from ._distributed import current_group
+from ._distributed import Group, current_group
 from ._drawing import Drawer
 from ._history import History
 from ._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics
@@ -347,6 +347,12 @@ class GARSampler(Sampler[list[int]]):
         """How many batches tracked loaders have handed to the training loop, in total (this
         process, since construction)."""
         return self._passes.deliveries.count
+
+    @property
+    def sync_group(self) -> Group:
+        """The ranks this sampler synchronises with (rank, world size, ``sync_timeout_s``):
+        :class:`GAR` averages its reference gradient over the same ones."""
+        return self._group
 
     @property
     def lag(self) -> int:
