@@ -15,6 +15,12 @@ step. Figures go to ``benchmarks/results/gar_cost.json``.
 rows of each batch of 128 rewarded (``heldout_r8_rows32``), and every 4th step with the reuse
 (``heldout_every4_r8``); figures to ``benchmarks/results/gar_cost_heldout.json``.
 
+The ``fd`` variants use ``GAR(estimator="fd", reward="dot")``: forward-only rewards, two
+no-grad forwards of the rewarded rows (all 128, or 32 with ``rows32``) instead of hooks on
+every layer. ``--variants`` picks a subset of a mode's variants (``plain`` always runs).
+``--memory`` runs each variant alone in a subprocess instead and reports its peak resident
+memory (``ru_maxrss``) beside the plain loop's.
+
     python benchmarks/gar_cost.py            # full run (about 5 minutes on 2 cores)
     python benchmarks/gar_cost.py --mode heldout
     python benchmarks/gar_cost.py --quick    # smoke run (seconds), writes nothing
@@ -23,6 +29,10 @@ rows of each batch of 128 rewarded (``heldout_r8_rows32``), and every 4th step w
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +60,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
         "gar_every1": {"every": 1},
         "gar_every4": {"every": 4},
         "gar_every8": {"every": 8},
+        "fd_every1": {"every": 1, "estimator": "fd", "reward": "dot"},
+        "fd_rows32": {"every": 1, "estimator": "fd", "reward": "dot", "rows": 32},
     },
     "heldout": {
         "plain": None,
@@ -57,6 +69,19 @@ VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
         "heldout_r8": {"reference": True, "reference_refresh": 8},
         "heldout_r8_rows32": {"reference": True, "reference_refresh": 8, "rows": 32},
         "heldout_every4_r8": {"reference": True, "every": 4, "reference_refresh": 8},
+        "heldout_fd_r8": {
+            "reference": True,
+            "reference_refresh": 8,
+            "estimator": "fd",
+            "reward": "dot",
+        },
+        "heldout_fd_r8_rows32": {
+            "reference": True,
+            "reference_refresh": 8,
+            "rows": 32,
+            "estimator": "fd",
+            "reward": "dot",
+        },
     },
 }
 
@@ -106,12 +131,38 @@ def main() -> None:
         help="the next-batch reference (default) or held-out reference batches",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated subset of the mode's variants"
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak resident memory of each variant, each alone in a subprocess",
+    )
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.repeats = 2, 1
     variants = VARIANTS[args.mode]
+    if args.child is not None:  # one variant alone: its peak memory
+        factory, make_batch = cases(BATCH)[args.models]
+        g = torch.Generator().manual_seed(0)
+        xs, ys = zip(*(make_batch(g) for _ in range(4)), strict=True)
+        loop = make_loop(factory, TensorDataset(torch.cat(xs), torch.cat(ys)), variants[args.child])
+        loop(2 + args.steps)
+        print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+        return
+    if args.variants is not None:
+        chosen = args.variants.split(",")
+        unknown = sorted(set(chosen) - set(variants))
+        if unknown:
+            sys.exit(f"unknown --variants {unknown}: choose from {', '.join(variants)}")
+        variants = {v: o for v, o in variants.items() if v == "plain" or v in chosen}
+    if args.memory:
+        memory(args, variants)
+        return
     out_path = args.out or RESULTS / (
         "gar_cost.json" if args.mode == "next_batch" else "gar_cost_heldout.json"
     )
@@ -150,6 +201,26 @@ def main() -> None:
             print(f"| {name} | {v} | {1000 * s['s_per_step']['median']:.1f} | {ratio_text(s)} |")
     if not args.quick:
         write(out_path, results)
+
+
+def memory(args: argparse.Namespace, variants: dict[str, Any]) -> None:
+    """Each variant alone in a subprocess (warm-up and ``--steps`` steps): its peak resident
+    memory and the ratio to the plain loop's; figures to ``gar_cost_memory.json``."""
+    results: dict[str, Any] = {**header(), "batch": BATCH, "steps": args.steps, "models": {}}
+    for name in args.models.split(","):
+        peaks = {}
+        for v in variants:
+            cmd = [sys.executable, __file__, "--mode", args.mode, "--models", name]
+            cmd += ["--steps", str(args.steps), "--threads", str(args.threads), "--child", v]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            peaks[v] = json.loads(out.strip().splitlines()[-1])["maxrss_kib"]
+            print(f"{name} {v}: {peaks[v] / 1024:.0f} MiB", flush=True)
+        results["models"][name] = {
+            v: {"maxrss_mib": kib / 1024, "vs_plain": kib / peaks["plain"]}
+            for v, kib in peaks.items()
+        }
+    if not args.quick:
+        write(args.out or RESULTS / f"gar_cost_memory_{args.mode}.json", results)
 
 
 if __name__ == "__main__":

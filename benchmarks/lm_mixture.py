@@ -35,7 +35,9 @@ for the same number of steps:
   ``gar_r8`` and ``gar_every4_r8`` (not in the default run: ``--methods``): the same two
   against a reference gradient recomputed every 8th step (``reference_refresh=8``);
   ``gar_r8_rows4`` and ``gar_r8_rows8``: every step, the reference recomputed every 8th, 4 or
-  8 rows of each batch of 16 rewarded (``rows=``).
+  8 rows of each batch of 16 rewarded (``rows=``); ``gar_fd_r8_rows4``: as
+  ``gar_r8_rows4`` with forward-only rewards (``estimator="fd"``, ``reward="dot"``), and
+  ``gar_dot_r8_rows4`` the exact rewards with that same reward (the estimator's control).
 
 Reported per arm: test loss against steps and against wall time
 (``benchmarks/results/lm_mixture_loss_steps.png``, ``..._loss_wall.png``), the weights over
@@ -86,15 +88,17 @@ TARGET = "en_man1_target"
 SEQ = 128
 VOCAB = 256
 METHODS = ("uniform", "proportional", "odm_exp3", "doremi", "doge", "gar", "gar_every4")
-# The GAR arms: (every, reference_refresh, rows). The _r8 and _rows arms are not in the
-# default run.
-GAR_ARMS = {
-    "gar": (1, 1, None),
-    "gar_every4": (4, 1, None),
-    "gar_r8": (1, 8, None),
-    "gar_every4_r8": (4, 8, None),
-    "gar_r8_rows4": (1, 8, 4),
-    "gar_r8_rows8": (1, 8, 8),
+# The GAR arms: (every, reference_refresh, rows, estimator, reward; None: GAR's default).
+# The _r8, _rows and _fd arms are not in the default run.
+GAR_ARMS: dict[str, tuple[int, int, int | None, str, str | None]] = {
+    "gar": (1, 1, None, "ghost", None),
+    "gar_every4": (4, 1, None, "ghost", None),
+    "gar_r8": (1, 8, None, "ghost", None),
+    "gar_every4_r8": (4, 8, None, "ghost", None),
+    "gar_r8_rows4": (1, 8, 4, "ghost", None),
+    "gar_r8_rows8": (1, 8, 8, "ghost", None),
+    "gar_dot_r8_rows4": (1, 8, 4, "ghost", "dot"),
+    "gar_fd_r8_rows4": (1, 8, 4, "fd", "dot"),
 }
 CORRUPTED = ("random_bytes", "shuffled_en")
 
@@ -272,7 +276,8 @@ def run(
     loader = loader_for(sampler, args)
     gar = None
     if method in GAR_ARMS:
-        every, refresh, rows = GAR_ARMS[method]
+        every, refresh, rows, estimator, reward = GAR_ARMS[method]
+        extra: dict[str, Any] = {} if reward is None else {"reward": reward}
         gar = ad.GAR(
             model,
             sampler,
@@ -282,6 +287,8 @@ def run(
             loss_fn=per_example_loss,
             reference_refresh=refresh,
             rows=rows,
+            estimator=estimator,
+            **extra,
         )
     ref_iter = (
         iter(ad.ReferenceBatches(ref_set, args.ref_batch, seed=seed)) if method == "doge" else None

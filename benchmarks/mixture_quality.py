@@ -29,8 +29,9 @@ batch 64) for the same number of steps under each mixture:
   gradient): ``gar_line`` rewards every step's batch, ``gar_line_k4`` every 4th step's,
   ``gar_line_r8`` every step's against a reference gradient recomputed every 8th step
   (``reference_refresh=8``), ``gar_line_rows16`` 16 rows of every batch of 64 (``rows=16``),
-  ``gar_line_rows16_r8`` both. The reference batches are the same as the probe arms' (same
-  held-out split and seed);
+  ``gar_line_rows16_r8`` both; ``gar_line_fd_rows16_r8`` the same with ``estimator="fd"``
+  (forward-only rewards, ``reward="dot"``). The reference batches are the same as the probe
+  arms' (same held-out split and seed);
 * ``oracle``: the clean source only; ``oracle_floor``: the clean source at the largest weight the
   exploration floor allows (every other source keeps ``0.01 / 4``), never updated: the best
   any learned mixture with the default floor can do.
@@ -96,13 +97,15 @@ GAR_ARMS: dict[str, tuple[str, float | None, str, int, float | None]] = {
     "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4, None),
     "gar_exp_grad_floor0.05": ("exp_grad", None, "cosine", 1, 0.05),  # the former default
 }
-# One-line GAR arms: (every, reference_refresh, rows).
-LINE_ARMS: dict[str, tuple[int, int, int | None]] = {
-    "gar_line": (1, 1, None),
-    "gar_line_k4": (4, 1, None),
-    "gar_line_r8": (1, 8, None),
-    "gar_line_rows16": (1, 1, 16),
-    "gar_line_rows16_r8": (1, 8, 16),
+# One-line GAR arms: (every, reference_refresh, rows, estimator); "fd" arms use reward="dot"
+# (the only reward it estimates), the others GAR's default.
+LINE_ARMS: dict[str, tuple[int, int, int | None, str]] = {
+    "gar_line": (1, 1, None, "ghost"),
+    "gar_line_k4": (4, 1, None, "ghost"),
+    "gar_line_r8": (1, 8, None, "ghost"),
+    "gar_line_rows16": (1, 1, 16, "ghost"),
+    "gar_line_rows16_r8": (1, 8, 16, "ghost"),
+    "gar_line_fd_rows16_r8": (1, 8, 16, "fd"),
 }
 METHODS = (
     "uniform",
@@ -236,7 +239,8 @@ def run(
     )
     one_line = None
     if line:
-        line_every, refresh, rows = LINE_ARMS[method]
+        line_every, refresh, rows, estimator = LINE_ARMS[method]
+        extra: dict[str, Any] = {"estimator": "fd", "reward": "dot"} if estimator == "fd" else {}
         one_line = ad.GAR(
             model,
             sampler,
@@ -246,6 +250,7 @@ def run(
             loss_fn=loss_fn,
             reference_refresh=refresh,
             rows=rows,
+            **extra,
         )
     probe_time = 0.0
     below: dict[str, int | None] = {name: None for name in CORRUPTED}
@@ -435,8 +440,8 @@ def main() -> None:
             for name, (r, lr, rw, k, f) in GAR_ARMS.items()
         },
         "line_arms": {
-            name: {"every": e, "reference_refresh": k, "rows": m}
-            for name, (e, k, m) in LINE_ARMS.items()
+            name: {"every": e, "reference_refresh": k, "rows": m, "estimator": est}
+            for name, (e, k, m, est) in LINE_ARMS.items()
         },
         "targets": {
             "gar_vs_oracle_points": -0.5,
