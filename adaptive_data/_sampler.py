@@ -1,9 +1,25 @@
-"""GARSampler: a batch sampler over several sources whose mixture is learned from rewards."""
+"""GARSampler: a batch sampler over several sources whose mixture is learned from rewards.
+
+The sampler composes parts that each do one job and keep their own state:
+
+* ``MixtureDataset`` (``_mixture_dataset``): the sources behind one key space;
+* ``Drawer`` (``_drawing``): the choice generator, the per-rank shard positions
+  (``ShardOrder``) and the drawing policies of the policy lag (``LaggedPolicies``);
+* ``Passes`` (``_passes``): the iterations, the epoch counters and what tracked loaders
+  delivered to the loop (``TrackedLoader`` in ``_tracking``);
+* ``RewardWindow`` (``_records``): the last batches drawn, for ``update(batch=)``;
+* ``Learner`` (``_learning``): the live policies, their update from rewards (all-reduced)
+  and history;
+* ``_checkpoint``: the state's keys and checks, and the loaded states waiting for a pass.
+
+What is left here is the public surface and the seams between the parts: which state a new
+pass resumes from, rewinding batches a loader prefetched but never delivered, and matching an
+``update()`` to its batch.
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,8 +32,8 @@ from . import _checkpoint as ckpt
 from ._check import check_int, check_number, int_list, is_int
 from ._distributed import Group, current_group
 from ._drawing import Drawer
-from ._history import History
-from ._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics
+from ._lag import DEFAULT_LAG, LaggedPolicies
+from ._learning import Learner
 from ._mixture_dataset import (
     MixtureDataset,
     StreamingMixtureDataset,
@@ -48,6 +64,51 @@ DEFAULT_FLOOR = 0.01
 
 
 # ---------------------------------------------------------------------- the sampler
+
+
+def _check_arguments(
+    batch_size: Any,
+    lag: Any,
+    seed: Any,
+    reward_window: Any,
+    transform: Any,
+    reference_every: Any,
+) -> int | None:
+    """GARSampler's checks of its scalar arguments; returns ``reference_every`` resolved
+    (``"auto"``: 2 with a transform, else ``None``)."""
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("lag", lag, minimum=1)
+    check_int("seed", seed)
+    check_int("reward_window", reward_window, minimum=2)
+    if transform is not None and not _is_gar_transform(transform):
+        raise TypeError(
+            f"transform should be a GARTransform, but got {type(transform).__name__}; "
+            "other transforms belong in the sources' own pipelines"
+        )
+    if reference_every == "auto":
+        reference_every = 2 if transform is not None else None
+    if reference_every is not None:
+        check_int(
+            "reference_every",
+            reference_every,
+            minimum=2,
+            what="'auto', None or an integer >= 2",
+        )
+        if transform is None:
+            raise ValueError(
+                "reference_every marks un-augmented batches, so it needs transform=; "
+                "got transform=None"
+            )
+    return reference_every
+
+
+def _check_sync_and_streams(sync_timeout_s: Any, on_stream_end: Any) -> None:
+    check_number("sync_timeout_s", sync_timeout_s, positive=True)
+    if on_stream_end not in ON_STREAM_END:
+        raise ValueError(
+            f"on_stream_end should be one of {list(ON_STREAM_END)}, but got "
+            f"on_stream_end={on_stream_end!r}"
+        )
 
 
 def _check_stream_arguments(
@@ -186,36 +247,11 @@ class GARSampler(Sampler[list[int]]):
         on_stream_end: str = "restart",
         lag: int = DEFAULT_LAG,
     ) -> None:
-        check_int("batch_size", batch_size, minimum=1)
-        check_int("lag", lag, minimum=1)
-        check_int("seed", seed)
-        check_int("reward_window", reward_window, minimum=2)
-        if transform is not None and not _is_gar_transform(transform):
-            raise TypeError(
-                f"transform should be a GARTransform, but got {type(transform).__name__}; "
-                "other transforms belong in the sources' own pipelines"
-            )
-        if reference_every == "auto":
-            reference_every = 2 if transform is not None else None
-        if reference_every is not None:
-            check_int(
-                "reference_every",
-                reference_every,
-                minimum=2,
-                what="'auto', None or an integer >= 2",
-            )
-            if transform is None:
-                raise ValueError(
-                    "reference_every marks un-augmented batches, so it needs transform=; "
-                    "got transform=None"
-                )
+        reference_every = _check_arguments(
+            batch_size, lag, seed, reward_window, transform, reference_every
+        )
         src_names, srcs = resolve_sources(sources, names)
-        check_number("sync_timeout_s", sync_timeout_s, positive=True)
-        if on_stream_end not in ON_STREAM_END:
-            raise ValueError(
-                f"on_stream_end should be one of {list(ON_STREAM_END)}, but got "
-                f"on_stream_end={on_stream_end!r}"
-            )
+        _check_sync_and_streams(sync_timeout_s, on_stream_end)
         stream = [is_stream(src) for src in srcs]
         if any(stream):
             _check_stream_arguments(
@@ -274,7 +310,6 @@ class GARSampler(Sampler[list[int]]):
             names=src_names,
             sizes=None if self._stream_ids else self.sizes,
         )
-        self._initial_weights = self._policy.probs_list()
         self._drawer = Drawer(
             ShardOrder(self.sizes, self.dataset.offsets[:-1], seed, self.rank, self.world_size),
             LaggedPolicies(lag, self._policy, None if transform is None else transform.policy),
@@ -287,9 +322,7 @@ class GARSampler(Sampler[list[int]]):
         self._passes = Passes(lag, reward_window)  # iterations, epochs, deliveries
         self._records = RewardWindow(reward_window)
         self._loaded = ckpt.LoadedStates()  # states loaded, not yet resumed from
-        self._history = History(1 + len(srcs))  # one row per update: [batch id, weights...]
-        self._reward_means = [math.nan] * len(srcs)
-        self._rewarded = 0
+        self._learner = Learner(self._policy, transform, self._group)  # the live policies
         self._group.check_same(self._fingerprint(), "the sources and sampler settings")
 
     def _fingerprint(self) -> tuple[Any, ...]:
@@ -582,48 +615,10 @@ class GARSampler(Sampler[list[int]]):
         check_rewards(rewards, len(rec.keys) if picked is None else len(picked))
         self._drawer.lagged.check_on_time(rec.id, self._drawer.next_id)
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
-        sources = rec.sources if picked is None else [rec.sources[i] for i in picked]
-        own = self._policy.statistics_of(sources, r)  # this rank's, for metrics()
-        augment = None
-        tf = self.transform
-        if tf is not None and rec.aug is not None:
-            ops, bins = rec.aug.ops, rec.aug.bins
-            if picked is not None:
-                ops, bins = [ops[i] for i in picked], [bins[i] for i in picked]
-            augment = tf.statistics_of(ops, bins, r)
-        update = UpdateStatistics(own, augment)
-        if self._group.active:
-            # The batch ids ride along: all ranks must reward the same batch (all equal iff
-            # W * sum(id^2) == sum(id)^2), else an update was skipped on some rank.
-            summed = self._group.all_reduce_sum(
-                [*update.flat(), float(rec.id), float(rec.id) ** 2], "GARSampler.update()"
-            )
-            total, total_sq = summed[-2], summed[-1]
-            update = update.like(summed[:-2], None if tf is None else tf.policy)
-            if self.world_size * total_sq != total * total:
-                raise RuntimeError(
-                    f"ranks disagree on which batch GARSampler.update() rewards: rank "
-                    f"{self.rank} rewards batch {rec.id}, the ranks' mean is "
-                    f"{total / self.world_size:g}. Every rank must update after the same batches "
-                    "(skip an update on all ranks or on none)"
-                )
-        self._policy.apply(update.sources)
-        if update.augment is not None:
-            tf.apply(update.augment)
+        update = self._learner.learn(rec, r, picked)
         self._drawer.lagged.queue(rec.id, update)
         rec.rewarded = True
-        self._rewarded += 1
-        self._fold_reward_means(own.sums, own.counts)
-        self._history.append([rec.id, *self._policy.probs_list()])
         self._refresh_pending()
-
-    def _fold_reward_means(self, sums: Sequence[float], counts: Sequence[float]) -> None:
-        """Running mean (momentum 0.9) of each source's finite raw rewards, for metrics()."""
-        for src, (total, count) in enumerate(zip(sums, counts, strict=True)):
-            if count:
-                mean = total / count
-                old = self._reward_means[src]
-                self._reward_means[src] = mean if math.isnan(old) else 0.9 * old + 0.1 * mean
 
     # ------------------------------------------------------------------ reading
 
@@ -649,14 +644,7 @@ class GARSampler(Sampler[list[int]]):
     def history(self) -> list[dict[str, Any]]:
         """One entry per update: ``{"batch": id, "weights": {name: probability}}``, oldest first;
         the first entry (``batch=None``) holds the initial weights. O(updates * K) memory."""
-        out: list[dict[str, Any]] = [
-            {"batch": None, "weights": dict(zip(self.names, self._initial_weights, strict=True))}
-        ]
-        out += [
-            {"batch": int(b), "weights": dict(zip(self.names, p, strict=True))}
-            for b, *p in self._history.rows()
-        ]
-        return out
+        return self._learner.history_entries(self.names)
 
     def metrics(self) -> dict[str, float]:
         """A flat ``{name: number}`` dict, ready for TensorBoard or any logger.
@@ -674,13 +662,13 @@ class GARSampler(Sampler[list[int]]):
             {
                 "epoch": -1 if self._passes.epoch is None else self._passes.epoch,
                 "batches_drawn": self._drawer.drawn,
-                "batches_rewarded": self._rewarded,
+                "batches_rewarded": self._learner.rewarded,
                 "batches_dropped_unrewarded": self._records.dropped_unrewarded,
             }
         )
         for name, w in policy["weights"].items():
             m[f"weight/{name}"] = w
-        for name, v in zip(self.names, self._reward_means, strict=True):
+        for name, v in zip(self.names, self._learner.reward_means, strict=True):
             m[f"reward_mean/{name}"] = v
         if self.transform is not None:
             for k, v in self.transform.metrics().items():
@@ -719,9 +707,13 @@ class GARSampler(Sampler[list[int]]):
             ckpt.WINDOW: window,
             ckpt.UNREWARDED: unrewarded,
             ckpt.SPENT: spent,
-            ckpt.HISTORY: self._history.state(),
-            ckpt.REWARD_MEANS: list(self._reward_means),
-            ckpt.COUNTERS: [self._drawer.drawn, self._rewarded, self._records.dropped_unrewarded],
+            ckpt.HISTORY: self._learner.history.state(),
+            ckpt.REWARD_MEANS: list(self._learner.reward_means),
+            ckpt.COUNTERS: [
+                self._drawer.drawn,
+                self._learner.rewarded,
+                self._records.dropped_unrewarded,
+            ],
             ckpt.TRANSFORM: None if self.transform is None else self.transform.state_dict(),
             ckpt.RANK: self.rank,
             ckpt.WORLD_SIZE: self.world_size,
@@ -776,9 +768,10 @@ class GARSampler(Sampler[list[int]]):
         # The reward window as it was, oldest first: the batches that can still be rewarded
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
         self._passes.replay = deque(ckpt.undelivered(state))
-        self._history.load(state[ckpt.HISTORY])
-        self._reward_means = [float(v) for v in state[ckpt.REWARD_MEANS]]
-        drawn, self._rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
+        learner = self._learner
+        learner.history.load(state[ckpt.HISTORY])
+        learner.reward_means = [float(v) for v in state[ckpt.REWARD_MEANS]]
+        drawn, learner.rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
         self._records.restore(ckpt.window_records(state), dropped)
         tf = self.transform
         if tf is not None:
