@@ -240,8 +240,10 @@ def run(
     probe_s = 0.0
     step = 0
     previous: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    curve: list[tuple[float, float]] = []  # (training wall s, test accuracy) every eval_every
+    paused = 0.0  # time spent evaluating, left out of the wall time
     t0 = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for x, y in loader:
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             y = y.to(device)
@@ -261,9 +263,16 @@ def run(
             sched.step()
             step += 1
         previous = None  # the last batch of an epoch keeps no reward
-    wall = time.perf_counter() - t0
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < epochs:
+            te = time.perf_counter()
+            acc = accuracy(model, *test, device)
+            curve.append((te - t0 - paused, acc))
+            paused += time.perf_counter() - te
+    wall = time.perf_counter() - t0 - paused
+    final = accuracy(model, *test, device)
     out: dict[str, Any] = {
-        "accuracy": accuracy(model, *test, device),
+        "accuracy": final,
+        "curve": [*curve, (wall, final)],
         "wall_s": wall,
         "probe_s": probe_s,
         "steps": step,
@@ -319,6 +328,54 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_time(results: dict[str, Any], path: Path) -> bool:
+    """Test accuracy against training wall time (evaluation left out), one line per arm
+    and seed, one panel per budget: what each arm reaches for the same compute."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no time plot")
+        return False
+    budgets = list(results["budgets"])
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
+    for col, budget in enumerate(budgets):
+        ax = axes[0][col]
+        for i, (arm, entry) in enumerate(results["budgets"][budget].items()):
+            for j, run in enumerate(entry["runs"]):
+                t, a = zip(*run["curve"], strict=True)
+                ax.plot(t, a, color=f"C{i}", alpha=0.8, label=arm if j == 0 else None)
+        ax.set_title(f"{budget} epochs, seeds {results['seeds']}")
+        ax.set_xlabel("training wall time (s, evaluation left out)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def at_time(curve: list[list[float]], t: float) -> float:
+    """Accuracy of the last evaluation at or before wall time ``t`` (NaN before the first):
+    what the run had reached by then, no interpolation."""
+    reached = [a for s, a in curve if s <= t]
+    return reached[-1] if reached else float("nan")
+
+
+def equal_time(per_arm: dict[str, Any]) -> dict[str, Any]:
+    """Each arm's accuracy at the wall time of the fastest arm's whole run (per seed), so
+    arms are compared for the same compute; ``None`` where an arm has no evaluation by then
+    (use --eval-every)."""
+    n = len(next(iter(per_arm.values()))["runs"])
+    out: dict[str, Any] = {}
+    for seed_i in range(n):
+        t = min(e["runs"][seed_i]["wall_s"] for e in per_arm.values())
+        for arm, e in per_arm.items():
+            out.setdefault(arm, []).append(at_time(e["runs"][seed_i]["curve"], t))
+    return {arm: (summary(v) if all(x == x for x in v) else None) for arm, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -343,6 +400,12 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="evaluate every N epochs for the accuracy-against-time plot (0: at the end only)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "augment_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -384,19 +447,25 @@ def main() -> None:
         for entry in per_arm.values():
             entry["accuracy"] = summary([r["accuracy"] for r in entry["runs"]])
             entry["wall_s"] = summary([r["wall_s"] for r in entry["runs"]])
+        for arm, same in equal_time(per_arm).items():
+            per_arm[arm]["accuracy_at_fastest_wall"] = same
             for i, r in enumerate(entry["runs"]):
                 if "history" in r:
                     r["history"] = compact(r["history"]) if i == 0 else None
         results["budgets"][str(epochs)] = per_arm
     best_fixed = {}
-    print("\n| epochs | arm | accuracy mean | std | min | max | wall s (mean) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| epochs | arm | accuracy mean | std | min | max | wall s (mean) "
+        "| accuracy at the fastest arm's wall time |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for budget, per_arm in results["budgets"].items():
         for arm, e in per_arm.items():
-            a = e["accuracy"]
+            a, same = e["accuracy"], e["accuracy_at_fastest_wall"]
+            same_s = "n/a" if same is None else f"{same['mean']:.2f} +- {same['std']:.2f}"
             print(
                 f"| {budget} | {arm} | {a['mean']:.2f} | {a['std']:.2f} | {a['min']:.2f} | "
-                f"{a['max']:.2f} | {e['wall_s']['mean']:.0f} |"
+                f"{a['max']:.2f} | {e['wall_s']['mean']:.0f} | {same_s} |"
             )
         fixed = [a for a in per_arm if not a.startswith("gar")]
         if fixed:
@@ -407,6 +476,9 @@ def main() -> None:
         write(args.out, results)
         png = args.out.with_name(f"{args.out.stem}_policy.png")
         if plot(results, png):
+            print(f"wrote {png}")
+        png = args.out.with_name(f"{args.out.stem}_time.png")
+        if plot_time(results, png):
             print(f"wrote {png}")
 
 

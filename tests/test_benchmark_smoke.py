@@ -128,6 +128,15 @@ def test_augment_quality_quick(cifar_cache: Path) -> None:
     done = _run("benchmarks/augment_quality.py", "--quick", "--cache", str(cifar_cache))
     assert done.returncode == 0, done.stderr
     assert "| 1 | gar_clean_ref |" in done.stdout
+    # the equal-compute column: the fastest arm's whole run is its own value, and an arm not
+    # evaluated by then (no --eval-every) says n/a instead of a number it never reached
+    rows = [ln.split("|") for ln in done.stdout.splitlines() if ln.startswith("| 1 | ")]
+    same = [r[8].strip() for r in rows]
+    assert "accuracy at the fastest arm's wall time" in done.stdout
+    assert sum(v != "n/a" for v in same) >= 1
+    for r in rows:
+        if r[8].strip() != "n/a":
+            assert r[8].strip().startswith(r[3].strip())  # the mean of its final accuracy
 
 
 def test_augment_quality_says_what_to_pass_without_data(tmp_path: Path) -> None:
