@@ -30,7 +30,8 @@ batch 64) for the same number of steps under each mixture:
   ``gar_line_r8`` every step's against a reference gradient recomputed every 8th step
   (``reference_refresh=8``), ``gar_line_rows16`` 16 rows of every batch of 64 (``rows=16``),
   ``gar_line_rows16_r8`` both; ``gar_line_fd_rows16_r8`` the same with ``estimator="fd"``
-  (forward-only rewards, ``reward="dot"``). The reference batches are the same as the probe
+  (forward-only rewards, ``reward="dot"``), ``gar_line_dot_rows16_r8`` its control (the exact
+  rewards, ``reward="dot"``). The reference batches are the same as the probe
   arms' (same held-out split and seed);
 * ``oracle``: the clean source only; ``oracle_floor``: the clean source at the largest weight the
   exploration floor allows (every other source keeps ``0.01 / 4``), never updated: the best
@@ -106,6 +107,7 @@ LINE_ARMS: dict[str, tuple[int, int, int | None, str]] = {
     "gar_line_rows16": (1, 1, 16, "ghost"),
     "gar_line_rows16_r8": (1, 8, 16, "ghost"),
     "gar_line_fd_rows16_r8": (1, 8, 16, "fd"),
+    "gar_line_dot_rows16_r8": (1, 8, 16, "ghost_dot"),  # the estimator's control
 }
 METHODS = (
     "uniform",
@@ -240,7 +242,10 @@ def run(
     one_line = None
     if line:
         line_every, refresh, rows, estimator = LINE_ARMS[method]
-        extra: dict[str, Any] = {"estimator": "fd", "reward": "dot"} if estimator == "fd" else {}
+        extra: dict[str, Any] = {}
+        if estimator != "ghost":  # "fd", or "ghost_dot": the exact rewards, reward="dot"
+            extra = {"estimator": estimator.removeprefix("ghost_").replace("dot", "ghost")}
+            extra["reward"] = "dot"
         one_line = ad.GAR(
             model,
             sampler,
@@ -334,7 +339,9 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         return False
     shown = [
         m for m in ("gar_dot", "gar_exp_grad", "gar_line", "exp3_loss") if m in results["methods"]
-    ]
+    ] or [m for m in results["methods"] if m in LINE_ARMS]  # a run of other one-line arms
+    if not shown:
+        return False
     fig, axes = plt.subplots(
         1, len(shown), figsize=(5 * len(shown), 3.6), sharey=True, squeeze=False
     )
