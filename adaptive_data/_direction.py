@@ -1,4 +1,6 @@
-"""The reference direction d: validation and optimizer preconditioning."""
+"""The reference direction d and what turns it into rewards, below both GradientProbe and GAR:
+the gradient of a batch's mean loss, validation, optimizer preconditioning, and the cosine of
+each example's gradient with d from the dot products and squared norms the rules compute."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ._batch import per_example_losses
+from ._state import preserved
 
 __all__: list[str] = []
 
@@ -407,3 +412,37 @@ def zero_rows(direction: Direction, rows: list[tuple[str, int]]) -> Direction:
         out[name] = out[name].clone()
         out[name][row] = 0
     return out
+
+
+def mean_loss_gradient(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    args: tuple,
+    kwargs: dict,
+    y: Any,
+    n: int,
+    params: dict[str, nn.Parameter],
+) -> Direction:
+    """``grad_theta loss_fn(model(*args, **kwargs), y).mean()`` as ``{name: tensor}`` (zeros
+    for parameters the loss does not reach), with the model's state, ``.grad`` included, left
+    as it was."""
+    with preserved(model), torch.enable_grad():
+        losses = per_example_losses(loss_fn, model(*args, **kwargs), y, n)
+        grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+    return {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def cosine_rewards(dot: Tensor, sq_norms: Tensor, d: Direction) -> Tensor:
+    """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0, NaN where either is not
+    finite."""
+    d_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in d.values()])
+    )
+    denom = sq_norms.clamp_min(0).sqrt() * d_norm.to(sq_norms.device)
+    cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
+    # A non-finite gradient gives a NaN reward (dropped and counted downstream), never a 0.
+    finite = torch.isfinite(dot) & torch.isfinite(sq_norms) & torch.isfinite(d_norm)
+    return torch.where(finite, cos, torch.nan)

@@ -19,15 +19,17 @@ from ._direction import (
     Direction,
     check_optimizer,
     check_unsharded,
+    cosine_rewards,
     first_nonfinite,
     gradient_free_rows,
+    mean_loss_gradient,
     precondition,
     trainable_parameters,
     zero_rows,
 )
-from ._ghost import Call, Entry, register_call_hooks
+from ._ghost import Call
 from ._mix import mix
-from ._probe import REWARDS, _cosine, mean_loss_gradient
+from ._probe import REWARDS
 from ._sampler import GARSampler
 from ._state import RngSnapshot, cuda_devices
 
@@ -278,13 +280,12 @@ class GAR:
         self._dropped = 0
         self._skipped_nonfinite = 0
         self._last_mean = math.nan
-        self._rng_snapshots: dict[int, RngSnapshot] = {}
         # Where each covered layer holds the batch, found per input signature (two small
         # forwards, once) at the first kept batch; the calls of the current forward, counted.
         self._layouts = _ghost.Layouts(core, entries, "GAR")
         self._layout: _ghost.Layout | None = None
         self._batch_size = 0
-        self._counts: dict[int, int] = {}
+        self._capture: _ghost.CallCapture | None = None  # the covered layers' hooks (ghost)
         self._handles: list[Any] = [
             core.register_forward_pre_hook(self._begin),
             core.register_forward_pre_hook(self._find_layout, with_kwargs=True),
@@ -301,7 +302,15 @@ class GAR:
                 core.register_forward_hook(self._fd_keep, with_kwargs=True),
             ]
         else:
-            self._handles += register_call_hooks(entries, self._rng, self._keep)
+            self._capture = _ghost.CallCapture(
+                entries,
+                "GAR",
+                self._devices,
+                on_call=self._keep,
+                on_output=self._watch,
+                wants_rng=lambda entry: True,
+                detach=True,  # held until step(), past the backward
+            )
 
     def __repr__(self) -> str:
         mode = "next batch" if self._reference is None else "held-out"
@@ -327,7 +336,8 @@ class GAR:
         self._dropped += len(self._groups)
         self._groups.clear()
         self._current = None
-        self._rng_snapshots.clear()
+        if self._capture is not None:
+            self._capture.close()
 
     # ------------------------------------------------------------------ hooks
 
@@ -339,7 +349,7 @@ class GAR:
         micro-batches first); a forward with no new delivery repeats the last batch.
         ``step()`` checks that the pairing was unambiguous.
         """
-        self._current = None
+        self._keep_nothing()
         if self._paused or not (torch.is_grad_enabled() and module.training):
             return
         self._forwards += 1
@@ -369,13 +379,18 @@ class GAR:
         self._current = _Group(batch, self._steps)
         self._groups.append(self._current)
 
+    def _keep_nothing(self) -> None:
+        """No batch is being kept: the forwards that follow are not captured."""
+        self._current = None
+        if self._capture is not None:
+            self._capture.stop()
+
     def _find_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Root forward of a kept batch: where each covered layer holds the batch (cached by
         input signature; a new one costs two forwards of 2 and 3 examples)."""
         group = self._current
         if group is None:
             return
-        self._counts = {}
         self._batch_size = n = lead_batch_size((args, kwargs), "the model's inputs")
         self._paused = True  # the layout runs are not training batches: keep nothing
         try:
@@ -385,6 +400,8 @@ class GAR:
             self._current = group  # the layout runs' root hooks cleared it
         if self.rows is not None and self.rows < n:
             group.rows = self.choose_rows(group.batch, n)
+        if self._capture is not None:
+            self._capture.start(self._layout, n)
 
     def choose_rows(self, batch: int, n: int) -> Tensor:
         """The rows of batch ``batch`` (of ``n`` examples) that ``rows=`` rewards: a uniformly
@@ -456,51 +473,27 @@ class GAR:
                 group.n = leaves[i].shape[call.outputs[i]]
         group.fd = kept
 
-    def _rng(self, entry: Entry, module: nn.Module, args: tuple) -> None:
-        if self._current is not None:
-            self._rng_snapshots[id(entry)] = RngSnapshot(self._devices)
-
-    def _keep(
-        self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
-    ) -> None:
+    def _keep(self, call: Call) -> _Kept | None:
+        """A covered layer's call in a kept batch (``estimator="ghost"``): keep it, with only
+        the rewarded rows where its examples do not mix."""
         group = self._current
-        if group is None or self._layout is None:
-            return
-        index = self._counts.get(id(entry), 0)
-        self._counts[id(entry)] = index + 1
-        # Detached views share the inputs' version counters: in-place edits are still caught.
-        call, outs, _ = _ghost.open_call(
-            entry,
-            self._layout,
-            index,
-            _detach(args),
-            _detach(kwargs),
-            output,
-            self._rng_snapshots.pop(id(entry), None),
-            self._batch_size,
-            "GAR",
-        )
-        if call is None:
-            return
+        if group is None:
+            return None
         kept = _Kept(call)
         if group.rows is not None and _ghost.rows_independent(
-            entry, call.layout, call.args or (), call.kwargs or {}
+            call.entry, call.layout, call.args or (), call.kwargs or {}
         ):
             call.select_rows(group.rows)  # keep the chosen rows only
             kept.rows = group.rows
-        for i, leaf in enumerate(outs):
-            if not (isinstance(leaf, Tensor) and leaf.requires_grad):
-                continue
-            dim = call.layout.outputs[i]
-            if dim is None or dim < 0:  # the root's output that does not hold the batch
-                leaf.register_hook(
-                    functools.partial(_ghost.unattributable, entry, list(leaf.shape))
-                )
-                continue
-            if group.n is None:
-                group.n = leaf.shape[dim]
-            leaf.register_hook(functools.partial(self._on_grad, kept, i, dim))
         group.calls.append(kept)
+        return kept
+
+    def _watch(self, kept: _Kept, i: int, dim: int, leaf: Tensor) -> None:
+        """Output ``i`` of a kept call holds the batch in ``dim``: keep its gradient."""
+        group = cast(_Group, self._current)
+        if group.n is None:
+            group.n = leaf.shape[dim]
+        leaf.register_hook(functools.partial(self._on_grad, kept, i, dim))
 
     def _on_grad(self, kept: _Kept, i: int, dim: int, grad: Tensor) -> None:
         grad = grad.detach()
@@ -520,7 +513,7 @@ class GAR:
             raise RuntimeError("step() after close(): this GAR's hooks are removed")
         # This step's batch is complete. From here on no forward is a training batch: the
         # rules that replay a module's forward (JVP) must not be kept as one.
-        self._current = None
+        self._keep_nothing()
         self._check_pairing()
         params = trainable_parameters(self._core)
         if tuple(id(p) for p in params.values()) != self._param_ids:
@@ -707,7 +700,7 @@ class GAR:
         finally:
             self._paused = False
         r, sq = acc.result()
-        return _cosine(r, sq, d) if cosine else r
+        return cosine_rewards(r, sq, d) if cosine else r
 
     # ------------------------------------------------------------------ state
 
@@ -801,7 +794,7 @@ class GAR:
         self._ref_grad = ref_grad
         self._ref_step = int(state["reference_step"])
         self._groups.clear()
-        self._current = None
+        self._keep_nothing()
         self._seen = self.sampler.deliveries
         self._step_batches, self._last_step_batches, self._forwards = [], [], 0
 

@@ -1133,6 +1133,116 @@ def open_call(
     return Call(entry, params, call_layout, layout.shared, args, kwargs, rng), leaves, spec
 
 
+class CallCapture:
+    """The capture path of the covered layers, shared by :class:`GhostRun` (a probe call)
+    and :class:`GAR` (a training forward): the hooks that number each call of a covered
+    module in the forward, snapshot the RNG before the calls whose rule may replay them,
+    match each call to the layout (:func:`open_call`) and hand every output leaf that holds
+    the batch to the owner's ``on_output(call, i, dim, leaf)``. A leaf that does not hold the
+    batch gets a hook that raises if a gradient reaches it (it cannot be attributed).
+
+    The owner says which forwards are captured: :meth:`start` with the layout and batch size
+    before one, :meth:`stop` after; ``paused`` (set while a rule replays a forward, or a
+    reference pass runs) captures nothing in between. ``on_call(call)`` returns the object
+    the call's outputs belong to (or ``None`` to skip it). With ``anchor=True`` each watched
+    leaf is replaced by ``leaf + anchor`` (a 0-dim zero leaf that requires grad) before it is
+    handed over: see :class:`GhostRun`.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        who: str,
+        devices: list[int],
+        on_call: Callable[[Call], Any],
+        on_output: Callable[[Any, int, int, Tensor], None],
+        wants_rng: Callable[[Entry], bool],
+        detach: bool = False,
+        anchor: bool = False,
+    ) -> None:
+        self.who = who
+        self.devices = devices
+        self.on_call = on_call
+        self.on_output = on_output
+        self.wants_rng = wants_rng
+        self.detach = detach  # keep detached inputs (held past the backward)
+        self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] | None = {} if anchor else None
+        self.layout: Layout | None = None
+        self.n = 0
+        self.paused = False
+        self._counts: dict[int, int] = {}
+        self._rng: dict[int, RngSnapshot] = {}
+        self.handles: list[Any] = register_call_hooks(entries, self._before, self._after)
+
+    def start(self, layout: Layout, n: int) -> None:
+        """Capture the calls of the forward that follows, of a batch of ``n`` examples."""
+        self.layout, self.n, self._counts = layout, n, {}
+
+    def stop(self) -> None:
+        """Capture nothing until the next :meth:`start`."""
+        self.layout = None
+        self._rng.clear()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.stop()
+
+    def _anchor(self, like: Tensor) -> Tensor:
+        anchors = cast(dict, self.anchors)
+        key = (like.dtype, like.device)
+        if key not in anchors:
+            anchors[key] = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
+        return anchors[key]
+
+    def _before(self, entry: Entry, module: nn.Module, args: tuple) -> None:
+        if self.layout is not None and not self.paused and self.wants_rng(entry):
+            self._rng[id(entry)] = RngSnapshot(self.devices)
+
+    def _after(
+        self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> Any:
+        layout = self.layout
+        if layout is None or self.paused:
+            return None
+        index = self._counts.get(id(entry), 0)
+        self._counts[id(entry)] = index + 1
+        if self.detach:  # detached views share the version counters: in-place edits are caught
+            args, kwargs = _detach(args), _detach(kwargs)
+        call, leaves, spec = open_call(
+            entry,
+            layout,
+            index,
+            args,
+            kwargs,
+            output,
+            self._rng.pop(id(entry), None),
+            self.n,
+            self.who,
+        )
+        if call is None:
+            return None
+        owner = self.on_call(call)
+        if owner is None:
+            return None
+        for i, leaf in enumerate(leaves):
+            if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+                continue
+            if self.anchors is not None:
+                leaves[i] = leaf = leaf + self._anchor(leaf)
+            dim = call.layout.outputs[i]
+            if dim is None or dim < 0:  # the root's output that does not hold the batch
+                leaf.register_hook(functools.partial(unattributable, entry, list(leaf.shape)))
+                continue
+            self.on_output(owner, i, dim, leaf)
+        return spec.unflatten(leaves) if self.anchors is not None else None
+
+
+def _detach(tree: Any) -> Any:
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
 class GhostRun:
     """Hooks for one probe call: capture on forward, accumulate ``r`` as gradients arrive.
 
@@ -1157,69 +1267,36 @@ class GhostRun:
         self.layout = layout
         self.direction = direction
         self.n = n
-        self.devices = devices
         self.norms = norms
         self.acc = Accumulator(n, device, norms, per_module)
-        self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self.active = True
-        self._rng: dict[int, RngSnapshot] = {}
-        self._counts: dict[int, int] = {}
         self._waiting: list[Call] = []  # calls whose norms wait for all their gradients
-        self._handles: list[Any] = register_call_hooks(entries, self._before, self._after)
+        self._capture = CallCapture(
+            entries,
+            "method='ghost'",
+            devices,
+            on_call=lambda call: call,
+            on_output=self._watch,
+            wants_rng=lambda entry: needs_rng(entry, norms),
+            anchor=True,
+        )
+        self._capture.start(layout, n)
+
+    @property
+    def anchors(self) -> dict[tuple[torch.dtype, torch.device], Tensor]:
+        """The anchors the backward asks gradients of (one per dtype and device)."""
+        return cast(dict, self._capture.anchors)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._capture.close()
 
-    def _anchor(self, like: Tensor) -> Tensor:
-        key = (like.dtype, like.device)
-        if key not in self.anchors:
-            self.anchors[key] = torch.zeros(
-                (), dtype=like.dtype, device=like.device, requires_grad=True
-            )
-        return self.anchors[key]
-
-    def _before(self, entry: Entry, module: nn.Module, args: tuple) -> None:
-        if self.active and needs_rng(entry, self.norms):
-            self._rng[id(entry)] = RngSnapshot(self.devices)
-
-    def _after(
-        self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
-    ) -> Any:
-        if not self.active:
-            return None
-        index = self._counts.get(id(entry), 0)
-        self._counts[id(entry)] = index + 1
-        call, leaves, spec = open_call(
-            entry,
-            self.layout,
-            index,
-            args,
-            kwargs,
-            output,
-            self._rng.pop(id(entry), None),
-            self.n,
-            "method='ghost'",
-        )
-        if call is None:
-            return None
-        for i, leaf in enumerate(leaves):
-            if not (isinstance(leaf, Tensor) and leaf.requires_grad):
-                continue
-            leaves[i] = leaf = leaf + self._anchor(leaf)
-            dim = call.layout.outputs[i]
-            if dim is None or dim < 0:  # the root's output that does not hold the batch
-                leaf.register_hook(functools.partial(unattributable, entry, list(leaf.shape)))
-                continue
-            call.expected += 1
-            leaf.register_hook(functools.partial(self._on_grad, call, i))
-        if self.norms and call.expected:
+    def _watch(self, call: Call, i: int, dim: int, leaf: Tensor) -> None:
+        call.expected += 1
+        if self.norms and call.expected == 1:
             self._waiting.append(call)
-        return spec.unflatten(leaves)
+        leaf.register_hook(functools.partial(self._on_grad, call, i))
 
     def _on_grad(self, call: Call, i: int, grad: Tensor) -> None:
-        self.active = False  # a replayed forward must not be captured again
+        self._capture.paused = True  # a replayed forward must not be captured again
         try:
             if self.norms:  # the norms need every output's gradient at once
                 call.grads[i] = grad
@@ -1233,17 +1310,17 @@ class GhostRun:
                 if call.expected == 0:
                     call.release()
         finally:
-            self.active = True
+            self._capture.paused = False
 
     def finish(self) -> tuple[Tensor, Tensor | None]:
         """After the backward: the calls some of whose outputs got no gradient (unused
         attention weights) contribute with the gradients they got; returns ``(r, sq)``."""
-        self.active = False
+        self._capture.paused = True
         try:
             for call in self._waiting:
                 call.contribute(self.acc, call.grads, self.direction, self.norms)
                 call.release()
             self._waiting = []
         finally:
-            self.active = True
+            self._capture.paused = False
         return self.acc.result()

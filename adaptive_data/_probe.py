@@ -28,8 +28,10 @@ from ._direction import (
     check_direction,
     check_optimizer,
     check_unsharded,
+    cosine_rewards,
     first_nonfinite,
     gradient_free_rows,
+    mean_loss_gradient,
     precondition,
     trainable_parameters,
     zero_rows,
@@ -43,40 +45,6 @@ LossFn = Callable[[Any, Any], Tensor]
 
 METHODS = ("ghost", "jvp", "per_sample", "finite_difference", "head")
 REWARDS = ("dot", "cosine")
-
-
-def mean_loss_gradient(
-    model: nn.Module,
-    loss_fn: LossFn,
-    args: tuple,
-    kwargs: dict,
-    y: Any,
-    n: int,
-    params: dict[str, nn.Parameter],
-) -> Direction:
-    """``grad_theta loss_fn(model(*args, **kwargs), y).mean()`` as ``{name: tensor}`` (zeros
-    for parameters the loss does not reach), with the model's state, ``.grad`` included, left
-    as it was."""
-    with preserved(model), torch.enable_grad():
-        losses = per_example_losses(loss_fn, model(*args, **kwargs), y, n)
-        grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
-    return {
-        name: torch.zeros_like(p) if g is None else g
-        for (name, p), g in zip(params.items(), grads, strict=True)
-    }
-
-
-def _cosine(dot: Tensor, sq_norms: Tensor, d: Direction) -> Tensor:
-    """``<g_i, D> / (||g_i|| ||D||)``; 0 where either norm is 0, NaN where either is not
-    finite."""
-    d_norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in d.values()])
-    )
-    denom = sq_norms.clamp_min(0).sqrt() * d_norm.to(sq_norms.device)
-    cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(dot.dtype).tiny), 0.0)
-    # A non-finite gradient gives a NaN reward (dropped and counted downstream), never a 0.
-    finite = torch.isfinite(dot) & torch.isfinite(sq_norms) & torch.isfinite(d_norm)
-    return torch.where(finite, cos, torch.nan)
 
 
 # What a method returns: r [N], and the squared per-example gradient norms [N] where the method
@@ -257,7 +225,7 @@ class GradientProbe:
             job = _Job(args, kwargs, y, n, d, params, norms=self.reward == "cosine")
             r, sq_norms = getattr(self, f"_run_{self.method}")(job)
         if sq_norms is not None:
-            r = _cosine(r, sq_norms, d)
+            r = cosine_rewards(r, sq_norms, d)
         return r
 
     def reference_direction(self, x_ref: Inputs, y_ref: Any) -> Direction:

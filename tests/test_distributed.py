@@ -252,8 +252,8 @@ def scenario_ddp_gar(rank: int, world: int, **options) -> dict:
 
 
 def scenario_held_out_gar(rank: int, world: int) -> dict:
+    from adaptive_data._direction import mean_loss_gradient
     from adaptive_data._distributed import current_group
-    from adaptive_data._probe import mean_loss_gradient
 
     parts = [torch.full((2, 3), float(rank)), torch.arange(4.0) * (rank + 1)]
     mean = current_group(None, None).all_reduce_mean(parts, "a test")
