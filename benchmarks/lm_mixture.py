@@ -38,8 +38,8 @@ for the same number of steps:
   8 rows of each batch of 16 rewarded (``rows=``); ``gar_fd_r8_rows4``: as
   ``gar_r8_rows4`` with forward-only rewards (``estimator="fd"``, ``reward="dot"``), and
   ``gar_dot_r8_rows4`` the exact rewards with that same reward (the estimator's control);
-  ``gar_r32_rows4`` and ``gar_fd_r32_rows4``: as ``gar_r8_rows4`` and ``gar_fd_r8_rows4``
-  with the reference gradient recomputed every 32nd step.
+  ``gar_r32``, ``gar_r32_rows4`` and ``gar_fd_r32_rows4``: as ``gar_r8``, ``gar_r8_rows4``
+  and ``gar_fd_r8_rows4`` with the reference gradient recomputed every 32nd step.
 
 Reported per arm: test loss against steps and against wall time
 (``benchmarks/results/lm_mixture_loss_steps.png``, ``..._loss_wall.png``), the weights over
@@ -101,6 +101,7 @@ GAR_ARMS: dict[str, tuple[int, int, int | None, str, str | None]] = {
     "gar_r8_rows8": (1, 8, 8, "ghost", None),
     "gar_dot_r8_rows4": (1, 8, 4, "ghost", "dot"),
     "gar_fd_r8_rows4": (1, 8, 4, "fd", "dot"),
+    "gar_r32": (1, 32, None, "ghost", None),
     "gar_r32_rows4": (1, 32, 4, "ghost", None),
     "gar_fd_r32_rows4": (1, 32, 4, "fd", "dot"),
 }

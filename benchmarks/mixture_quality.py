@@ -29,7 +29,8 @@ batch 64) for the same number of steps under each mixture:
   gradient): ``gar_line`` rewards every step's batch, ``gar_line_k4`` every 4th step's,
   ``gar_line_r8`` every step's against a reference gradient recomputed every 8th step
   (``reference_refresh=8``), ``gar_line_rows16`` 16 rows of every batch of 64 (``rows=16``),
-  ``gar_line_rows16_r8`` both (``gar_line_rows16_r32``: the reference every 32nd step);
+  ``gar_line_rows16_r8`` both (``gar_line_r32``, ``gar_line_rows16_r32``: the reference
+  every 32nd step);
   ``gar_line_fd_rows16_r8`` the same with ``estimator="fd"``
   (forward-only rewards, ``reward="dot"``), ``gar_line_dot_rows16_r8`` its control (the exact
   rewards, ``reward="dot"``). The reference batches are the same as the probe
@@ -107,6 +108,7 @@ LINE_ARMS: dict[str, tuple[int, int, int | None, str]] = {
     "gar_line_r8": (1, 8, None, "ghost"),
     "gar_line_rows16": (1, 1, 16, "ghost"),
     "gar_line_rows16_r8": (1, 8, 16, "ghost"),
+    "gar_line_r32": (1, 32, None, "ghost"),
     "gar_line_rows16_r32": (1, 32, 16, "ghost"),
     "gar_line_fd_rows16_r8": (1, 8, 16, "fd"),
     "gar_line_dot_rows16_r8": (1, 8, 16, "ghost_dot"),  # the estimator's control

@@ -36,6 +36,7 @@ NO_DATA = {
     "gar_cost": ([], "| resnet_bn | gar_every4 |"),
     "dist_cost": ([], "weights identical on both ranks: True"),
     "reference_choice": ([], "| next_batch | "),
+    "short_horizon": ([], "| 8 | r32_rows4 | "),
 }
 
 
