@@ -11,7 +11,7 @@ examples each; an MLP (8-32-4, tanh) trained with AdamW (lr 1e-2) on batches of 
 and horizon (number of steps): the clean source's final weight over ``--seeds`` (mean, min,
 and how many seeds end below 0.9).
 
-    python benchmarks/short_horizon.py             # 16 seeds, 24/96/384 steps (minutes)
+    python benchmarks/short_horizon.py             # 16 seeds, 24/96/384 steps
     python benchmarks/short_horizon.py --quick     # smoke run, writes nothing
     python benchmarks/short_horizon.py --accumulate 2 --dropout 0.1 --horizons 12,48 \
         --out benchmarks/results/short_horizon_accumulate.json
