@@ -12,8 +12,9 @@ step. Figures go to ``benchmarks/results/gar_cost.json``.
 ``--mode heldout`` times the held-out mode instead (what a mixture uses): ``GAR`` with
 ``reference=ReferenceBatches(...)`` of 128 examples from the same data, every step
 (``heldout``), the reference gradient reused for 8 steps (``heldout_r8``), with that and 32
-rows of each batch of 128 rewarded (``heldout_r8_rows32``), and every 4th step with the reuse
-(``heldout_every4_r8``); figures to ``benchmarks/results/gar_cost_heldout.json``.
+rows of each batch of 128 rewarded (``heldout_r8_rows32``; ``heldout_r32_rows32`` with the
+reference every 32nd step), and every 4th step with the reuse (``heldout_every4_r8``);
+figures to ``benchmarks/results/gar_cost_heldout.json``.
 
 The ``fd`` variants use ``GAR(estimator="fd", reward="dot")``: forward-only rewards, two
 no-grad forwards of the rewarded rows (all 128, or 32 with ``rows32``) instead of hooks on
@@ -69,6 +70,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
         "heldout_r8": {"reference": True, "reference_refresh": 8},
         "heldout_r8_rows32": {"reference": True, "reference_refresh": 8, "rows": 32},
         "heldout_every4_r8": {"reference": True, "every": 4, "reference_refresh": 8},
+        "heldout_r32_rows32": {"reference": True, "reference_refresh": 32, "rows": 32},
         "heldout_fd_r8": {
             "reference": True,
             "reference_refresh": 8,

@@ -235,3 +235,13 @@ def loop_rewards(
         dots.append(dot)
         cosines.append(dot / (norm * d_norm))
     return torch.stack(dots), torch.stack(cosines)
+
+
+def cnn_bn_eval() -> nn.Module:
+    """The ``"cnn"`` model with its BatchNorm in eval mode (running statistics: the examples
+    do not mix)."""
+    model = build("cnn")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model

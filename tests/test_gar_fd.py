@@ -17,7 +17,7 @@ import adaptive_data as ad
 from adaptive_data._gar import check_arguments
 from adaptive_data.integrations._common import Wiring
 from tests import models
-from tests.models import CausalLM, lm_batch, lm_loss
+from tests.models import CausalLM, cnn_bn_eval, lm_batch, lm_loss
 
 N = 12  # batch size
 M = 5  # rows rewarded
@@ -25,14 +25,6 @@ M = 5  # rows rewarded
 
 def dropout_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
-
-
-def cnn_bn_eval() -> nn.Module:
-    model = models.build("cnn")
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()  # running statistics: the examples do not mix
-    return model
 
 
 class DictOutput(nn.Module):

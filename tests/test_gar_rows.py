@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import adaptive_data as ad
 from adaptive_data import _ghost
 from tests import models
-from tests.models import CausalLM, lm_batch, lm_loss
+from tests.models import CausalLM, cnn_bn_eval, lm_batch, lm_loss
 
 N = 12  # batch size
 M = 5  # rows rewarded
@@ -32,14 +32,6 @@ class ExpandedLM(CausalLM):
         h = self.tok(x) + self.pos(torch.arange(t).expand(b, t))
         mask = nn.Transformer.generate_square_subsequent_mask(t)
         return self.head(self.body(h, mask=mask, is_causal=True))
-
-
-def cnn_bn_eval() -> nn.Module:
-    model = models.build("cnn")
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()  # running statistics: the examples do not mix
-    return model
 
 
 def lm_data(n: int, seed: int) -> TensorDataset:
