@@ -54,12 +54,15 @@ def per_example_loss(output, y):
     return F.cross_entropy(output, y, reduction="none")
 
 
-def build(max_steps: int, workers: int = 0):
+def build(max_steps: int, workers: int = 0, **gar_options):
     torch.manual_seed(0)
     sources, val = make_data()
     sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
     callback = GARCallback(
-        sampler, reference=ad.ReferenceBatches(val, BATCH, seed=0), loss_fn=per_example_loss
+        sampler,
+        reference=ad.ReferenceBatches(val, BATCH, seed=0),
+        loss_fn=per_example_loss,
+        **gar_options,
     )
     loader = callback.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=workers))
     return sampler, callback, loader, Module()
@@ -96,6 +99,28 @@ def test_lightning_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_p
     logged = fit.callback_metrics
     assert float(logged["mixture/weight/clean"]) == pytest.approx(sampler.weights["clean"])
     assert float(logged["gar/batches_rewarded"]) == 24
+
+
+def test_lightning_with_rows_and_forward_only_rewards_learns_what_the_exact_rewards_learn(
+    tmp_path,
+):
+    """rows= and estimator="fd" through Lightning's loop (accumulation 2, gradient clipping):
+    the forward-only rewards of 4 rows of 16 move the mixture as the exact dot rewards of the
+    same rows do, batch for batch."""
+    runs = {}
+    for estimator in ("ghost", "fd"):
+        sampler, callback, loader, module = build(12, estimator=estimator, reward="dot", rows=4)
+        fit = trainer(tmp_path / estimator, 12, [callback], enable_checkpointing=False)
+        fit.fit(module, loader)
+        runs[estimator] = (sampler, callback.gar)
+    (exact, _), (fd, gar_fd) = runs["ghost"], runs["fd"]
+    assert gar_fd.estimator == "fd"
+    assert gar_fd.rows == 4
+    assert [h["batch"] for h in fd.history] == [h["batch"] for h in exact.history]
+    assert len(fd.history) == 25  # 12 steps x 2 micro-batches, and the initial weights
+    assert fd.weights["clean"] > 0.9, fd.weights
+    for a, b in zip(fd.history[1:], exact.history[1:], strict=True):
+        assert a["weights"]["clean"] == pytest.approx(b["weights"]["clean"], abs=1e-3)
 
 
 def test_lightning_with_dataloader_workers_learns_what_it_learns_without(tmp_path):
