@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
+from tests.mixtures import assert_fd_follows_exact
 
 pl = pytest.importorskip("lightning.pytorch")
 from adaptive_data.integrations.lightning import CHECKPOINT_KEY, GARCallback  # noqa: E402
@@ -114,13 +115,7 @@ def test_lightning_with_rows_and_forward_only_rewards_learns_what_the_exact_rewa
         fit.fit(module, loader)
         runs[estimator] = (sampler, callback.gar)
     (exact, _), (fd, gar_fd) = runs["ghost"], runs["fd"]
-    assert gar_fd.estimator == "fd"
-    assert gar_fd.rows == 4
-    assert [h["batch"] for h in fd.history] == [h["batch"] for h in exact.history]
-    assert len(fd.history) == 25  # 12 steps x 2 micro-batches, and the initial weights
-    assert fd.weights["clean"] > 0.9, fd.weights
-    for a, b in zip(fd.history[1:], exact.history[1:], strict=True):
-        assert a["weights"]["clean"] == pytest.approx(b["weights"]["clean"], abs=1e-3)
+    assert_fd_follows_exact(fd, exact, gar_fd)
 
 
 def test_lightning_with_dataloader_workers_learns_what_it_learns_without(tmp_path):
