@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from . import _fd, _ghost
 from ._batch import call_args, check_same_batch, lead_batch_size, split_batch
@@ -63,10 +63,6 @@ class _Group:
     rows: Tensor | None = None  # the rows rewarded, sorted (None: all)
     entries: set[int] = field(default_factory=set)  # ids of the entries called (cosine check)
     fd: _fd.Kept | None = None  # estimator="fd": the root's inputs and output gradients
-
-
-def _detach(tree: Any) -> Any:
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
 def check_arguments(
@@ -432,18 +428,7 @@ class GAR:
                 "the runs that found where the batch is; GAR(estimator='fd') needs a forward "
                 "whose outputs do not depend on the batch"
             )
-        for leaf, dim in zip(leaves, call.outputs, strict=True):
-            if (
-                isinstance(leaf, Tensor)
-                and dim is not None
-                and dim >= 0
-                and (leaf.dim() <= dim or leaf.shape[dim] != n)
-            ):
-                raise ValueError(
-                    f"GAR(estimator='fd') cannot attribute the model's output of shape "
-                    f"{list(leaf.shape)} to examples: it does not hold the batch (size {n}) in "
-                    f"dim {dim}, where the runs on 2 and 3 examples found it"
-                )
+        _ghost.check_outputs(self._root, call, leaves, n, "GAR(estimator='fd')")
         random = _fd.rng_changed(rng)
         rows = group.rows
         whole = (
@@ -452,7 +437,7 @@ class GAR:
             or self._couples
             or any(d is not None and d < 0 for d in call.inputs)
         )
-        args, kwargs = _detach(args), _detach(kwargs)
+        args, kwargs = _ghost.detach_tree(args), _ghost.detach_tree(kwargs)
         versions: list[tuple[Tensor, int]] = []
         if whole:
             # Held by reference: an in-place edit before step() is caught by its version.
@@ -766,15 +751,12 @@ class GAR:
             ("reward", self.reward),
             ("reference_refresh", self.reference_refresh),
             ("rows", self.rows),
+            (_ESTIMATOR_KEY, self.estimator),
         )
         for key, mine in mine_all:
-            if state[key] != mine:
-                raise ValueError(f"state has {key}={state[key]!r}, but this GAR has {key}={mine!r}")
-        theirs = state.get(_ESTIMATOR_KEY, "ghost")
-        if theirs != self.estimator:
-            raise ValueError(
-                f"state has estimator={theirs!r}, but this GAR has estimator={self.estimator!r}"
-            )
+            theirs = state.get(key, "ghost") if key == _ESTIMATOR_KEY else state[key]
+            if theirs != mine:
+                raise ValueError(f"state has {key}={theirs!r}, but this GAR has {key}={mine!r}")
         ref_grad = self._load_reference_gradient(state["reference_gradient"])  # checked first
         if state["reference"] is not None and self._reference is not None:
             if not hasattr(self._reference, "load_state_dict"):

@@ -1094,6 +1094,23 @@ def unattributable(entry: Entry, shape: list[int], grad: Tensor) -> None:
     )
 
 
+def check_outputs(
+    entry: Entry, call_layout: CallLayout, leaves: Sequence[Any], n: int, who: str
+) -> None:
+    """Raise if an output leaf that requires grad does not hold the batch of ``n`` where the
+    layout runs found it."""
+    for i, leaf in enumerate(leaves):
+        if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+            continue
+        dim = call_layout.outputs[i] if i < len(call_layout.outputs) else None
+        if dim is not None and dim >= 0 and (leaf.dim() <= dim or leaf.shape[dim] != n):
+            raise ValueError(
+                f"{who} cannot attribute module {entry.name!r} ({type(entry.module).__name__}) "
+                f"to examples: its output of shape {list(leaf.shape)} does not hold the batch "
+                f"(size {n}) in dim {dim}, where the runs on 2 and 3 examples found it"
+            )
+
+
 def open_call(
     entry: Entry,
     layout: Layout,
@@ -1120,16 +1137,7 @@ def open_call(
             "forward whose calls do not depend on the batch"
         )
     call_layout = calls[index]
-    for i, leaf in enumerate(leaves):
-        if not (isinstance(leaf, Tensor) and leaf.requires_grad):
-            continue
-        dim = call_layout.outputs[i] if i < len(call_layout.outputs) else None
-        if dim is not None and dim >= 0 and (leaf.dim() <= dim or leaf.shape[dim] != n):
-            raise ValueError(
-                f"{who} cannot attribute module {entry.name!r} ({type(entry.module).__name__}) "
-                f"to examples: its output of shape {list(leaf.shape)} does not hold the batch "
-                f"(size {n}) in dim {dim}, where the runs on 2 and 3 examples found it"
-            )
+    check_outputs(entry, call_layout, leaves, n, who)
     return Call(entry, params, call_layout, layout.shared, args, kwargs, rng), leaves, spec
 
 
@@ -1209,7 +1217,7 @@ class CallCapture:
         index = self._counts.get(id(entry), 0)
         self._counts[id(entry)] = index + 1
         if self.detach:  # detached views share the version counters: in-place edits are caught
-            args, kwargs = _detach(args), _detach(kwargs)
+            args, kwargs = detach_tree(args), detach_tree(kwargs)
         call, leaves, spec = open_call(
             entry,
             layout,
@@ -1239,7 +1247,8 @@ class CallCapture:
         return spec.unflatten(leaves) if self.anchors is not None else None
 
 
-def _detach(tree: Any) -> Any:
+def detach_tree(tree: Any) -> Any:
+    """``tree`` with every tensor detached (views sharing the version counters)."""
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
