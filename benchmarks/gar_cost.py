@@ -20,7 +20,9 @@ The ``fd`` variants use ``GAR(estimator="fd", reward="dot")``: forward-only rewa
 no-grad forwards of the rewarded rows (all 128, or 32 with ``rows32``) instead of hooks on
 every layer. ``--variants`` picks a subset of a mode's variants (``plain`` always runs).
 ``--memory`` runs each variant alone in a subprocess instead and reports its peak resident
-memory (``ru_maxrss``) beside the plain loop's.
+memory (``ru_maxrss``) beside the plain loop's; ``--profile`` runs each under cProfile and
+reports where a step's time goes (the loop, GAR's step, its rewards, the reference gradient,
+the capture hooks).
 
     python benchmarks/gar_cost.py            # full run (about 5 minutes on 2 cores)
     python benchmarks/gar_cost.py --mode heldout
@@ -30,7 +32,9 @@ memory (``ru_maxrss``) beside the plain loop's.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import resource
 import subprocess
 import sys
@@ -141,6 +145,11 @@ def main() -> None:
         action="store_true",
         help="peak resident memory of each variant, each alone in a subprocess",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="where each variant's time goes (cProfile, per step) instead of the timing",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -164,6 +173,9 @@ def main() -> None:
         variants = {v: o for v, o in variants.items() if v == "plain" or v in chosen}
     if args.memory:
         memory(args, variants)
+        return
+    if args.profile:
+        profile(args, variants)
         return
     out_path = args.out or RESULTS / (
         "gar_cost.json" if args.mode == "next_batch" else "gar_cost_heldout.json"
@@ -203,6 +215,48 @@ def main() -> None:
             print(f"| {name} | {v} | {1000 * s['s_per_step']['median']:.1f} | {ratio_text(s)} |")
     if not args.quick:
         write(out_path, results)
+
+
+# What the profile reports, per step: (label, the function's file and name in cProfile's keys).
+PROFILED = (
+    ("GAR.step (all of GAR's work at the step)", "_gar.py", "step"),
+    ("rewards of the kept rows", "_gar.py", "_rewards"),
+    ("reference gradient (amortised)", "_gar.py", "_reference_gradient"),
+    ("capture hooks of the covered layers", "_ghost.py", "_after"),
+)
+
+
+def profile(args: argparse.Namespace, variants: dict[str, Any]) -> None:
+    """Each variant under cProfile for ``--steps`` steps after a warm-up: milliseconds per
+    step of the whole loop and of GAR's parts (cumulative times; cProfile's own overhead
+    inflates them, the plain loop's included); figures to ``gar_cost_profile_<mode>.json``."""
+    results: dict[str, Any] = {**header(), "batch": BATCH, "steps": args.steps, "models": {}}
+    for name in args.models.split(","):
+        factory, make_batch = cases(BATCH)[name]
+        g = torch.Generator().manual_seed(0)
+        xs, ys = zip(*(make_batch(g) for _ in range(4)), strict=True)
+        batches = TensorDataset(torch.cat(xs), torch.cat(ys))
+        out: dict[str, Any] = {}
+        for v, options in variants.items():
+            loop = make_loop(factory, batches, options)
+            loop(4)  # warm-up (and GAR's first kept batch)
+            prof = cProfile.Profile()
+            t = time.perf_counter()
+            prof.runcall(loop, args.steps)
+            total = time.perf_counter() - t
+            cumulative = {
+                (Path(f).name, fn): row[3]
+                for (f, _, fn), row in pstats.Stats(prof).stats.items()  # type: ignore[attr-defined]
+            }
+            parts = {label: cumulative.get((f, fn), 0.0) for label, f, fn in PROFILED}
+            out[v] = {"loop": total / args.steps} | {k: p / args.steps for k, p in parts.items()}
+            print(
+                f"{name} {v}: " + ", ".join(f"{k} {1000 * ms:.2f} ms" for k, ms in out[v].items()),
+                flush=True,
+            )
+        results["models"][name] = out
+    if not args.quick:
+        write(args.out or RESULTS / f"gar_cost_profile_{args.mode}.json", results)
 
 
 def memory(args: argparse.Namespace, variants: dict[str, Any]) -> None:

@@ -48,6 +48,24 @@ def test_quick_run(script: str) -> None:
     assert expected in done.stdout
 
 
+def test_gar_cost_profile_reports_where_the_time_goes() -> None:
+    done = _run(
+        "benchmarks/gar_cost.py",
+        "--quick",
+        "--mode",
+        "heldout",
+        "--models",
+        "mlp",
+        "--variants",
+        "heldout_r8_rows32",
+        "--profile",
+    )
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("mlp heldout_r8_rows32:"))
+    assert "rewards of the kept rows" in line
+    assert "capture hooks of the covered layers" in line
+
+
 def test_gar_cost_quick_in_the_held_out_mode() -> None:
     done = _run("benchmarks/gar_cost.py", "--quick", "--mode", "heldout", "--models", "mlp")
     assert done.returncode == 0, done.stderr
