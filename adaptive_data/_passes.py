@@ -11,7 +11,7 @@ an epoch stands for a checkpoint.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ._lag import lag_needed
@@ -91,6 +91,11 @@ class Passes:
         self.active: SamplerIterator | None = None
         self.open: Pass | None = None  # the tracked pass the next iteration belongs to
         self.deliveries = DeliveryLog(reward_window)  # ids handed to the loop
+
+    def resume(self, epoch: int | None, pos: int, replay: Iterable[Record]) -> None:
+        """Stand at batch ``pos`` of ``epoch`` (a checkpoint's position), with ``replay`` to
+        yield again before new batches are drawn."""
+        self.epoch, self.pos, self.replay = epoch, pos, deque(replay)
 
     def iterator_state(self, it: SamplerIterator) -> dict[str, Any]:
         if it.started and self.active is it:

@@ -455,9 +455,9 @@ class GARSampler(Sampler[list[int]]):
                 self._new_epoch()
             else:
                 start = state[ckpt.POSITION] if not isinstance(target, tuple) else target[2]
-                self._passes.epoch = state[ckpt.EPOCH]
-                self._passes.pos = start
-                self._passes.replay = deque(r for r in replay if r.position > start)
+                self._passes.resume(
+                    state[ckpt.EPOCH], start, (r for r in replay if r.position > start)
+                )
         else:
             if isinstance(target, tuple):
                 raise RuntimeError(
@@ -763,15 +763,13 @@ class GARSampler(Sampler[list[int]]):
     def _apply(self, state: Mapping[str, Any]) -> None:
         self._policy.load_state_dict(state[ckpt.POLICY])
         self._passes.next_epoch = int(state[ckpt.NEXT_EPOCH])
-        self._passes.epoch = state[ckpt.EPOCH]
-        self._passes.pos = int(state[ckpt.POSITION])
-        # The reward window as it was, oldest first: the batches that can still be rewarded
-        # with their keys, the rewarded and lost ones as placeholders (same eviction order).
-        self._passes.replay = deque(ckpt.undelivered(state))
+        self._passes.resume(state[ckpt.EPOCH], int(state[ckpt.POSITION]), ckpt.undelivered(state))
         learner = self._learner
         learner.history.load(state[ckpt.HISTORY])
         learner.reward_means = [float(v) for v in state[ckpt.REWARD_MEANS]]
         drawn, learner.rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
+        # The reward window as it was, oldest first: the batches that can still be rewarded
+        # with their keys, the rewarded and lost ones as placeholders (same eviction order).
         self._records.restore(ckpt.window_records(state), dropped)
         tf = self.transform
         if tf is not None:
