@@ -73,6 +73,15 @@ class UpdateStatistics:
         return UpdateStatistics(sources, augment_policy.statistics_from_flat(flat[width:]))
 
 
+def check_lag(state: Mapping[str, Any], lag: int) -> None:
+    """Raise if a :meth:`LaggedPolicies.state_dict` was saved with another lag."""
+    if int(state["lag"]) != lag:
+        raise ValueError(
+            f"state has lag={int(state['lag'])}, but this sampler has lag={lag}: the "
+            "batches drawn after the checkpoint depend on it"
+        )
+
+
 class LaggedPolicies:
     """The policies a :class:`GARSampler` draws from, and the updates waiting for their fixed
     point (``batch id + lag``). Holds copies: the live policies are the sampler's and the
@@ -172,11 +181,7 @@ class LaggedPolicies:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state["lag"]) != self.lag:
-            raise ValueError(
-                f"state has lag={int(state['lag'])}, but this sampler has lag={self.lag}: the "
-                "batches drawn after the checkpoint depend on it"
-            )
+        check_lag(state, self.lag)
         self.policy.load_state_dict(state["policy"])
         if self.augment is not None:
             if state["augment"] is None:
