@@ -62,7 +62,7 @@ least two of the three data sets and never loses to ``trivial_augment``.
 Measured: the full study (3 data sets x 10 arms x seeds 0,1,2, one torch thread on a 2-core
 CPU shared with other work) took 3,198 s (53 minutes: digits 6, Fashion-MNIST 11, CIFAR-10
 36, test passes included); results in ``benchmarks/results/augment_study.json`` and
-benchmarks/README.md. It ran against the library of commit 005a470 (``PYTHONPATH`` pointing at
+docs/benchmark-log.md. It ran against the library of commit 005a470 (``PYTHONPATH`` pointing at
 an export of it, as the working tree held uncommitted sampler changes); the results file
 records which ``adaptive_data`` was imported. The data folder (default
 ``../shared/data`` beside the repository) holds ``fashion-mnist/`` and

@@ -37,8 +37,8 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from adaptive_data._records import Record as _Record
-from adaptive_data._sampler import GARSampler
+from adaptive_data.sampling._records import Record as _Record
+from adaptive_data.sampling._sampler import GARSampler
 
 from _common import header, paired, print_rate_table, stats, write
 

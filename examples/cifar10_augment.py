@@ -142,7 +142,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     # TrivialAugmentWide's space, learned: opt-in, since learning has not been shown to beat
-    # its frozen control (benchmarks/README.md, "Augmentation: what the reward learns")
+    # its frozen control (docs/benchmark-log.md, "Augmentation: what the reward learns")
     tf = ad.GARTransform(learn_ops=True, learn_magnitudes=True)
     pipeline = v2.Compose(
         [

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import adaptive_data as ad
-from adaptive_data._direction import precondition
+from adaptive_data.probe._direction import precondition
 from tests.test_gar import LOSS, cnn, data, mlp, snapshot
 
 

@@ -23,7 +23,7 @@ from adaptive_data import (
     apply_op,
     trivial_augment_wide_table,
 )
-from adaptive_data._augment import NO_AUGMENTATION
+from adaptive_data.augment._transform import NO_AUGMENTATION
 
 TA = v2.TrivialAugmentWide()
 

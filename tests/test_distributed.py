@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
-from adaptive_data._shards import ShardOrder
+from adaptive_data.sampling._shards import ShardOrder
 
 
 def tagged(sid: int, n: int) -> TensorDataset:
@@ -252,8 +252,8 @@ def scenario_ddp_gar(rank: int, world: int, **options) -> dict:
 
 
 def scenario_held_out_gar(rank: int, world: int) -> dict:
-    from adaptive_data._direction import mean_loss_gradient
     from adaptive_data._distributed import current_group
+    from adaptive_data.probe._direction import mean_loss_gradient
 
     parts = [torch.full((2, 3), float(rank)), torch.arange(4.0) * (rank + 1)]
     mean = current_group(None, None).all_reduce_mean(parts, "a test")

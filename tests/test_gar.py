@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
 import adaptive_data as ad
-from adaptive_data._direction import precondition
+from adaptive_data.probe._direction import precondition
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 

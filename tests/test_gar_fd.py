@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
-from adaptive_data._gar import check_arguments
+from adaptive_data.gar._gar import check_arguments
 from adaptive_data.integrations._common import Wiring
 from tests import models
 from tests.models import CausalLM, cnn_bn_eval, lm_batch, lm_loss
@@ -161,7 +161,7 @@ def test_a_wrong_step_or_a_missing_rng_replay_breaks_the_agreement(monkeypatch):
     """The agreement test can fail: a relative step of 0.15 (1e7 times too large), or dropout
     masks drawn afresh instead of the training forward's, put the rewards far off the
     ghost's."""
-    from adaptive_data import _fd
+    from adaptive_data.probe import _fd
 
     ghost, _, _ = train("dropout", "ghost", M, True, torch.float64)
     monkeypatch.setattr(_fd, "relative_step", lambda dtype: 0.15)

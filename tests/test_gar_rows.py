@@ -16,7 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
-from adaptive_data import _ghost
+from adaptive_data.probe._calls import rows_independent
+from adaptive_data.probe._layout import UNKNOWN, CallLayout
+from adaptive_data.probe._plan import Entry
+from adaptive_data.probe.rules import ghost_rules
 from tests import models
 from tests.models import CausalLM, cnn_bn_eval, lm_batch, lm_loss
 
@@ -149,17 +152,17 @@ def test_the_hooks_keep_only_the_chosen_rows():
 
 
 def test_rows_independent_says_which_calls_can_be_cut():
-    rules = _ghost.ghost_rules()
-    layout = _ghost.CallLayout((0,), (0,), (True,))
+    rules = ghost_rules()
+    layout = CallLayout((0,), (0,), (True,))
     x = (torch.randn(4, 3),)
 
     def cut(module: nn.Module, args: tuple = x, root: bool = False, lay=layout) -> bool:
-        entry = _ghost.Entry("m", module, rules[type(module)], {}, root=root)
-        return _ghost.rows_independent(entry, lay, args, {})
+        entry = Entry("m", module, rules[type(module)], {}, root=root)
+        return rows_independent(entry, lay, args, {})
 
     assert cut(nn.Linear(3, 3))
     assert not cut(nn.Linear(3, 3), root=True)  # a replay of the whole model
-    assert not cut(nn.Linear(3, 3), lay=_ghost.CallLayout((_ghost.UNKNOWN,), (0,), (True,)))
+    assert not cut(nn.Linear(3, 3), lay=CallLayout((UNKNOWN,), (0,), (True,)))
     assert not cut(nn.BatchNorm1d(3).train())  # batch statistics
     assert cut(nn.BatchNorm1d(3).eval())  # running statistics
     tokens = (torch.randint(0, 5, (4, 2)),)
@@ -167,10 +170,10 @@ def test_rows_independent_says_which_calls_can_be_cut():
     assert not cut(nn.Embedding(5, 3, scale_grad_by_freq=True), tokens)  # per-batch counts
     mha = nn.MultiheadAttention(4, 2, batch_first=True)
     q = torch.randn(3, 5, 4)
-    three = _ghost.CallLayout((0, 0, 0), (0, None), (True, False))
+    three = CallLayout((0, 0, 0), (0, None), (True, False))
     assert cut(mha, (q, q, q), lay=three)
     mask3 = torch.zeros(3 * 2, 5, 5)  # batch x heads in one dim
-    four = _ghost.CallLayout((0, 0, 0, 0), (0, None), (True, False))
+    four = CallLayout((0, 0, 0, 0), (0, None), (True, False))
     assert not cut(mha, (q, q, q, None, False, mask3), lay=four)
     assert not cut(
         nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True).train(), (q, q, q), lay=three

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptive_data._history import History
+from adaptive_data.policy._history import History
 
 
 def filled(n: int, width: int = 3, block: int = 4) -> History:

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 from adaptive_data import GARSampler
-from adaptive_data._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
-from adaptive_data._policy import CategoricalPolicy
+from adaptive_data.policy._categorical import CategoricalPolicy
+from adaptive_data.sampling._lag import DEFAULT_LAG, LaggedPolicies, UpdateStatistics, lag_needed
 
 from .test_sampler import make, reward_of
 

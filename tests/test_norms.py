@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from adaptive_data._norms import _conv_gram_is_cheaper, _unfold2d, norm_rule
+from adaptive_data.probe.rules import rule_for
+from adaptive_data.probe.rules.conv import gram_is_cheaper as _conv_gram_is_cheaper
+from adaptive_data.probe.rules.conv import unfold2d as _unfold2d
 
 
 def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -105,8 +107,9 @@ def test_norm_and_dot_match_per_example_gradients(case: str, frozen: str | None)
     d = {n: torch.randn(getattr(module, n).shape, generator=g) for n in names}
     if isinstance(module, nn.Embedding) and module.padding_idx is not None:
         d["weight"][module.padding_idx] = 0  # the padding row gets no gradient
-    rule = norm_rule(module)
-    assert rule is not None
+    found = rule_for(module)
+    assert found is not None
+    rule = found.batch_pieces
     with torch.no_grad():
         sq, dot, kept = rule(module, x, b, names, d)
         sq_only, none, _ = rule(module, x, b, names, None)
@@ -150,7 +153,7 @@ def test_unfold_equals_torch_unfold(stride, dilation, padding) -> None:
 
 def test_broken_invariants_raise_real_errors():
     """The invariants that were asserts (gone under ``python -O``) raise RuntimeError."""
-    from adaptive_data._norms import _Sums
+    from adaptive_data.probe.rules import Sums as _Sums
 
     with pytest.raises(RuntimeError, match=r"direction of parameter 'weight' was read by a"):
         _Sums(3, torch.device("cpu"), None).d("weight")

@@ -9,7 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_data._policy import NORMALIZATIONS, RULES, CategoricalPolicy, ChoiceStatistics
+from adaptive_data.policy._categorical import (
+    NORMALIZATIONS,
+    RULES,
+    CategoricalPolicy,
+    ChoiceStatistics,
+)
 
 
 def assert_valid(policy: CategoricalPolicy) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import adaptive_data as ad
-from adaptive_data._ghost import ghost_rules, jvp_tangent
+from adaptive_data.probe.rules import ghost_rules, jvp_tangent
 from tests.models import loop_oracle, loss_fn, random_direction
 
 CONFIGS = {

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import adaptive_data as ad
-from adaptive_data import _ghost
+from adaptive_data.probe import _layout, _plan
+from adaptive_data.probe.rules import attention, generic
 from tests import models
 from tests.models import SEQ, CausalLM, lm_batch, lm_loss, loop_rewards
 from tests.test_probe_attention import CALLS, CONFIGS, _inputs
@@ -50,7 +51,7 @@ def test_ghost_without_the_whole_model_jvp_matches_the_loop_oracle(kind, monkeyp
     """With examples coupled elsewhere (BatchNorm in train mode), the dot reward does not switch
     to one whole-model JVP: the parameters of modules whose output holds no batch are covered
     by a JVP of the root restricted to them, the others by their rules. Forced here."""
-    monkeypatch.setattr(_ghost, "couples_examples", lambda model: True)
+    monkeypatch.setattr(_plan, "couples_examples", lambda model: True)
     model, x, y, d = _setup(kind, SEQ)
     dot, _ = loop_rewards(model, lm_loss, x, y, d)
     got = ad.GradientProbe(model, lm_loss)(x, y, direction=d)  # verifies the sum on this call
@@ -62,8 +63,8 @@ def test_the_layout_puts_the_position_embedding_at_the_root() -> None:
     share a weight, so its per-example gradients are summed over both before the norm."""
     model, x, _, _ = _setup("causal_lm_tied", SEQ)
     params = dict(model.named_parameters())
-    entries = _ghost.plan(model, params, "jvp")
-    layout = _ghost.detect_layout(model, entries, (x,), {}, SEQ, "test")
+    entries = _plan.plan(model, params, "jvp")
+    layout = _layout.detect_layout(model, entries, (x,), {}, SEQ, "test")
     assert [e.name for e in layout.rehomed] == ["pos"]
     assert set(layout.root_params) == {"pos.weight"}
     assert layout.shared == {"tok.weight"}
@@ -132,10 +133,10 @@ def test_attention_norms_match_per_example_gradients(config: str, call: str) -> 
     grads = [torch.randn(o.shape, generator=g) for o in outs]
     d = {name: torch.randn(p.shape, generator=g) for name, p in mha.named_parameters()}
     names = [n for n, _ in mha.named_parameters()]
-    pieces = _ghost.attention_pieces(mha, args, kwargs, dict(enumerate(grads)), names, d, [])
+    pieces = attention.attention_pieces(mha, args, kwargs, dict(enumerate(grads)), names, d, [])
     if pieces is None:  # bias_k/bias_v, add_zero_attn: the generic rule
         dims = [0 if (j == 1 or mha.batch_first) else 1 for j in range(len(grads))]
-        pieces = _ghost.generic_pieces(
+        pieces = generic.generic_pieces(
             mha, args, kwargs, None, dict(enumerate(grads)), dims, names, d, []
         )
     sq, dot, _ = pieces
@@ -152,7 +153,7 @@ def test_attention_norms_keep_the_per_example_gradients_of_shared_weights() -> N
     (out,) = [o for o in mha(*args, **kwargs) if o is not None]
     b = torch.randn(out.shape, generator=g)
     names = [n for n, _ in mha.named_parameters()]
-    sq, _, kept = _ghost.attention_pieces(mha, args, kwargs, {0: b}, names, None, names)
+    sq, _, kept = attention.attention_pieces(mha, args, kwargs, {0: b}, names, None, names)
     assert torch.equal(sq, torch.zeros(3))
     for i in range(3):
         gs = torch.autograd.grad((out[i] * b[i]).sum(), list(mha.parameters()), retain_graph=True)

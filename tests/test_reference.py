@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import IterableDataset, TensorDataset
 
-from adaptive_data._reference import ReferenceBatches
+from adaptive_data.sampling._reference import ReferenceBatches
 
 
 def pairs(n: int) -> TensorDataset:

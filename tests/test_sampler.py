@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from adaptive_data._policy import CategoricalPolicy
-from adaptive_data._sampler import GARSampler, MixtureDataset
+from adaptive_data.policy._categorical import CategoricalPolicy
+from adaptive_data.sampling._sampler import GARSampler, MixtureDataset
 
 # Every example is (source id, index in source): the data itself says where it came from, so
 # a reward computed from it exposes any misattribution.
@@ -932,7 +932,7 @@ def test_end_to_end_with_the_probe_downweights_random_labels():
     from torch import nn
 
     import adaptive_data as ad
-    from adaptive_data._reference import ReferenceBatches
+    from adaptive_data.sampling._reference import ReferenceBatches
 
     digits = datasets.load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import adaptive_data as ad
-from adaptive_data._sampler import MixtureDataset
+from adaptive_data.sampling._sampler import MixtureDataset
 
 from .test_sampler import Oracle, reward_of
 

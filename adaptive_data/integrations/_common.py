@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._gar import GAR, check_arguments
-from .._sampler import GARSampler
+from ..gar._gar import GAR, check_arguments
+from ..sampling._sampler import GARSampler
 
 __all__: list[str] = []
 

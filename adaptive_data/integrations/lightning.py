@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from .._gar import GAR
-from .._sampler import GARSampler
-from .._tracking import TrackedLoader
+from ..gar._gar import GAR
+from ..sampling._sampler import GARSampler
+from ..sampling._tracking import TrackedLoader
 from ._common import Wiring
 
 __all__ = ["CHECKPOINT_KEY", "GARCallback"]

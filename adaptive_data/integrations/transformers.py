@@ -31,10 +31,10 @@ from transformers.trainer_utils import (
     seed_worker,
 )
 
-from .._gar import GAR
-from .._reference import ReferenceBatches
-from .._sampler import GARSampler
-from .._tracking import TrackedLoader
+from ..gar._gar import GAR
+from ..sampling._reference import ReferenceBatches
+from ..sampling._sampler import GARSampler
+from ..sampling._tracking import TrackedLoader
 from ._common import Wiring, load, save
 
 __all__ = ["STATE_FILE", "GARCallback", "GARTrainer", "GARTrainerMixin"]

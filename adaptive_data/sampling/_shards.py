@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._mix import mix
+from .._mix import mix
 
 __all__ = ["ShardOrder"]
 

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._check import check_int, check_keys
-from ._history import History
-from ._policy import (
+from .._check import check_int, check_keys
+from ..policy._categorical import (
     DEFAULT_LR,
     STATS_HEAD,
     CategoricalPolicy,
@@ -24,6 +23,7 @@ from ._policy import (
     check_policy_state,
     check_rewards,
 )
+from ..policy._history import History
 
 __all__ = [
     "KERNELS",

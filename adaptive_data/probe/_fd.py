@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._state import RngSnapshot
+from ._model_state import RngSnapshot
 
 __all__: list[str] = []
 

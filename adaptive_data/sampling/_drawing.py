@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._augment_policy import NO_AUGMENTATION
+from .._mix import mix
+from ..augment._policy import NO_AUGMENTATION
 from ._lag import LaggedPolicies
-from ._mix import mix
 from ._records import Decisions, Record
 from ._shards import ShardOrder
 
 if TYPE_CHECKING:
-    from ._augment_policy import AugmentPolicy
-    from ._policy import CategoricalPolicy
+    from ..augment._policy import AugmentPolicy
+    from ..policy._categorical import CategoricalPolicy
 
 __all__ = ["Drawer"]
 

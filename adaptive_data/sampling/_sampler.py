@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from .._check import check_int, check_number, int_list, is_int
+from .._distributed import Group, current_group
+from ..policy._categorical import CategoricalPolicy, check_rewards
 from . import _checkpoint as ckpt
-from ._check import check_int, check_number, int_list, is_int
-from ._distributed import Group, current_group
 from ._drawing import Drawer
 from ._lag import DEFAULT_LAG, LaggedPolicies
 from ._learning import Learner
@@ -40,19 +41,18 @@ from ._mixture_dataset import (
     resolve_sources,
 )
 from ._passes import Passes, SamplerIterator
-from ._policy import CategoricalPolicy, check_rewards
 from ._records import Record, RewardWindow
 from ._shards import ShardOrder
 from ._streams import ON_STREAM_END, StreamReaders, is_stream
 from ._tracking import TrackedLoader
 
 if TYPE_CHECKING:
-    from ._augment import GARTransform
+    from ..augment._transform import GARTransform
 
 
 def _is_gar_transform(obj: Any) -> bool:
     """Whether ``obj`` is a GARTransform; imports torchvision's v2 (slow) only when asked."""
-    from ._augment import GARTransform
+    from ..augment._transform import GARTransform
 
     return isinstance(obj, GARTransform)
 

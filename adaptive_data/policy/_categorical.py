@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._check import check_int, check_keys, check_number, int_list
+from .._check import check_int, check_keys, check_number, int_list
 
 __all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy", "ChoiceStatistics"]
 

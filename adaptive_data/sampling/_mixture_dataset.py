@@ -19,7 +19,7 @@ from ._streams import StreamReaders, is_stream
 from ._structure import difference, structure
 
 if TYPE_CHECKING:
-    from ._augment import GARTransform
+    from ..augment._transform import GARTransform
 
 __all__ = [
     "Decision",

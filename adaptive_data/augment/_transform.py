@@ -17,7 +17,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from ._augment_policy import (
+from .._check import is_real
+from ._policy import (
     DEFAULT_OP_LR,
     KERNELS,
     MAGNITUDE_LR_RATIO,
@@ -26,7 +27,6 @@ from ._augment_policy import (
     AugmentStatistics,
     trivial_augment_wide_table,
 )
-from ._check import is_real
 
 __all__ = [
     "DEFAULT_OP_LR",

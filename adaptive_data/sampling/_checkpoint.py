@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._check import check_keys
+from .._check import check_keys
 from ._lag import check_lag
 from ._records import Record
 

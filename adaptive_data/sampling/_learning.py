@@ -13,14 +13,14 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._distributed import Group
-from ._history import History
+from .._distributed import Group
+from ..policy._categorical import CategoricalPolicy
+from ..policy._history import History
 from ._lag import UpdateStatistics
-from ._policy import CategoricalPolicy
 from ._records import Record
 
 if TYPE_CHECKING:
-    from ._augment import GARTransform
+    from ..augment._transform import GARTransform
 
 __all__ = ["Learner"]
 

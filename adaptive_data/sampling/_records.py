@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._augment_policy import NO_AUGMENTATION
+from ..augment._policy import NO_AUGMENTATION
 from ._mixture_dataset import Decision, KeyBatch
 
 __all__ = ["Decisions", "Record", "RewardWindow"]

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._batch import per_example_losses
-from ._state import preserved
+from .._batch import per_example_losses
+from ._model_state import preserved
 
 __all__: list[str] = []
 

@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from . import _ghost
-from ._batch import (
+from .._batch import (
     Inputs,
     batch_size,
     call_args,
@@ -22,7 +21,10 @@ from ._batch import (
     per_example_losses,
     split_batch,
 )
-from ._check import check_int, check_number
+from .._check import check_int, check_number
+from . import _plan
+from ._calls import per_example_dot
+from ._capture import GhostRun
 from ._direction import (
     Direction,
     check_direction,
@@ -36,8 +38,9 @@ from ._direction import (
     trainable_parameters,
     zero_rows,
 )
-from ._ghost import GhostRun
-from ._state import cuda_devices, forward_ad_friendly, preserved
+from ._layout import Layout, Layouts
+from ._model_state import cuda_devices, forward_ad_friendly, preserved
+from ._plan import plan
 
 __all__ = ["METHODS", "REWARDS", "GradientProbe"]
 
@@ -145,10 +148,10 @@ class GradientProbe:
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters (every requires_grad is False)")
-        self._plan = _ghost.plan(model, params, fallback) if method == "ghost" else []
+        self._plan = plan(model, params, fallback) if method == "ghost" else []
         # The root holds bare parameters (a GPT's position embedding): see _run_ghost.
         self._replays_root = any(e.root and e.params for e in self._plan)
-        self._layouts = _ghost.Layouts(model, self._plan, "method='ghost'", fallback)
+        self._layouts = Layouts(model, self._plan, "method='ghost'", fallback)
         self._frozen_rows = gradient_free_rows(model, params)
         self._param_ids = tuple(id(p) for p in params.values())
 
@@ -255,7 +258,7 @@ class GradientProbe:
 
     def _run_ghost(self, job: _Job) -> _Result:
         args, kwargs, y, n, d, params, norms = job
-        whole_jvp = not norms and not _ghost.couples_examples(self.model)
+        whole_jvp = not norms and not _plan.couples_examples(self.model)
         if whole_jvp and self._replays_root:
             # The root module holds bare parameters: replaying it by forward-mode AD costs a
             # whole-model JVP anyway, and with independent examples that one pass gives all of r.
@@ -295,7 +298,7 @@ class GradientProbe:
     def _verify_ghost(
         self,
         run: GhostRun,
-        layout: _ghost.Layout,
+        layout: Layout,
         grads: Mapping[str, Tensor | None],
         d: Direction,
     ) -> None:
@@ -445,7 +448,7 @@ class GradientProbe:
         local = {k: d[g] for k, g in names.items()}
         weight = local.get("weight", torch.zeros_like(head.weight))
         bias = None if head.bias is None else local.get("bias", torch.zeros_like(head.bias))
-        return _ghost.per_example_dot(b, F.linear(inp, weight, bias), 0), None
+        return per_example_dot(b, F.linear(inp, weight, bias), 0), None
 
     def _head_reference(
         self, args: tuple, kwargs: dict, y: Any, n: int, params: dict[str, nn.Parameter]

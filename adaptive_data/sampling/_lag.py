@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._check import check_int
-from ._policy import CategoricalPolicy, ChoiceStatistics
+from .._check import check_int
+from ..policy._categorical import CategoricalPolicy, ChoiceStatistics
 
 if TYPE_CHECKING:
-    from ._augment_policy import AugmentPolicy, AugmentStatistics
+    from ..augment._policy import AugmentPolicy, AugmentStatistics
 
 __all__ = ["DEFAULT_LAG", "LaggedPolicies", "UpdateStatistics", "lag_needed"]
 

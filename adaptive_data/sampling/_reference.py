@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from ._check import check_int
-from ._mix import mix
+from .._check import check_int
+from .._mix import mix
 from ._streams import is_stream
 
 __all__ = ["ReferenceBatches"]

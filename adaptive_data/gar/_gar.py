@@ -12,10 +12,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from . import _fd, _ghost
-from ._batch import call_args, check_same_batch, lead_batch_size, split_batch
-from ._check import check_int
-from ._direction import (
+from .._batch import call_args, check_same_batch, lead_batch_size, split_batch
+from .._check import check_int
+from .._mix import mix
+from ..probe import _fd
+from ..probe._calls import Accumulator, Call, rows_independent
+from ..probe._capture import CallCapture, check_outputs, detach_tree
+from ..probe._direction import (
     Direction,
     check_optimizer,
     check_unsharded,
@@ -27,11 +30,12 @@ from ._direction import (
     trainable_parameters,
     zero_rows,
 )
-from ._ghost import Call
-from ._mix import mix
-from ._probe import REWARDS
-from ._sampler import GARSampler
-from ._state import RngSnapshot, cuda_devices
+from ..probe._layout import Layout, Layouts
+from ..probe._model_state import RngSnapshot, cuda_devices
+from ..probe._plan import Entry, couples_examples, plan
+from ..probe._probe import REWARDS
+from ..probe.rules import FALLBACK_RULE, registered_names
+from ..sampling._sampler import GARSampler
 
 __all__ = ["GAR"]
 
@@ -228,11 +232,11 @@ class GAR:
         inner = None if optimizer is None else check_optimizer(optimizer, params)
         if estimator == "fd":
             # The root alone: where its inputs and outputs hold the batch.
-            entries = [_ghost.Entry("<root>", core, _ghost.FALLBACK_RULE, {}, root=True)]
+            entries = [Entry("<root>", core, FALLBACK_RULE, {}, root=True)]
         else:
-            entries = _ghost.plan(core, params, fallback="jvp")
-        if estimator == "ghost" and not any(e.rule is not _ghost.FALLBACK_RULE for e in entries):
-            allowed = ", ".join(sorted(cls.__name__ for cls in _ghost.ghost_rules()))
+            entries = plan(core, params, fallback="jvp")
+        if estimator == "ghost" and not any(e.rule is not FALLBACK_RULE for e in entries):
+            allowed = registered_names()
             raise ValueError(
                 f"GAR found no layer it covers in {type(core).__name__}: it needs at least one "
                 f"of {allowed} with trainable parameters"
@@ -278,10 +282,10 @@ class GAR:
         self._last_mean = math.nan
         # Where each covered layer holds the batch, found per input signature (two small
         # forwards, once) at the first kept batch; the calls of the current forward, counted.
-        self._layouts = _ghost.Layouts(core, entries, "GAR")
-        self._layout: _ghost.Layout | None = None
+        self._layouts = Layouts(core, entries, "GAR")
+        self._layout: Layout | None = None
         self._batch_size = 0
-        self._capture: _ghost.CallCapture | None = None  # the covered layers' hooks (ghost)
+        self._capture: CallCapture | None = None  # the covered layers' hooks (ghost)
         self._handles: list[Any] = [
             core.register_forward_pre_hook(self._begin),
             core.register_forward_pre_hook(self._find_layout, with_kwargs=True),
@@ -289,16 +293,16 @@ class GAR:
         if estimator == "fd":
             self._root = entries[0]
             self._param_set = frozenset(id(p) for p in params.values())
-            self._couples = _ghost.couples_examples(core)
+            self._couples = couples_examples(core)
             # Per layout: what to do with each output leaf (found once per input signature).
-            self._actions: dict[int, tuple[_ghost.Layout, dict[int, Any]]] = {}
+            self._actions: dict[int, tuple[Layout, dict[int, Any]]] = {}
             self._fd_rng: RngSnapshot | None = None
             self._handles += [
                 core.register_forward_pre_hook(self._fd_begin),
                 core.register_forward_hook(self._fd_keep, with_kwargs=True),
             ]
         else:
-            self._capture = _ghost.CallCapture(
+            self._capture = CallCapture(
                 entries,
                 "GAR",
                 self._devices,
@@ -428,7 +432,7 @@ class GAR:
                 "the runs that found where the batch is; GAR(estimator='fd') needs a forward "
                 "whose outputs do not depend on the batch"
             )
-        _ghost.check_outputs(self._root, call, leaves, n, "GAR(estimator='fd')")
+        check_outputs(self._root, call, leaves, n, "GAR(estimator='fd')")
         random = _fd.rng_changed(rng)
         rows = group.rows
         whole = (
@@ -437,7 +441,7 @@ class GAR:
             or self._couples
             or any(d is not None and d < 0 for d in call.inputs)
         )
-        args, kwargs = _ghost.detach_tree(args), _ghost.detach_tree(kwargs)
+        args, kwargs = detach_tree(args), detach_tree(kwargs)
         versions: list[tuple[Tensor, int]] = []
         if whole:
             # Held by reference: an in-place edit before step() is caught by its version.
@@ -465,7 +469,7 @@ class GAR:
         if group is None:
             return None
         kept = _Kept(call)
-        if group.rows is not None and _ghost.rows_independent(
+        if group.rows is not None and rows_independent(
             call.entry, call.layout, call.args or (), call.kwargs or {}
         ):
             call.select_rows(group.rows)  # keep the chosen rows only
@@ -668,7 +672,7 @@ class GAR:
         device = next(iter(d.values())).device
         cosine = self.reward == "cosine"
         rows = None if group.rows is None else group.rows.to(device)
-        acc = _ghost.Accumulator(group.n if rows is None else len(rows), device, norms=cosine)
+        acc = Accumulator(group.n if rows is None else len(rows), device, norms=cosine)
         self._paused = True  # forwards replayed by the rules are not training batches
         try:
             with torch.no_grad():
@@ -679,7 +683,7 @@ class GAR:
                         continue
                     # A call whose examples mix (batch statistics, a replay): the whole
                     # batch, then the chosen rows.
-                    whole = _ghost.Accumulator(group.n, device, norms=cosine)
+                    whole = Accumulator(group.n, device, norms=cosine)
                     kept.call.contribute(whole, grads, d, cosine)
                     acc.add_rows(kept.call.entry.name, whole, rows)
         finally:

@@ -1,0 +1,284 @@
+"""The capture path of the covered layers, shared by a probe call (:class:`GhostRun`) and a
+training forward (``GAR``): hooks that number each call of a covered module, snapshot the RNG
+where a rule may replay the forward, match the call to the layout and hand over its outputs."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ._calls import Accumulator, Call, needs_rng
+from ._layout import CallLayout, Layout
+from ._model_state import RngSnapshot
+from ._plan import Entry
+
+__all__: list[str] = []
+
+
+def register_call_hooks(
+    entries: Sequence[Entry], before: Callable[..., Any], after: Callable[..., Any]
+) -> list[Any]:
+    """On every covered module: ``before(entry, module, args)`` as a forward pre-hook (to
+    snapshot the RNG for rules that replay the forward) and ``after(entry, module, args,
+    kwargs, output)`` as a forward hook. Returns the handles."""
+    handles: list[Any] = []
+    for entry in entries:
+        handles.append(entry.module.register_forward_pre_hook(functools.partial(before, entry)))
+        handles.append(
+            entry.module.register_forward_hook(functools.partial(after, entry), with_kwargs=True)
+        )
+    return handles
+
+
+def unattributable(entry: Entry, shape: list[int], grad: Tensor) -> None:
+    raise ValueError(
+        f"the loss reads an output of module {entry.name!r} ({type(entry.module).__name__}) of "
+        f"shape {shape} that does not hold the batch, so its gradient cannot be split into "
+        "examples; loss_fn should use outputs that hold the batch"
+    )
+
+
+def check_outputs(
+    entry: Entry, call_layout: CallLayout, leaves: Sequence[Any], n: int, who: str
+) -> None:
+    """Raise if an output leaf that requires grad does not hold the batch of ``n`` where the
+    layout runs found it."""
+    for i, leaf in enumerate(leaves):
+        if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+            continue
+        dim = call_layout.outputs[i] if i < len(call_layout.outputs) else None
+        if dim is not None and dim >= 0 and (leaf.dim() <= dim or leaf.shape[dim] != n):
+            raise ValueError(
+                f"{who} cannot attribute module {entry.name!r} ({type(entry.module).__name__}) "
+                f"to examples: its output of shape {list(leaf.shape)} does not hold the batch "
+                f"(size {n}) in dim {dim}, where the runs on 2 and 3 examples found it"
+            )
+
+
+def open_call(
+    entry: Entry,
+    layout: Layout,
+    index: int,
+    args: tuple,
+    kwargs: dict,
+    output: Any,
+    rng: RngSnapshot | None,
+    n: int,
+    who: str,
+) -> tuple[Call | None, list[Any], Any]:
+    """The :class:`Call` for the ``index``-th call of ``entry`` (None if it accounts for no
+    parameter in this layout) and its output leaves with their spec; raises if the call does
+    not match the layout."""
+    leaves, spec = tree_flatten(output)
+    params = layout.params(entry)
+    if not params:
+        return None, leaves, spec
+    calls = layout.calls.get(id(entry), [])
+    if index >= len(calls):
+        raise RuntimeError(
+            f"module {entry.name!r} ran {index + 1} times in this forward, but "
+            f"{len(calls)} times in the runs that found where the batch is; {who} needs a "
+            "forward whose calls do not depend on the batch"
+        )
+    call_layout = calls[index]
+    check_outputs(entry, call_layout, leaves, n, who)
+    return Call(entry, params, call_layout, layout.shared, args, kwargs, rng), leaves, spec
+
+
+class CallCapture:
+    """The capture path of the covered layers, shared by :class:`GhostRun` (a probe call)
+    and :class:`GAR` (a training forward): the hooks that number each call of a covered
+    module in the forward, snapshot the RNG before the calls whose rule may replay them,
+    match each call to the layout (:func:`open_call`) and hand every output leaf that holds
+    the batch to the owner's ``on_output(call, i, dim, leaf)``. A leaf that does not hold the
+    batch gets a hook that raises if a gradient reaches it (it cannot be attributed).
+
+    The owner says which forwards are captured: :meth:`start` with the layout and batch size
+    before one, :meth:`stop` after; ``paused`` (set while a rule replays a forward, or a
+    reference pass runs) captures nothing in between. ``on_call(call)`` returns the object
+    the call's outputs belong to (or ``None`` to skip it). With ``anchor=True`` each watched
+    leaf is replaced by ``leaf + anchor`` (a 0-dim zero leaf that requires grad) before it is
+    handed over: see :class:`GhostRun`.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        who: str,
+        devices: list[int],
+        on_call: Callable[[Call], Any],
+        on_output: Callable[[Any, int, int, Tensor], None],
+        wants_rng: Callable[[Entry], bool],
+        detach: bool = False,
+        anchor: bool = False,
+    ) -> None:
+        self.who = who
+        self.devices = devices
+        self.on_call = on_call
+        self.on_output = on_output
+        self.wants_rng = wants_rng
+        self.detach = detach  # keep detached inputs (held past the backward)
+        self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] | None = {} if anchor else None
+        self.layout: Layout | None = None
+        self.n = 0
+        self.paused = False
+        self._counts: dict[int, int] = {}
+        self._rng: dict[int, RngSnapshot] = {}
+        self.handles: list[Any] = register_call_hooks(entries, self._before, self._after)
+
+    def start(self, layout: Layout, n: int) -> None:
+        """Capture the calls of the forward that follows, of a batch of ``n`` examples."""
+        self.layout, self.n, self._counts = layout, n, {}
+
+    def stop(self) -> None:
+        """Capture nothing until the next :meth:`start`."""
+        self.layout = None
+        self._rng.clear()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.stop()
+
+    def _anchor(self, like: Tensor) -> Tensor:
+        anchors = cast(dict, self.anchors)
+        key = (like.dtype, like.device)
+        if key not in anchors:
+            anchors[key] = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
+        return anchors[key]
+
+    def _before(self, entry: Entry, module: nn.Module, args: tuple) -> None:
+        if self.layout is not None and not self.paused and self.wants_rng(entry):
+            self._rng[id(entry)] = RngSnapshot(self.devices)
+
+    def _after(
+        self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> Any:
+        layout = self.layout
+        if layout is None or self.paused:
+            return None
+        index = self._counts.get(id(entry), 0)
+        self._counts[id(entry)] = index + 1
+        if self.detach:  # detached views share the version counters: in-place edits are caught
+            args, kwargs = detach_tree(args), detach_tree(kwargs)
+        call, leaves, spec = open_call(
+            entry,
+            layout,
+            index,
+            args,
+            kwargs,
+            output,
+            self._rng.pop(id(entry), None),
+            self.n,
+            self.who,
+        )
+        if call is None:
+            return None
+        owner = self.on_call(call)
+        if owner is None:
+            return None
+        for i, leaf in enumerate(leaves):
+            if not (isinstance(leaf, Tensor) and leaf.requires_grad):
+                continue
+            if self.anchors is not None:
+                leaves[i] = leaf = leaf + self._anchor(leaf)
+            dim = call.layout.outputs[i]
+            if dim is None or dim < 0:  # the root's output that does not hold the batch
+                leaf.register_hook(functools.partial(unattributable, entry, list(leaf.shape)))
+                continue
+            self.on_output(owner, i, dim, leaf)
+        return spec.unflatten(leaves) if self.anchors is not None else None
+
+
+def detach_tree(tree: Any) -> Any:
+    """``tree`` with every tensor detached (views sharing the version counters)."""
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+class GhostRun:
+    """Hooks for one probe call: capture on forward, accumulate ``r`` as gradients arrive.
+
+    Each covered module's output is replaced by ``output + anchor``, with ``anchor`` a 0-dim
+    zero leaf that requires grad, and the gradient hook goes on that new tensor. A backward that
+    asks only for the anchors' gradients then runs every covered module's output node (so the
+    hooks fire) without computing any weight gradient, and the gradient each hook sees is that of
+    the module's output as produced, even if a later op (``ReLU(inplace=True)``) overwrites it.
+    """
+
+    def __init__(
+        self,
+        entries: list[Entry],
+        layout: Layout,
+        direction: Mapping[str, Tensor],
+        n: int,
+        devices: list[int],
+        device: torch.device,
+        norms: bool = False,
+        per_module: bool = False,
+    ) -> None:
+        self.layout = layout
+        self.direction = direction
+        self.n = n
+        self.norms = norms
+        self.acc = Accumulator(n, device, norms, per_module)
+        self._waiting: list[Call] = []  # calls whose norms wait for all their gradients
+        self._capture = CallCapture(
+            entries,
+            "method='ghost'",
+            devices,
+            on_call=lambda call: call,
+            on_output=self._watch,
+            wants_rng=lambda entry: needs_rng(entry, norms),
+            anchor=True,
+        )
+        self._capture.start(layout, n)
+
+    @property
+    def anchors(self) -> dict[tuple[torch.dtype, torch.device], Tensor]:
+        """The anchors the backward asks gradients of (one per dtype and device)."""
+        return cast(dict, self._capture.anchors)
+
+    def close(self) -> None:
+        self._capture.close()
+
+    def _watch(self, call: Call, i: int, dim: int, leaf: Tensor) -> None:
+        call.expected += 1
+        if self.norms and call.expected == 1:
+            self._waiting.append(call)
+        leaf.register_hook(functools.partial(self._on_grad, call, i))
+
+    def _on_grad(self, call: Call, i: int, grad: Tensor) -> None:
+        self._capture.paused = True  # a replayed forward must not be captured again
+        try:
+            if self.norms:  # the norms need every output's gradient at once
+                call.grads[i] = grad
+                if len(call.grads) == call.expected:
+                    self._waiting.remove(call)
+                    call.contribute(self.acc, call.grads, self.direction, True)
+                    call.release()
+            else:
+                call.contribute(self.acc, {i: grad}, self.direction, False)
+                call.expected -= 1
+                if call.expected == 0:
+                    call.release()
+        finally:
+            self._capture.paused = False
+
+    def finish(self) -> tuple[Tensor, Tensor | None]:
+        """After the backward: the calls some of whose outputs got no gradient (unused
+        attention weights) contribute with the gradients they got; returns ``(r, sq)``."""
+        self._capture.paused = True
+        try:
+            for call in self._waiting:
+                call.contribute(self.acc, call.grads, self.direction, self.norms)
+                call.release()
+            self._waiting = []
+        finally:
+            self._capture.paused = False
+        return self.acc.result()

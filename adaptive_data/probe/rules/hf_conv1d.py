@@ -1,0 +1,56 @@
+"""Hugging Face ``transformers``' ``Conv1D`` (GPT-2's projections): ``y = x W + b`` with the
+weight stored ``[in, out]``, a Linear layer with its weight transposed.
+
+Registered by qualified name, so the core never imports ``transformers``: the rule is matched
+when such a module is met. The dot is the layer's own product with ``D``; the norms are
+Linear's (:func:`linear_pieces`) with the weight's direction and kept gradients transposed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import Dir, GhostRule, Names, Pieces, param_direction
+from ._registry import register_ghost_rule
+from .linear import linear_pieces
+
+__all__ = ["HFConv1DRule"]
+
+
+@register_ghost_rule("transformers.pytorch_utils.Conv1D")
+class HFConv1DRule(GhostRule):
+    """``transformers.pytorch_utils.Conv1D``: exact dot and norms, as ``nn.Linear``."""
+
+    def tangent(
+        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+    ) -> Any:
+        weight = param_direction(module, "weight", direction)
+        assert weight is not None  # Conv1D always has a weight
+        return F.linear(args[0], weight.T, param_direction(module, "bias", direction))
+
+    def moves_batch(self, module: nn.Module, dim: int, ndim: int) -> bool:
+        return dim < ndim - 1  # any dim but the features
+
+    def batch_pieces(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        b: Tensor,
+        names: Names,
+        direction: Dir,
+        keep: Names = (),
+    ) -> Pieces:
+        if direction is not None and "weight" in direction:
+            direction = {**direction, "weight": direction["weight"].T}
+        sq, dot, kept = linear_pieces(x, b, names, direction, keep)
+        if "weight" in kept:  # Linear's layout [N, out * in] -> the parameter's [N, in * out]
+            n, (d_in, d_out) = kept["weight"].shape[0], module.weight.shape  # type: ignore[union-attr]
+            kept["weight"] = kept["weight"].view(n, d_out, d_in).transpose(1, 2).reshape(n, -1)
+        return sq, dot, kept
+
+    def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
+        return True
