@@ -3,6 +3,7 @@
 The public surface is re-exported here; the modules behind it are private.
 """
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from . import augment
@@ -10,7 +11,7 @@ from ._batch import split_batch
 from .augment import KERNELS, AugmentPolicy, AugmentStatistics, trivial_augment_wide_table
 from .gar import GAR
 from .policy import CategoricalPolicy, ChoiceStatistics
-from .probe import METHODS, REWARDS, GradientProbe
+from .probe import ESTIMATORS, REWARDS, GradientProbe
 from .probe.rules import GhostRule, ghost_rules, register_ghost_rule
 from .sampling import GARSampler, MixtureDataset, ReferenceBatches
 
@@ -23,15 +24,23 @@ def __getattr__(name: str) -> Any:
     # takes seconds: it happens on first use, not at `import adaptive_data`.
     if name in ("GARTransform", "apply_op"):
         return getattr(augment, name)
+    if name == "METHODS":  # the former spelling of ESTIMATORS
+        warnings.warn(
+            "adaptive_data.METHODS is deprecated: use adaptive_data.ESTIMATORS (the estimator "
+            "once spelled 'finite_difference' is 'fd')",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return ("ghost", "jvp", "per_sample", "finite_difference", "head")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ESTIMATORS",
     "GAR",
     "KERNELS",
-    "METHODS",
     "REWARDS",
     "AugmentPolicy",
     "AugmentStatistics",

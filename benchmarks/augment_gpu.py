@@ -8,7 +8,7 @@ images, every pipeline being ``RandomCrop(32, padding=4), RandomHorizontalFlip()
 
 * ``trivial_augment``: ``v2.TrivialAugmentWide()``, the anchor;
 * ``gar``: ``GARTransform()`` with ``GARSampler(reference_every=2)``; each augmented batch is
-  rewarded against the un-augmented batch that follows it (``GradientProbe(method="ghost",
+  rewarded against the un-augmented batch that follows it (``GradientProbe(estimator="ghost",
   reward="cosine")``), as in ``augment_quality.py``;
 * ``gar_frozen``: its control, learning off (bit-identical to ``lr=0``): the same batches and
   un-augmented half, nothing learned;
@@ -204,7 +204,7 @@ class Run:
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, steps)
         learns = self.tf is not None and arm != "gar_frozen"
         self.probe = (
-            ad.GradientProbe(self.model, self.loss_fn, method="ghost", reward="cosine")
+            ad.GradientProbe(self.model, self.loss_fn, estimator="ghost", reward="cosine")
             if learns
             else None
         )

@@ -19,7 +19,7 @@ Normalize`` on PIL images:
   other batch un-augmented) with both policies frozen at their uniform start, so that the
   difference to ``gar_clean_ref`` is what the learning adds.
 
-Both GAR arms probe every other step (``GradientProbe(method="ghost", reward="cosine")``,
+Both GAR arms probe every other step (``GradientProbe(estimator="ghost", reward="cosine")``,
 after the optimizer step of the earlier batch, before the step on the later one), so they
 cost the same. Every arm trains on every batch.
 
@@ -236,7 +236,7 @@ def run(
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     learns = tf is not None and arm != "gar_frozen"
-    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward="cosine") if learns else None
+    probe = ad.GradientProbe(model, loss_fn, estimator="ghost", reward="cosine") if learns else None
     probe_s = 0.0
     step = 0
     previous: tuple[torch.Tensor, torch.Tensor, int] | None = None

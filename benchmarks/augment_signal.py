@@ -7,7 +7,7 @@ under every op of the TrivialAugmentWide table at one magnitude bin (``--bin``; 
 positive). As in a GAR batch, the ops are mixed within a batch: in rotation ``j`` image ``i``
 gets op ``(i + j) mod K``, so that over ``K`` rotations every image is seen under every op and
 every batch holds every op about ``B / K`` times. Each batch is rewarded like
-``augment_quality``'s ``gar_clean_ref`` arm: ``GradientProbe(method="ghost",
+``augment_quality``'s ``gar_clean_ref`` arm: ``GradientProbe(estimator="ghost",
 reward="cosine")`` (``--reward dot``: the plain reward) against each of ``--references``
 un-augmented reference batches of other training images (a GAR run meets a new reference
 batch at every update), with the SGD optimizer's state. ``R[j, k, i]`` is image i's reward
@@ -89,7 +89,7 @@ def measure(
     reward: str,
 ) -> dict[str, Any]:
     loss_fn = nn.CrossEntropyLoss(reduction="none")
-    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward=reward)
+    probe = ad.GradientProbe(model, loss_fn, estimator="ghost", reward=reward)
     k, n = len(ops), len(idx)
     per_ref = torch.empty(len(refs), k, n, dtype=torch.float64)
     for rotation in range(k):

@@ -12,7 +12,7 @@ the policy learns from differ. Arms (interleaved within each seed):
   TrivialAugmentWide's distribution. The control: what the GAR arms would do if they learned
   nothing (it does not probe: the probe never edits the model, so probing would not change it);
 * ``gar``: the same pipeline with learning on, the library's defaults: the probe's cosine
-  reward (``GradientProbe(method="ghost", reward="cosine")``) of each augmented batch, taken
+  reward (``GradientProbe(estimator="ghost", reward="cosine")``) of each augmented batch, taken
   after the optimizer step on it, against the un-augmented batch that follows it
   (``sampler.update(r, batch=...)``).
 
@@ -379,7 +379,7 @@ def run(arm: str, seed: int, s: Setup) -> dict[str, Any]:
     learns = tf is not None and arm != "frozen"
     probe = (
         ad.GradientProbe(
-            model, loss_fn, method="ghost", reward="dot" if arm == "gar_dot" else "cosine"
+            model, loss_fn, estimator="ghost", reward="dot" if arm == "gar_dot" else "cosine"
         )
         if learns
         else None

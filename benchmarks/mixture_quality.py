@@ -16,7 +16,7 @@ batch 64) for the same number of steps under each mixture:
   the GAR arms that cost about 2x;
 * ``exp3_loss``: the online loss bandit of ODM: exponentiated gradient on the training loss;
 * GAR arms (``GAR_ARMS``): GARSampler updated with the rewards of
-  ``GradientProbe(method="ghost")`` against a reference batch (128) from the held-out split,
+  ``GradientProbe(estimator="ghost")`` against a reference batch (128) from the held-out split,
   preconditioned by Adam's state: ``gar_dot`` with the plain reward ``<g_i, D>``, the others
   with ``reward="cosine"`` (``<g_i, D> / (||g_i|| ||D||)``): ``gar_reinforce`` (REINFORCE),
   ``gar_exp_grad`` (exponentiated gradient, the default rule and step size 0.3),
@@ -239,7 +239,7 @@ def run(
     else:
         sampler = ad.GARSampler(sources, **kw)
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=0))
-    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward=reward) if gar else None
+    probe = ad.GradientProbe(model, loss_fn, estimator="ghost", reward=reward) if gar else None
     ref = (
         ad.ReferenceBatches(ref_set, batch_size=args.ref_batch, seed=seed) if gar or line else None
     )

@@ -232,7 +232,7 @@ def run_case(
         loss_fn(model(x), y).mean().backward()
         opt.step()
 
-    probes = {m: ad.GradientProbe(model, loss_fn, method=m, chunk_size=32) for m in methods}
+    probes = {m: ad.GradientProbe(model, loss_fn, estimator=m, chunk_size=32) for m in methods}
 
     def call(method: str) -> Callable[[int], None]:
         def run(i: int) -> None:
@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument(
         "--methods",
-        default=",".join(ad.METHODS),
+        default=",".join(ad.ESTIMATORS),
         help="comma-separated probe methods (default: all)",
     )
     parser.add_argument(

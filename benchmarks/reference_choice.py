@@ -12,7 +12,7 @@ A 16-64-4 MLP trains with Adam (lr 1e-2, batch 32) for 3 epochs on the mixture a
   at its own step against a clean held-out batch's gradient.
 * ``next_batch``: the next batch of the learned mixture is the reference, the GAR authors'
   choice (``GAR`` refuses it over a mixture, so the explicit probe computes it):
-  ``GradientProbe(method="ghost", reward="cosine")`` rewards batch t when batch t + 1 arrives,
+  ``GradientProbe(estimator="ghost", reward="cosine")`` rewards batch t when batch t + 1 arrives,
   against batch t + 1's mean-loss gradient preconditioned by Adam's state, and
   ``sampler.update(r, batch=t)`` with the id read from ``sampler.last_batch`` when batch t
   arrived. An epoch's last batch is rewarded against the next epoch's first; the run's last
@@ -81,7 +81,7 @@ def run(arm: str, seed: int, epochs: int) -> dict[str, Any]:
                     gar.step()
                     opt.step()
     elif arm == "next_batch":
-        probe = ad.GradientProbe(model, LOSS, method="ghost", reward="cosine")
+        probe = ad.GradientProbe(model, LOSS, estimator="ghost", reward="cosine")
         previous: tuple[torch.Tensor, torch.Tensor, int] | None = None
         for _ in range(epochs):
             for x, y in loader:

@@ -7,7 +7,7 @@ training run, early and late, against the noise a fresh reference batch carries 
 A model trains on the uniform mixture of the task's sources (the weights never move, so the
 batches do not depend on the rewards). At every step t the reference gradient ``g_t`` of a
 fresh reference batch is computed and kept for the last ``max(lags)`` steps, and the batch
-about to be trained on is rewarded (``GradientProbe(method="ghost", reward="cosine")``, the
+about to be trained on is rewarded (``GradientProbe(estimator="ghost", reward="cosine")``, the
 direction preconditioned by the optimizer's current state, as ``GAR`` does) against:
 
 * ``g_t`` (fresh, the every-step default);
@@ -134,7 +134,7 @@ def run(task: dict[str, Any], seed: int, lags: list[int], steps: int) -> dict[st
     sampler = ad.GARSampler(task["sources"], batch_size=task["batch"], seed=seed)
     refs = iter(ad.ReferenceBatches(task["ref_set"], task["ref_batch"], seed=seed))
     refs_b = iter(ad.ReferenceBatches(task["ref_set"], task["ref_batch"], seed=seed + 1000))
-    probe = ad.GradientProbe(model, loss_fn, method="ghost", reward="cosine")
+    probe = ad.GradientProbe(model, loss_fn, estimator="ghost", reward="cosine")
     kept: deque[dict[str, torch.Tensor]] = deque(maxlen=max(lags) + 1)
     rows: list[dict[str, float]] = []
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))

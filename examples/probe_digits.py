@@ -5,7 +5,7 @@ ones. Every few steps, GradientProbe scores one batch against a clean held-out r
 r_i = <grad l_i, grad L_ref>, preconditioned by Adam. The mean reward of clean examples should be
 well above that of mislabelled ones, which is what the learned mixtures of adaptive_data build on.
 
-    python examples/probe_digits.py [--steps 300] [--method ghost]
+    python examples/probe_digits.py [--steps 300] [--estimator ghost]
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import adaptive_data as ad
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--method", default="ghost", choices=ad.METHODS, help="probe method")
+    parser.add_argument(
+        "--estimator", default="ghost", choices=ad.ESTIMATORS, help="how rewards are computed"
+    )
     parser.add_argument("--noise", type=float, default=0.33, help="fraction of random labels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -42,7 +44,7 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    probe = ad.GradientProbe(model, loss_fn, method=args.method)
+    probe = ad.GradientProbe(model, loss_fn, estimator=args.estimator)
 
     print(f"{'step':>5} {'train loss':>10} {'reward clean':>13} {'reward noisy':>13}")
     clean_sum = noisy_sum = 0.0
@@ -87,7 +89,7 @@ def main() -> None:
     )
     print(
         f"held-out accuracy {acc:.3f}; probe call {1e3 * probe_time / (args.steps // 5):.2f} ms, "
-        f"training step {1e3 * step_time / args.steps:.2f} ms (method={args.method})"
+        f"training step {1e3 * step_time / args.steps:.2f} ms (estimator={args.estimator})"
     )
 
 

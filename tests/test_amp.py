@@ -14,13 +14,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import adaptive_data as ad
-from adaptive_data.probe._direction import precondition
+from adaptive_data.probe._precondition import precondition
 from tests.test_gar import LOSS, cnn, data, mlp, snapshot
 
 
 def _oracle(old: nn.Module, x, y, d, reward: str) -> torch.Tensor:
     """Batch (x, y)'s rewards at the weights it was trained at, by one gradient per example."""
-    r = ad.GradientProbe(old, LOSS, method="per_sample", reward=reward)(x, y, direction=d)
+    r = ad.GradientProbe(old, LOSS, estimator="per_sample", reward=reward)(x, y, direction=d)
     return r / len(x) if reward == "dot" else r  # the kept gradients are of the mean loss
 
 
@@ -171,7 +171,7 @@ def test_probe_under_bf16_autocast_matches_float32() -> None:
     model = cnn()
     x, y = data(8).tensors
     d = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
-    probe = ad.GradientProbe(model, LOSS, method="ghost", reward="cosine")
+    probe = ad.GradientProbe(model, LOSS, estimator="ghost", reward="cosine")
     exact = probe(x, y, direction=d)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = probe(x, y, direction=d)

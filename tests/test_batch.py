@@ -76,7 +76,7 @@ def test_the_probe_takes_dict_batches(method: str) -> None:
     torch.manual_seed(0)
     model = Classifier()
     batch, ref = collate(examples(6, 1)), collate(examples(5, 2))
-    probe = ad.GradientProbe(model, LOSS, method=method)
+    probe = ad.GradientProbe(model, LOSS, estimator=method)
     inputs, y = ad.split_batch(batch)
     ref_pair = ad.split_batch(ref)
     expected = probe(inputs, y, reference=ref_pair)

@@ -268,7 +268,7 @@ def scenario_held_out_gar(rank: int, world: int) -> dict:
     gar = ad.GAR(ddp, sampler, reference=itertools.repeat(ref), loss_fn=loss_fn)
     params = dict(model.named_parameters())
     local = mean_loss_gradient(model, loss_fn, (ref[0],), {}, ref[1], 8, params)
-    d = gar._reference_direction(params)
+    d = gar._reference_direction()
     gar.close()
     return {
         "mean": [m.tolist() for m in mean],

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
 import adaptive_data as ad
-from adaptive_data.probe._direction import precondition
+from adaptive_data.probe._precondition import precondition
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -101,7 +101,7 @@ def test_next_batch_rewards_equal_the_per_sample_oracle(factory, reward, reducti
             assert r is None
         else:
             old, px, py = previous
-            oracle = ad.GradientProbe(old, LOSS, method="per_sample", reward=reward)(
+            oracle = ad.GradientProbe(old, LOSS, estimator="per_sample", reward=reward)(
                 px, py, direction=d
             )
             if reward == "dot" and reduction == "mean":
@@ -267,7 +267,7 @@ def test_augmented_batches_wait_for_the_next_reference_batch():
         if sampler.is_reference(sampler.last_batch):
             # the last batch rewarded is the one just before this reference batch
             old, px, py = seen[-1]
-            oracle = ad.GradientProbe(old, LOSS, method="per_sample", reward="cosine")(
+            oracle = ad.GradientProbe(old, LOSS, estimator="per_sample", reward="cosine")(
                 px, py, direction=d
             )
             torch.testing.assert_close(r, oracle, rtol=2e-4, atol=1e-6)
@@ -291,8 +291,8 @@ def test_batches_that_wait_longer_than_reference_every_are_dropped():
     run(model, sampler, gar, epochs=4)  # 8 steps, no reference batch
     assert gar.metrics()["batches_rewarded"] == 0
     # bounded: those of the last reference_every steps and the batch just kept, no older
-    assert [g.step for g in gar._groups] == [4, 5, 6, 7]
-    assert gar.metrics()["batches_dropped"] == 8 - len(gar._groups)
+    assert [g.step for g in gar._schedule.pending] == [4, 5, 6, 7]
+    assert gar.metrics()["batches_dropped"] == 8 - len(gar._schedule.pending)
 
 
 @pytest.fixture
@@ -442,7 +442,7 @@ def test_workers_and_epochs_reward_the_right_batches():
             r = gar.step()
             if previous is not None:
                 old, px, py = previous
-                oracle = ad.GradientProbe(old, LOSS, method="per_sample", reward="cosine")(
+                oracle = ad.GradientProbe(old, LOSS, estimator="per_sample", reward="cosine")(
                     px, py, direction=d
                 )
                 torch.testing.assert_close(r, oracle, rtol=2e-4, atol=1e-6)

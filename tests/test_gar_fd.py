@@ -219,7 +219,7 @@ def test_batch_statistics_forward_the_whole_batch_row_by_row():
     )
     ((xb, yb),) = list(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)))
     models.loss_fn(model(xb), yb).mean().backward()
-    assert gar._groups[-1].fd.whole  # the rows mix through the batch statistics
+    assert gar._schedule.pending[-1].fd.whole  # the rows mix through the batch statistics
     gar.step()
     ((r, rows),) = got
     buffers = {k: b.clone() for k, b in model.named_buffers()}
@@ -294,7 +294,7 @@ def kept_after_backward(case: str, rows: int | None = M):
     gar = ad.GAR(model, sampler, reward="dot", rows=rows, estimator="fd")
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     loss(model(x), y).mean().backward()
-    group = gar._groups[-1]
+    group = gar._schedule.pending[-1]
     return gar, model, group
 
 
@@ -389,7 +389,7 @@ def test_outputs_the_loss_does_not_read_are_not_a_problem():
     gar = ad.GAR(AuxOutput(), sampler, reward="dot", estimator="fd")
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     models.loss_fn(gar.model(x)[0], y).mean().backward()  # the penalty unused
-    assert gar._groups[-1].fd.grads
+    assert gar._schedule.pending[-1].fd.grads
     gar.close()
 
 

@@ -123,7 +123,7 @@ def kept_sizes(case: str) -> dict[str, set[int]]:
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     loss(model(x), y).mean().backward()
     sizes: dict[str, set[int]] = {}
-    for kept in gar._groups[-1].calls:
+    for kept in gar._schedule.pending[-1].calls:
         leaves = [
             leaf.shape[dim]
             for leaf, dim in zip(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import adaptive_data as ad
-from adaptive_data.probe._direction import _RULES, precondition
+from adaptive_data.probe._precondition import _RULES, precondition
 from tests.models import loss_fn
 
 optim = torch.optim

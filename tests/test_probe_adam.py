@@ -73,7 +73,7 @@ def _effects(model, opt, batch, ref) -> np.ndarray:
 @pytest.mark.parametrize("optimizer_cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_adam_preconditioned_reward_predicts_the_step(optimizer_cls: type) -> None:
     model, opt, batch, ref = _warm(optimizer_cls)
-    probe = ad.GradientProbe(model, loss_fn, method="ghost")
+    probe = ad.GradientProbe(model, loss_fn, estimator="ghost")
     r_pre = probe(*batch, reference=ref, optimizer=opt).double().numpy()
     r_raw = probe(*batch, reference=ref).double().numpy()
     effect = _effects(model, opt, batch, ref)
@@ -91,7 +91,7 @@ def test_adam_preconditioned_reward_predicts_the_step(optimizer_cls: type) -> No
 
 def test_sgd_reward_needs_no_preconditioner() -> None:
     model, opt, batch, ref = _warm(torch.optim.SGD)
-    probe = ad.GradientProbe(model, loss_fn, method="ghost")
+    probe = ad.GradientProbe(model, loss_fn, estimator="ghost")
     r = probe(*batch, reference=ref, optimizer=opt).double().numpy()
     torch.testing.assert_close(
         torch.from_numpy(r), probe(*batch, reference=ref).double(), rtol=0, atol=0

@@ -105,7 +105,7 @@ def test_attention_dropout_in_train_mode_replays_the_mask() -> None:
     x, y = torch.randn(5, 4, 3, generator=g), torch.randint(0, 3, (5,), generator=g)
     d = random_direction(model, g)
     state = torch.get_rng_state()
-    jvp = ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d)
+    jvp = ad.GradientProbe(model, loss_fn, estimator="jvp")(x, y, direction=d)
     torch.set_rng_state(state)
     ghost = ad.GradientProbe(model, loss_fn, verify="never")(x, y, direction=d)
     torch.testing.assert_close(ghost, jvp, rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ from adaptive_data.probe.rules.linear import LinearRule
 from tests import models
 from tests.models import build, loss_fn, random_direction
 
-ALL = list(ad.METHODS)
+ALL = list(ad.ESTIMATORS)
 
 
 def _snapshot(model: nn.Module) -> dict:
@@ -69,7 +69,7 @@ def test_probe_never_edits_the_model(method: str, kind: str, train: bool) -> Non
     first = next(model.parameters())
     first.grad = None
     before = _snapshot(model)
-    probe = ad.GradientProbe(model, loss_fn, method=method)
+    probe = ad.GradientProbe(model, loss_fn, estimator=method)
     probe(x, y, reference=models.batch(kind, 3, g))
     probe(x, y, direction=random_direction(model, g))
     _assert_same(before, _snapshot(model))
@@ -83,7 +83,7 @@ def test_probe_restores_rng_with_dropout(method: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = models.batch("cnn", 4, g)
     before = _snapshot(model)
-    ad.GradientProbe(model, loss_fn, method=method)(x, y, direction=random_direction(model, g))
+    ad.GradientProbe(model, loss_fn, estimator=method)(x, y, direction=random_direction(model, g))
     _assert_same(before, _snapshot(model))
 
 
@@ -105,8 +105,8 @@ def test_ghost_replays_dropout_mask_for_jvp_fallback() -> None:
     d = random_direction(model, g)
     # per-example reference: jvp of the whole model with the same global RNG state
     state = torch.get_rng_state()
-    jvp = ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d)
-    probe = ad.GradientProbe(model, loss_fn, method="ghost")
+    jvp = ad.GradientProbe(model, loss_fn, estimator="jvp")(x, y, direction=d)
+    probe = ad.GradientProbe(model, loss_fn, estimator="ghost")
     for _ in range(2):  # the verified first call and the fast later ones
         torch.set_rng_state(state)
         torch.testing.assert_close(probe(x, y, direction=d), jvp, rtol=1e-4, atol=1e-5)
@@ -172,7 +172,7 @@ def test_parameter_used_outside_its_module_is_detected_not_dropped() -> None:
         ad.GradientProbe(model, loss_fn)(x, y, direction=d)
     # jvp covers it, exactly
     torch.testing.assert_close(
-        ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d),
+        ad.GradientProbe(model, loss_fn, estimator="jvp")(x, y, direction=d),
         models.loop_oracle(model, x, y, d),
         rtol=1e-4,
         atol=1e-5,
@@ -244,8 +244,10 @@ def mlp_setup():
 
 
 def test_unknown_method(mlp_setup) -> None:
-    with pytest.raises(ValueError, match=r"method should be one of .* but got method='exact'"):
-        ad.GradientProbe(mlp_setup[0], loss_fn, method="exact")
+    with pytest.raises(
+        ValueError, match=r"estimator should be one of .* but got estimator='exact'"
+    ):
+        ad.GradientProbe(mlp_setup[0], loss_fn, estimator="exact")
 
 
 def test_bad_constructor_arguments(mlp_setup) -> None:
@@ -280,7 +282,7 @@ def test_loss_fn_returning_a_scalar(mlp_setup, method: str) -> None:
         return nn.functional.cross_entropy(out, target)
 
     with pytest.raises(ValueError, match=r"per-example losses of shape \[4\], but got a scalar"):
-        ad.GradientProbe(model, mean_loss, method=method)(x, y, direction=d)
+        ad.GradientProbe(model, mean_loss, estimator=method)(x, y, direction=d)
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -291,7 +293,7 @@ def test_loss_fn_returning_wrong_length(mlp_setup, method: str) -> None:
         return loss_fn(out, target)[:-1]
 
     with pytest.raises(ValueError, match=r"shape \[4\], but got shape \[3\]"):
-        ad.GradientProbe(model, bad, method=method)(x, y, direction=d)
+        ad.GradientProbe(model, bad, estimator=method)(x, y, direction=d)
 
 
 def test_loss_fn_returning_a_non_tensor(mlp_setup) -> None:
@@ -403,9 +405,10 @@ def test_head_needs_a_linear_output() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(-1))
     x, y = torch.randn(2, 4), torch.tensor([0, 1])
     with pytest.raises(
-        ValueError, match=r"method='head' needs the model's output to be the output of an nn.Linear"
+        ValueError,
+        match=r"estimator='head' needs the model's output to be the output of an nn.Linear",
     ):
-        ad.GradientProbe(model, loss_fn, method="head")(x, y, reference=(x, y))
+        ad.GradientProbe(model, loss_fn, estimator="head")(x, y, reference=(x, y))
 
 
 class RootGain(nn.Module):
@@ -440,7 +443,7 @@ def test_bare_parameter_on_the_root(train: bool) -> None:
     names = [n for n, _ in model.named_parameters()]
     expected = sum((gr * d[n]).sum() for n, gr in zip(names, grads, strict=True))
     torch.testing.assert_close(ghost.sum(), expected, rtol=1e-4, atol=1e-5)
-    jvp = ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d)
+    jvp = ad.GradientProbe(model, loss_fn, estimator="jvp")(x, y, direction=d)
     assert not torch.allclose(ghost, jvp, atol=1e-3)  # the share is not the batched derivative
 
 
@@ -451,7 +454,7 @@ def test_probe_works_inside_no_grad(method: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = models.batch("mlp", 4, g)
     ref = models.batch("mlp", 3, g)
-    probe = ad.GradientProbe(model, loss_fn, method=method)
+    probe = ad.GradientProbe(model, loss_fn, estimator=method)
     expected = probe(x, y, reference=ref)
     with torch.no_grad():
         got = probe(x, y, reference=ref)

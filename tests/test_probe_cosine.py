@@ -43,7 +43,7 @@ def test_cosine_matches_single_example_loop(case: str, method: str) -> None:
     for m in model.modules():  # the probe zeroes the padding row of D: no step moves it
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
             d[next(n for n, p in model.named_parameters() if p is m.weight)][m.padding_idx] = 0
-    got = ad.GradientProbe(model, loss_fn, method=method, reward="cosine")(x, y, direction=d)
+    got = ad.GradientProbe(model, loss_fn, estimator=method, reward="cosine")(x, y, direction=d)
     torch.testing.assert_close(got, _loop_cosine(model, x, y, d), rtol=1e-4, atol=1e-6)
     assert bool((got.abs() <= 1 + 1e-6).all())
 
@@ -62,7 +62,7 @@ def test_cosine_with_a_reference_and_adam() -> None:
     cos = ad.GradientProbe(model, loss_fn, reward="cosine")(x, y, reference=ref, optimizer=opt)
     ratio = dot / cos  # ||g_i|| ||D||: positive, and ||D|| is common to all examples
     assert bool((ratio > 0).all())
-    norms = ad.GradientProbe(model, loss_fn, method="per_sample", reward="cosine")(
+    norms = ad.GradientProbe(model, loss_fn, estimator="per_sample", reward="cosine")(
         x, y, reference=ref, optimizer=opt
     )
     torch.testing.assert_close(cos, norms, rtol=1e-4, atol=1e-6)
@@ -80,9 +80,9 @@ def test_zero_direction_gives_zero_not_nan() -> None:
 def test_cosine_needs_a_method_with_norms() -> None:
     model = build("mlp")
     with pytest.raises(
-        ValueError, match=r"reward='cosine' needs per-example gradient norms.*method='jvp'"
+        ValueError, match=r"reward='cosine' needs per-example gradient norms.*estimator='jvp'"
     ):
-        ad.GradientProbe(model, loss_fn, method="jvp", reward="cosine")
+        ad.GradientProbe(model, loss_fn, estimator="jvp", reward="cosine")
     with pytest.raises(
         ValueError, match=r"reward should be one of dot, cosine, but got reward='cos'"
     ):

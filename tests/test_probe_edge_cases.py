@@ -84,14 +84,14 @@ def test_parameter_groups_with_other_learning_rates_scale_the_direction():
             {"params": model[2].parameters(), "lr": 1e-5},
         ]
     )
-    got = ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=d, optimizer=opt)
+    got = ad.GradientProbe(model, ce, estimator="per_sample")(x, y, direction=d, optimizer=opt)
     scaled = {n: t * (1.0 if n.startswith("0.") else 1e-3) for n, t in d.items()}
-    oracle = ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=scaled)
+    oracle = ad.GradientProbe(model, ce, estimator="per_sample")(x, y, direction=scaled)
     torch.testing.assert_close(got, oracle)
     one = torch.optim.SGD(model.parameters(), lr=0.3)
-    plain = ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=d)
+    plain = ad.GradientProbe(model, ce, estimator="per_sample")(x, y, direction=d)
     torch.testing.assert_close(
-        ad.GradientProbe(model, ce, method="per_sample")(x, y, direction=d, optimizer=one), plain
+        ad.GradientProbe(model, ce, estimator="per_sample")(x, y, direction=d, optimizer=one), plain
     )
 
 
@@ -101,7 +101,7 @@ def test_a_nonfinite_gradient_gives_a_nan_cosine_not_zero(method):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
     x[1, 0] = float("nan")
-    r = ad.GradientProbe(model, ce, method=method, reward="cosine", verify="never")(
+    r = ad.GradientProbe(model, ce, estimator=method, reward="cosine", verify="never")(
         x, y, direction=direction(model)
     )
     assert torch.isnan(r[1])
@@ -123,7 +123,7 @@ class Scale(nn.Module):  # no ghost rule: ghost covers it with a forward-mode JV
         return x * self.s
 
 model = nn.Sequential(nn.Linear(4, 3), Scale())
-probe = ad.GradientProbe(model, nn.CrossEntropyLoss(reduction="none"), method={method!r})
+probe = ad.GradientProbe(model, nn.CrossEntropyLoss(reduction="none"), estimator={method!r})
 x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

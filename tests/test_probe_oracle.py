@@ -21,8 +21,8 @@ EXACT = ["ghost", "ghost_unverified", "jvp"]
 
 def probe_for(model: nn.Module, method: str) -> ad.GradientProbe:
     if method == "ghost_unverified":
-        return ad.GradientProbe(model, loss_fn, method="ghost", verify="never")
-    return ad.GradientProbe(model, loss_fn, method=method)
+        return ad.GradientProbe(model, loss_fn, estimator="ghost", verify="never")
+    return ad.GradientProbe(model, loss_fn, estimator=method)
 
 
 def _setup(kind: str, n: int = 6, seed: int = 0, train: bool = False):
@@ -41,7 +41,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> None:
 def test_per_sample_matches_loop_of_single_backwards(kind: str) -> None:
     model, x, y, d = _setup(kind)
     expected = loop_oracle(model, x, y, d)
-    got = ad.GradientProbe(model, loss_fn, method="per_sample")(x, y, direction=d)
+    got = ad.GradientProbe(model, loss_fn, estimator="per_sample")(x, y, direction=d)
     _close(got, expected)
 
 
@@ -49,7 +49,7 @@ def test_per_sample_matches_loop_of_single_backwards(kind: str) -> None:
 @pytest.mark.parametrize("method", EXACT)
 def test_exact_methods_match_per_sample(kind: str, method: str) -> None:
     model, x, y, d = _setup(kind)
-    expected = ad.GradientProbe(model, loss_fn, method="per_sample")(x, y, direction=d)
+    expected = ad.GradientProbe(model, loss_fn, estimator="per_sample")(x, y, direction=d)
     got = probe_for(model, method)(x, y, direction=d)
     assert got.shape == (len(y),)
     assert got.dtype == torch.float32
@@ -66,8 +66,8 @@ def _approximately(got: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_finite_difference_close_to_per_sample(kind: str) -> None:
     model, x, y, d = _setup(kind, n=12)
-    expected = ad.GradientProbe(model, loss_fn, method="per_sample")(x, y, direction=d)
-    got = ad.GradientProbe(model, loss_fn, method="finite_difference")(x, y, direction=d)
+    expected = ad.GradientProbe(model, loss_fn, estimator="per_sample")(x, y, direction=d)
+    got = ad.GradientProbe(model, loss_fn, estimator="fd")(x, y, direction=d)
     _approximately(got, expected)
 
 
@@ -77,8 +77,8 @@ def test_head_is_exact_for_the_last_layer(kind: str) -> None:
     model, x, y, d = _setup(kind)
     head_names = {"mlp": "5.", "cnn": "11.", "transformer": "head."}[kind]
     restricted = {n: t if n.startswith(head_names) else torch.zeros_like(t) for n, t in d.items()}
-    expected = ad.GradientProbe(model, loss_fn, method="per_sample")(x, y, direction=restricted)
-    got = ad.GradientProbe(model, loss_fn, method="head")(x, y, direction=d)
+    expected = ad.GradientProbe(model, loss_fn, estimator="per_sample")(x, y, direction=restricted)
+    got = ad.GradientProbe(model, loss_fn, estimator="head")(x, y, direction=d)
     _close(got, expected)
 
 
@@ -87,13 +87,13 @@ def test_head_ranks_like_per_sample_with_a_reference() -> None:
     model, x, y, _ = _setup("mlp", n=32)
     g = torch.Generator().manual_seed(5)
     ref = models.batch("mlp", 16, g)
-    full = ad.GradientProbe(model, loss_fn, method="per_sample")(x, y, reference=ref)
-    head = ad.GradientProbe(model, loss_fn, method="head")(x, y, reference=ref)
+    full = ad.GradientProbe(model, loss_fn, estimator="per_sample")(x, y, reference=ref)
+    head = ad.GradientProbe(model, loss_fn, estimator="head")(x, y, reference=ref)
     assert spearmanr(head, full).statistic > 0.7
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["ghost", "jvp", "per_sample", "finite_difference"])
+@pytest.mark.parametrize("method", ["ghost", "jvp", "per_sample", "fd"])
 def test_reference_mode_equals_explicit_gradient(kind: str, method: str) -> None:
     model, x, y, _ = _setup(kind)
     g = torch.Generator().manual_seed(9)
@@ -101,7 +101,7 @@ def test_reference_mode_equals_explicit_gradient(kind: str, method: str) -> None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     loss = loss_fn(model(x_ref), y_ref).mean()
     d = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
-    probe = ad.GradientProbe(model, loss_fn, method=method)
+    probe = ad.GradientProbe(model, loss_fn, estimator=method)
     _close(probe(x, y, reference=(x_ref, y_ref)), probe(x, y, direction=d))
 
 
@@ -122,8 +122,8 @@ def test_batchnorm_train_mode_sums_to_batch_gradient(kind: str, method: str) -> 
 def test_batchnorm_train_mode_jvp_is_derivative_of_batched_loss() -> None:
     """jvp and finite differences agree per example: both differentiate the batched l_i."""
     model, x, y, d = _setup("cnn", n=12, train=True)
-    jvp = ad.GradientProbe(model, loss_fn, method="jvp")(x, y, direction=d)
-    fd = ad.GradientProbe(model, loss_fn, method="finite_difference")(x, y, direction=d)
+    jvp = ad.GradientProbe(model, loss_fn, estimator="jvp")(x, y, direction=d)
+    fd = ad.GradientProbe(model, loss_fn, estimator="fd")(x, y, direction=d)
     _approximately(fd, jvp)
 
 
@@ -141,7 +141,7 @@ def test_inputs_as_tuple_and_dict() -> None:
     model, x, y, d = _setup("transformer")
     mask = torch.zeros(x.shape, dtype=torch.bool)
     mask[:, -1] = True  # the last position is padding for every example
-    expected = ad.GradientProbe(model, loss_fn, method="per_sample")((x, mask), y, direction=d)
+    expected = ad.GradientProbe(model, loss_fn, estimator="per_sample")((x, mask), y, direction=d)
     for method in EXACT:
         probe = probe_for(model, method)
         _close(probe((x, mask), y, direction=d), expected)
@@ -277,7 +277,7 @@ def test_weight_used_twice_in_one_forward_is_summed() -> None:
     n=st.integers(1, 7),
     d_in=st.integers(1, 6),
     hidden=st.integers(1, 6),
-    method=st.sampled_from([*EXACT, "finite_difference"]),
+    method=st.sampled_from([*EXACT, "fd"]),
     seed=st.integers(0, 2**16),
 )
 def test_mlp_any_shape(n: int, d_in: int, hidden: int, method: str, seed: int) -> None:
@@ -287,10 +287,10 @@ def test_mlp_any_shape(n: int, d_in: int, hidden: int, method: str, seed: int) -
     x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)
     d = {k: v.double() for k, v in random_direction(model, g).items()}
-    expected = ad.GradientProbe(model, loss_fn, method="per_sample")(x, y, direction=d)
+    expected = ad.GradientProbe(model, loss_fn, estimator="per_sample")(x, y, direction=d)
     got = probe_for(model, method)(x, y, direction=d)
     assert got.shape == (n,)
-    _close(got, expected.float(), rtol=1e-2 if method == "finite_difference" else 1e-4)
+    _close(got, expected.float(), rtol=1e-2 if method == "fd" else 1e-4)
 
 
 @settings(max_examples=25, deadline=None)
@@ -314,6 +314,6 @@ def test_conv_any_geometry(
     x = torch.randn(n, 2, size, size, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     d = random_direction(model, g)
-    expected = ad.GradientProbe(model, loss_fn, method="per_sample")(x, y, direction=d)
+    expected = ad.GradientProbe(model, loss_fn, estimator="per_sample")(x, y, direction=d)
     for method in EXACT:
         _close(probe_for(model, method)(x, y, direction=d), expected)

@@ -42,7 +42,7 @@ def test_language_models_match_the_loop_oracle(kind: str, n: int) -> None:
     dot, cosine = loop_rewards(model, lm_loss, x, y, d)
     cases = [("ghost", "dot", dot), ("jvp", "dot", dot), ("ghost", "cosine", cosine)]
     for method, reward, want in cases:
-        got = ad.GradientProbe(model, lm_loss, method=method, reward=reward)(x, y, direction=d)
+        got = ad.GradientProbe(model, lm_loss, estimator=method, reward=reward)(x, y, direction=d)
         assert _relative(got, want) < 1e-4, (method, reward, _relative(got, want))
 
 

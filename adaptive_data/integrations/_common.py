@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..gar._gar import GAR, check_arguments
+from ..gar._arguments import check_arguments
+from ..gar._gar import GAR
 from ..sampling._sampler import GARSampler
 
 __all__: list[str] = []

@@ -4,8 +4,9 @@ where a rule may replay the forward, match the call to the layout and hand over 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -90,6 +91,27 @@ def open_call(
     return Call(entry, params, call_layout, layout.shared, args, kwargs, rng), leaves, spec
 
 
+class Pause:
+    """While active, no forward is a training batch: the hooks of a front door and of its
+    capture keep nothing (a rule replaying a forward, a reference pass, the layout runs, the
+    finite difference's forwards). Nests; one per front door, shared with its parts."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    @property
+    def active(self) -> bool:
+        return self.depth > 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
 class CallCapture:
     """The capture path of the covered layers, shared by :class:`GhostRun` (a probe call)
     and :class:`GAR` (a training forward): the hooks that number each call of a covered
@@ -99,8 +121,8 @@ class CallCapture:
     batch gets a hook that raises if a gradient reaches it (it cannot be attributed).
 
     The owner says which forwards are captured: :meth:`start` with the layout and batch size
-    before one, :meth:`stop` after; ``paused`` (set while a rule replays a forward, or a
-    reference pass runs) captures nothing in between. ``on_call(call)`` returns the object
+    before one, :meth:`stop` after; while ``pause`` is active (a rule replays a forward, a
+    reference pass runs) nothing is captured. ``on_call(call)`` returns the object
     the call's outputs belong to (or ``None`` to skip it). With ``anchor=True`` each watched
     leaf is replaced by ``leaf + anchor`` (a 0-dim zero leaf that requires grad) before it is
     handed over: see :class:`GhostRun`.
@@ -116,6 +138,7 @@ class CallCapture:
         wants_rng: Callable[[Entry], bool],
         detach: bool = False,
         anchor: bool = False,
+        pause: Pause | None = None,
     ) -> None:
         self.who = who
         self.devices = devices
@@ -126,7 +149,7 @@ class CallCapture:
         self.anchors: dict[tuple[torch.dtype, torch.device], Tensor] | None = {} if anchor else None
         self.layout: Layout | None = None
         self.n = 0
-        self.paused = False
+        self.pause = Pause() if pause is None else pause
         self._counts: dict[int, int] = {}
         self._rng: dict[int, RngSnapshot] = {}
         self.handles: list[Any] = register_call_hooks(entries, self._before, self._after)
@@ -154,14 +177,14 @@ class CallCapture:
         return anchors[key]
 
     def _before(self, entry: Entry, module: nn.Module, args: tuple) -> None:
-        if self.layout is not None and not self.paused and self.wants_rng(entry):
+        if self.layout is not None and not self.pause.active and self.wants_rng(entry):
             self._rng[id(entry)] = RngSnapshot(self.devices)
 
     def _after(
         self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> Any:
         layout = self.layout
-        if layout is None or self.paused:
+        if layout is None or self.pause.active:
             return None
         index = self._counts.get(id(entry), 0)
         self._counts[id(entry)] = index + 1
@@ -254,8 +277,7 @@ class GhostRun:
         leaf.register_hook(functools.partial(self._on_grad, call, i))
 
     def _on_grad(self, call: Call, i: int, grad: Tensor) -> None:
-        self._capture.paused = True  # a replayed forward must not be captured again
-        try:
+        with self._capture.pause():  # a replayed forward must not be captured again
             if self.norms:  # the norms need every output's gradient at once
                 call.grads[i] = grad
                 if len(call.grads) == call.expected:
@@ -267,18 +289,13 @@ class GhostRun:
                 call.expected -= 1
                 if call.expected == 0:
                     call.release()
-        finally:
-            self._capture.paused = False
 
     def finish(self) -> tuple[Tensor, Tensor | None]:
         """After the backward: the calls some of whose outputs got no gradient (unused
         attention weights) contribute with the gradients they got; returns ``(r, sq)``."""
-        self._capture.paused = True
-        try:
+        with self._capture.pause():
             for call in self._waiting:
                 call.contribute(self.acc, call.grads, self.direction, self.norms)
                 call.release()
             self._waiting = []
-        finally:
-            self._capture.paused = False
         return self.acc.result()

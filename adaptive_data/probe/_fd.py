@@ -183,24 +183,20 @@ def _on_grad(kept: Kept, i: int, rows: Tensor | None, grad: Tensor) -> None:
 # ---------------------------------------------------------------------- the rewards
 
 
-def rewards(
-    core: nn.Module,
-    kept: Kept,
+def central_difference(
+    model: nn.Module,
     params: Mapping[str, nn.Parameter],
     d: Mapping[str, Tensor],
-    rows: Tensor | None,
-    n: int,
-) -> Tensor:
-    """``<B_i, J_i D>`` of the rewarded rows (``rows``; None: all ``n``), ``[m]``, float32
-    (float64 for a float64 model): two no-grad forwards of the kept inputs at
-    ``theta +- eps D``."""
-    for t, version in kept.versions:
-        if t._version != version:
-            raise RuntimeError(
-                "an input of the model was modified in place after its training forward, so "
-                "GAR(estimator='fd') cannot run it again; do not edit the batch in place "
-                "before step()"
-            )
+    args: tuple,
+    kwargs: dict,
+    rng: RngSnapshot | None,
+    rel_step: float | None = None,
+) -> tuple[Any, Any, float] | None:
+    """The model's outputs at ``theta + eps D`` and ``theta - eps D``: two no-grad forwards
+    of ``model(*args, **kwargs)`` on moved copies of the parameters and cloned buffers (the
+    model is never edited), the RNG state ``rng`` replayed before each (every device's), and
+    ``eps = rel_step * max(||theta||, 1) / ||D||`` (``rel_step`` default: the square root of
+    the parameters' machine epsilon). ``None`` when ``D`` is zero."""
     names = list(params)
     p_list = [params[k].detach() for k in names]
     d_list = [d[k] for k in names]
@@ -212,22 +208,50 @@ def rewards(
         ]
     ).sqrt()
     theta_norm, d_norm = (float(v) for v in norms)  # one host sync
-    m = n if rows is None else len(rows)
-    device = p_list[0].device
-    if d_norm == 0.0 or not kept.grads:
-        return torch.zeros(m, dtype=torch.float32, device=device)
-    eps = relative_step(dtype) * max(theta_norm, 1.0) / d_norm
+    if d_norm == 0.0:
+        return None
+    step = relative_step(dtype) if rel_step is None else rel_step
+    eps = step * max(theta_norm, 1.0) / d_norm
     outs = []
     for sign in (1.0, -1.0):
         moved = dict(zip(names, torch._foreach_add(p_list, d_list, alpha=sign * eps), strict=True))
-        buffers = {name: b.clone() for name, b in core.named_buffers()}
-        replay = kept.rng.replay() if kept.rng is not None else contextlib.nullcontext()
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        replay = rng.replay() if rng is not None else contextlib.nullcontext()
         with torch.no_grad(), replay:
-            out = torch.func.functional_call(core, {**moved, **buffers}, kept.args, kept.kwargs)
+            outs.append(torch.func.functional_call(model, {**moved, **buffers}, args, kwargs))
         del moved, buffers
-        outs.append(tree_flatten(out)[0])
-    plus, minus = outs
-    r = torch.zeros(m, dtype=torch.float64, device=device)
+    return outs[0], outs[1], eps
+
+
+def output_rewards(
+    core: nn.Module,
+    kept: Kept,
+    params: Mapping[str, nn.Parameter],
+    d: Mapping[str, Tensor],
+    rows: Tensor | None,
+    n: int,
+) -> Tensor:
+    """``<B_i, J_i D>`` of the rewarded rows (``rows``; None: all ``n``), ``[m]``, float32
+    (float64 for a float64 model): the :func:`central_difference` of the kept inputs dotted
+    with the kept output gradients."""
+    for t, version in kept.versions:
+        if t._version != version:
+            raise RuntimeError(
+                "an input of the model was modified in place after its training forward, so "
+                "GAR(estimator='fd') cannot run it again; do not edit the batch in place "
+                "before step()"
+            )
+    first = next(iter(params.values()))
+    dtype = first.dtype if first.is_floating_point() else torch.float32
+    m = n if rows is None else len(rows)
+    moved = None
+    if kept.grads:
+        moved = central_difference(core, params, d, kept.args, kept.kwargs, kept.rng)
+    if moved is None:
+        return torch.zeros(m, dtype=torch.float32, device=first.device)
+    plus, minus = (tree_flatten(out)[0] for out in moved[:2])
+    eps = moved[2]
+    r = torch.zeros(m, dtype=torch.float64, device=first.device)
     for i, (grad, dim) in kept.grads.items():
         diff = plus[i] - minus[i]
         if kept.whole and rows is not None:

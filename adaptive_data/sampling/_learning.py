@@ -41,6 +41,12 @@ class Learner:
         self.reward_means = [math.nan] * k
         self.rewarded = 0  # batches rewarded
 
+    def load(self, history: Any, reward_means: Sequence[float], rewarded: int) -> None:
+        """Restore what a state saved: the history, the running mean rewards, the count."""
+        self.history.load(history)
+        self.reward_means = [float(v) for v in reward_means]
+        self.rewarded = rewarded
+
     def learn(self, rec: Record, rewards: list[float], rows: list[int] | None) -> UpdateStatistics:
         """Update the live policies from batch ``rec``'s ``rewards`` (of its ``rows``, or of
         every example), summed over the ranks; returns the summed statistics. Collective

@@ -12,13 +12,36 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from ._lag import lag_needed
 from ._records import Record
-from ._tracking import DeliveryLog
 
-__all__ = ["Pass", "Passes", "SamplerIterator"]
+__all__ = ["DeliveryLog", "Pass", "Passes", "SamplerIterator"]
+
+
+class DeliveryLog:
+    """The ids of the batches tracked loaders handed to the training loop, in order: how many
+    in all (:attr:`count`), the last one, and the ids of the last ``keep``."""
+
+    def __init__(self, keep: int) -> None:
+        self._ids: deque[int] = deque(maxlen=keep)
+        self.count = 0
+        self.last: int | None = None
+
+    def add(self, batch: int) -> None:
+        self._ids.append(batch)
+        self.count += 1
+        self.last = batch
+
+    def __getitem__(self, i: int) -> int:
+        """Id of the ``i``-th delivery (0-based, counted since construction)."""
+        first = self.count - len(self._ids)
+        if isinstance(i, bool) or not isinstance(i, int) or not first <= i < self.count:
+            raise IndexError(
+                f"delivery should be an int in [{first}, {self.count}), but got i={i!r}"
+            )
+        return self._ids[i - first]
 
 
 class SamplerIterator:
@@ -46,7 +69,25 @@ class SamplerIterator:
         return self._next_batch(self)
 
     def state_dict(self) -> dict[str, Any]:
-        return self._passes.iterator_state(self)
+        """Its place in the epoch while it is the iteration that draws (``started``, the
+        ``epoch`` and the ``position`` in it), else ``{"started": False}``."""
+        passes = self._passes
+        if self.started and passes.active is self:
+            return {"started": True, "epoch": passes.epoch, "position": passes.pos}
+        return {"started": False}
+
+    def end_unstarted(self) -> None:
+        """Yield nothing: a restored iterator that had finished its epoch."""
+        self.started = self.exhausted = True
+
+    def took(self) -> None:
+        """One more batch handed out by ``__next__``."""
+        self.returned += 1
+
+    def cut(self, kept: int) -> None:
+        """Only the first ``kept`` of the batches it handed out count (the rest are drawn
+        again): the others never reached the loop."""
+        self.returned = kept
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or "started" not in state:
@@ -97,10 +138,31 @@ class Passes:
         yield again before new batches are drawn."""
         self.epoch, self.pos, self.replay = epoch, pos, deque(replay)
 
-    def iterator_state(self, it: SamplerIterator) -> dict[str, Any]:
-        if it.started and self.active is it:
-            return {"started": True, "epoch": self.epoch, "position": self.pos}
-        return {"started": False}
+    def set_next_epoch(self, epoch: int) -> None:
+        """Number the next epoch ``epoch``."""
+        self.next_epoch = epoch
+
+    def reuse_epoch(self) -> None:
+        """The pass that began the present epoch delivered nothing: the next one reuses its
+        number."""
+        self.next_epoch = cast(int, self.epoch)
+
+    def forget_replay(self) -> None:
+        """The batches waiting to be yielded again are drawn anew instead (a rewind)."""
+        self.replay = deque()
+
+    def forget_iterations(self) -> None:
+        """A state was applied: the earlier iterations no longer count for lost batches."""
+        self.iters.clear()
+
+    def deactivate(self) -> None:
+        """A state was loaded: the iteration that drew so far draws no more."""
+        self.active = None
+
+    def took(self, it: SamplerIterator, position: int) -> None:
+        """``it`` handed out the batch at ``position`` of the epoch."""
+        self.pos = position
+        it.took()
 
     def new_epoch(self) -> int:
         """Begin the next epoch; returns its number."""
@@ -111,9 +173,11 @@ class Passes:
         self.replay = deque()
         return self.epoch
 
-    def activate(self, it: SamplerIterator) -> None:
-        """``it`` yields its first batch: the iterations before it draw no more."""
+    def activate(self, it: SamplerIterator, first_id: int) -> None:
+        """``it`` yields its first batch, of id ``first_id``: the iterations before it draw no
+        more."""
         it.started = True
+        it.first_id = first_id
         if self.active is not None and self.active is not it:
             self.active.exhausted = True
         self.active = it

@@ -20,7 +20,6 @@ pass resumes from, rewinding batches a loader prefetched but never delivered, an
 from __future__ import annotations
 
 import copy
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +27,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from .._check import check_int, check_number, int_list, is_int
+from .._check import check_int, is_int
 from .._distributed import Group, current_group
 from ..policy._categorical import CategoricalPolicy, check_rewards
 from . import _checkpoint as ckpt
+from ._arguments import (
+    check_arguments,
+    check_batch_id,
+    check_rows,
+    check_stream_arguments,
+    check_sync_and_streams,
+)
 from ._drawing import Drawer
 from ._lag import DEFAULT_LAG, LaggedPolicies
 from ._learning import Learner
@@ -43,18 +49,11 @@ from ._mixture_dataset import (
 from ._passes import Passes, SamplerIterator
 from ._records import Record, RewardWindow
 from ._shards import ShardOrder
-from ._streams import ON_STREAM_END, StreamReaders, is_stream
+from ._streams import StreamReaders, is_stream
 from ._tracking import TrackedLoader
 
 if TYPE_CHECKING:
     from ..augment._transform import GARTransform
-
-
-def _is_gar_transform(obj: Any) -> bool:
-    """Whether ``obj`` is a GARTransform; imports torchvision's v2 (slow) only when asked."""
-    from ..augment._transform import GARTransform
-
-    return isinstance(obj, GARTransform)
 
 
 __all__ = ["GARSampler", "MixtureDataset"]
@@ -64,91 +63,6 @@ DEFAULT_FLOOR = 0.01
 
 
 # ---------------------------------------------------------------------- the sampler
-
-
-def _check_arguments(
-    batch_size: Any,
-    lag: Any,
-    seed: Any,
-    reward_window: Any,
-    transform: Any,
-    reference_every: Any,
-) -> int | None:
-    """GARSampler's checks of its scalar arguments; returns ``reference_every`` resolved
-    (``"auto"``: 2 with a transform, else ``None``)."""
-    check_int("batch_size", batch_size, minimum=1)
-    check_int("lag", lag, minimum=1)
-    check_int("seed", seed)
-    check_int("reward_window", reward_window, minimum=2)
-    if transform is not None and not _is_gar_transform(transform):
-        raise TypeError(
-            f"transform should be a GARTransform, but got {type(transform).__name__}; "
-            "other transforms belong in the sources' own pipelines"
-        )
-    if reference_every == "auto":
-        reference_every = 2 if transform is not None else None
-    if reference_every is not None:
-        check_int(
-            "reference_every",
-            reference_every,
-            minimum=2,
-            what="'auto', None or an integer >= 2",
-        )
-        if transform is None:
-            raise ValueError(
-                "reference_every marks un-augmented batches, so it needs transform=; "
-                "got transform=None"
-            )
-    return reference_every
-
-
-def _check_sync_and_streams(sync_timeout_s: Any, on_stream_end: Any) -> None:
-    check_number("sync_timeout_s", sync_timeout_s, positive=True)
-    if on_stream_end not in ON_STREAM_END:
-        raise ValueError(
-            f"on_stream_end should be one of {list(ON_STREAM_END)}, but got "
-            f"on_stream_end={on_stream_end!r}"
-        )
-
-
-def _check_stream_arguments(
-    streams: list[str], num_batches: Any, transform: Any, weights: Any
-) -> None:
-    """Refuse the arguments a sampler with the stream sources ``streams`` cannot honour."""
-    if num_batches is None:
-        raise ValueError(
-            f"num_batches is required when a source is a stream (source(s) {streams}): a stream "
-            "has no length to count an epoch's batches from; num_batches sets len(sampler)"
-        )
-    if transform is not None:
-        raise ValueError(
-            f"transform= is not supported with stream sources (source(s) {streams}): its "
-            "decisions are armed around each example's fetch, and a stream's pipeline may "
-            "prepare examples ahead of the fetch that returns them. Apply augmentation in the "
-            "stream's own pipeline, or use map-style sources"
-        )
-    if isinstance(weights, str) and weights == "proportional":
-        raise ValueError(
-            f"weights='proportional' needs the size of every source, but source(s) {streams} "
-            "are streams; give the weights: {name: weight} or a sequence"
-        )
-
-
-def _check_batch_id(batch: Any) -> None:
-    check_int("batch", batch, what="an int id from sampler.last_batch")
-
-
-def _check_rows(rows: Any, n: int) -> list[int]:
-    """``rows`` of ``update()`` as a list of distinct positions in ``[0, n)``."""
-    picked = int_list("rows", rows)
-    if not picked:
-        raise ValueError("rows should name at least one position in the batch, but got none")
-    bad = [i for i in picked if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"rows should be positions in [0, {n}) of the batch, but got {bad}")
-    if len(set(picked)) != len(picked):
-        raise ValueError(f"rows should be distinct, but got {picked}")
-    return picked
 
 
 class GARSampler(Sampler[list[int]]):
@@ -247,14 +161,14 @@ class GARSampler(Sampler[list[int]]):
         on_stream_end: str = "restart",
         lag: int = DEFAULT_LAG,
     ) -> None:
-        reference_every = _check_arguments(
+        reference_every = check_arguments(
             batch_size, lag, seed, reward_window, transform, reference_every
         )
         src_names, srcs = resolve_sources(sources, names)
-        _check_sync_and_streams(sync_timeout_s, on_stream_end)
+        check_sync_and_streams(sync_timeout_s, on_stream_end)
         stream = [is_stream(src) for src in srcs]
         if any(stream):
-            _check_stream_arguments(
+            check_stream_arguments(
                 [n for n, st in zip(src_names, stream, strict=True) if st],
                 num_batches,
                 transform,
@@ -373,7 +287,7 @@ class GARSampler(Sampler[list[int]]):
                     "stream, and the new workers of every epoch would read the streams from "
                     "their start again. Pass persistent_workers=True"
                 )
-        return TrackedLoader(self, loader, self._passes)
+        return TrackedLoader(self, self.reward_window, loader, self._passes)
 
     @property
     def deliveries(self) -> int:
@@ -406,6 +320,14 @@ class GARSampler(Sampler[list[int]]):
             check_int("reward_delay", value, minimum=0, what="None or an int >= 0")
         self._passes.reward_delay = value
 
+    def expect_reward_delay(self, delay: int) -> None:
+        """Raise :attr:`reward_delay` to at least ``delay`` (a rewarder, such as :class:`GAR`,
+        tells when its rewards come; the largest delay announced counts)."""
+        check_int("delay", delay, minimum=0)
+        current = self._passes.reward_delay
+        if current is None or current < delay:
+            self._passes.reward_delay = delay
+
     def delivery(self, i: int) -> int:
         """Id of the ``i``-th batch (0-based, in :attr:`deliveries`' count) handed to the loop;
         the last ``reward_window`` deliveries are kept."""
@@ -417,7 +339,7 @@ class GARSampler(Sampler[list[int]]):
         Without calls, epochs count 0, 1, 2, ... by themselves.
         """
         check_int("epoch", epoch, minimum=0)
-        self._passes.next_epoch = epoch
+        self._passes.set_next_epoch(epoch)
         self._refresh_pending()
 
     # ------------------------------------------------------------------ drawing
@@ -425,13 +347,12 @@ class GARSampler(Sampler[list[int]]):
     def _note_streams(self, rec: Record) -> None:
         """Remember which streams were drawn, and from which batch on: a DataLoader worker
         started later finds them already read by others (``StreamReaders.started``)."""
-        readers, first = self._readers, self._stream_first
+        first = self._stream_first
         for s in set(rec.sources):
             if self._is_stream[s]:
                 if first[s] < 0 or rec.id < first[s]:
                     first[s] = rec.id
-                if s not in readers.started:
-                    readers.started = readers.started | {s}
+                self._readers.drawn(s)
 
     def _start(self, it: SamplerIterator) -> None:
         """First ``next()`` of an iterator: resume a loaded state or begin a new epoch."""
@@ -446,7 +367,7 @@ class GARSampler(Sampler[list[int]]):
                 # A StatefulDataLoader restoring an iterator that had finished its epoch builds
                 # it (its workers prefetch from it) only to drop it for a new one: this
                 # iterator yields nothing, and the next one starts the next epoch.
-                it.started = it.exhausted = True
+                it.end_unstarted()
                 return
             in_progress = state[ckpt.EPOCH] is not None and state[ckpt.POSITION] < self.num_batches
             if target == "fresh" or not in_progress:
@@ -471,21 +392,18 @@ class GARSampler(Sampler[list[int]]):
                 kept = self._passes.delivered(old)
                 if kept < old.returned:
                     self._rewind(old.first_id + kept)
-                    old.returned = kept
+                    old.cut(kept)
                 if kept == 0 and self._passes.next_epoch == self._passes.counted_epoch:
                     # Nothing reached the loop: the pass never happened for it (a loader
                     # without workers would not even have started it). Reuse its epoch.
-                    self._passes.next_epoch = self._passes.epoch
+                    self._passes.reuse_epoch()
             elif self._passes.replay:
                 self._rewind(self._passes.replay[0].id)
             self._new_epoch()
-        if not self._passes.replay:
-            it.first_id = self._drawer.next_id
-        else:
-            it.first_id = self._passes.replay[0].id
+        replay = self._passes.replay
         if self._stream_ids:  # the main process may not start afresh what was read before
-            self._readers.iteration_started = self._readers.started
-        self._passes.activate(it)
+            self._readers.start_iteration()
+        self._passes.activate(it, replay[0].id if replay else self._drawer.next_id)
 
     def _rewind(self, first: int) -> None:
         """Forget the batches from id ``first`` on (drawn, never delivered): the sources'
@@ -494,7 +412,7 @@ class GARSampler(Sampler[list[int]]):
         if rec is None or not self._drawer.rewind(rec):
             return  # nothing drawn from there, or a state saved without the snapshots
         self._records.forget_from(first)
-        self._passes.replay = deque()
+        self._passes.forget_replay()
 
     def _new_epoch(self) -> None:
         tf = self.transform
@@ -526,8 +444,7 @@ class GARSampler(Sampler[list[int]]):
         if self._stream_ids:
             self._note_streams(rec)
         self._records.add(rec)
-        self._passes.pos = rec.position
-        it.returned += 1
+        self._passes.took(it, rec.position)
         # In-process loaders get the source ids along (no search in the dataset); for worker
         # processes (or a loader not tracked) a plain list pickles faster.
         return rec.batch(sources=it.tracker is not None and not it.tracker.workers)
@@ -547,7 +464,7 @@ class GARSampler(Sampler[list[int]]):
     def is_reference(self, batch: int) -> bool:
         """Whether batch ``batch`` (an id from :attr:`last_batch`) is an un-augmented reference
         batch (see ``reference_every``)."""
-        _check_batch_id(batch)
+        check_batch_id(batch)
         rec = self._records.get(batch)
         if rec is None:
             raise ValueError(
@@ -562,7 +479,7 @@ class GARSampler(Sampler[list[int]]):
         return self._received().id
 
     def _lookup(self, batch: int) -> Record:
-        _check_batch_id(batch)
+        check_batch_id(batch)
         if batch < 0 or batch >= self._drawer.next_id:
             raise ValueError(
                 f"batch={batch} has not been drawn; ids so far are 0..{self._drawer.next_id - 1}"
@@ -611,7 +528,7 @@ class GARSampler(Sampler[list[int]]):
             raise ValueError(
                 f"batch {rec.id} already received its rewards; each batch is updated at most once"
             )
-        picked = None if rows is None else _check_rows(rows, len(rec.keys))
+        picked = None if rows is None else check_rows(rows, len(rec.keys))
         check_rewards(rewards, len(rec.keys) if picked is None else len(picked))
         self._drawer.lagged.check_on_time(rec.id, self._drawer.next_id)
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
@@ -750,7 +667,7 @@ class GARSampler(Sampler[list[int]]):
         loaded = copy.deepcopy(dict(state))
         self._apply(loaded)
         self._loaded.add(loaded)
-        self._passes.active = None
+        self._passes.deactivate()
 
     def _refresh_pending(self) -> None:
         """Between ``load_state_dict()`` and the first batch, a change to the sampler (a
@@ -762,12 +679,10 @@ class GARSampler(Sampler[list[int]]):
 
     def _apply(self, state: Mapping[str, Any]) -> None:
         self._policy.load_state_dict(state[ckpt.POLICY])
-        self._passes.next_epoch = int(state[ckpt.NEXT_EPOCH])
+        self._passes.set_next_epoch(int(state[ckpt.NEXT_EPOCH]))
         self._passes.resume(state[ckpt.EPOCH], int(state[ckpt.POSITION]), ckpt.undelivered(state))
-        learner = self._learner
-        learner.history.load(state[ckpt.HISTORY])
-        learner.reward_means = [float(v) for v in state[ckpt.REWARD_MEANS]]
-        drawn, learner.rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
+        drawn, rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
+        self._learner.load(state[ckpt.HISTORY], state[ckpt.REWARD_MEANS], rewarded)
         # The reward window as it was, oldest first: the batches that can still be rewarded
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
         self._records.restore(ckpt.window_records(state), dropped)
@@ -775,7 +690,7 @@ class GARSampler(Sampler[list[int]]):
         if tf is not None:
             tf.load_state_dict(state[ckpt.TRANSFORM])
         self._drawer.load_state_dict(state, drawn, self._policy, None if tf is None else tf.policy)
-        self._passes.iters.clear()
+        self._passes.forget_iterations()
         first = state.get(ckpt.STREAM_FIRST)
         self._stream_first = [-1] * len(self.names) if first is None else [int(v) for v in first]
         if self._stream_ids:

@@ -120,6 +120,16 @@ class StreamReaders:
         self._readers, self._saved, self._loaded = {}, {}, False
         self._before = self._home_before if pid == self._home else self.started
 
+    def drawn(self, s: int) -> None:
+        """Stream ``s`` was drawn by a batch (in the process that built the sampler)."""
+        if s not in self.started:
+            self.started = self.started | {s}
+
+    def start_iteration(self) -> None:
+        """An epoch's iteration begins: the main process may not start afresh a stream drawn
+        before it."""
+        self.iteration_started = self.started
+
     def resumed(self, before: frozenset[int]) -> None:
         """The sampler resumed from a state in which the streams ``before`` had been read: no
         process may start them afresh unless a loader restores its place in them

@@ -13,42 +13,18 @@ and to account for the ones it can (accelerate's ``SkipBatchSampler``, ``skip_ba
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from torch.utils.data import Sampler
+
 if TYPE_CHECKING:
     from ._passes import Pass, Passes
-    from ._sampler import GARSampler
 
-__all__ = ["DeliveryLog", "TrackedLoader"]
-
-
-class DeliveryLog:
-    """The ids of the batches tracked loaders handed to the training loop, in order: how many
-    in all (:attr:`count`), the last one, and the ids of the last ``keep``."""
-
-    def __init__(self, keep: int) -> None:
-        self._ids: deque[int] = deque(maxlen=keep)
-        self.count = 0
-        self.last: int | None = None
-
-    def add(self, batch: int) -> None:
-        self._ids.append(batch)
-        self.count += 1
-        self.last = batch
-
-    def __getitem__(self, i: int) -> int:
-        """Id of the ``i``-th delivery (0-based, counted since construction)."""
-        first = self.count - len(self._ids)
-        if isinstance(i, bool) or not isinstance(i, int) or not first <= i < self.count:
-            raise IndexError(
-                f"delivery should be an int in [{first}, {self.count}), but got i={i!r}"
-            )
-        return self._ids[i - first]
+__all__ = ["TrackedLoader"]
 
 
-def _inspect(sampler: GARSampler, loader: Any) -> tuple[int, int]:
+def _inspect(sampler: Sampler[Any], reward_window: int, loader: Any) -> tuple[int, int]:
     """``(batches skipped before the first delivery, num_workers)`` of a DataLoader-like
     ``loader`` over ``sampler``, from public attributes only; raises for stacks whose batches
     cannot be matched to the sampler's. Iterables that are not loaders give ``(0, 0)``."""
@@ -62,9 +38,9 @@ def _inspect(sampler: GARSampler, loader: Any) -> tuple[int, int]:
         )
     if workers:
         depth = (getattr(loader, "prefetch_factor", None) or 2) * workers
-        if depth >= sampler.reward_window:
+        if depth >= reward_window:
             raise ValueError(
-                f"reward_window={sampler.reward_window} should exceed prefetch_factor * "
+                f"reward_window={reward_window} should exceed prefetch_factor * "
                 f"num_workers = {depth}"
             )
     if not hasattr(loader, "batch_sampler"):
@@ -113,7 +89,9 @@ class TrackedLoader:
     docs/howto-mixture.md, "Which batch the loop holds".
     """
 
-    def __init__(self, sampler: GARSampler, iterable: Iterable[Any], passes: Passes) -> None:
+    def __init__(
+        self, sampler: Sampler[Any], reward_window: int, iterable: Iterable[Any], passes: Passes
+    ) -> None:
         if not hasattr(iterable, "__iter__"):
             raise TypeError(
                 f"track() needs the iterable the training loop consumes (a DataLoader or what "
@@ -122,22 +100,28 @@ class TrackedLoader:
         if isinstance(iterable, TrackedLoader):
             raise TypeError("this iterable is already tracked; track the loader once")
         self.sampler = sampler
+        self.reward_window = reward_window
         self.iterable = iterable
         self._passes = passes
 
     def __iter__(self) -> Iterator[Any]:
-        skip, workers = _inspect(self.sampler, self.iterable)
+        skip, workers = _inspect(self.sampler, self.reward_window, self.iterable)
         p = self._passes.open_pass(skip, workers)
         return _TrackedIterator(self._passes, p, iter(self.iterable))
 
     def __len__(self) -> int:
         # A Trainer sizes its epochs from len() before it iterates: accelerate's second
         # sharding must be switched off (and a stack that cannot be matched refused) first.
-        _inspect(self.sampler, self.iterable)
+        _inspect(self.sampler, self.reward_window, self.iterable)
         return len(self.iterable)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("sampler", "iterable", "_passes"):  # not set yet (unpickling): no recursion
+        if name in (
+            "sampler",
+            "reward_window",
+            "iterable",
+            "_passes",
+        ):  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.iterable, name)
 

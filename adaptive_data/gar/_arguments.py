@@ -1,0 +1,75 @@
+"""GAR's argument checks, shared with the integrations (which check them when they are built,
+before GAR is)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._check import check_int
+from ..probe._keepers import KEEPERS
+from ..probe._probe import ESTIMATORS, REWARDS
+
+if TYPE_CHECKING:
+    from ..sampling import GARSampler
+
+__all__: list[str] = []
+
+
+def check_arguments(
+    sampler: GARSampler,
+    every: Any,
+    reward: Any,
+    reference: Any,
+    loss_fn: Any,
+    reference_refresh: Any = 1,
+    rows: Any = None,
+    prefix: str = "",
+    estimator: Any = "ghost",
+) -> None:
+    """GAR's checks of ``every``, ``reward``, the reference and its refresh, ``rows`` and
+    ``estimator``, shared with the integrations (which check them when they are built, before
+    GAR is); ``prefix`` names their arguments."""
+    p = prefix
+    if estimator not in KEEPERS:
+        raise ValueError(
+            f"{p}estimator should be one of {', '.join(KEEPERS)}, but got "
+            f"{p}estimator={estimator!r}"
+            + (
+                " (it computes the rewards of a batch it runs itself: GradientProbe)"
+                if estimator in ESTIMATORS
+                else ""
+            )
+        )
+    check_int(f"{p}every", every, minimum=1)
+    check_int(f"{p}reference_refresh", reference_refresh, minimum=1)
+    check_int(f"{p}rows", rows, minimum=1, none_ok=True)
+    if reference is None and reference_refresh != 1:
+        raise ValueError(
+            f"{p}reference_refresh reuses a held-out reference gradient: it needs "
+            f"{p}reference=, but got {p}reference=None and "
+            f"{p}reference_refresh={reference_refresh}"
+        )
+    if reward not in REWARDS:
+        raise ValueError(
+            f"{p}reward should be one of {', '.join(REWARDS)}, but got {p}reward={reward!r}"
+        )
+    if estimator == "fd" and reward != "dot":
+        raise ValueError(
+            f"{p}estimator='fd' estimates <g_i, D> only, so it needs {p}reward='dot' (the "
+            "cosine needs each example's gradient norm, which only estimator='ghost' "
+            f"computes), but got {p}estimator='fd' with {p}reward={reward!r}"
+        )
+    if reference is not None and (loss_fn is None or not callable(loss_fn)):
+        raise ValueError(
+            f"{p}reference= needs {p}loss_fn (per-example losses [N]) to compute the reference "
+            f"gradient, but got {p}loss_fn={loss_fn!r}"
+        )
+    if reference is None and len(sampler.names) > 1:
+        raise ValueError(
+            f"a mixture of {len(sampler.names)} sources needs {p}reference= batches from data "
+            f"you trust (a target or validation split), e.g. ReferenceBatches(val_set, 128), "
+            f"with {p}loss_fn: a reference drawn from the training mixture itself lets the "
+            "mixture run away onto the sources it favours (docs/concepts.md, 'Which reference "
+            "can tell good data from bad'). The next-batch reference (no reference) is for "
+            "augmentation over one trusted source"
+        )

@@ -1,0 +1,113 @@
+"""Which training batches GAR keeps for a reward, which of their rows, and when each is due.
+
+Held-out references reward a kept batch at its own step. Next-batch references reward it at
+the next step, against the next batch's gradient; with a transform's un-augmented reference
+batches (``reference_every``), kept augmented batches wait for the next reference batch and
+every ``every``-th *augmented* batch is kept (counting steps would line the kept steps up
+with the reference batches in every other epoch of odd length, and nothing would be
+rewarded in those epochs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .._mix import mix
+from ..probe._keepers import KeptBatch
+
+if TYPE_CHECKING:
+    from ..sampling import GARSampler
+
+__all__: list[str] = []
+
+
+class Schedule:
+    """The steps, the kept batches waiting for their reward, and the counters that decide
+    which batches are kept (saved in GAR's state).
+
+    Args:
+        sampler: the sampler whose batches are kept (its ``reference_every`` and seed).
+        every: keep the batches of every ``every``-th step (or augmented batch).
+        next_batch: the reference is the next batch (else held-out batches).
+        rows: reward at most this many rows of a batch (None: all).
+    """
+
+    def __init__(self, sampler: GARSampler, every: int, next_batch: bool, rows: int | None) -> None:
+        self.sampler = sampler
+        self.every = every
+        self.next_batch = next_batch
+        self.rows = rows
+        self.steps = 0  # step() calls made
+        self.augmented = 0  # augmented batches seen (with reference batches)
+        self.last_augmented: int | None = None
+        self.pending: list[KeptBatch] = []  # kept batches whose rewards are not yet computed
+
+    def keep(self, batch: int) -> KeptBatch | None:
+        """A training forward of ``batch`` starts: a new :class:`KeptBatch` if its rewards are
+        wanted (it replaces an earlier forward of the same batch before the same step)."""
+        if self.next_batch and self.sampler.reference_every:
+            if self.sampler.is_reference(batch):
+                return None  # the next-batch reference of the augmented batches before it
+            if batch != self.last_augmented:
+                self.last_augmented = batch
+                self.augmented += 1
+            if (self.augmented - 1) % self.every:
+                return None
+        elif self.steps % self.every:
+            return None
+        kept = KeptBatch(batch, self.steps)
+        self.pending = [k for k in self.pending if k.batch != batch]
+        self.pending.append(kept)
+        return kept
+
+    def choose_rows(self, batch: int, n: int) -> Tensor | None:
+        """The rows of batch ``batch`` (of ``n`` examples) that ``rows=`` rewards (None: all):
+        a uniformly random subset of ``rows`` positions, sorted, drawn from ``(sampler seed,
+        batch id, rank)``: the same in a resumed run, and every row equally likely."""
+        if self.rows is None or self.rows >= n:
+            return None
+        g = torch.Generator().manual_seed(mix(self.sampler.seed, 4, batch, self.sampler.rank))
+        return torch.randperm(n, generator=g)[: self.rows].sort().values
+
+    def due(self, last_batches: list[int]) -> tuple[list[KeptBatch], int]:
+        """Take the kept batches whose reference is known at this step: held-out, those kept
+        up to now; next-batch, those kept before this step (which waited for this step's
+        gradient), unless this step's batch is augmented and they wait for a reference batch.
+        Returns them and how many stale ones were dropped (they waited longer than
+        ``reference_every`` steps: an epoch shorter than that has no reference batch)."""
+        if not self.next_batch:
+            return self._take(lambda k: k.step <= self.steps), 0
+        dropped = 0
+        wait = self.sampler.reference_every
+        if wait:
+            dropped = len(self._take(lambda k: self.steps - k.step > wait))
+            if last_batches and not self.sampler.is_reference(last_batches[-1]):
+                return [], dropped  # this step's gradient is an augmented batch's
+        return self._take(lambda k: k.step < self.steps), dropped
+
+    def drop_trained(self) -> int:
+        """A step skipped for a non-finite ``.grad``: drop the batches trained at this step
+        (batches kept earlier wait for the next step's gradient); returns how many."""
+        return len(self._take(lambda k: k.step >= self.steps))
+
+    def _take(self, due: Any) -> list[KeptBatch]:
+        taken = [k for k in self.pending if due(k)]
+        self.pending = [k for k in self.pending if not due(k)]
+        return taken
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "augmented": self.augmented,
+            "last_augmented": self.last_augmented,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.augmented = int(state["augmented"])
+        last = state["last_augmented"]
+        self.last_augmented = None if last is None else int(last)
+        self.pending.clear()
