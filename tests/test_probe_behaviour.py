@@ -459,3 +459,36 @@ def test_probe_works_inside_no_grad(method: str) -> None:
     with torch.no_grad():
         got = probe(x, y, reference=ref)
     torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------- the former spelling
+
+
+def test_method_and_finite_difference_are_deprecated_spellings(mlp_setup) -> None:
+    """method= and "finite_difference" still work, with a FutureWarning naming the new
+    spelling, and give what estimator= gives; ad.METHODS likewise."""
+    model, x, y, d = mlp_setup
+    with pytest.warns(FutureWarning, match=r"GradientProbe\(method=\.\.\.\) is deprecated"):
+        old = ad.GradientProbe(model, loss_fn, method="jvp")
+    assert old.estimator == "jvp"
+    torch.testing.assert_close(
+        old(x, y, direction=d), ad.GradientProbe(model, loss_fn, "jvp")(x, y, direction=d)
+    )
+    with pytest.warns(FutureWarning, match=r"estimator='finite_difference' is deprecated.*'fd'"):
+        fd = ad.GradientProbe(model, loss_fn, "finite_difference")
+    assert fd.estimator == "fd"
+    torch.testing.assert_close(
+        fd(x, y, direction=d), ad.GradientProbe(model, loss_fn, "fd")(x, y, direction=d)
+    )
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"not both"):
+        ad.GradientProbe(model, loss_fn, "jvp", method="ghost")
+    with pytest.warns(FutureWarning, match=r"adaptive_data.METHODS is deprecated"):
+        assert "finite_difference" in ad.METHODS
+
+
+def test_the_public_names_of_the_estimators_are_the_table() -> None:
+    from adaptive_data.probe._estimators import ESTIMATORS as table
+    from adaptive_data.probe._keepers import KEEPERS
+
+    assert tuple(table) == ad.ESTIMATORS
+    assert set(KEEPERS) <= set(table)  # what GAR takes is a subset of the probe's

@@ -75,7 +75,7 @@ def loop(s: ad.GARSampler, loader, epochs: int = 1, stop: int | None = None, ora
             sid, idx = batch["sid"], batch["idx"]
             held, index = s.decode(s._records[s.last_batch].keys)
             assert torch.equal(held, sid)
-            streams = torch.tensor(s._is_stream)[held]
+            streams = torch.tensor(s._iterations._is_stream)[held]
             assert (index[streams] == -1).all()
             s.update(reward_of(sid, idx))
             if oracle is not None:

@@ -95,7 +95,7 @@ class Call:
                 raise RuntimeError(
                     f"an input of module {self.entry.name!r} was modified in place after its "
                     "forward, so its share of the rewards cannot be recomputed from it (a "
-                    "GradientProbe with method='jvp' does not need it)"
+                    "GradientProbe with estimator='jvp' does not need it)"
                 )
 
     def local(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -253,7 +253,7 @@ class GhostRun:
         self._waiting: list[Call] = []  # calls whose norms wait for all their gradients
         self._capture = CallCapture(
             entries,
-            "method='ghost'",
+            "estimator='ghost'",
             devices,
             on_call=lambda call: call,
             on_output=self._watch,

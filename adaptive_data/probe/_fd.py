@@ -31,8 +31,6 @@ from ._model_state import RngSnapshot
 
 __all__: list[str] = []
 
-ESTIMATORS = ("ghost", "fd")
-
 
 def relative_step(dtype: torch.dtype) -> float:
     """``sqrt(machine epsilon)`` of ``dtype``: ``eps * ||D|| / ||theta||`` of the difference."""

@@ -176,14 +176,14 @@ def detect_layout(
             f"{who} cannot attribute the outputs of {names} to examples: they do not hold the "
             "batch in one dim (found by running the model on 2 and 3 examples), so their "
             "parameters need a replay of the whole model, which fallback='raise' refuses; use "
-            "fallback='jvp' or method='jvp'"
+            "fallback='jvp' or estimator='jvp'"
         )
     if rehomed and root is None:
         names = [f"{e.name} ({type(e.module).__name__})" for e in rehomed]
         raise ValueError(
             f"{who} cannot attribute the outputs of {names} to examples (they do not hold the "
             f"batch in one dim), and the model's root ({type(model).__name__}) has a rule of "
-            "its own, so they cannot be covered there; use method='jvp'"
+            "its own, so they cannot be covered there; use estimator='jvp'"
         )
     root_params = dict(root.params) if root is not None else {}
     for e in rehomed:

@@ -21,7 +21,8 @@ __all__ = ["ESTIMATORS", "REWARDS", "GradientProbe"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
-ESTIMATORS = tuple(_TABLE)  # ("ghost", "jvp", "per_sample", "fd", "head")
+ESTIMATORS = ("ghost", "jvp", "per_sample", "fd", "head")
+"""The estimators ``GradientProbe`` takes (``estimator=``); ``GAR`` takes ``ghost`` and ``fd``."""
 REWARDS = ("dot", "cosine")
 # The former spelling (method=, "finite_difference"): accepted with a FutureWarning.
 _OLD_NAMES = {"finite_difference": "fd"}

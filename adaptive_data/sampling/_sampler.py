@@ -39,6 +39,7 @@ from ._arguments import (
     check_sync_and_streams,
 )
 from ._drawing import Drawer
+from ._iteration import Iterations
 from ._lag import DEFAULT_LAG, LaggedPolicies
 from ._learning import Learner
 from ._mixture_dataset import (
@@ -190,9 +191,8 @@ class GARSampler(Sampler[list[int]]):
         self.transform = transform
         self.reference_every: int | None = reference_every
         self.on_stream_end = on_stream_end
-        self._is_stream = stream
         self._stream_ids = [s for s, st in enumerate(stream) if st]
-        self._stream_first = [-1] * len(srcs)  # id of the first batch that drew each stream
+        self._readers: StreamReaders | None = None
         if self._stream_ids:
             self._readers = StreamReaders(
                 src_names,
@@ -237,6 +237,17 @@ class GARSampler(Sampler[list[int]]):
         self._records = RewardWindow(reward_window)
         self._loaded = ckpt.LoadedStates()  # states loaded, not yet resumed from
         self._learner = Learner(self._policy, transform, self._group)  # the live policies
+        self._iterations = Iterations(
+            self._passes,
+            self._drawer,
+            self._records,
+            self._loaded,
+            num_batches,
+            (self._policy, None if transform is None else transform.policy),
+            self._apply,
+            stream,
+            self._readers,
+        )
         self._group.check_same(self._fingerprint(), "the sources and sampler settings")
 
     def _fingerprint(self) -> tuple[Any, ...]:
@@ -259,7 +270,7 @@ class GARSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> SamplerIterator:
-        return SamplerIterator(self._passes, self._next_batch)
+        return SamplerIterator(self._passes, self._iterations.next_batch)
 
     def track(self, loader: Any) -> TrackedLoader:
         """Wrap the iterable the training loop consumes, so rewards find their batch.
@@ -341,113 +352,6 @@ class GARSampler(Sampler[list[int]]):
         check_int("epoch", epoch, minimum=0)
         self._passes.set_next_epoch(epoch)
         self._refresh_pending()
-
-    # ------------------------------------------------------------------ drawing
-
-    def _note_streams(self, rec: Record) -> None:
-        """Remember which streams were drawn, and from which batch on: a DataLoader worker
-        started later finds them already read by others (``StreamReaders.started``)."""
-        first = self._stream_first
-        for s in set(rec.sources):
-            if self._is_stream[s]:
-                if first[s] < 0 or rec.id < first[s]:
-                    first[s] = rec.id
-                self._readers.drawn(s)
-
-    def _start(self, it: SamplerIterator) -> None:
-        """First ``next()`` of an iterator: resume a loaded state or begin a new epoch."""
-        target = it.target
-        if self._loaded:
-            state = self._loaded.choose(target)
-            replay = ckpt.undelivered(state)
-            if state is not self._loaded.live:  # else the sampler holds it, with later updates
-                self._apply(state)
-            self._loaded.clear()
-            if isinstance(target, tuple) and target[2] >= self.num_batches:
-                # A StatefulDataLoader restoring an iterator that had finished its epoch builds
-                # it (its workers prefetch from it) only to drop it for a new one: this
-                # iterator yields nothing, and the next one starts the next epoch.
-                it.end_unstarted()
-                return
-            in_progress = state[ckpt.EPOCH] is not None and state[ckpt.POSITION] < self.num_batches
-            if target == "fresh" or not in_progress:
-                if replay:  # drawn before the checkpoint, never delivered: drawn again
-                    self._rewind(replay[0].id)
-                self._new_epoch()
-            else:
-                start = state[ckpt.POSITION] if not isinstance(target, tuple) else target[2]
-                self._passes.resume(
-                    state[ckpt.EPOCH], start, (r for r in replay if r.position > start)
-                )
-        else:
-            if isinstance(target, tuple):
-                raise RuntimeError(
-                    "a StatefulDataLoader restored its position, but the GARSampler's state "
-                    "was not loaded with it"
-                )
-            old = self._passes.active
-            if old is not None and old.tracker is not None and old.returned:
-                # A pass left early: the batches its loader read ahead never reached the
-                # loop. Draw them again, so that what follows is the same with any loader.
-                kept = self._passes.delivered(old)
-                if kept < old.returned:
-                    self._rewind(old.first_id + kept)
-                    old.cut(kept)
-                if kept == 0 and self._passes.next_epoch == self._passes.counted_epoch:
-                    # Nothing reached the loop: the pass never happened for it (a loader
-                    # without workers would not even have started it). Reuse its epoch.
-                    self._passes.reuse_epoch()
-            elif self._passes.replay:
-                self._rewind(self._passes.replay[0].id)
-            self._new_epoch()
-        replay = self._passes.replay
-        if self._stream_ids:  # the main process may not start afresh what was read before
-            self._readers.start_iteration()
-        self._passes.activate(it, replay[0].id if replay else self._drawer.next_id)
-
-    def _rewind(self, first: int) -> None:
-        """Forget the batches from id ``first`` on (drawn, never delivered): the sources'
-        cursors, the ids and the counters go back to just before ``first`` was drawn."""
-        rec = self._records.get(first)
-        if rec is None or not self._drawer.rewind(rec):
-            return  # nothing drawn from there, or a state saved without the snapshots
-        self._records.forget_from(first)
-        self._passes.forget_replay()
-
-    def _new_epoch(self) -> None:
-        tf = self.transform
-        epoch = self._passes.new_epoch()
-        self._drawer.new_epoch(epoch, self._policy, None if tf is None else tf.policy)
-
-    def _next_batch(self, it: SamplerIterator) -> list[int]:
-        if it.exhausted:
-            raise StopIteration
-        if not it.started:
-            self._start(it)
-            if it.exhausted:
-                raise StopIteration
-        elif self._passes.active is not it:
-            raise RuntimeError(
-                "this iteration over the GARSampler was superseded by a newer one (another "
-                "iter(loader)); only the newest iteration may draw batches"
-            )
-        if self._passes.pos >= self.num_batches:
-            it.exhausted = True
-            raise StopIteration
-        self._passes.bind(it)
-        rec = (
-            self._passes.replay.popleft()
-            if self._passes.replay
-            else self._drawer.draw(self._passes.epoch, self._passes.pos + 1)
-        )
-        self._drawer.taken(rec)
-        if self._stream_ids:
-            self._note_streams(rec)
-        self._records.add(rec)
-        self._passes.took(it, rec.position)
-        # In-process loaders get the source ids along (no search in the dataset); for worker
-        # processes (or a loader not tracked) a plain list pickles faster.
-        return rec.batch(sources=it.tracker is not None and not it.tracker.workers)
 
     # ------------------------------------------------------------------ attribution
 
@@ -634,7 +538,7 @@ class GARSampler(Sampler[list[int]]):
             ckpt.TRANSFORM: None if self.transform is None else self.transform.state_dict(),
             ckpt.RANK: self.rank,
             ckpt.WORLD_SIZE: self.world_size,
-            ckpt.STREAM_FIRST: list(self._stream_first),
+            ckpt.STREAM_FIRST: list(self._iterations.stream_first),
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -691,13 +595,7 @@ class GARSampler(Sampler[list[int]]):
             tf.load_state_dict(state[ckpt.TRANSFORM])
         self._drawer.load_state_dict(state, drawn, self._policy, None if tf is None else tf.policy)
         self._passes.forget_iterations()
-        first = state.get(ckpt.STREAM_FIRST)
-        self._stream_first = [-1] * len(self.names) if first is None else [int(v) for v in first]
-        if self._stream_ids:
-            # The streams read by batches the loop received before the checkpoint: no process
-            # may start them afresh unless a loader restores its place in them.
-            window = state[ckpt.WINDOW]
-            cut = int(window[0]["id"]) if window else int(state[ckpt.NEXT_ID])
-            self._readers.resumed(
-                frozenset(s for s in self._stream_ids if 0 <= self._stream_first[s] < cut)
-            )
+        # The streams read by batches the loop received before the checkpoint.
+        window = state[ckpt.WINDOW]
+        cut = int(window[0]["id"]) if window else int(state[ckpt.NEXT_ID])
+        self._iterations.load_stream_first(state.get(ckpt.STREAM_FIRST), cut)
