@@ -176,7 +176,7 @@ def train(
         "accuracy": accuracy,
         "wall_s": wall,
         "weights": sampler.weights,
-        "op_weights": tf.op_weights,
+        "op_weights": tf.policy.op_weights,
         "history": [h["weights"] for h in sampler.history],
         "steps": args.epochs * len(sampler),
     }

@@ -285,11 +285,11 @@ class Run:
     def result(self, test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
         out = {"accuracy": self.accuracy(*test), **self.log}
         if self.tf is not None:
-            out["op_weights"] = self.tf.op_weights
+            out["op_weights"] = self.tf.policy.op_weights
             out["magnitude"] = {
-                k: v for k, v in self.tf.metrics().items() if k.startswith("magnitude/")
+                k: v for k, v in self.tf.policy.metrics().items() if k.startswith("magnitude/")
             }
-            out["nonfinite_rewards"] = self.tf.metrics()["nonfinite_rewards"]
+            out["nonfinite_rewards"] = self.tf.policy.metrics()["nonfinite_rewards"]
         return out
 
 

@@ -278,10 +278,12 @@ def run(
         "steps": step,
     }
     if tf is not None:
-        out["op_weights"] = tf.op_weights
-        out["magnitude"] = {k: v for k, v in tf.metrics().items() if k.startswith("magnitude/")}
-        out["history"] = tf.history
-        out["nonfinite_rewards"] = tf.metrics()["nonfinite_rewards"]
+        out["op_weights"] = tf.policy.op_weights
+        out["magnitude"] = {
+            k: v for k, v in tf.policy.metrics().items() if k.startswith("magnitude/")
+        }
+        out["history"] = tf.policy.history
+        out["nonfinite_rewards"] = tf.policy.metrics()["nonfinite_rewards"]
     return out
 
 

@@ -434,8 +434,8 @@ def run(arm: str, seed: int, s: Setup) -> dict[str, Any]:
         "rewarded_batches": rewarded,
     }
     if tf is not None:
-        m = tf.metrics()
-        out["op_weights"] = tf.op_weights
+        m = tf.policy.metrics()
+        out["op_weights"] = tf.policy.op_weights
         out["magnitude"] = {k[len("magnitude/") :]: v for k, v in m.items() if "magnitude/" in k}
         out["policy_updates"] = m["updates"]
         out["nonfinite_rewards"] = m["nonfinite_rewards"]

@@ -191,10 +191,10 @@ def main() -> None:
                 gar.step()  # the one line
                 opt.step()
                 total, n = total + loss.item() * len(y), n + len(y)
-            top = sorted(tf.op_weights.items(), key=lambda kv: -kv[1])[:4]
+            top = sorted(tf.policy.op_weights.items(), key=lambda kv: -kv[1])[:4]
             ops = ", ".join(f"{k} {v:.3f}" for k, v in top)
             print(f"epoch {epoch + 1}: train loss {total / n:.3f}; most likely ops: {ops}")
-    print("metrics:", {k: round(v, 4) for k, v in tf.metrics().items() if "/" not in k})
+    print("metrics:", {k: round(v, 4) for k, v in tf.policy.metrics().items() if "/" not in k})
 
 
 if __name__ == "__main__":

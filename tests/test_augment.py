@@ -75,11 +75,11 @@ def test_every_op_at_every_bin_equals_torchvision(kind):
     stride = 6 if kind.startswith("float") else 1
     tf = GARTransform()
     checked = 0
-    for o, op in enumerate(tf.op_names):
-        mags, signed = tf.table[op]
+    for o, op in enumerate(tf.policy.op_names):
+        mags, signed = tf.policy.table[op]
         for b in range(0, len(mags) if mags else 1, stride):
             for negate in (False, True) if signed else (False,):
-                magnitude = tf.magnitude(o, b, negate) or 0.0
+                magnitude = tf.policy.magnitude(o, b, negate) or 0.0
                 tf.arm(o, b, negate)
                 out = tf(image)
                 tf.disarm("the test image")
@@ -125,8 +125,8 @@ def test_apply_op_equals_torchvision_on_any_image(
 
 def test_invert_and_custom_tables():
     tf = GARTransform({"Invert": (None, False), "Rotate": ([0.0, 45.0, 90.0], True)})
-    assert tf.op_names == ["Invert", "Rotate"]
-    assert tf.magnitude_weights == {"Rotate": pytest.approx([1 / 3] * 3)}
+    assert tf.policy.op_names == ["Invert", "Rotate"]
+    assert tf.policy.magnitude_weights == {"Rotate": pytest.approx([1 / 3] * 3)}
     img = random_image(1)
     tf.arm(0, 0, False)
     assert torch.equal(tf(img), 255 - img)
@@ -138,9 +138,9 @@ def test_invert_and_custom_tables():
 
 def test_subset_of_the_default_ops():
     tf = GARTransform(["Identity", "Posterize"], num_magnitude_bins=5)
-    assert tf.op_names == ["Identity", "Posterize"]
-    assert tf.table["Posterize"][0] == trivial_augment_wide_table(5)["Posterize"][0]
-    assert set(tf.op_weights) == {"Identity", "Posterize"}
+    assert tf.policy.op_names == ["Identity", "Posterize"]
+    assert tf.policy.table["Posterize"][0] == trivial_augment_wide_table(5)["Posterize"][0]
+    assert set(tf.policy.op_weights) == {"Identity", "Posterize"}
 
 
 @pytest.mark.parametrize(
@@ -318,10 +318,12 @@ def test_standalone_calls_take_uint8_and_float_images(dtype):
     tf = GARTransform(generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     for _ in range(15):
-        op, b, negate = (t[0].item() for t in tf.draw(1, g))
+        op, b, negate = (t[0].item() for t in tf.policy.draw(1, g))
         out = tf(img)
         assert out.dtype == dtype
-        assert same(out, apply_op(img, tf.op_names[op], tf.magnitude(op, b, negate) or 0.0))
+        assert same(
+            out, apply_op(img, tf.policy.op_names[op], tf.policy.magnitude(op, b, negate) or 0.0)
+        )
     assert TA(img).dtype == dtype
 
 
@@ -331,8 +333,8 @@ def test_a_batch_gets_one_decision_per_standalone_call_as_in_trivial_augment_wid
     g = torch.Generator().manual_seed(1)
     ops = set()
     for _ in range(12):
-        op, b, negate = (t[0].item() for t in tf.draw(1, g))
-        name, magnitude = tf.op_names[op], tf.magnitude(op, b, negate) or 0.0
+        op, b, negate = (t[0].item() for t in tf.policy.draw(1, g))
+        name, magnitude = tf.policy.op_names[op], tf.policy.magnitude(op, b, negate) or 0.0
         out = tf(batch)
         assert same(out, oracle(batch, name, magnitude))
         assert all(same(out[i], oracle(batch[i], name, magnitude)) for i in range(4))
@@ -348,7 +350,9 @@ def test_inside_a_gar_pipeline_each_example_gets_its_own_decision():
     items = s.dataset.__getitems__(keys)
     for (key, op, b, negate, _), (image, i) in zip(keys, items, strict=True):
         assert i == key
-        expected = apply_op(data.x[i], tf.op_names[op], tf.magnitude(op, b, negate) or 0.0)
+        expected = apply_op(
+            data.x[i], tf.policy.op_names[op], tf.policy.magnitude(op, b, negate) or 0.0
+        )
         assert torch.equal(image, expected)
     assert len({k[1] for k in keys}) > 4
 
@@ -373,11 +377,15 @@ def test_is_a_v2_transform_and_an_nn_module():
     a = GARTransform(
         ["Identity", "Rotate"], num_magnitude_bins=4, learn_ops=True, learn_magnitudes=True
     )
-    a.update([1, 1, 0], [3, 0, 0], torch.tensor([1.0, 0.8, 0.0]))
+    a.policy.update([1, 1, 0], [3, 0, 0], torch.tensor([1.0, 0.8, 0.0]))
     b = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
     torch.nn.ModuleList([b]).load_state_dict(torch.nn.ModuleList([a]).state_dict())
-    assert b.op_weights == a.op_weights != GARTransform(["Identity", "Rotate"]).op_weights
-    assert b.magnitude_weights == a.magnitude_weights
+    assert (
+        b.policy.op_weights
+        == a.policy.op_weights
+        != GARTransform(["Identity", "Rotate"]).policy.op_weights
+    )
+    assert b.policy.magnitude_weights == a.policy.magnitude_weights
 
 
 def test_the_policy_is_a_separate_object_the_transform_holds():
@@ -387,11 +395,11 @@ def test_the_policy_is_a_separate_object_the_transform_holds():
     a, b = GARTransform(policy=p), GARTransform(policy=p, fill=0)
     assert a.policy is p
     assert b.policy is p
-    a.update([1, 0], [3, 0], torch.tensor([1.0, 0.0]))
+    a.policy.update([1, 0], [3, 0], torch.tensor([1.0, 0.0]))
     fresh = AugmentPolicy(
         ["Identity", "Rotate"], num_magnitude_bins=4, learn_ops=True, learn_magnitudes=True
     )
-    assert b.op_weights == p.op_weights != fresh.op_weights
+    assert b.policy.op_weights == p.op_weights != fresh.op_weights
     assert (
         b.state_dict()["op_policy"]["logits"].tolist()
         == p.state_dict()["op_policy"]["logits"].tolist()
@@ -432,14 +440,14 @@ def test_draw_follows_the_policies():
     )
     g = torch.Generator().manual_seed(0)
     for _ in range(30):  # reward Rotate at its largest bin
-        ops, bins, _ = tf.draw(64, g)
+        ops, bins, _ = tf.policy.draw(64, g)
         r = ((ops == 1) & (bins == 3)).double()
-        tf.update(ops.tolist(), bins.tolist(), r)
-    ops, bins, negate = tf.draw(20000, g)
-    p_rot = tf.op_weights["Rotate"]
+        tf.policy.update(ops.tolist(), bins.tolist(), r)
+    ops, bins, negate = tf.policy.draw(20000, g)
+    p_rot = tf.policy.op_weights["Rotate"]
     assert p_rot > 0.9
     assert abs(float((ops == 1).double().mean()) - p_rot) < 0.01
-    top = tf.magnitude_weights["Rotate"][3]
+    top = tf.policy.magnitude_weights["Rotate"][3]
     assert top > 0.9
     assert abs(float((bins[ops == 1] == 3).double().mean()) - top) < 0.01
     assert bool((bins[ops == 0] == 0).all())  # ops without magnitudes get bin 0
@@ -449,13 +457,13 @@ def test_draw_follows_the_policies():
 def test_frozen_policies_do_not_move():
     for learn_ops, learn_mags in [(False, True), (True, False)]:
         tf = GARTransform(["Identity", "Rotate"], learn_ops=learn_ops, learn_magnitudes=learn_mags)
-        ops0, mags0 = tf.op_weights, tf.magnitude_weights
+        ops0, mags0 = tf.policy.op_weights, tf.policy.magnitude_weights
         g = torch.Generator().manual_seed(0)
         for _ in range(5):
-            ops, bins, _ = tf.draw(32, g)
-            tf.update(ops.tolist(), bins.tolist(), (ops == 1).double() + bins.double())
-        assert (tf.op_weights == ops0) != learn_ops
-        assert (tf.magnitude_weights == mags0) != learn_mags
+            ops, bins, _ = tf.policy.draw(32, g)
+            tf.policy.update(ops.tolist(), bins.tolist(), (ops == 1).double() + bins.double())
+        assert (tf.policy.op_weights == ops0) != learn_ops
+        assert (tf.policy.magnitude_weights == mags0) != learn_mags
 
 
 @pytest.mark.parametrize(
@@ -471,11 +479,11 @@ def test_frozen_policies_do_not_move():
 )
 def test_bad_update_inputs_raise_and_leave_the_policies(ops, bins, match):
     tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
-    before = (tf.op_weights, tf.magnitude_weights)
+    before = (tf.policy.op_weights, tf.policy.magnitude_weights)
     with pytest.raises(ValueError, match=match):
-        tf.update(ops, bins, torch.tensor([5.0, 0.0]))
-    assert (tf.op_weights, tf.magnitude_weights) == before
-    assert tf.metrics()["updates"] == 0
+        tf.policy.update(ops, bins, torch.tensor([5.0, 0.0]))
+    assert (tf.policy.op_weights, tf.policy.magnitude_weights) == before
+    assert tf.policy.metrics()["updates"] == 0
 
 
 any_reward = st.one_of(
@@ -570,22 +578,22 @@ def test_state_dict_round_trip_of_both_policies():
     a = GARTransform(num_magnitude_bins=6)
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
-        ops, bins, _ = a.draw(16, g)
-        a.update(ops.tolist(), bins.tolist(), bins.double() - ops.double())
+        ops, bins, _ = a.policy.draw(16, g)
+        a.policy.update(ops.tolist(), bins.tolist(), bins.double() - ops.double())
     b = GARTransform(num_magnitude_bins=6)
     b.load_state_dict(a.state_dict())
-    assert b.op_weights == a.op_weights
-    assert b.magnitude_weights == a.magnitude_weights
-    assert b.history == a.history
-    assert b.metrics() == a.metrics()
+    assert b.policy.op_weights == a.policy.op_weights
+    assert b.policy.magnitude_weights == a.policy.magnitude_weights
+    assert b.policy.history == a.policy.history
+    assert b.policy.metrics() == a.policy.metrics()
     ga, gb = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     for _ in range(3):
-        da, db = a.draw(16, ga), b.draw(16, gb)
+        da, db = a.policy.draw(16, ga), b.policy.draw(16, gb)
         assert all(torch.equal(x, y) for x, y in zip(da, db, strict=True))
-        a.update(da[0].tolist(), da[1].tolist(), da[1].double())
-        b.update(db[0].tolist(), db[1].tolist(), db[1].double())
-    assert b.op_weights == a.op_weights
-    assert b.magnitude_weights == a.magnitude_weights
+        a.policy.update(da[0].tolist(), da[1].tolist(), da[1].double())
+        b.policy.update(db[0].tolist(), db[1].tolist(), db[1].double())
+    assert b.policy.op_weights == a.policy.op_weights
+    assert b.policy.magnitude_weights == a.policy.magnitude_weights
     with pytest.raises(ValueError, match=r"this policy has ops \['Identity'\]"):
         GARTransform(["Identity"]).load_state_dict(a.state_dict())
     # Same op names and bin counts, other magnitudes or signs: another table all the same.
@@ -599,24 +607,26 @@ def test_update_takes_the_tensors_draw_returns():
     """draw() returns Tensors; update() takes them as it takes lists (the same step)."""
     a = GARTransform(["Identity", "Rotate"], learn_ops=True, learn_magnitudes=True)
     b = GARTransform(["Identity", "Rotate"], learn_ops=True, learn_magnitudes=True)
-    ops, bins, _ = a.draw(16, torch.Generator().manual_seed(0))
+    ops, bins, _ = a.policy.draw(16, torch.Generator().manual_seed(0))
     r = bins.double() + ops.double()
-    a.update(ops, bins, r)
-    b.update(ops.tolist(), bins.tolist(), r)
-    assert a.op_weights == b.op_weights
-    assert a.magnitude_weights == b.magnitude_weights
-    assert a.magnitude_weights != GARTransform(["Identity", "Rotate"]).magnitude_weights
+    a.policy.update(ops, bins, r)
+    b.policy.update(ops.tolist(), bins.tolist(), r)
+    assert a.policy.op_weights == b.policy.op_weights
+    assert a.policy.magnitude_weights == b.policy.magnitude_weights
+    assert (
+        a.policy.magnitude_weights != GARTransform(["Identity", "Rotate"]).policy.magnitude_weights
+    )
 
 
 def test_magnitude_checks_its_op_and_bin():
     tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
-    assert tf.magnitude(1, 3) == 135.0
-    assert tf.magnitude(1, 3, negate=True) == -135.0
-    assert tf.magnitude(0, 0) is None
+    assert tf.policy.magnitude(1, 3) == 135.0
+    assert tf.policy.magnitude(1, 3, negate=True) == -135.0
+    assert tf.policy.magnitude(0, 0) is None
     with pytest.raises(ValueError, match=r"bin should lie in \[0, 4\) for op 'Rotate', but got"):
-        tf.magnitude(1, -1)
+        tf.policy.magnitude(1, -1)
     with pytest.raises(ValueError, match=r"op should lie in \[0, 2\), but got op=-1"):
-        tf.magnitude(-1, 0)
+        tf.policy.magnitude(-1, 0)
 
 
 def test_reinforce_magnitude_step_defaults_to_a_fraction_of_the_op_step():
@@ -628,16 +638,16 @@ def test_reinforce_magnitude_step_defaults_to_a_fraction_of_the_op_step():
 
 def test_metrics_are_flat_and_history_records_updates():
     tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=3)
-    tf.update([0, 1, 1], [0, 2, 0], torch.tensor([0.0, 1.0, math.nan]))
-    tf.update([NO_AUGMENTATION] * 2, [0, 0], torch.tensor([1.0, 2.0]))
-    m = tf.metrics()
+    tf.policy.update([0, 1, 1], [0, 2, 0], torch.tensor([0.0, 1.0, math.nan]))
+    tf.policy.update([NO_AUGMENTATION] * 2, [0, 0], torch.tensor([1.0, 2.0]))
+    m = tf.policy.metrics()
     assert all(isinstance(v, int | float) for v in m.values())
     assert m["updates"] == 1
     assert m["reference_batches_skipped"] == 1
     assert m["nonfinite_rewards"] == 1
-    assert m["op_weight/Rotate"] == tf.op_weights["Rotate"]
-    assert [h["update"] for h in tf.history] == [0, 1]
-    assert tf.history[0]["magnitude"] == {"Rotate": 0.5}
+    assert m["op_weight/Rotate"] == tf.policy.op_weights["Rotate"]
+    assert [h["update"] for h in tf.policy.history] == [0, 1]
+    assert tf.policy.history[0]["magnitude"] == {"Rotate": 0.5}
 
 
 # ------------------------------------------------------------------ through the sampler
@@ -759,7 +769,7 @@ def test_rewards_reach_the_op_that_made_the_image():
     for t, (x, _) in enumerate(loader):
         if t % 3 == 0:  # skipped updates too
             s.update((x.float().mean((1, 2, 3)) > 100).double())
-    assert tf.op_weights["Invert"] > 0.95
+    assert tf.policy.op_weights["Invert"] > 0.95
 
 
 def test_reference_batches_are_unaugmented_and_train_only_the_mixture():
@@ -825,11 +835,11 @@ def test_sampler_resume_restores_keys_and_both_policies():
     state = first.state_dict()
     resumed = make()
     resumed.load_state_dict(state)
-    assert resumed.transform.op_weights == first.transform.op_weights
+    assert resumed.transform.policy.op_weights == first.transform.policy.op_weights
     tail = run(resumed, 4)
     assert head + tail == expected
-    assert resumed.transform.op_weights == full.transform.op_weights
-    assert resumed.transform.magnitude_weights == full.transform.magnitude_weights
+    assert resumed.transform.policy.op_weights == full.transform.policy.op_weights
+    assert resumed.transform.policy.magnitude_weights == full.transform.policy.magnitude_weights
     plain = GARSampler(Images(50, pipeline(GARTransform())), batch_size=5, seed=1)
     with pytest.raises(ValueError, match=r"saved by a sampler with a transform"):
         plain.load_state_dict(state)
@@ -882,8 +892,8 @@ def test_resume_under_stateful_dataloader_with_workers():
     got += train(second, loader2, epochs=2)
     assert len(got) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    assert second.transform.op_weights == full.transform.op_weights
-    assert second.transform.magnitude_weights == full.transform.magnitude_weights
+    assert second.transform.policy.op_weights == full.transform.policy.op_weights
+    assert second.transform.policy.magnitude_weights == full.transform.policy.magnitude_weights
 
 
 def test_reference_every_defaults_to_every_other_batch_with_a_transform():
@@ -917,13 +927,17 @@ def test_frozen_control_is_bit_identical_to_learning_with_lr_0():
     assert len(frozen_x) == 12
     assert all(torch.equal(a, b) for a, b in zip(frozen_x, zero_x, strict=True))
     start = GARTransform(num_magnitude_bins=8)
-    assert frozen.op_weights == zero.op_weights == start.op_weights
-    assert frozen.magnitude_weights == zero.magnitude_weights == start.magnitude_weights
-    assert frozen.history == zero.history
-    assert frozen.metrics() == zero.metrics()
-    assert frozen.metrics()["updates"] == 6  # the augmented half of the batches
+    assert frozen.policy.op_weights == zero.policy.op_weights == start.policy.op_weights
+    assert (
+        frozen.policy.magnitude_weights
+        == zero.policy.magnitude_weights
+        == start.policy.magnitude_weights
+    )
+    assert frozen.policy.history == zero.policy.history
+    assert frozen.policy.metrics() == zero.policy.metrics()
+    assert frozen.policy.metrics()["updates"] == 6  # the augmented half of the batches
     # The same rewards do move a learning policy, and with it the images drawn.
-    assert learning.op_weights != frozen.op_weights
+    assert learning.policy.op_weights != frozen.policy.op_weights
     assert not all(torch.equal(a, b) for a, b in zip(frozen_x, learning_x, strict=True))
 
 
@@ -946,13 +960,13 @@ def test_learning_is_opt_in():
     learning = GARTransform(
         ["Identity", "Rotate"], num_magnitude_bins=4, learn_ops=True, learn_magnitudes=True
     )
-    assert not default.learn_ops
-    assert not default.learn_magnitudes
-    start = (dict(default.op_weights), dict(default.magnitude_weights))
+    assert not default.policy.learn_ops
+    assert not default.policy.learn_magnitudes
+    start = (dict(default.policy.op_weights), dict(default.policy.magnitude_weights))
     for tf in (default, learning):
-        tf.update([1, 1, 0], [3, 0, 0], torch.tensor([1.0, 0.8, 0.0]))
-    assert (default.op_weights, default.magnitude_weights) == start
-    assert learning.op_weights != start[0]
+        tf.policy.update([1, 1, 0], [3, 0, 0], torch.tensor([1.0, 0.8, 0.0]))
+    assert (default.policy.op_weights, default.policy.magnitude_weights) == start
+    assert learning.policy.op_weights != start[0]
 
 
 def test_augment_statistics_are_named_and_round_trip_through_flat():
@@ -987,3 +1001,18 @@ def test_augment_statistics_are_named_and_round_trip_through_flat():
         other.apply(stats)
     with pytest.raises(ValueError, match=r"should hold \d+ numbers"):
         other.apply(flat)
+
+
+def test_the_transform_holds_its_policy_and_says_where_its_members_went() -> None:
+    tf = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4, learn_ops=True)
+    assert isinstance(tf.policy, AugmentPolicy)
+    assert tf.policy.learn_ops
+    assert tf.policy.op_names == ["Identity", "Rotate"]
+    with pytest.raises(AttributeError, match=r"no attribute 'op_weights': it is the policy's"):
+        _ = tf.op_weights
+    with pytest.raises(AttributeError, match=r"has no attribute 'nothing'"):
+        _ = tf.nothing
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['magnitudes'\]"):
+        GARTransform(magnitudes=3)
+    with pytest.raises(ValueError, match=r"either policy= or the arguments.*got policy= and ops"):
+        GARTransform(["Identity"], policy=AugmentPolicy(["Identity", "Rotate"]))

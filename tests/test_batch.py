@@ -119,7 +119,8 @@ def test_reference_batches_over_dicts_collate_to_a_dict() -> None:
 
 
 def test_reference_batches_over_a_hugging_face_dataset() -> None:
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     rows = examples(6, 5)
     table = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
     ref = ad.ReferenceBatches(table.with_format("torch"), batch_size=4, seed=0)

@@ -5,6 +5,7 @@ exactly where an uninterrupted one does."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
+from adaptive_data.integrations.lightning import CHECKPOINT_KEY, GARCallback
 from tests.mixtures import assert_fd_follows_exact
-
-pl = pytest.importorskip("lightning.pytorch")
-from adaptive_data.integrations.lightning import CHECKPOINT_KEY, GARCallback  # noqa: E402
 
 DIM, CLASSES, BATCH = 8, 4, 16
 

@@ -11,16 +11,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 import adaptive_data as ad
-from tests.mixtures import assert_fd_follows_exact
-
-transformers = pytest.importorskip("transformers")
-from adaptive_data.integrations.transformers import (  # noqa: E402
+from adaptive_data.integrations.transformers import (
     STATE_FILE,
     GARTrainer,
 )
+from tests.mixtures import assert_fd_follows_exact
 
 DIM, CLASSES, BATCH = 8, 4, 16
 

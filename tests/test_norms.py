@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from adaptive_data.probe.rules import rule_for
+from adaptive_data.probe.rules import Request, rule_for
 from adaptive_data.probe.rules.conv import gram_is_cheaper as _conv_gram_is_cheaper
 from adaptive_data.probe.rules.conv import unfold2d as _unfold2d
 
@@ -111,10 +111,10 @@ def test_norm_and_dot_match_per_example_gradients(case: str, frozen: str | None)
     assert found is not None
     rule = found.batch_pieces
     with torch.no_grad():
-        sq, dot, kept = rule(module, x, b, names, d)
-        sq_only, none, _ = rule(module, x, b, names, None)
+        sq, dot, kept = rule(module, x, b, Request(names, d))
+        sq_only, none, _ = rule(module, x, b, Request(names, None))
         # a parameter used elsewhere too: its per-example gradients instead of its norm
-        sq_kept, dot_kept, per_example = rule(module, x, b, names, d, keep=names)
+        sq_kept, dot_kept, per_example = rule(module, x, b, Request(names, d, keep=names))
     want_sq, want_dot, want_per_example = _oracle(module, x, b, d, names)
     torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=1e-5)
     assert dot is not None
@@ -156,4 +156,4 @@ def test_broken_invariants_raise_real_errors():
     from adaptive_data.probe.rules import Sums as _Sums
 
     with pytest.raises(RuntimeError, match=r"direction of parameter 'weight' was read by a"):
-        _Sums(3, torch.device("cpu"), None).d("weight")
+        _Sums(3, torch.device("cpu"), Request(["weight"])).d("weight")

@@ -59,7 +59,8 @@ def test_resume_gives_the_same_stream():
 
 
 def test_uses_getitems_collate_and_device():
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     ds = datasets.Dataset.from_dict({"x": [[float(i)] for i in range(5)], "y": list(range(5))})
     ds = ds.with_format("torch")
 

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 import adaptive_data as ad
 from adaptive_data.probe._plan import plan
-from adaptive_data.probe.rules import rule_for
+from adaptive_data.probe.rules import Request, rule_for
 from adaptive_data.probe.rules.generic import jvp_tangent
 from adaptive_data.probe.rules.hf_conv1d import HFConv1DRule
 from tests.models import loop_rewards
@@ -52,8 +52,8 @@ def test_conv1d_rule_matches_the_oracle(shape, frozen) -> None:
         rule.tangent(module, (x,), {}, d), jvp_tangent(module, (x,), {}, d), rtol=1e-5, atol=1e-5
     )
     with torch.no_grad():
-        sq, dot, kept = rule.batch_pieces(module, x, b, names, d)
-        _, dot_kept, per_example = rule.batch_pieces(module, x, b, names, d, keep=names)
+        sq, dot, kept = rule.batch_pieces(module, x, b, Request(names, d))
+        _, dot_kept, per_example = rule.batch_pieces(module, x, b, Request(names, d, keep=names))
     want_sq, want_dot, want_per_example = oracle(module, x, b, d, names)
     torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dot, want_dot, rtol=1e-4, atol=1e-4)

@@ -611,7 +611,8 @@ def test_a_policy_state_without_a_key_is_refused_by_name_and_changes_nothing():
 
 
 def test_datasetdict_sources():
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     dd = datasets.DatasetDict(
         {
             split: datasets.Dataset.from_dict({"sid": [i] * n, "x": list(range(n))}).with_format(
@@ -704,7 +705,8 @@ def test_sources_whose_examples_differ_are_named(a, b, where, theirs, ours):
 
 def test_examples_of_other_sizes_and_scalar_kinds_share_a_batch():
     """Sizes are the collate_fn's business (padding); numpy and Python ints are both ints."""
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     a = [(torch.zeros(i % 5 + 1), np.int64(1)) for i in range(20)]
     b = [(torch.ones(i % 3 + 2), 2) for i in range(20)]
 
@@ -928,7 +930,7 @@ def test_metrics_and_history():
 
 def test_end_to_end_with_the_probe_downweights_random_labels():
     """Digits (shipped with scikit-learn): a clean source and a randomly labelled one."""
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     from torch import nn
 
     import adaptive_data as ad
@@ -1009,3 +1011,38 @@ def test_batches_carry_their_source_ids_and_fetch_like_plain_lists() -> None:
     assert again == batch
     assert again.sources == batch.sources
     assert sampler.dataset.__getitems__(batch) == sampler.dataset.__getitems__(list(batch))
+
+
+# ---------------------------------------------------------------- the policy it learns
+
+
+def test_a_policy_object_is_learned_in_place() -> None:
+    """policy= takes a CategoricalPolicy over the sources: the sampler learns that object."""
+    names = list(sources())
+    policy = CategoricalPolicy(len(names), names=names, lr=0.9, floor=0.0)
+    s = GARSampler(sources(), batch_size=4, seed=0, policy=policy)
+    assert s.policy is policy
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s))
+    for _ in zip(range(3), loader, strict=False):
+        sid, _ = s.decode(s._records[s.last_batch].keys)
+        s.update((sid == 0).double())
+    assert policy.weights == s.weights
+    assert policy.metrics()["updates"] == 3
+    same = GARSampler(sources(), batch_size=4, seed=0, lr=0.9, floor=0.0)
+    assert same.policy.state_dict()["config"] == policy.state_dict()["config"]
+
+
+def test_a_policy_that_does_not_fit_the_sources_is_refused() -> None:
+    names = list(sources())
+    with pytest.raises(ValueError, match=r"one choice per source, named as the sources"):
+        GARSampler(sources(), batch_size=4, policy=CategoricalPolicy(len(names)))
+    with pytest.raises(ValueError, match=r"one choice per source.*has 2 choices"):
+        GARSampler(sources(), batch_size=4, policy=CategoricalPolicy(2, names=names[:2]))
+    with pytest.raises(ValueError, match=r"either policy= or the options.*got policy= and lr"):
+        GARSampler(
+            sources(), batch_size=4, lr=0.5, policy=CategoricalPolicy(len(names), names=names)
+        )
+    with pytest.raises(TypeError, match=r"policy should be a CategoricalPolicy, but got dict"):
+        GARSampler(sources(), batch_size=4, policy={"lr": 0.5})
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['learning_rate'\]"):
+        GARSampler(sources(), batch_size=4, learning_rate=0.5)

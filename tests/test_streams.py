@@ -9,6 +9,7 @@ import itertools
 import traceback
 import warnings
 
+import datasets
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -18,8 +19,6 @@ import adaptive_data as ad
 from adaptive_data.sampling._sampler import MixtureDataset
 
 from .test_sampler import Oracle, reward_of
-
-datasets = pytest.importorskip("datasets")
 
 
 def rows(sid: int, n: int) -> dict[str, list[int]]:

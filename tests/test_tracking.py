@@ -8,16 +8,14 @@ import itertools
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 
 from .test_sampler import Oracle, make, reward_of
-
-accelerate = pytest.importorskip("accelerate")
-from accelerate import Accelerator  # noqa: E402
-from accelerate.data_loader import prepare_data_loader, skip_first_batches  # noqa: E402
 
 
 def check_loop(s: ad.GARSampler, loader, epochs: int = 2, stop: int | None = None) -> int:
@@ -229,7 +227,8 @@ def test_a_second_forward_of_the_same_batch_replaces_the_first():
 def test_lightning_loop_rewards_the_batch_it_trains_on(tmp_path):
     """Lightning iterates the tracked loader one batch at a time (a sized loader is not
     prefetched); rewards computed in training_step from the batch land on it."""
-    pl = pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch as pl
+
     s = make(batch_size=4)
     oracle = Oracle(s)
     held: list[bool] = []

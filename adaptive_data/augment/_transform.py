@@ -6,6 +6,7 @@ The image code lives here (which inputs are images, applying one op with torchvi
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,7 +25,6 @@ from ._policy import (
     MAGNITUDE_LR_RATIO,
     NO_AUGMENTATION,
     AugmentPolicy,
-    AugmentStatistics,
     trivial_augment_wide_table,
 )
 
@@ -193,19 +193,16 @@ class _Slot:
         self.calls = 0
 
 
-# The arguments that configure the policy, with their defaults (GARTransform(policy=...) takes
-# none of them).
-_POLICY_DEFAULTS: dict[str, Any] = {
-    "ops": None,
-    "num_magnitude_bins": 31,
-    "learn_ops": False,
-    "learn_magnitudes": False,
-    "floor": None,
-    "lr": None,
-    "magnitude_lr": None,
-    "rule": "exp_grad",
-    "normalize": "batch",
-}
+# The AugmentPolicy's members, read through GARTransform.policy (named in an AttributeError).
+_POLICY_MEMBERS = frozenset(
+    {
+        *("table", "op_names", "learn_ops", "learn_magnitudes", "op_weights"),
+        *("magnitude_weights", "magnitude", "draw", "statistics", "statistics_of"),
+        *("update", "history", "metrics", "check_state"),
+    }
+)
+# The keyword options of the AugmentPolicy a GARTransform makes (all but its op table).
+_POLICY_OPTIONS = frozenset(inspect.signature(AugmentPolicy).parameters) - {"ops"}
 
 
 class GARTransform(v2.Transform):
@@ -240,44 +237,31 @@ class GARTransform(v2.Transform):
     the live policy, and ``sampler.update(r)`` updates the policy.
 
     Args:
-        ops: the op table (see :class:`AugmentPolicy`, as are the next eight).
-        num_magnitude_bins: bins of the default table.
-        learn_ops: ``True`` learns the op policy from the rewards. Off by default: in
-            ``benchmarks/augment_study.py`` (digits, Fashion-MNIST, low-data CIFAR-10, 6 seeds)
-            no variant of the learning beat its frozen control on two data sets of three. With
-            both off this is the frozen control: TrivialAugmentWide's distribution drawn through
-            the same pipeline (with the sampler's un-augmented reference batches, no worse than
-            TrivialAugmentWide on every data set measured).
-        learn_magnitudes: ``True`` learns the magnitude policies (off by default, as above).
-        floor: exploration floor of every policy.
-        lr: step size of the op policy.
-        magnitude_lr: step size of the magnitude policies.
-        rule: the policies' update rule.
-        normalize: the policies' reward normalisation.
+        ops: the op table (see :class:`AugmentPolicy`); default: TrivialAugmentWide's.
         interpolation: of the geometric ops: an ``InterpolationMode`` or its name (default
             nearest, as TrivialAugmentWide).
         fill: of the geometric ops (default None: black).
         generator: for standalone calls only.
-        policy: an :class:`AugmentPolicy` to use (shared, not copied) instead of the arguments
-            above that configure one.
+        policy: an :class:`AugmentPolicy` to use (shared, not copied).
+        **policy_options: the options of the :class:`AugmentPolicy` made from ``ops``
+            (``num_magnitude_bins``, ``learn_ops``, ``learn_magnitudes``, ``floor``, ``lr``,
+            ``magnitude_lr``, ``rule``, ``normalize``; documented there). Learning is off by
+            default: the frozen policy is TrivialAugmentWide's distribution drawn through the
+            sampler (docs/howto-augment.md says what learning was measured to do).
+
+    The learned part is :attr:`policy` (its weights, history, metrics, update); this object
+    applies its decisions to images.
     """
 
     def __init__(
         self,
         ops: Any = None,
         *,
-        num_magnitude_bins: int = 31,
         interpolation: Any = None,
         fill: Any = None,
-        learn_ops: bool = False,
-        learn_magnitudes: bool = False,
-        floor: float | None = None,
-        lr: float | None = None,
-        magnitude_lr: float | None = None,
-        rule: str = "exp_grad",
-        normalize: str = "batch",
         generator: torch.Generator | None = None,
         policy: AugmentPolicy | None = None,
+        **policy_options: Any,
     ) -> None:
         super().__init__()
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -291,28 +275,22 @@ class GARTransform(v2.Transform):
                 "fill should be None, a number or a sequence of numbers (one per channel), used "
                 f"for every image, but got fill={fill!r}"
             )
-        given = {
-            "ops": ops,
-            "num_magnitude_bins": num_magnitude_bins,
-            "learn_ops": learn_ops,
-            "learn_magnitudes": learn_magnitudes,
-            "floor": floor,
-            "lr": lr,
-            "magnitude_lr": magnitude_lr,
-            "rule": rule,
-            "normalize": normalize,
-        }
+        unknown = sorted(set(policy_options) - _POLICY_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"GARTransform got unexpected keyword argument(s) {unknown}; the policy's "
+                f"options are {sorted(_POLICY_OPTIONS)}"
+            )
         if policy is None:
-            policy = AugmentPolicy(**given)
+            policy = AugmentPolicy(ops, **policy_options)
         elif not isinstance(policy, AugmentPolicy):
             raise TypeError(f"policy should be an AugmentPolicy, but got {type(policy).__name__}")
-        else:
-            other = [k for k, v in given.items() if v != _POLICY_DEFAULTS[k]]
-            if other:
-                raise ValueError(
-                    "pass either policy= or the arguments that configure one, but got policy= "
-                    f"and {', '.join(other)}"
-                )
+        elif ops is not None or policy_options:
+            given = (["ops"] if ops is not None else []) + sorted(policy_options)
+            raise ValueError(
+                "pass either policy= or the arguments that configure one, but got policy= "
+                f"and {', '.join(given)}"
+            )
         self.policy = policy
         self.interpolation = _interpolation(interpolation)
         self.fill = fill
@@ -321,93 +299,23 @@ class GARTransform(v2.Transform):
         # holder set once: nn.Module.__setattr__ would cost ~10 us per assignment per example.
         self._slot = _Slot()
 
+    def __getattr__(self, name: str) -> Any:
+        if name in _POLICY_MEMBERS:  # they lived here once: say where they are
+            raise AttributeError(
+                f"'GARTransform' object has no attribute {name!r}: it is the policy's, "
+                f"transform.policy.{name}"
+            )
+        return super().__getattr__(name)
+
     def extra_repr(self) -> str:
         p = self.policy
         return (
             f"ops={len(p.op_names)}, learn_ops={p.learn_ops}, learn_magnitudes={p.learn_magnitudes}"
         )
 
-    # ------------------------------------------------------------------ the policy's view
+    # ------------------------------------------------------------------ state
 
-    @property
-    def table(self) -> dict[str, tuple[list[float] | None, bool]]:
-        """The op table ``{op: (magnitudes, signed)}`` (the policy's)."""
-        return self.policy.table
-
-    @property
-    def op_names(self) -> list[str]:
-        """The ops of the table, in the order of their ids."""
-        return self.policy.op_names
-
-    @property
-    def learn_ops(self) -> bool:
-        """Whether the op policy learns (the policy's flag)."""
-        return self.policy.learn_ops
-
-    @property
-    def learn_magnitudes(self) -> bool:
-        """Whether the magnitude policies learn (the policy's flag)."""
-        return self.policy.learn_magnitudes
-
-    @property
-    def op_weights(self) -> dict[str, float]:
-        """``{op name: probability}``; sums to 1."""
-        return self.policy.op_weights
-
-    @property
-    def magnitude_weights(self) -> dict[str, list[float]]:
-        """``{op name: [probability of each magnitude bin]}`` for the ops with magnitudes."""
-        return self.policy.magnitude_weights
-
-    def magnitude(self, op: int, bin: int, negate: bool = False) -> float | None:
-        """:meth:`AugmentPolicy.magnitude`."""
-        return self.policy.magnitude(op, bin, negate)
-
-    def draw(
-        self, n: int, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`AugmentPolicy.draw`: ``n`` decisions (op ids, bins, negations), Tensors [n]."""
-        return self.policy.draw(n, generator)
-
-    def statistics(
-        self, ops: Sequence[int] | Tensor, bins: Sequence[int] | Tensor, rewards: Tensor
-    ) -> AugmentStatistics:
-        """:meth:`AugmentPolicy.statistics`."""
-        return self.policy.statistics(ops, bins, rewards)
-
-    def statistics_of(
-        self, ops: Sequence[int], bins: Sequence[int], r_all: list[float]
-    ) -> AugmentStatistics:
-        """:meth:`AugmentPolicy.statistics_of`."""
-        return self.policy.statistics_of(ops, bins, r_all)
-
-    def apply(self, stats: Any) -> Any:  # type: ignore[override]
-        """:meth:`AugmentPolicy.apply`: update the policy from :meth:`statistics`.
-
-        (A function instead of statistics gets ``nn.Module.apply``'s meaning, so that a module
-        holding this transform can still ``apply(fn)`` to its children.)
-        """
-        if callable(stats):
-            return super().apply(stats)
-        self.policy.apply(stats)
-        return None
-
-    def update(
-        self, ops: Sequence[int] | Tensor, bins: Sequence[int] | Tensor, rewards: Tensor
-    ) -> None:
-        """:meth:`AugmentPolicy.update`: learn from one batch's decisions and rewards ``[N]``."""
-        self.policy.update(ops, bins, rewards)
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """:attr:`AugmentPolicy.history`."""
-        return self.policy.history
-
-    def metrics(self) -> dict[str, float]:
-        """:meth:`AugmentPolicy.metrics`."""
-        return self.policy.metrics()
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The policy's :meth:`AugmentPolicy.state_dict` (torchdata's ``Stateful`` protocol).
 
         Called with ``nn.Module.state_dict``'s arguments (a parent module collecting its
@@ -417,11 +325,7 @@ class GARTransform(v2.Transform):
             return super().state_dict(*args, **kwargs)
         return self.policy.state_dict()
 
-    def check_state(self, state: Any) -> None:
-        """:meth:`AugmentPolicy.check_state`."""
-        self.policy.check_state(state)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises if it belongs to another op table."""
         self.policy.load_state_dict(state)
 

@@ -18,9 +18,11 @@ from ._schedule import Schedule
 __all__: list[str] = []
 
 VERSION = 1
-KEYS = ("mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded")
-KEYS += ("dropped", "skipped_nonfinite", "last_mean", "reference")
-KEYS += ("reference_refresh", "reference_gradient", "reference_step", "rows")
+KEYS: tuple[str, ...] = (
+    *("mode", "every", "reward", "steps", "augmented", "last_augmented", "rewarded"),
+    *("dropped", "skipped_nonfinite", "last_mean", "reference", "reference_refresh"),
+    *("reference_gradient", "reference_step", "rows"),
+)
 ESTIMATOR_KEY = "estimator"  # absent from states saved before estimator= existed
 
 

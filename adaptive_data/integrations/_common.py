@@ -91,7 +91,7 @@ class Wiring:
         self.reference = reference
         self.loss_fn = loss_fn
         # GAR's other arguments, as given (checked above)
-        self.options = {
+        self.options: dict[str, Any] = {
             "every": every,
             "reward": reward,
             "reference_refresh": reference_refresh,

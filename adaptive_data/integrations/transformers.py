@@ -19,7 +19,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,7 +34,6 @@ from transformers.trainer_utils import (
 from ..gar._gar import GAR
 from ..sampling._reference import ReferenceBatches
 from ..sampling._sampler import GARSampler
-from ..sampling._tracking import TrackedLoader
 from ._common import Wiring, load, save
 
 __all__ = ["STATE_FILE", "GARCallback", "GARTrainer", "GARTrainerMixin"]
@@ -81,7 +80,11 @@ class GARCallback(TrainerCallback):
         save(self.wiring.state_dict(), os.path.join(folder, STATE_FILE.format(rank=rank)))
 
 
-class GARTrainerMixin:
+# Type checkers see the mixin as the Trainer it is mixed into (its attributes, its methods).
+_TrainerBase = Trainer if TYPE_CHECKING else object
+
+
+class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
     """Turns a ``Trainer`` (or a subclass such as TRL's) into one that learns its mixture.
 
     ``class MyTrainer(GARTrainerMixin, SFTTrainer): ...``; :class:`GARTrainer` is the mixin
@@ -211,7 +214,7 @@ class GARTrainerMixin:
             collator, columns, model_name=type(self.model).__name__, description="training"
         )
 
-    def get_train_dataloader(self) -> TrackedLoader:
+    def get_train_dataloader(self) -> DataLoader:
         """``sampler.track(accelerator.prepare(DataLoader(sampler.dataset,
         batch_sampler=sampler, ...)))``, with the Trainer's worker settings."""
         sampler = self._gar_wiring.sampler
@@ -235,7 +238,9 @@ class GARTrainerMixin:
         if hasattr(args, "dataloader_in_order"):  # transformers >= 4.53 (torch >= 2.6)
             params["in_order"] = args.dataloader_in_order
         loader = self.accelerator.prepare(DataLoader(sampler.dataset, **params))
-        return sampler.track(loader)
+        # The tracked loader stands in for the DataLoader: the Trainer iterates it and reads
+        # its len() and attributes, which it passes through.
+        return cast(DataLoader, sampler.track(loader))
 
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
@@ -251,7 +256,7 @@ class GARTrainerMixin:
                 )
         if resume_from_checkpoint:
             self._gar_load(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint or None, *args, **kwargs)  # type: ignore[misc]
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
 
     def _gar_load(self, folder: str) -> None:
         wiring = self._gar_wiring
@@ -280,7 +285,7 @@ class GARTrainerMixin:
         """The Trainer's ``log``; training logs gain :meth:`gar_metrics`."""
         if "loss" in logs:
             logs.update(self._gar_wiring.metrics())
-        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+        super().log(logs, *args, **kwargs)
 
 
 class GARTrainer(GARTrainerMixin, Trainer):

@@ -164,8 +164,8 @@ class CategoricalPolicy:
         floor: minimum probability of every choice, ``0 <= floor < 1/K``; default ``0.05/K``.
         lr: step size of the logits; default ``DEFAULT_LR[rule]`` (0.5 for reinforce, 0.3 for
             exp_grad); 0 freezes the policy (it still counts its updates).
-        rule: ``"exp_grad"`` (default) or ``"reinforce"``. On benchmarks/mixture_quality.py
-            both reach the same mean accuracy; exp_grad with half the spread over seeds.
+        rule: ``"exp_grad"`` (default) or ``"reinforce"`` (docs/howto-mixture.md compares
+            them).
         normalize: ``"batch"``, ``"running"`` or ``"none"``.
         momentum: of the running mean/scale, in [0, 1).
         max_step: bound on any logit's change in one update.

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ._layout import CallLayout
 from ._model_state import RngSnapshot
 from ._plan import Entry
-from .rules import FALLBACK_RULE, Pieces, generic_pieces, square_norms
+from .rules import FALLBACK_RULE, Pieces, Request, Site, generic_pieces, square_norms
 
 __all__: list[str] = []
 
@@ -141,17 +141,8 @@ class Call:
         grads = {i: _as_dtype(g, dtype) for i, g in grads.items()}
         out: Pieces | None = None
         if not self.entry.root:
-            out = self.entry.rule.pieces(
-                module,
-                args,
-                kwargs,
-                grads,
-                self.layout.inputs,
-                self.layout.outputs,
-                names,
-                local,
-                keep,
-            )
+            site = Site(module, args, kwargs, self.layout.inputs, self.layout.outputs)
+            out = self.entry.rule.pieces(site, grads, Request(names, local, keep))
         if out is None:
             out = generic_pieces(
                 module, args, kwargs, self.rng, grads, self.layout.outputs, names, local, keep

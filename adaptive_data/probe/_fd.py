@@ -120,7 +120,7 @@ def output_actions(
     grad_leaves = [
         i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad
     ]
-    batch = [i for i in grad_leaves if dims[i] is not None and dims[i] >= 0]
+    batch = [i for i in grad_leaves if (dim := dims[i]) is not None and dim >= 0]
     if len(grad_leaves) == 1 and batch:
         return {batch[0]: "keep"}
     stops = {leaves[i].grad_fn: i for i in batch if leaves[i].grad_fn is not None}

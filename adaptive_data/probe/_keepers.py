@@ -73,6 +73,7 @@ class Keeper:
         devices: list[int],
     ) -> None:
         self.core = core
+        self.entries = list(entries)
         self.pause = pause
         self.choose_rows = choose_rows
         self.devices = devices
@@ -117,24 +118,17 @@ class GhostKeeper(Keeper):
     """``estimator="ghost"``: the covered layers' inputs and output gradients of the kept rows
     (whole where a layer mixes the examples, cut afterwards)."""
 
-    def __init__(
-        self,
-        core: nn.Module,
-        entries: Sequence[Entry],
-        pause: Pause,
-        choose_rows: Callable[[int, int], Tensor | None],
-        devices: list[int],
-    ) -> None:
-        super().__init__(core, entries, pause, choose_rows, devices)
+    def __init__(self, *args: Any) -> None:  # Keeper's arguments
+        super().__init__(*args)
         self._capture = CallCapture(
-            entries,
+            self.entries,
             "GAR",
-            devices,
+            self.devices,
             on_call=self._keep,
             on_output=self._watch,
             wants_rng=lambda entry: True,
             detach=True,  # held until step(), past the backward
-            pause=pause,
+            pause=self.pause,
         )
 
     def start(self) -> None:

@@ -3,9 +3,11 @@ received the bad value and naming it."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .._check import check_int, check_number, int_list
+from ..policy._categorical import CategoricalPolicy
 from ._streams import ON_STREAM_END
 
 __all__: list[str] = []
@@ -101,3 +103,45 @@ def check_rows(rows: Any, n: int) -> list[int]:
     if len(set(picked)) != len(picked):
         raise ValueError(f"rows should be distinct, but got {picked}")
     return picked
+
+
+# The options of the CategoricalPolicy a GARSampler makes (all but what the sources give).
+POLICY_OPTIONS = frozenset(inspect.signature(CategoricalPolicy).parameters) - {
+    "num_choices",
+    "names",
+    "sizes",
+}
+# Total probability mass of the default exploration floor, shared equally by the sources.
+DEFAULT_FLOOR = 0.01
+
+
+def source_policy(
+    policy: Any, options: dict[str, Any], names: list[str], sizes: list[int] | None
+) -> CategoricalPolicy:
+    """The policy over the sources: ``policy`` checked against them, or one made from the
+    ``options`` (the floor defaulting to ``DEFAULT_FLOOR / K``)."""
+    k = len(names)
+    if policy is None:
+        unknown = sorted(set(options) - POLICY_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"GARSampler got unexpected keyword argument(s) {unknown}; the options of its "
+                f"policy are {sorted(POLICY_OPTIONS)}"
+            )
+        if options.get("floor") is None:
+            options = {**options, "floor": DEFAULT_FLOOR / k}
+        return CategoricalPolicy(k, names=names, sizes=sizes, **options)
+    if not isinstance(policy, CategoricalPolicy):
+        raise TypeError(f"policy should be a CategoricalPolicy, but got {type(policy).__name__}")
+    if options:
+        raise ValueError(
+            "pass either policy= or the options that configure one, but got policy= and "
+            f"{', '.join(sorted(options))}"
+        )
+    if policy.num_choices != k or policy.names != names:
+        raise ValueError(
+            f"policy should have one choice per source, named as the sources {names}, but it "
+            f"has {policy.num_choices} choices named {policy.names}; build it as "
+            f"CategoricalPolicy({k}, names={names}, ...)"
+        )
+    return policy

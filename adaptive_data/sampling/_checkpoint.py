@@ -118,7 +118,7 @@ def check_state(
             + ("one" if transform is not None else "none")
         )
     if transform is not None:
-        transform.check_state(state[TRANSFORM])
+        transform.policy.check_state(state[TRANSFORM])
     for key, value in settings.items():
         theirs = list(state[key]) if isinstance(value, list) else state.get(key)
         if theirs != value:

@@ -124,10 +124,10 @@ class Iterations:
             elif self._passes.replay:
                 self.rewind(self._passes.replay[0].id)
             self.new_epoch()
-        replay = self._passes.replay
+        waiting = self._passes.replay
         if self._readers is not None:  # the main process may not start afresh what was read
             self._readers.start_iteration()
-        self._passes.activate(it, replay[0].id if replay else self._drawer.next_id)
+        self._passes.activate(it, waiting[0].id if waiting else self._drawer.next_id)
 
     def rewind(self, first: int) -> None:
         """Forget the batches from id ``first`` on (drawn, never delivered): the sources'
@@ -161,7 +161,7 @@ class Iterations:
         rec = (
             self._passes.replay.popleft()
             if self._passes.replay
-            else self._drawer.draw(self._passes.epoch, self._passes.pos + 1)
+            else self._drawer.draw(cast(int, self._passes.epoch), self._passes.pos + 1)
         )
         self._drawer.taken(rec)
         if self._readers is not None:

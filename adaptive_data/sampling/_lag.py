@@ -9,7 +9,7 @@ loader that delivers each batch's rewards before its fixed point, and an update 
 later is refused (:meth:`check_on_time`) instead of being applied at a point that depends on
 the loader.
 
-The live policies (``sampler.weights``, ``transform.op_weights``) take every update as soon
+The live policies (``sampler.weights``, ``transform.policy.op_weights``) take every update as soon
 as it arrives; the copies here catch up with them at the fixed points. At the start of every
 pass (epoch) the copies are set to the live policies, so a pass left early (a ``break``, whose
 prefetched batches the loop never received) leaves nothing that depends on the worker count.
@@ -174,8 +174,8 @@ class LaggedPolicies:
             ),
             "queued_augment": [
                 None
-                if self._queued[b].augment is None
-                else torch.tensor(self._queued[b].augment.flat(), dtype=torch.float64)
+                if (aug := self._queued[b].augment) is None
+                else torch.tensor(aug.flat(), dtype=torch.float64)
                 for b in ids
             ],
         }

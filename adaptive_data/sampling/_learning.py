@@ -59,7 +59,7 @@ class Learner:
             ops, bins = rec.aug.ops, rec.aug.bins
             if rows is not None:
                 ops, bins = [ops[i] for i in rows], [bins[i] for i in rows]
-            augment = tf.statistics_of(ops, bins, rewards)
+            augment = tf.policy.statistics_of(ops, bins, rewards)
         update = UpdateStatistics(own, augment)
         group = self.group
         if group.active:
@@ -79,7 +79,7 @@ class Learner:
                 )
         self.policy.apply(update.sources)
         if tf is not None and update.augment is not None:
-            tf.apply(update.augment)
+            tf.policy.apply(update.augment)
         self.rewarded += 1
         self._fold_reward_means(own.sums, own.counts)
         self.history.append([rec.id, *self.policy.probs_list()])

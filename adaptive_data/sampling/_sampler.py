@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from ._arguments import (
     check_rows,
     check_stream_arguments,
     check_sync_and_streams,
+    source_policy,
 )
 from ._drawing import Drawer
 from ._iteration import Iterations
@@ -58,9 +59,6 @@ if TYPE_CHECKING:
 
 
 __all__ = ["GARSampler", "MixtureDataset"]
-
-# Total probability mass of the default exploration floor, shared equally by the sources.
-DEFAULT_FLOOR = 0.01
 
 
 # ---------------------------------------------------------------------- the sampler
@@ -95,15 +93,13 @@ class GARSampler(Sampler[list[int]]):
         names: use only these sources (e.g. splits of a DatasetDict), in this order.
         num_batches: batches per epoch; default ``total examples // batch_size`` (at least 1).
             Required with a stream source.
-        weights: initial mixture: ``"uniform"`` (default), ``"proportional"`` (to source
-            sizes; not with streams), ``{name: w}`` or a sequence.
-        floor: minimum probability of each source (default ``0.01 / K``: the sources at the
-            floor take 1% of the batch between them; ``benchmarks/mixture_quality.py`` measured
-            it against ``0.05 / K``).
-        lr: step size of the policy (default 0.3 for exp_grad, 0.5 for reinforce).
-        rule: ``"exp_grad"`` (default) or ``"reinforce"``; see :class:`CategoricalPolicy`.
-        normalize: reward normalisation, ``"batch"``, ``"running"`` or ``"none"``.
-        momentum: of the running reward statistics, in [0, 1).
+        policy: the :class:`CategoricalPolicy` over the sources to learn (one choice per
+            source, named as the sources); default: one made from ``policy_options``.
+        **policy_options: the options of the policy the sampler makes (``weights``,
+            ``floor``, ``lr``, ``rule``, ``normalize``, ``momentum``, ``max_step``: see
+            :class:`CategoricalPolicy`); ``weights="proportional"`` follows the sources'
+            sizes (not with streams) and ``floor`` defaults to ``0.01 / K`` here (the sources
+            at the floor take 1% of the batch between them).
         reward_window: how many recent batches stay matchable for ``update``; must exceed
             ``prefetch_factor * num_workers``.
         transform: a :class:`GARTransform` that sits in every source's pipeline. The sampler
@@ -114,8 +110,7 @@ class GARSampler(Sampler[list[int]]):
             (positions ``reference_every``, ``2 * reference_every``, ...) is drawn
             un-augmented, a reference batch (:meth:`is_reference`); its rewards update the
             mixture but not the transform. ``"auto"`` (default): 2 with a transform (every
-            other batch, the GAR authors' scheme, which ``benchmarks/augment_quality.py``
-            measured 2.3 points better than rewarding against the next augmented batch),
+            other batch, the GAR authors' scheme; docs/howto-augment.md has its measurement),
             none without. ``None``: every batch is augmented.
         rank: this process's rank; default: that of the initialised ``torch.distributed``
             process group (else 0). Give both ``rank`` and ``world_size`` only to simulate
@@ -127,13 +122,10 @@ class GARSampler(Sampler[list[int]]):
             (default: read the shard again, a new pass) or ``"raise"`` (a ``RuntimeError``
             naming the stream).
         lag: batch ``t`` is drawn from the policy with the updates of batches ``<= t - lag``
-            (>= 1; default 8), applied in batch order: the same seed then draws the same
-            batches, and ends with the same weights, whatever ``num_workers`` and
-            ``prefetch_factor`` (map-style sources). Rewards of batch ``t`` must reach
-            ``update()`` before batch ``t + lag`` is drawn, or ``update()`` raises; a loader
-            that reads further ahead than the lag allows is refused at its first batch when
-            the sampler knows the reward delay (:class:`GAR` tells it). docs/howto-mixture.md,
-            "The policy lag".
+            (>= 1; default 8): the same seed then draws the same batches whatever
+            ``num_workers`` and ``prefetch_factor`` (map-style sources); the rewards of batch
+            ``t`` must reach ``update()`` before batch ``t + lag`` is drawn
+            (docs/howto-mixture.md, "The policy lag").
 
     Under ``torch.distributed`` each rank draws from its own shard of every source and
     ``update()`` is a collective that keeps the ranks' weights identical (docs/howto-ddp.md).
@@ -147,12 +139,6 @@ class GARSampler(Sampler[list[int]]):
         seed: int = 0,
         names: Sequence[str] | None = None,
         num_batches: int | None = None,
-        weights: Any = None,
-        floor: float | None = None,
-        lr: float | None = None,
-        rule: str = "exp_grad",
-        normalize: str = "batch",
-        momentum: float = 0.99,
         reward_window: int = 256,
         transform: GARTransform | None = None,
         reference_every: int | str | None = "auto",
@@ -161,6 +147,8 @@ class GARSampler(Sampler[list[int]]):
         sync_timeout_s: float = 60.0,
         on_stream_end: str = "restart",
         lag: int = DEFAULT_LAG,
+        policy: CategoricalPolicy | None = None,
+        **policy_options: Any,
     ) -> None:
         reference_every = check_arguments(
             batch_size, lag, seed, reward_window, transform, reference_every
@@ -173,7 +161,7 @@ class GARSampler(Sampler[list[int]]):
                 [n for n, st in zip(src_names, stream, strict=True) if st],
                 num_batches,
                 transform,
-                weights,
+                policy_options.get("weights"),
             )
         self._group = current_group(rank, world_size)
         self._group.timeout_s = float(sync_timeout_s)
@@ -213,16 +201,11 @@ class GARSampler(Sampler[list[int]]):
         self.num_batches = num_batches
         self.seed = seed
         self.reward_window = reward_window
-        self._policy = CategoricalPolicy(
-            len(srcs),
-            weights=weights,
-            floor=DEFAULT_FLOOR / len(srcs) if floor is None else floor,
-            lr=lr,
-            rule=rule,
-            normalize=normalize,
-            momentum=momentum,
-            names=src_names,
-            sizes=None if self._stream_ids else self.sizes,
+        self._policy = source_policy(
+            policy,
+            policy_options,
+            src_names,
+            None if self._stream_ids else [int(cast(int, s)) for s in self.sizes],
         )
         self._drawer = Drawer(
             ShardOrder(self.sizes, self.dataset.offsets[:-1], seed, self.rank, self.world_size),
@@ -252,7 +235,7 @@ class GARSampler(Sampler[list[int]]):
 
     def _fingerprint(self) -> tuple[Any, ...]:
         tf = self.transform
-        table = None if tf is None else [(n, tf.table[n]) for n in tf.op_names]
+        table = None if tf is None else [(n, tf.policy.table[n]) for n in tf.policy.op_names]
         return (
             list(self.names),
             list(self.sizes),
@@ -492,7 +475,7 @@ class GARSampler(Sampler[list[int]]):
         for name, v in zip(self.names, self._learner.reward_means, strict=True):
             m[f"reward_mean/{name}"] = v
         if self.transform is not None:
-            for k, v in self.transform.metrics().items():
+            for k, v in self.transform.policy.metrics().items():
                 m[f"augment/{k}"] = v
         return m
 

@@ -7,7 +7,7 @@ A new layer type is one :class:`GhostRule` subclass registered with
 """
 
 from . import attention, conv, embedding, hf_conv1d, linear, norms
-from ._base import GhostRule, Pieces, Sums, param_direction, square_norms
+from ._base import GhostRule, Pieces, Request, Site, Sums, param_direction, square_norms
 from ._registry import family_rule, ghost_rules, register_ghost_rule, registered_names, rule_for
 from .generic import FALLBACK_RULE, generic_pieces, jvp_tangent
 
@@ -15,6 +15,8 @@ __all__ = [
     "FALLBACK_RULE",
     "GhostRule",
     "Pieces",
+    "Request",
+    "Site",
     "Sums",
     "attention",
     "conv",

@@ -72,7 +72,7 @@ def registered_names() -> str:
 def ghost_rules() -> dict[type[nn.Module] | str, GhostRule]:
     """A copy of the registry: module type -> the rule ``estimator='ghost'`` uses for it. A
     type registered by name whose package is not imported is keyed by that name."""
-    out: dict[type[nn.Module] | str, GhostRule] = dict(_RULES)
+    out: dict[type[nn.Module] | str, GhostRule] = {cls: rule for cls, rule in _RULES.items()}
     for name, rule in _BY_NAME.items():
         module, _, qualname = name.rpartition(".")
         cls = getattr(sys.modules.get(module), qualname, None)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import GhostRule, Names, Pieces, Sums
+from ._base import Direction, GhostRule, Pieces, Request, Site, Sums
 from ._registry import register_ghost_rule
 from .generic import jvp_tangent
 from .linear import linear_pieces
@@ -214,15 +214,15 @@ def attention_pieces(
         if att.need_weights:
             outputs.append(p.mean(1) if att.average_attn_weights else p)
         pairs = [(outputs[i], g) for i, g in grads.items() if i < len(outputs)]
-        got = torch.autograd.grad(
+        found = torch.autograd.grad(
             [o for o, _ in pairs], projections, [g for _, g in pairs], allow_unused=True
         )
-    got = [torch.zeros_like(t) if g is None else g for t, g in zip(projections, got, strict=True)]
+    got = [torch.zeros_like(t) if g is None else g for t, g in zip(projections, found, strict=True)]
     # out_proj: its input is the attention's output, its output gradient B (batch-first)
     b_out = grads[0] if 0 in grads else torch.zeros_like(attended)
     b_out = att.layout(b_out)
     n = att.query.shape[0]
-    total = Sums(n, att.query.device, direction, keep)
+    total = Sums(n, att.query.device, Request(names, direction, keep))
     pieces: dict[str, list[Tensor]] = {}
 
     def add(sub: Mapping[str, str], x: Tensor, b: Tensor, dir_rows: Mapping[str, slice]) -> None:
@@ -233,7 +233,7 @@ def attention_pieces(
         if direction is not None:
             d = {k: direction[v][dir_rows[k]] for k, v in local.items()}
         kept_local = [k for k, v in local.items() if v in keep]
-        sq, dot, kept = linear_pieces(x.detach(), b, list(local), d, kept_local)
+        sq, dot, kept = linear_pieces(x.detach(), b, Request(list(local), d, kept_local))
         total.sq += sq
         if total.dot is not None and dot is not None:
             total.dot += dot
@@ -269,24 +269,11 @@ class MultiheadAttentionRule(GhostRule):
     recursive = True
     replays_forward = True
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         return attention_tangent(module, args, kwargs, direction)
 
-    def pieces(
-        self,
-        module: nn.Module,
-        args: tuple,
-        kwargs: dict,
-        grads: Mapping[int, Tensor],
-        in_dims: Sequence[int | None],
-        out_dims: Sequence[int | None],
-        names: Names,
-        direction: Mapping[str, Tensor] | None,
-        keep: Names,
-    ) -> Pieces | None:
-        return attention_pieces(module, args, kwargs, grads, names, direction, keep)
+    def pieces(self, site: Site, grads: Mapping[int, Tensor], ask: Request) -> Pieces | None:
+        return attention_pieces(site.module, site.args, site.kwargs, grads, *ask)
 
     def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         att = attention_call(module, args, kwargs)

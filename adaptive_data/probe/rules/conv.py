@@ -8,14 +8,13 @@ the output gradient (``L x L`` per example).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import grad as nn_grad
 
-from ._base import Dir, GhostRule, Names, Pieces, Sums, param_direction
+from ._base import Direction, GhostRule, Pieces, Request, Sums, param_direction
 from ._registry import register_ghost_rule
 
 __all__ = ["ConvRule"]
@@ -57,9 +56,9 @@ def unfold2d(
 class ConvRule(GhostRule):
     """Convolutions: exact dot and norms from the layer's input and output gradient."""
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    independent_rows = True
+
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         # _conv_forward is the layer's own forward for a given weight (it handles padding_mode).
         return module._conv_forward(  # type: ignore[operator]
             args[0],
@@ -67,19 +66,11 @@ class ConvRule(GhostRule):
             param_direction(module, "bias", direction),
         )
 
-    def batch_pieces(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        b: Tensor,
-        names: Names,
-        direction: Dir,
-        keep: Names = (),
-    ) -> Pieces:
+    def batch_pieces(self, module: nn.Module, x: Tensor, b: Tensor, ask: Request) -> Pieces:
         conv = cast(nn.modules.conv._ConvNd, module)
         n = b.shape[0]
-        out = Sums(n, b.device, direction, keep)
-        if "weight" in names:
+        out = Sums(n, b.device, ask)
+        if "weight" in ask.names:
             if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
                 # padding modes, and "same" (which may pad one more on the right): pad explicitly
                 mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
@@ -87,7 +78,7 @@ class ConvRule(GhostRule):
                 padding: Any = (0,) * (x.dim() - 2)
             else:
                 padding = conv.padding
-            if gram_is_cheaper(conv, b) and "weight" not in keep:
+            if gram_is_cheaper(conv, b) and "weight" not in ask.keep:
                 # U_i: [C_in k k, L], B_i: [C_out, L]; ||B_i U_i^T||^2 = <U_i^T U_i, B_i^T B_i>
                 u = unfold2d(x.float(), conv.kernel_size, conv.dilation, padding, conv.stride)
                 g = b.flatten(2).float()
@@ -112,9 +103,6 @@ class ConvRule(GhostRule):
                         groups=c * conv.groups,
                     )
                     out.add("weight", w.reshape(c, -1), rows=slice(lo, lo + c))
-        if "bias" in names:
+        if "bias" in ask.names:
             out.add("bias", b.flatten(2).sum(2))
         return out.result()
-
-    def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
-        return True

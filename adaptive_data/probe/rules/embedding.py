@@ -8,14 +8,13 @@ is ``sum over positions t, s with idx_t = idx_s of <G_t, G_s>``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Dir, GhostRule, Names, Pieces, Sums, param_direction
+from ._base import Direction, GhostRule, Pieces, Request, Sums, param_direction
 from ._registry import register_ghost_rule
 
 __all__ = ["EmbeddingRule"]
@@ -35,9 +34,7 @@ class EmbeddingRule(GhostRule):
                 "its weight in place during forward; the probe never edits the model"
             )
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         emb = cast(nn.Embedding, module)
         idx = args[0]
         out = F.embedding(idx, cast(Tensor, param_direction(emb, "weight", direction)))
@@ -53,19 +50,11 @@ class EmbeddingRule(GhostRule):
     def moves_batch(self, module: nn.Module, dim: int, ndim: int) -> bool:
         return True  # a lookup acts on every position alike
 
-    def batch_pieces(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        b: Tensor,
-        names: Names,
-        direction: Dir,
-        keep: Names = (),
-    ) -> Pieces:
+    def batch_pieces(self, module: nn.Module, x: Tensor, b: Tensor, ask: Request) -> Pieces:
         emb = cast(nn.Embedding, module)
         n = b.shape[0]
-        out = Sums(n, b.device, direction, keep)
-        if "weight" not in names:
+        out = Sums(n, b.device, ask)
+        if "weight" not in ask.names:
             return out.result()
         idx = x.reshape(n, -1)
         g = b.reshape(n, idx.shape[1], -1).float()
@@ -74,7 +63,7 @@ class EmbeddingRule(GhostRule):
         if emb.scale_grad_by_freq:
             counts = torch.bincount(x.reshape(-1), minlength=emb.num_embeddings)
             g = g / counts[idx].unsqueeze(-1).float()
-        if "weight" in keep:  # the per-example gradient itself, [N, num_embeddings, dim]
+        if "weight" in ask.keep:  # the per-example gradient itself, [N, num_embeddings, dim]
             rows = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)
             full = g.new_zeros(n, emb.num_embeddings, g.shape[2])
             out.add("weight", full.index_put_((rows, idx), g, accumulate=True))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from .._model_state import RngSnapshot, forward_ad_friendly
-from ._base import GhostRule, Pieces, Sums
+from ._base import Direction, GhostRule, Pieces, Request, Sums
 
 __all__ = ["FALLBACK_RULE", "JvpRule", "generic_pieces", "jvp_tangent"]
 
@@ -71,7 +71,7 @@ def generic_pieces(
     used = [(leaves[i], g, cast(int, dims[i])) for i, g in sorted(grads.items())]
     first, first_dim = used[0][1], used[0][2]
     n = first.shape[first_dim]
-    sums = Sums(n, first.device, direction, keep)
+    sums = Sums(n, first.device, Request(names, direction, keep))
     for lo in range(0, n, _COTANGENT_CHUNK):
         c = min(_COTANGENT_CHUNK, n - lo)
         rows = torch.arange(lo, lo + c, device=first.device)
@@ -100,9 +100,7 @@ class JvpRule(GhostRule):
 
     replays_forward = True
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         return jvp_tangent(module, args, kwargs, direction)
 
 

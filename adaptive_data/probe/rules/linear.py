@@ -8,25 +8,25 @@ Gram form ``<A_i A_i^T, G_i G_i^T>`` (``T x T``), or the gradient itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Dir, GhostRule, Names, Pieces, Sums, param_direction, square_norms
+from ._base import Direction, GhostRule, Pieces, Request, Sums, param_direction, square_norms
 from ._registry import register_ghost_rule
 
 __all__ = ["LinearRule", "linear_pieces"]
 
 
-def linear_pieces(x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Names) -> Pieces:
+def linear_pieces(x: Tensor, b: Tensor, ask: Request) -> Pieces:
     """The pieces of ``y = x W^T + b`` (names ``"weight"``, ``"bias"``) from the input ``x``
     and the output gradient ``b``, batch in dim 0 of both."""
+    names, keep = ask.names, ask.keep
     n = b.shape[0]
     a = x.reshape(n, -1, x.shape[-1]).float()  # [N, T, in]
     g = b.reshape(n, -1, b.shape[-1]).float()  # [N, T, out]
-    out = Sums(n, b.device, direction, keep)
+    out = Sums(n, b.device, ask)
     if "weight" in names:
         t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
         if "weight" in keep:  # the per-example gradient itself, [N, out, in]
@@ -50,9 +50,9 @@ def linear_pieces(x: Tensor, b: Tensor, names: Names, direction: Dir, keep: Name
 class LinearRule(GhostRule):
     """``nn.Linear``: exact dot and norms from the layer's input and output gradient."""
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    independent_rows = True
+
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         return F.linear(
             args[0],
             cast(Tensor, param_direction(module, "weight", direction)),
@@ -62,16 +62,5 @@ class LinearRule(GhostRule):
     def moves_batch(self, module: nn.Module, dim: int, ndim: int) -> bool:
         return dim < ndim - 1  # any dim but the features
 
-    def batch_pieces(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        b: Tensor,
-        names: Names,
-        direction: Dir,
-        keep: Names = (),
-    ) -> Pieces:
-        return linear_pieces(x, b, names, direction, keep)
-
-    def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
-        return True
+    def batch_pieces(self, module: nn.Module, x: Tensor, b: Tensor, ask: Request) -> Pieces:
+        return linear_pieces(x, b, ask)

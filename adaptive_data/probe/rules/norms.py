@@ -10,37 +10,29 @@ example's share is then its part of the batch gradient (docs/concepts.md).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import Dir, GhostRule, Names, Pieces, Sums, param_direction
+from ._base import Direction, GhostRule, Pieces, Request, Sums, param_direction
 from ._registry import register_ghost_rule
 
 __all__ = ["BatchNormRule", "GroupNormRule", "LayerNormRule", "RMSNormRule", "affine_pieces"]
 
 
-def affine_pieces(
-    normalised: Tensor,
-    b: Tensor,
-    names: Collection[str],
-    channel_dims: list[int],
-    direction: Mapping[str, Tensor] | None,
-    keep: Names,
-) -> Pieces:
+def affine_pieces(normalised: Tensor, b: Tensor, channel_dims: list[int], ask: Request) -> Pieces:
     """Per-example gradients of (weight, bias) of an affine normalisation: sums of ``b * xhat``
     and of ``b`` over the dims that are not the parameter's (``channel_dims``, batch in 0)."""
     n = b.shape[0]
     own = [0, *channel_dims]
     other = [d for d in range(b.dim()) if d not in own]
-    out = Sums(n, b.device, direction, keep)
+    out = Sums(n, b.device, ask)
     g = b.float()
-    if "weight" in names:
+    if "weight" in ask.names:
         out.add("weight", (g * normalised.float()).sum(other) if other else g * normalised.float())
-    if "bias" in names:
+    if "bias" in ask.names:
         out.add("bias", g.sum(other) if other else g)
     return out.result()
 
@@ -63,9 +55,7 @@ class BatchNormRule(GhostRule):
 
     family = (nn.modules.batchnorm._BatchNorm,)
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         bn = cast(nn.modules.batchnorm._BatchNorm, module)
         batch_stats = uses_batch_stats(bn)
         # With batch statistics the running buffers are not read: pass None so nothing is updated.
@@ -80,15 +70,7 @@ class BatchNormRule(GhostRule):
             eps=bn.eps,
         )
 
-    def batch_pieces(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        b: Tensor,
-        names: Names,
-        direction: Dir,
-        keep: Names = (),
-    ) -> Pieces:
+    def batch_pieces(self, module: nn.Module, x: Tensor, b: Tensor, ask: Request) -> Pieces:
         bn = cast(nn.modules.batchnorm._BatchNorm, module)
         batch_stats = uses_batch_stats(bn)
         xhat = F.batch_norm(
@@ -101,7 +83,7 @@ class BatchNormRule(GhostRule):
             momentum=0.0,
             eps=bn.eps,
         )
-        return affine_pieces(xhat, b, names, [1], direction, keep)
+        return affine_pieces(xhat, b, [1], ask)
 
     def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         return not self.mixes_examples(module)
@@ -114,9 +96,9 @@ class BatchNormRule(GhostRule):
 class LayerNormRule(GhostRule):
     """LayerNorm over the trailing ``normalized_shape``."""
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    independent_rows = True
+
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         ln = cast(nn.LayerNorm, module)
         return F.layer_norm(
             args[0],
@@ -129,30 +111,19 @@ class LayerNormRule(GhostRule):
     def moves_batch(self, module: nn.Module, dim: int, ndim: int) -> bool:
         return dim < ndim - len(cast(nn.LayerNorm, module).normalized_shape)
 
-    def batch_pieces(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        b: Tensor,
-        names: Names,
-        direction: Dir,
-        keep: Names = (),
-    ) -> Pieces:
+    def batch_pieces(self, module: nn.Module, x: Tensor, b: Tensor, ask: Request) -> Pieces:
         ln = cast(nn.LayerNorm, module)
         xhat = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
-        return affine_pieces(xhat, b, names, _trailing(b, ln.normalized_shape), direction, keep)
-
-    def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
-        return True
+        return affine_pieces(xhat, b, _trailing(b, ln.normalized_shape), ask)
 
 
 @register_ghost_rule(nn.GroupNorm)
 class GroupNormRule(GhostRule):
     """GroupNorm: statistics per example and group."""
 
-    def tangent(
-        self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
-    ) -> Any:
+    independent_rows = True
+
+    def tangent(self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction) -> Any:
         gn = cast(nn.GroupNorm, module)
         return F.group_norm(
             args[0],
@@ -162,21 +133,10 @@ class GroupNormRule(GhostRule):
             gn.eps,
         )
 
-    def batch_pieces(
-        self,
-        module: nn.Module,
-        x: Tensor,
-        b: Tensor,
-        names: Names,
-        direction: Dir,
-        keep: Names = (),
-    ) -> Pieces:
+    def batch_pieces(self, module: nn.Module, x: Tensor, b: Tensor, ask: Request) -> Pieces:
         gn = cast(nn.GroupNorm, module)
         xhat = F.group_norm(x, gn.num_groups, None, None, gn.eps)
-        return affine_pieces(xhat, b, names, [1], direction, keep)
-
-    def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
-        return True
+        return affine_pieces(xhat, b, [1], ask)
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
@@ -185,8 +145,10 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     class RMSNormRule(GhostRule):
         """RMSNorm over the trailing ``normalized_shape`` (a weight, no bias)."""
 
+        independent_rows = True
+
         def tangent(
-            self, module: nn.Module, args: tuple, kwargs: dict, direction: Mapping[str, Tensor]
+            self, module: nn.Module, args: tuple, kwargs: dict, direction: Direction
         ) -> Any:
             return F.rms_norm(
                 args[0],
@@ -198,18 +160,7 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
         def moves_batch(self, module: nn.Module, dim: int, ndim: int) -> bool:
             return dim < ndim - len(module.normalized_shape)  # type: ignore[arg-type]
 
-        def batch_pieces(
-            self,
-            module: nn.Module,
-            x: Tensor,
-            b: Tensor,
-            names: Names,
-            direction: Dir,
-            keep: Names = (),
-        ) -> Pieces:
+        def batch_pieces(self, module: nn.Module, x: Tensor, b: Tensor, ask: Request) -> Pieces:
             shape = torch.Size(module.normalized_shape)  # type: ignore[arg-type]
             xhat = F.rms_norm(x, list(shape), None, module.eps)  # type: ignore[arg-type]
-            return affine_pieces(xhat, b, names, _trailing(b, shape), direction, keep)
-
-        def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
-            return True
+            return affine_pieces(xhat, b, _trailing(b, shape), ask)
