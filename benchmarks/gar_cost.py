@@ -220,9 +220,9 @@ def main() -> None:
 # What the profile reports, per step: (label, the function's file and name in cProfile's keys).
 PROFILED = (
     ("GAR.step (all of GAR's work at the step)", "_gar.py", "step"),
-    ("rewards of the kept rows", "_gar.py", "_rewards"),
+    ("rewards of the kept rows", "_keepers.py", "rewards"),
     ("reference gradient (amortised)", "_gar.py", "_reference_gradient"),
-    ("capture hooks of the covered layers", "_ghost.py", "_after"),
+    ("capture hooks of the covered layers", "_capture.py", "_after"),
 )
 
 

@@ -153,6 +153,28 @@ class CausalLM(nn.Module):
         return self.head(self.body(h, mask=mask, is_causal=True))
 
 
+class StockLM(nn.Module):
+    """A stock ``nn.TransformerEncoder`` language model as nanoGPT-style code keeps it: the
+    causal mask a registered buffer sliced in each forward and passed with ``is_causal``,
+    torch's default dropout 0.1, learned positions."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, layers: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Embedding(SEQ, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 2 * dim, dropout=dropout, batch_first=True, norm_first=True
+        )
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, VOCAB)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(SEQ))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
+        return self.head(self.body(h, mask=self.mask[:t, :t], is_causal=True))
+
+
 class SelfAttention(nn.Module):
     """A GPT-style attention: one Linear for q, k, v and ``F.scaled_dot_product_attention``."""
 

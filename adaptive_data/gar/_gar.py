@@ -138,7 +138,7 @@ class GAR:
                 f"GAR found no layer it covers in {type(core).__name__}: it needs at least one "
                 f"of {registered_names()} with trainable parameters"
             )
-        return KEEPERS[estimator](core, entries, self._pause, choose, devices)
+        return KEEPERS[estimator](core, params, entries, self._pause, choose, devices)
 
     def _settings(self) -> dict[str, Any]:
         """The settings a saved state must agree with."""

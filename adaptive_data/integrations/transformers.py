@@ -17,11 +17,12 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import (
@@ -36,10 +37,71 @@ from ..sampling._reference import ReferenceBatches
 from ..sampling._sampler import GARSampler
 from ._common import Wiring, load, save
 
-__all__ = ["STATE_FILE", "GARCallback", "GARTrainer", "GARTrainerMixin"]
+__all__ = ["STATE_FILE", "GARCallback", "GARTrainer", "GARTrainerMixin", "default_loss_fn"]
 
 # The file beside the Trainer's own in each checkpoint folder, one per process (rank).
 STATE_FILE = "adaptive_data_rank{rank}.pt"
+
+
+_IGNORE = -100  # the label Hugging Face's losses leave out
+
+
+def _per_token_mean(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[N, ...]`` token losses -> ``[N]``: each example's mean over its labelled tokens (the
+    ones not ``-100``); 0 for an example without one."""
+    valid = (labels != _IGNORE).flatten(1)
+    total = (losses.flatten(1) * valid).sum(1)
+    return total / valid.sum(1).clamp_min(1)
+
+
+def _causal_lm_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    logits = output["logits"][:, :-1].float()  # position t predicts token t + 1
+    target = labels[:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=_IGNORE, reduction="none")
+    return _per_token_mean(losses, target)
+
+
+def _token_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    logits = output["logits"].float()
+    losses = F.cross_entropy(
+        logits.transpose(1, -1), labels, ignore_index=_IGNORE, reduction="none"
+    )
+    return _per_token_mean(losses, labels)
+
+
+def _sequence_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    logits = output["logits"].float()
+    if logits.shape[-1] == 1 or labels.is_floating_point():  # regression
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+# The model's task (the end of its class name, or its loss_type) -> its per-example loss.
+_TASK_LOSSES = {
+    "ForCausalLM": _causal_lm_loss,
+    "LMHeadModel": _causal_lm_loss,
+    "ForMaskedLM": _token_loss,
+    "ForTokenClassification": _token_loss,
+    "ForSequenceClassification": _sequence_loss,
+}
+
+
+def default_loss_fn(model: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """The per-example form of a Hugging Face model's own loss: ``loss_fn(output, labels) ->
+    [N]``, each example's mean over its labelled tokens (``-100`` left out). Causal language
+    models (``...ForCausalLM``, ``...LMHeadModel``: the labels shifted one position, as the
+    model shifts them), masked language models and token classification (no shift),
+    sequence classification (cross-entropy, or squared error for one output). Raises for
+    another model, naming it: pass ``gar_loss_fn``."""
+    name = type(model).__name__
+    for task, loss in _TASK_LOSSES.items():
+        if name.endswith(task) or getattr(model, "loss_type", None) == task:
+            return loss
+    raise ValueError(
+        f"gar_reference needs gar_loss_fn (per-example losses [N] of the model's output) for "
+        f"the reference gradient, and {name} is not a model whose loss adaptive_data knows "
+        f"({', '.join(_TASK_LOSSES)}): pass gar_loss_fn"
+    )
 
 
 class GARCallback(TrainerCallback):
@@ -114,8 +176,10 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
             collated batches. Required for a mixture of several sources; ``None``: the
             next-batch reference (augmentation over one source with a ``GARTransform``).
         gar_loss_fn: ``loss_fn(output, labels) -> [N]`` per-example losses of the model's
-            output (e.g. ``F.cross_entropy(output["logits"], labels, reduction="none")``);
-            needed with ``gar_reference``.
+            output (e.g. ``F.cross_entropy(output["logits"], labels, reduction="none")``),
+            for the reference gradient; default: :func:`default_loss_fn` of the model, the
+            per-example form of its own loss (causal and masked language models, sequence
+            and token classification).
         gar_every: GAR's ``every``: reward the batches of every ``every``-th step.
         gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         gar_reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
@@ -152,6 +216,9 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
                 "data are the sampler's sources"
             )
         kwargs["train_dataset"] = gar_sampler.dataset
+        if gar_loss_fn is None and gar_reference is not None and gar is None:
+            model = kwargs.get("model", args[0] if args else None)
+            gar_loss_fn = default_loss_fn(model)
         reference_data = None
         if gar_reference is not None and not hasattr(gar_reference, "__next__"):
             if not (hasattr(gar_reference, "__getitem__") and hasattr(gar_reference, "__len__")):

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._calls import Accumulator, Call, needs_rng
 from ._layout import CallLayout, Layout
 from ._model_state import RngSnapshot
+from ._outputs import guard, output_actions
 from ._plan import Entry
 
 __all__: list[str] = []
@@ -34,14 +35,6 @@ def register_call_hooks(
             entry.module.register_forward_hook(functools.partial(after, entry), with_kwargs=True)
         )
     return handles
-
-
-def unattributable(entry: Entry, shape: list[int], grad: Tensor) -> None:
-    raise ValueError(
-        f"the loss reads an output of module {entry.name!r} ({type(entry.module).__name__}) of "
-        f"shape {shape} that does not hold the batch, so its gradient cannot be split into "
-        "examples; loss_fn should use outputs that hold the batch"
-    )
 
 
 def check_outputs(
@@ -139,6 +132,7 @@ class CallCapture:
         detach: bool = False,
         anchor: bool = False,
         pause: Pause | None = None,
+        params: frozenset[int] = frozenset(),
     ) -> None:
         self.who = who
         self.devices = devices
@@ -150,6 +144,8 @@ class CallCapture:
         self.layout: Layout | None = None
         self.n = 0
         self.pause = Pause() if pause is None else pause
+        self.params = params  # ids of the trainable parameters (the root's outputs' analysis)
+        self._actions: dict[int, tuple[CallLayout, dict[int, Any]]] = {}  # by call layout
         self._counts: dict[int, int] = {}
         self._rng: dict[int, RngSnapshot] = {}
         self.handles: list[Any] = register_call_hooks(entries, self._before, self._after)
@@ -168,6 +164,16 @@ class CallCapture:
             handle.remove()
         self.handles.clear()
         self.stop()
+
+    def _root_actions(self, call: Call, leaves: list[Any]) -> dict[int, Any]:
+        """What to do with each output of the model's root (:func:`output_actions`: keep, skip
+        one computed from kept outputs alone, or raise if a gradient reaches one that cannot
+        be attributed), found once per layout."""
+        cached = self._actions.get(id(call.layout))
+        if cached is None or cached[0] is not call.layout:
+            found = output_actions(leaves, call.layout.outputs, self.params)
+            cached = self._actions[id(call.layout)] = (call.layout, found)
+        return cached[1]
 
     def _anchor(self, like: Tensor) -> Tensor:
         anchors = cast(dict, self.anchors)
@@ -206,16 +212,17 @@ class CallCapture:
         owner = self.on_call(call)
         if owner is None:
             return None
+        actions = self._root_actions(call, leaves) if entry.root else {}
         for i, leaf in enumerate(leaves):
             if not (isinstance(leaf, Tensor) and leaf.requires_grad):
                 continue
+            action = actions.get(i, "keep")
+            if action != "keep":  # the root's: skipped, or a hook that raises
+                guard(self.who, f"the model ({type(entry.module).__name__})", leaf, i, action)
+                continue
             if self.anchors is not None:
                 leaves[i] = leaf = leaf + self._anchor(leaf)
-            dim = call.layout.outputs[i]
-            if dim is None or dim < 0:  # the root's output that does not hold the batch
-                leaf.register_hook(functools.partial(unattributable, entry, list(leaf.shape)))
-                continue
-            self.on_output(owner, i, dim, leaf)
+            self.on_output(owner, i, cast(int, call.layout.outputs[i]), leaf)
         return spec.unflatten(leaves) if self.anchors is not None else None
 
 
@@ -244,6 +251,7 @@ class GhostRun:
         device: torch.device,
         norms: bool = False,
         per_module: bool = False,
+        params: frozenset[int] = frozenset(),
     ) -> None:
         self.layout = layout
         self.direction = direction
@@ -259,6 +267,7 @@ class GhostRun:
             on_output=self._watch,
             wants_rng=lambda entry: needs_rng(entry, norms),
             anchor=True,
+            params=params,
         )
         self._capture.start(layout, n)
 

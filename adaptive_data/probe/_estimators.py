@@ -118,7 +118,15 @@ class Ghost(Estimator):
             self.options.verify == "first" and not self._verified
         )
         run = GhostRun(
-            self.plan, layout, d, n, cuda_devices(self.model), device, norms, per_module=verify
+            self.plan,
+            layout,
+            d,
+            n,
+            cuda_devices(self.model),
+            device,
+            norms,
+            per_module=verify,
+            params=frozenset(id(p) for p in params.values()),
         )
         try:
             with torch.enable_grad():

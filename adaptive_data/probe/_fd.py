@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._model_state import RngSnapshot
+from ._outputs import guard
 
 __all__: list[str] = []
 
@@ -78,85 +79,8 @@ def cut_inputs(
     return tree_unflatten(kept, spec)
 
 
-# ---------------------------------------------------------------------- which outputs count
-
-
-def _reaches(start: Any, stops: Mapping[Any, int], params: frozenset[int]) -> tuple[set, bool]:
-    """Walk the autograd graph from ``start``: the indices of the ``stops`` nodes met (not
-    walked through) and whether a trainable parameter is reached without passing one."""
-    met: set[int] = set()
-    hit_param = False
-    seen: set[int] = set()
-    todo = [start]
-    while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node is not start and node in stops:
-            met.add(stops[node])
-            continue
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in params:
-            hit_param = True
-            continue
-        todo.extend(nxt for nxt, _ in node.next_functions)
-    return met, hit_param
-
-
-# What to do with each output leaf that requires grad: "keep" its gradient (it holds the
-# batch), "skip" it (computed from kept outputs alone: its gradient reaches them),
-# "unattributable" (no batch and it depends on the parameters otherwise: raise if a gradient
-# reaches it), or ("nested", j): it holds the batch but is computed from kept output j, whose
-# gradient would then count its share twice (raise if a gradient reaches it).
-Action = Any
-
-
-def output_actions(
-    leaves: Sequence[Any], dims: Sequence[int | None], params: frozenset[int]
-) -> dict[int, Action]:
-    """The action for each output leaf that requires grad (see above). One walk of the
-    autograd graph per output leaf when there are several; none for a single batch output."""
-    grad_leaves = [
-        i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.requires_grad
-    ]
-    batch = [i for i in grad_leaves if (dim := dims[i]) is not None and dim >= 0]
-    if len(grad_leaves) == 1 and batch:
-        return {batch[0]: "keep"}
-    stops = {leaves[i].grad_fn: i for i in batch if leaves[i].grad_fn is not None}
-    actions: dict[int, Action] = {}
-    for i in grad_leaves:
-        fn = leaves[i].grad_fn
-        met, hit = (set(), False) if fn is None else _reaches(fn, stops, params)
-        met.discard(i)
-        if i in batch:
-            others = sorted(j for j in met if j != i)
-            actions[i] = ("nested", others[0]) if others else "keep"
-        else:
-            actions[i] = "unattributable" if hit or fn is None else "skip"
-    return actions
-
-
-def nested(i: int, j: int, shape: list[int], grad: Tensor) -> None:
-    raise ValueError(
-        f"GAR(estimator='fd') cannot split the model's output {i} (shape {shape}) into "
-        f"examples' shares: it is computed from the model's output {j}, whose gradient then "
-        "holds its share too and would count it twice. Return only the outputs the loss reads "
-        "(or outputs computed apart from each other), or use estimator='ghost'"
-    )
-
-
-def unattributable(i: int, shape: list[int], grad: Tensor) -> None:
-    raise ValueError(
-        f"the loss reads the model's output {i} of shape {shape}, which does not hold the "
-        "batch and depends on the parameters otherwise than through the outputs that do, so "
-        "GAR(estimator='fd') cannot split its gradient into examples; loss_fn should use "
-        "outputs that hold the batch (or use estimator='ghost')"
-    )
-
-
 def register(
-    kept: Kept, leaves: Sequence[Any], actions: Mapping[int, Action], rows: Tensor | None
+    kept: Kept, leaves: Sequence[Any], actions: Mapping[int, Any], rows: Tensor | None
 ) -> None:
     """Tensor hooks on the output leaves: keep the gradients of the rewarded rows of the
     outputs that count, raise where a gradient reaches one that cannot be attributed."""
@@ -164,10 +88,8 @@ def register(
         leaf = leaves[i]
         if action == "keep":
             leaf.register_hook(functools.partial(_on_grad, kept, i, rows))
-        elif action == "unattributable":
-            leaf.register_hook(functools.partial(unattributable, i, list(leaf.shape)))
-        elif isinstance(action, tuple):
-            leaf.register_hook(functools.partial(nested, i, action[1], list(leaf.shape)))
+        else:
+            guard("GAR(estimator='fd')", "the model", leaf, i, action)
 
 
 def _on_grad(kept: Kept, i: int, rows: Tensor | None, grad: Tensor) -> None:

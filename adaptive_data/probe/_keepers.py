@@ -26,6 +26,7 @@ from ._capture import CallCapture, Pause, check_outputs, detach_tree
 from ._direction import Direction, cosine_rewards
 from ._layout import Layout, Layouts
 from ._model_state import RngSnapshot
+from ._outputs import output_actions
 from ._plan import Entry, couples_examples
 from .rules import FALLBACK_RULE
 
@@ -58,6 +59,7 @@ class Keeper:
 
     Args:
         core: the model (DDP unwrapped).
+        params: its trainable parameters.
         entries: the covered modules (the plan).
         pause: the front door's :class:`Pause`; the keeper's own forwards run under it.
         choose_rows: ``(batch id, n) -> sorted rows`` to reward, or ``None`` for all.
@@ -67,12 +69,14 @@ class Keeper:
     def __init__(
         self,
         core: nn.Module,
+        params: dict[str, nn.Parameter],
         entries: Sequence[Entry],
         pause: Pause,
         choose_rows: Callable[[int, int], Tensor | None],
         devices: list[int],
     ) -> None:
         self.core = core
+        self.params = params
         self.entries = list(entries)
         self.pause = pause
         self.choose_rows = choose_rows
@@ -129,6 +133,7 @@ class GhostKeeper(Keeper):
             wants_rng=lambda entry: True,
             detach=True,  # held until step(), past the backward
             pause=self.pause,
+            params=frozenset(id(p) for p in self.params.values()),
         )
 
     def start(self) -> None:
@@ -207,8 +212,7 @@ class FdKeeper(Keeper):
     ) -> None:
         # The root alone: where its inputs and outputs hold the batch.
         self._root = Entry("<root>", core, FALLBACK_RULE, {}, root=True)
-        super().__init__(core, [self._root], pause, choose_rows, devices)
-        self.params = params
+        super().__init__(core, params, [self._root], pause, choose_rows, devices)
         self._param_set = frozenset(id(p) for p in params.values())
         self._couples = couples_examples(core)
         # Per layout: what to do with each output leaf (found once per input signature).
@@ -262,7 +266,7 @@ class FdKeeper(Keeper):
         fd.versions = versions
         cached = self._actions.get(id(layout))
         if cached is None or cached[0] is not layout:
-            cached = (layout, _fd.output_actions(leaves, call.outputs, self._param_set))
+            cached = (layout, output_actions(leaves, call.outputs, self._param_set))
             self._actions[id(layout)] = cached
         _fd.register(fd, leaves, cached[1], rows)
         for i, action in cached[1].items():

@@ -23,19 +23,23 @@ def cuda_devices(model: nn.Module) -> list[int]:
 def preserved(model: nn.Module) -> Iterator[None]:
     """Run a block and then put back every buffer, the train/eval flags and the global RNG.
 
-    BatchNorm's running statistics (and any other buffer the forward writes) are snapshot and
-    copied back in place, so tensors the user holds keep their identity. Parameters and
-    ``.grad`` are not touched because the probe only ever calls ``torch.autograd.grad``.
+    A buffer the block wrote (BatchNorm's running statistics) is copied back in place, so
+    tensors the user holds keep their identity; one it left as it was is not written, so its
+    version counter does not move (a causal mask kept as a buffer, whose slices a kept layer
+    call holds, is not seen as edited). Parameters and ``.grad`` are not touched because the
+    probe only ever calls ``torch.autograd.grad``.
     """
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
     with torch.random.fork_rng(devices=cuda_devices(model)):
         try:
             yield
         finally:
             with torch.no_grad():
-                for buf, saved in buffers:
-                    buf.copy_(saved)
+                for buf, version, saved in buffers:
+                    # a kernel may write a buffer without moving its version (BatchNorm's)
+                    if buf._version != version or not torch.equal(buf, saved):
+                        buf.copy_(saved)
             for module, training in modes:
                 module.training = training
 

@@ -1,0 +1,190 @@
+"""GAR on the language models users train, with the defaults, in a loop: a stock
+``nn.TransformerEncoder`` whose causal mask is a buffer (sliced in each forward, with
+``is_causal`` and dropout), exact against the oracle and learning a mixture."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import adaptive_data as ad
+from tests.models import SEQ, VOCAB, StockLM, lm_loss, loop_rewards
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def test_a_buffered_mask_is_probed_exactly() -> None:
+    """The mask's slice is an input of every attention call: the reference pass and the
+    layout runs must not count as editing it (they restore only the buffers they wrote)."""
+    torch.manual_seed(0)
+    model = StockLM().eval()  # the oracle's examples one by one: no dropout to replay
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (5, SEQ), generator=g)
+    y = torch.randint(0, VOCAB, (5, SEQ), generator=g)
+    ref = (
+        torch.randint(0, VOCAB, (4, SEQ), generator=g),
+        torch.randint(0, VOCAB, (4, SEQ), generator=g),
+    )
+    probe = ad.GradientProbe(model, lm_loss, reward="cosine")
+    params = dict(model.named_parameters())
+    loss = lm_loss(model(ref[0]), ref[1]).mean()
+    d = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    got = probe(x, y, reference=ref)
+    assert _relative(got, loop_rewards(model, lm_loss, x, y, d)[1]) < 1e-4
+
+
+def _content_data(n: int, seed: int, predictable: bool) -> TensorDataset:
+    """Sequences whose next token is the current one plus 1 (predictable) or random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    y = (x + 1) % VOCAB if predictable else torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    return TensorDataset(x, y)
+
+
+def test_the_default_gar_learns_a_mixture_on_the_stock_encoder() -> None:
+    """Defaults only (held-out reference, cosine, ghost), dropout on, the buffered mask: every
+    batch is rewarded and the mixture moves to the source the reference agrees with."""
+    torch.manual_seed(0)
+    model = StockLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sampler = ad.GARSampler(
+        {"good": _content_data(96, 1, True), "noise": _content_data(96, 2, False)},
+        batch_size=8,
+        seed=0,
+    )
+    reference = ad.ReferenceBatches(_content_data(32, 3, True), 8)
+    gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=lm_loss)
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    for x, y in itertools.chain(loader, loader):
+        opt.zero_grad()
+        lm_loss(model(x), y).mean().backward()
+        r = gar.step()
+        assert r is not None
+        assert torch.isfinite(r).all()
+        opt.step()
+    assert gar.metrics()["batches_rewarded"] == 2 * len(sampler)
+    assert sampler.weights["good"] > 0.7
+
+
+# ---------------------------------------------------------------- Hugging Face models, Trainer
+
+HF_VOCAB, HF_SEQ = 32, 12
+
+
+class TokenExamples(torch.utils.data.Dataset):
+    """Dict examples as a tokenised dataset gives them: ``input_ids`` and ``labels``."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def hf_data(kind: str, n: int, seed: int, predictable: bool) -> TokenExamples:
+    """Sequences of counting tokens (predictable) or random ones; for the masked LM a third of
+    the positions masked (token 0) with their token as the label, the others -100."""
+    g = torch.Generator().manual_seed(seed)
+    if predictable:
+        start = torch.randint(1, HF_VOCAB, (n, 1), generator=g)
+        ids = (start + torch.arange(HF_SEQ)) % (HF_VOCAB - 1) + 1
+    else:
+        ids = torch.randint(1, HF_VOCAB, (n, HF_SEQ), generator=g)
+    if kind != "bert":
+        return TokenExamples(ids, ids.clone())
+    masked = torch.rand(n, HF_SEQ, generator=g) < 1 / 3
+    return TokenExamples(ids.masked_fill(masked, 0), ids.masked_fill(~masked, -100))
+
+
+def hf_model(kind: str) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    small = {"vocab_size": HF_VOCAB, "hidden_size": 16, "num_hidden_layers": 2}
+    small |= {"num_attention_heads": 2, "intermediate_size": 32}
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=HF_VOCAB, n_positions=HF_SEQ, n_embd=16, n_layer=2, n_head=2
+        )
+        return transformers.GPT2LMHeadModel(config)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            **small, num_key_value_heads=1, max_position_embeddings=HF_SEQ
+        )
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.BertConfig(**small, max_position_embeddings=HF_SEQ)
+    return transformers.BertForMaskedLM(config)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_the_trainer_runs_stock_models_with_their_own_loss(kind: str, tmp_path) -> None:
+    """GARTrainer with the model's own loss and no gar_loss_fn: the reference gradient comes
+    from the per-example form of the model's loss (default_loss_fn), every micro-batch is
+    rewarded, the rewards are finite and the mixture moves."""
+    import transformers
+
+    from adaptive_data.integrations.transformers import GARTrainer
+
+    sampler = ad.GARSampler(
+        {"counting": hf_data(kind, 48, 1, True), "random": hf_data(kind, 48, 2, False)},
+        batch_size=4,
+        seed=0,
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = GARTrainer(
+        model=hf_model(kind),
+        args=args,
+        gar_sampler=sampler,
+        gar_reference=hf_data(kind, 16, 3, True),
+    )
+    trainer.train()
+    metrics = trainer.gar.metrics()
+    assert metrics["batches_rewarded"] == 12
+    assert metrics["batches_dropped"] == 0
+    assert math.isfinite(metrics["reward_mean"])
+    assert sampler.weights != {"counting": 0.5, "random": 0.5}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_the_default_loss_is_the_models_own_per_example(kind: str) -> None:
+    """Weighted by each example's labelled tokens, the per-example losses average to the
+    model's own loss (which averages over every labelled token of the batch)."""
+    from adaptive_data.integrations.transformers import default_loss_fn
+
+    model = hf_model(kind).eval()
+    data = hf_data(kind, 6, 4, False)
+    ids, labels = data.ids, data.labels
+    own = model(input_ids=ids, labels=labels).loss
+    per_example = default_loss_fn(model)(model(input_ids=ids), labels)
+    assert per_example.shape == (6,)
+    counted = labels[:, 1:] if kind != "bert" else labels
+    tokens = (counted != -100).sum(1).float()
+    torch.testing.assert_close((per_example * tokens).sum() / tokens.sum(), own)
+
+
+def test_the_default_loss_names_a_model_it_does_not_know() -> None:
+    from adaptive_data.integrations.transformers import default_loss_fn
+
+    with pytest.raises(ValueError, match=r"StockLM is not a model whose loss .* pass gar_loss_fn"):
+        default_loss_fn(StockLM())
