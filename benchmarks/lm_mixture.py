@@ -188,18 +188,28 @@ def load(data_dir: Path, scale: float) -> tuple[dict[str, TensorDataset], Tensor
 
 
 class ByteLM(nn.Module):
-    """Token and position embeddings, a pre-norm causal TransformerEncoder, a Linear head."""
+    """Token and position embeddings, a pre-norm causal TransformerEncoder, a Linear head.
+    ``stock``: as nanoGPT-style code keeps it, the causal mask a registered buffer sliced in
+    each forward, and torch's default dropout 0.1."""
 
     def __init__(
-        self, dim: int = 128, heads: int = 4, layers: int = 2, expand_positions: bool = False
+        self,
+        dim: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+        expand_positions: bool = False,
+        stock: bool = False,
     ) -> None:
         super().__init__()
         self.expand_positions = expand_positions
         self.tok = nn.Embedding(VOCAB, dim)
         self.pos = nn.Embedding(SEQ, dim)
         layer = nn.TransformerEncoderLayer(
-            dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+            dim, heads, 4 * dim, dropout=0.1 if stock else 0.0, batch_first=True, norm_first=True
         )
+        self.stock = stock
+        if stock:
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(SEQ))
         self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, VOCAB)
@@ -210,7 +220,10 @@ class ByteLM(nn.Module):
         if self.expand_positions:  # [B, T]: the position embedding's output holds the batch
             positions = positions.expand(b, t)
         h = self.tok(x) + self.pos(positions)
-        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
+        if self.stock:
+            mask = self.mask[:t, :t]
+        else:
+            mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
         return self.head(self.norm(self.body(h, mask=mask, is_causal=True)))
 
 
@@ -221,10 +234,18 @@ def per_example_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def target_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 64) -> float:
-    total = sum(
-        float(per_example_loss(model(x[i : i + chunk]), y[i : i + chunk]).sum())
-        for i in range(0, len(x), chunk)
-    )
+    """The mean loss on ``(x, y)``; the stock model (the only one with dropout) in eval mode,
+    its mode left as it was (the others as they always were measured, in train mode)."""
+    training = model.training
+    if getattr(model, "stock", False):
+        model.eval()
+    try:
+        total = sum(
+            float(per_example_loss(model(x[i : i + chunk]), y[i : i + chunk]).sum())
+            for i in range(0, len(x), chunk)
+        )
+    finally:
+        model.train(training)
     return total / len(x)
 
 
@@ -240,7 +261,7 @@ def train_reference(
 ) -> tuple[nn.Module, float]:
     """DoReMi's reference model: the same model trained on the uniform mixture."""
     torch.manual_seed(10_000 + seed)
-    model = ByteLM(expand_positions=args.expand_positions)
+    model = ByteLM(expand_positions=args.expand_positions, stock=args.stock)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sampler = ad.GARSampler(sources, batch_size=args.batch, seed=10_000 + seed, num_batches=steps)
     loader = loader_for(sampler, args)
@@ -267,7 +288,7 @@ def run(
     names = list(sources)
     k = len(names)
     torch.manual_seed(seed)  # the model's initialisation (benchmark code, not the library)
-    model = ByteLM(expand_positions=args.expand_positions)
+    model = ByteLM(expand_positions=args.expand_positions, stock=args.stock)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     kw: dict[str, Any] = {"batch_size": args.batch, "seed": seed, "num_batches": args.steps}
     if args.lag is not None:
@@ -565,6 +586,12 @@ def main() -> None:
         help="call the position embedding on arange(T).expand(B, T) (its output then holds "
         "the batch, which GAR's ghost rules cover without replaying the whole model)",
     )
+    parser.add_argument(
+        "--stock",
+        action="store_true",
+        help="the model as nanoGPT-style code keeps it: the causal mask a registered buffer "
+        "sliced in each forward, and torch's default dropout 0.1",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
@@ -606,6 +633,7 @@ def main() -> None:
         "doremi_eta": args.doremi_eta,
         "doge_eta_over_lr": args.doge_eta,
         "expand_positions": args.expand_positions,
+        "stock": args.stock,
         "stream": args.stream,
         "shards": args.shards if args.stream else None,
         "workers": args.workers if args.stream else 0,

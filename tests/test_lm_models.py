@@ -188,3 +188,127 @@ def test_the_default_loss_names_a_model_it_does_not_know() -> None:
 
     with pytest.raises(ValueError, match=r"StockLM is not a model whose loss .* pass gar_loss_fn"):
         default_loss_fn(StockLM())
+
+
+# ---------------------------------------------------------------- no silent slow path
+
+
+class Gain(nn.Module):
+    """A bare parameter in a module no rule covers: the generic path's."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def _loop(model: nn.Module, steps: int = 3, **options) -> ad.GAR:
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sampler = ad.GARSampler(
+        {"good": _content_data(48, 1, True), "noise": _content_data(48, 2, False)},
+        batch_size=8,
+        seed=0,
+    )
+    reference = ad.ReferenceBatches(_content_data(16, 3, True), 8)
+    gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=lm_loss, **options)
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    for x, y in itertools.islice(loader, steps):
+        opt.zero_grad()
+        lm_loss(model(x), y).mean().backward()
+        gar.step()
+        opt.step()
+    return gar
+
+
+class GainLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, 8)
+        self.gain = Gain(8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gain(self.tok(x)))
+
+
+def test_the_generic_path_is_named_once_with_its_cost() -> None:
+    with pytest.warns(
+        UserWarning, match=r"module 'gain' \(Gain\) by its generic path \(no rule"
+    ) as seen:
+        gar = _loop(GainLM())
+    assert sum("generic path" in str(w.message) for w in seen) == 1  # once, not per step
+    assert "ms of gar.step()'s" in str(seen[0].message)
+    metrics = gar.metrics()
+    assert metrics["generic_calls"] == 3
+    assert 0 < metrics["time_share"] < 1
+
+
+def test_fallback_raise_refuses_the_generic_path() -> None:
+    with pytest.raises(
+        ValueError, match=r"no rule for the trainable parameters of \['gain \(Gain\)'\]"
+    ):
+        _loop(GainLM(), fallback="raise")
+    with pytest.raises(
+        ValueError, match=r"fallback should be 'jvp' or 'raise', but got fallback='no'"
+    ):
+        _loop(GainLM(), fallback="no")
+
+
+def test_the_stock_encoder_gpt2_and_llama_take_no_generic_path() -> None:
+    """The defaults on the stock encoder (buffered mask, is_causal, dropout 0.1, learned
+    positions), stock GPT-2 (Conv1D, wpe, dropout) and Llama (its RMSNorm, rotary, GQA):
+    every share from a rule."""
+    import warnings
+
+    for model in (StockLM(), Logits("gpt2"), Logits("llama")):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*generic path.*")
+            gar = _loop(model, fallback="raise")
+        assert gar.metrics()["generic_calls"] == 0
+
+
+# ---------------------------------------------------------------- the probe, exact on each model
+
+
+class Logits(nn.Module):
+    """A Hugging Face model's logits, dropout off (the oracle's examples run one by one)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.model = hf_model(kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x).logits
+
+
+def _hf_lm_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+
+
+@pytest.mark.parametrize("kind", ["stock", "gpt2", "llama", "bert"])
+@pytest.mark.parametrize("reward", ["dot", "cosine"])
+def test_the_probe_is_exact_on_each_language_model(kind: str, reward: str) -> None:
+    """Against one backward per example: the stock encoder (buffered mask, learned
+    positions), GPT-2 (Conv1D, wpe), Llama (RMSNorm, rotary, GQA), BERT (positions added in
+    place, a padding row tied to the output layer, the head's bias registered twice)."""
+    torch.manual_seed(0)
+    model = (StockLM() if kind == "stock" else Logits(kind)).eval()
+    vocab, seq = (VOCAB, SEQ) if kind == "stock" else (HF_VOCAB, HF_SEQ)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (5, seq), generator=g)
+    y = torch.randint(0, vocab, (5, seq), generator=g)
+    d = {k: torch.randn(p.shape, generator=g) for k, p in model.named_parameters()}
+    got = ad.GradientProbe(model, _hf_lm_loss, reward=reward)(x, y, direction=d)
+    want = loop_rewards(model, _hf_lm_loss, x, y, d)[0 if reward == "dot" else 1]
+    assert _relative(got, want) < 1e-4
+
+
+def test_forward_mode_estimators_say_a_tied_padding_row_makes_them_approximate() -> None:
+    model = Logits("bert")
+    with pytest.warns(UserWarning, match=r"padding row of Embedding\(s\) \['model.bert"):
+        ad.GradientProbe(model, _hf_lm_loss, "jvp")
+    with pytest.warns(UserWarning, match=r"estimator='fd' differentiates the forward"):
+        ad.GradientProbe(model, _hf_lm_loss, "fd")

@@ -109,3 +109,71 @@ def test_attention_dropout_in_train_mode_replays_the_mask() -> None:
     torch.set_rng_state(state)
     ghost = ad.GradientProbe(model, loss_fn, verify="never")(x, y, direction=d)
     torch.testing.assert_close(ghost, jvp, rtol=1e-4, atol=1e-5)
+
+
+def _without_closed_form(monkeypatch) -> None:
+    """Attention by the generic path: the module's forward again (the call's RNG replayed,
+    so its own dropout masks) and one backward per example; JVP tangents."""
+    from adaptive_data.probe.rules import attention
+
+    monkeypatch.setattr(attention, "attention_call", lambda module, args, kwargs: None)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("reward", ["dot", "cosine"])
+def test_attention_dropout_has_a_closed_form_equal_to_the_generic_path(
+    batch_first: bool, reward: str, monkeypatch
+) -> None:
+    """Train mode with attention dropout 0.3: the closed forms draw the call's mask again and
+    give what the generic path gives (the module's own forward replayed), weights returned
+    (after dropout, averaged over heads) included."""
+    from adaptive_data.probe.rules import attention
+
+    torch.manual_seed(0)
+    model = AttentionModel(batch_first).train()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 4, 3, generator=g), torch.randint(0, 3, (6,), generator=g)
+    d = random_direction(model, g)
+    state = torch.get_rng_state()
+    calls = []
+    original = attention.attention_pieces if reward == "cosine" else attention.attention_tangent
+    name = "attention_pieces" if reward == "cosine" else "attention_tangent"
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, name, counted)
+    closed = ad.GradientProbe(model, loss_fn, reward=reward, verify="never")(x, y, direction=d)
+    assert calls  # the closed form ran
+    monkeypatch.undo()
+    _without_closed_form(monkeypatch)
+    torch.set_rng_state(state)
+    generic = ad.GradientProbe(model, loss_fn, reward=reward, verify="never")(x, y, direction=d)
+    torch.testing.assert_close(closed, generic, rtol=1e-4, atol=1e-6)
+
+
+def test_a_dropout_mask_that_cannot_be_drawn_again_takes_the_generic_path(monkeypatch) -> None:
+    """Where the redrawn mask does not give the module's own output (another kernel's
+    draws), the call is computed by the generic path: the rewards stay exact."""
+    from adaptive_data.probe.rules import attention
+
+    torch.manual_seed(0)
+    model = AttentionModel(True).train()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 4, 3, generator=g), torch.randint(0, 3, (6,), generator=g)
+    d = random_direction(model, g)
+    state = torch.get_rng_state()
+    monkeypatch.setattr(attention, "_REDRAWN", {})
+    monkeypatch.setattr(  # a mask of other draws: the check against the module must see it
+        attention._Attention,
+        "dropout_mask",
+        lambda self, p: torch.rand(p.shape).bernoulli_(0.5).div_(0.5) if self.dropout else None,
+    )
+    got = ad.GradientProbe(model, loss_fn, reward="cosine", verify="never")(x, y, direction=d)
+    assert set(attention._REDRAWN.values()) == {False}
+    monkeypatch.undo()
+    _without_closed_form(monkeypatch)
+    torch.set_rng_state(state)
+    generic = ad.GradientProbe(model, loss_fn, reward="cosine", verify="never")(x, y, direction=d)
+    torch.testing.assert_close(got, generic, rtol=1e-4, atol=1e-6)

@@ -25,6 +25,7 @@ def check_arguments(
     rows: Any = None,
     prefix: str = "",
     estimator: Any = "ghost",
+    fallback: Any = "jvp",
 ) -> None:
     """GAR's checks of ``every``, ``reward``, the reference and its refresh, ``rows`` and
     ``estimator``, shared with the integrations (which check them when they are built, before
@@ -39,6 +40,10 @@ def check_arguments(
                 if estimator in ESTIMATORS
                 else ""
             )
+        )
+    if fallback not in ("jvp", "raise"):
+        raise ValueError(
+            f"{p}fallback should be 'jvp' or 'raise', but got {p}fallback={fallback!r}"
         )
     check_int(f"{p}every", every, minimum=1)
     check_int(f"{p}reference_refresh", reference_refresh, minimum=1)

@@ -9,6 +9,7 @@ estimator, and the direction source for ``D``.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -17,7 +18,13 @@ from torch import Tensor, nn
 
 from .._batch import call_args, check_same_batch, lead_batch_size, split_batch
 from ..probe._capture import Pause
-from ..probe._direction import Direction, DirectionSource, check_unsharded, first_nonfinite
+from ..probe._direction import (
+    Direction,
+    DirectionSource,
+    check_unsharded,
+    first_nonfinite,
+    warn_if_tied_padding,
+)
 from ..probe._keepers import KEEPERS, FdKeeper, Keeper
 from ..probe._model_state import cuda_devices
 from ..probe._plan import plan
@@ -75,6 +82,9 @@ class GAR:
         estimator: ``"ghost"`` (exact, from the covered layers' inputs and output
             gradients) or ``"fd"`` (forward-only: a central difference of two no-grad
             forwards of the rewarded rows at ``theta +- eps D``; needs ``reward="dot"``).
+        fallback: ``"jvp"`` (default): a module no rule covers takes the generic path (its
+            forward again, and one backward per example for the cosine), with one warning
+            naming it and its share of the step's time; ``"raise"`` refuses it instead.
 
     Raises at construction for a model without a layer the rules cover (``estimator=
     "ghost"``), an FSDP or DeepSpeed model, an optimizer that does not own the model's
@@ -94,13 +104,23 @@ class GAR:
         reference_refresh: int = 1,
         rows: int | None = None,
         estimator: str = "ghost",
+        fallback: str = "jvp",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
         check_arguments(
-            sampler, every, reward, reference, loss_fn, reference_refresh, rows, "", estimator
+            sampler,
+            every,
+            reward,
+            reference,
+            loss_fn,
+            reference_refresh,
+            rows,
+            "",
+            estimator,
+            fallback,
         )
         check_unsharded(model)
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -116,28 +136,42 @@ class GAR:
         self.model, self.sampler, self.optimizer = model, sampler, optimizer
         self.every, self.reward, self.loss_fn = every, reward, loss_fn
         self.reference_refresh, self.rows, self.estimator = reference_refresh, rows, estimator
+        self.fallback = fallback
         self._reference: Iterator[Any] | None = None if reference is None else iter(reference)
-        # A next-batch reference rewards a batch one delivery later: the sampler refuses, at
-        # its first batch, a loader that reads too far ahead for its lag to wait for that.
-        sampler.expect_reward_delay(0 if reference is not None else 1)
         self._pairing = Pairing(sampler)
         self._schedule = Schedule(sampler, every, reference is None, rows)
         self._pause = Pause()  # while active, no forward is a training batch
-        self._keeper = self._make_keeper(core, estimator)
-        self._counts = _state.Counters()
+        # GAR's root hook first: the keeper's hooks on the root (its RNG state) run after it
+        # has opened the batch.
         self._handles = [core.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        try:
+            self._keeper = self._make_keeper(core, estimator)
+        except Exception:
+            self._handles.pop().remove()
+            raise
+        self._counts = _state.Counters()
+        self._clock = _state.Clock()
+        self._reported: set[str] = set()  # modules whose generic path was reported
+        self._generic_seen = 0  # the keeper's generic calls already counted
+        # A next-batch reference rewards a batch one delivery later: the sampler refuses, at
+        # its first batch, a loader that reads too far ahead for its lag to wait for that.
+        sampler.expect_reward_delay(0 if reference is not None else 1)
 
     def _make_keeper(self, core: nn.Module, estimator: str) -> Keeper:
         params, devices = self._source.params, cuda_devices(core)
         choose = self._schedule.choose_rows
         if estimator == "fd":
+            warn_if_tied_padding(core, "fd")
             return FdKeeper(core, params, self._pause, choose, devices)
-        entries = plan(core, params, fallback="jvp")
+        entries = plan(core, params, fallback=self.fallback)
         if not any(e.rule is not FALLBACK_RULE for e in entries):
             raise ValueError(
                 f"GAR found no layer it covers in {type(core).__name__}: it needs at least one "
                 f"of {registered_names()} with trainable parameters"
             )
+        # A module whose output holds no batch may still be covered by its rule at the sum
+        # its output is added to (found in the forward): fallback="raise" refuses the root's
+        # replay when it happens, at a step.
         return KEEPERS[estimator](core, params, entries, self._pause, choose, devices)
 
     def _settings(self) -> dict[str, Any]:
@@ -202,6 +236,13 @@ class GAR:
         Returns the rewards applied (of the last batch rewarded), or ``None`` when no batch
         was rewarded at this step.
         """
+        start = time.perf_counter()
+        try:
+            return self._step(start)
+        finally:
+            self._clock.add(start, time.perf_counter())
+
+    def _step(self, start: float) -> Tensor | None:
         if not self._handles:
             raise RuntimeError("step() after close(): this GAR's hooks are removed")
         # This step's batch is complete: no later forward is a training batch of it.
@@ -229,6 +270,7 @@ class GAR:
         out = None
         for kept in due:  # d is known whenever a batch is due
             r = self._keeper.rewards(kept, d, self.reward == "cosine")  # type: ignore[arg-type]
+            self._report_generic(time.perf_counter() - start)
             if r is None:
                 self._counts.dropped += 1
                 continue
@@ -242,6 +284,13 @@ class GAR:
             out = r
         self._schedule.steps += 1
         return out
+
+    def _report_generic(self, seconds: float) -> None:
+        """Report the modules new to the generic path (``seconds`` so far in this step)."""
+        total = sum(s.calls for s in self._keeper.slow.values())
+        self._counts.generic_calls += total - self._generic_seen
+        self._generic_seen = total
+        _state.report_generic(self._keeper.slow, self._reported, self.fallback, seconds)
 
     def _reference_direction(self) -> Direction:
         """``D`` of the held-out mode: the reference gradient (recomputed when it is
@@ -275,7 +324,12 @@ class GAR:
         it has ``state_dict()`` (:class:`ReferenceBatches` has).
         """
         return _state.save(
-            self._settings(), self._schedule, self._counts, self._source, self._reference
+            self._settings(),
+            self._schedule,
+            self._counts,
+            self._clock,
+            self._source,
+            self._reference,
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -283,7 +337,13 @@ class GAR:
         state was saved by a GAR with another mode, ``every``, reward, ``reference_refresh``,
         ``rows`` or estimator."""
         _state.load(
-            state, self._settings(), self._schedule, self._counts, self._source, self._reference
+            state,
+            self._settings(),
+            self._schedule,
+            self._counts,
+            self._clock,
+            self._source,
+            self._reference,
         )
         self._keeper.stop()
         self._pairing.reset()
@@ -294,13 +354,18 @@ class GAR:
         """A flat dict: ``steps``, ``batches_rewarded``, ``batches_dropped`` (kept but never
         rewarded: a forward without backward, a step skipped for a non-finite ``.grad``, or
         dropped by ``close()``), ``steps_skipped_nonfinite`` (steps skipped because ``.grad``
-        held NaN or inf while a batch was kept), ``reward_mean`` (of the last rewarded batch)."""
+        held NaN or inf while a batch was kept), ``reward_mean`` (of the last rewarded batch),
+        ``time_share`` (the share of the loop's wall time spent in ``step()`` since the first
+        step began; the capture in the forward and backward is not in it), ``generic_calls``
+        (module calls rewarded by the generic path so far). A resumed run continues them."""
         return {
             "steps": self._schedule.steps,
             "batches_rewarded": self._counts.rewarded,
             "batches_dropped": self._counts.dropped,
             "steps_skipped_nonfinite": self._counts.skipped_nonfinite,
             "reward_mean": self._counts.last_mean,
+            "time_share": self._clock.share(),
+            "generic_calls": self._counts.generic_calls,
         }
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..probe._direction import DirectionSource
+from ..probe._keepers import SlowCalls
 from ._schedule import Schedule
 
 __all__: list[str] = []
@@ -24,6 +26,7 @@ KEYS: tuple[str, ...] = (
     *("reference_gradient", "reference_step", "rows"),
 )
 ESTIMATOR_KEY = "estimator"  # absent from states saved before estimator= existed
+CLOCK_KEY = "seconds"  # (in step(), of the loop) and the generic calls; absent before them
 
 
 @dataclasses.dataclass
@@ -36,12 +39,70 @@ class Counters:
     dropped: int = 0
     skipped_nonfinite: int = 0
     last_mean: float = math.nan
+    generic_calls: int = 0  # module calls rewarded by the generic path
+
+
+@dataclasses.dataclass
+class Clock:
+    """Wall time of ``gar.step()`` against the loop's, since the first step began (for
+    ``metrics()`` and messages only: nothing GAR decides depends on it). A resumed run
+    carries the seconds counted before its checkpoint (``saved``: in ``step()``, in all)."""
+
+    first: float | None = None
+    in_step: float = 0.0
+    last: float = 0.0
+    saved: tuple[float, float] = (0.0, 0.0)
+
+    def add(self, start: float, end: float) -> None:
+        """One ``step()`` from ``start`` to ``end`` (``time.perf_counter()``)."""
+        if self.first is None:
+            self.first = start
+        self.in_step += end - start
+        self.last = end
+
+    def seconds(self) -> tuple[float, float]:
+        """``(seconds in step(), seconds of the loop)``, the checkpoint's included."""
+        span = 0.0 if self.first is None else self.last - self.first
+        return self.saved[0] + self.in_step, self.saved[1] + span
+
+    def share(self) -> float:
+        """The share of the loop's wall time spent in ``step()`` (NaN before a step)."""
+        in_step, span = self.seconds()
+        return in_step / span if span > 0 else math.nan
+
+
+def report_generic(
+    slow: Mapping[str, SlowCalls], reported: set[str], fallback: str, seconds: float
+) -> None:
+    """Say once per module (``reported``: the ones already said) that its share took the
+    generic path and what it cost at this step (``seconds`` so far in ``step()``); with
+    ``fallback="raise"``, refuse it instead."""
+    for name, calls in slow.items():
+        if name in reported:
+            continue
+        reported.add(name)
+        what = f"GAR rewards module {name!r} ({calls.kind}) by its generic path ({calls.why})"
+        if fallback == "raise":
+            raise RuntimeError(
+                f"{what}, which fallback='raise' refuses; register a rule for it "
+                "(adaptive_data.register_ghost_rule) or pass fallback='jvp'"
+            )
+        warnings.warn(
+            f"{what}: its forward again and, for the cosine, one backward per example. At "
+            f"this step it took {1e3 * calls.seconds:.1f} ms of gar.step()'s "
+            f"{1e3 * seconds:.1f} ms; gar.metrics()['time_share'] follows gar.step()'s share "
+            "of the loop's time. Register a rule for its type (adaptive_data.register_ghost_rule), "
+            "or pass fallback='raise' to refuse it",
+            UserWarning,
+            stacklevel=5,
+        )
 
 
 def save(
     settings: Mapping[str, Any],
     schedule: Schedule,
     counters: Counters,
+    clock: Clock,
     source: DirectionSource,
     reference: Iterator[Any] | None,
 ) -> dict[str, Any]:
@@ -64,6 +125,7 @@ def save(
         **source.state_dict(),
         "rows": settings["rows"],
         ESTIMATOR_KEY: settings[ESTIMATOR_KEY],
+        CLOCK_KEY: [*clock.seconds(), float(counters.generic_calls)],
     }
 
 
@@ -72,6 +134,7 @@ def load(
     settings: Mapping[str, Any],
     schedule: Schedule,
     counters: Counters,
+    clock: Clock,
     source: DirectionSource,
     reference: Iterator[Any] | None,
 ) -> None:
@@ -108,4 +171,8 @@ def load(
     counters.dropped = int(state["dropped"])
     counters.skipped_nonfinite = int(state["skipped_nonfinite"])
     counters.last_mean = float(state["last_mean"])
+    in_step, span, generic = state.get(CLOCK_KEY, (0.0, 0.0, 0.0))
+    clock.first, clock.in_step, clock.last = None, 0.0, 0.0
+    clock.saved = (float(in_step), float(span))
+    counters.generic_calls = int(generic)
     source.load(ref_grad, int(state["reference_step"]))

@@ -4,6 +4,7 @@ per-example pieces, summed into an :class:`Accumulator`."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Mapping
 from typing import Any, cast
 
@@ -87,6 +88,19 @@ class Call:
         self.expected = 0  # output tensors whose gradient is awaited
         self.grads: dict[int, Tensor] = {}
         self._tangents: list[Any] | None = None
+        # Why the generic path computed this call's share, once it did (None: it did not)
+        self.slow: str | None = None
+
+    def _why_generic(self) -> str:
+        """Why this call's share takes the generic path (for messages and metrics)."""
+        if self.entry.root:
+            return (
+                "parameters whose module's output holds no batch are covered by replaying "
+                "the whole model"
+            )
+        if self.entry.rule is FALLBACK_RULE:
+            return "no rule covers its type"
+        return f"its rule ({type(self.entry.rule).__name__}) does not cover this call"
 
     def check_inputs(self) -> None:
         """Raise if an input was modified in place after the forward (it would be read stale)."""
@@ -119,6 +133,8 @@ class Call:
             module = self.entry.module
             args, kwargs = _as_dtype((self.args or (), self.kwargs or {}), dtype)
             rule = FALLBACK_RULE if self.entry.root else self.entry.rule
+            if rule is FALLBACK_RULE:  # a forward-mode replay of the module (or the model)
+                self.slow = self._why_generic()
             if self.rng is None:
                 out = rule.tangent(module, args, kwargs, local)
             else:
@@ -142,8 +158,13 @@ class Call:
         out: Pieces | None = None
         if not self.entry.root:
             site = Site(module, args, kwargs, self.layout.inputs, self.layout.outputs)
-            out = self.entry.rule.pieces(site, grads, Request(names, local, keep))
+            rule = self.entry.rule
+            # a rule that replays the forward draws its random numbers from the call's state
+            replay = self.rng.replay() if self.rng is not None and rule.replays_forward else None
+            with replay or contextlib.nullcontext():
+                out = rule.pieces(site, grads, Request(names, local, keep))
         if out is None:
+            self.slow = self._why_generic()
             out = generic_pieces(
                 module, args, kwargs, self.rng, grads, self.layout.outputs, names, local, keep
             )

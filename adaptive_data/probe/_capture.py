@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from . import _summands
 from ._calls import Accumulator, Call, needs_rng
 from ._layout import CallLayout, Layout
 from ._model_state import RngSnapshot
 from ._outputs import guard, output_actions
 from ._plan import Entry
+from ._summands import Loose
+from .rules import FALLBACK_RULE
 
 __all__: list[str] = []
 
@@ -64,12 +67,13 @@ def open_call(
     rng: RngSnapshot | None,
     n: int,
     who: str,
+    exclude: Collection[str] = (),
 ) -> tuple[Call | None, list[Any], Any]:
     """The :class:`Call` for the ``index``-th call of ``entry`` (None if it accounts for no
-    parameter in this layout) and its output leaves with their spec; raises if the call does
-    not match the layout."""
+    parameter in this layout, those named in ``exclude`` left out) and its output leaves with
+    their spec; raises if the call does not match the layout."""
     leaves, spec = tree_flatten(output)
-    params = layout.params(entry)
+    params = {k: g for k, g in layout.params(entry).items() if g not in exclude}
     if not params:
         return None, leaves, spec
     calls = layout.calls.get(id(entry), [])
@@ -110,7 +114,8 @@ class CallCapture:
     and :class:`GAR` (a training forward): the hooks that number each call of a covered
     module in the forward, snapshot the RNG before the calls whose rule may replay them,
     match each call to the layout (:func:`open_call`) and hand every output leaf that holds
-    the batch to the owner's ``on_output(call, i, dim, leaf)``. A leaf that does not hold the
+    the batch to the owner's ``on_output(call, i, dim, n, register)`` (``register(fn)`` makes
+    ``fn(gradient)`` run when the leaf's gradient is known). A leaf that does not hold the
     batch gets a hook that raises if a gradient reaches it (it cannot be attributed).
 
     The owner says which forwards are captured: :meth:`start` with the layout and batch size
@@ -127,7 +132,7 @@ class CallCapture:
         who: str,
         devices: list[int],
         on_call: Callable[[Call], Any],
-        on_output: Callable[[Any, int, int, Tensor], None],
+        on_output: Callable[[Any, int, int, int, Callable[[Any], Any]], None],
         wants_rng: Callable[[Entry], bool],
         detach: bool = False,
         anchor: bool = False,
@@ -148,16 +153,24 @@ class CallCapture:
         self._actions: dict[int, tuple[CallLayout, dict[int, Any]]] = {}  # by call layout
         self._counts: dict[int, int] = {}
         self._rng: dict[int, RngSnapshot] = {}
+        # Calls whose output holds no batch, waiting for a sum that adds it to one that does
+        # (:mod:`_summands`); the entries found so (by id), their parameters' global names;
+        # and their outputs, which a probe's backward must reach.
+        self._loose: list[Loose] = []
+        self._resolved: dict[int, Collection[str]] = {}
+        self.sinks: list[Tensor] = []
         self.handles: list[Any] = register_call_hooks(entries, self._before, self._after)
 
     def start(self, layout: Layout, n: int) -> None:
         """Capture the calls of the forward that follows, of a batch of ``n`` examples."""
         self.layout, self.n, self._counts = layout, n, {}
+        self._loose, self._resolved, self.sinks = [], {}, []
 
     def stop(self) -> None:
         """Capture nothing until the next :meth:`start`."""
         self.layout = None
         self._rng.clear()
+        self._loose = []
 
     def close(self) -> None:
         for handle in self.handles:
@@ -194,20 +207,19 @@ class CallCapture:
             return None
         index = self._counts.get(id(entry), 0)
         self._counts[id(entry)] = index + 1
+        if self._loose:  # an input of this call may be the sum of a loose call's output
+            calls = layout.calls.get(id(entry), [])
+            if index < len(calls):
+                self._resolve(layout, tree_flatten((args, kwargs))[0], calls[index])
         if self.detach:  # detached views share the version counters: in-place edits are caught
             args, kwargs = detach_tree(args), detach_tree(kwargs)
+        rng = self._rng.pop(id(entry), None)
+        exclude = {g for names in self._resolved.values() for g in names} if entry.root else ()
         call, leaves, spec = open_call(
-            entry,
-            layout,
-            index,
-            args,
-            kwargs,
-            output,
-            self._rng.pop(id(entry), None),
-            self.n,
-            self.who,
+            entry, layout, index, args, kwargs, output, rng, self.n, self.who, exclude
         )
         if call is None:
+            self._note_loose(entry, layout, args, output, rng)
             return None
         owner = self.on_call(call)
         if owner is None:
@@ -222,8 +234,54 @@ class CallCapture:
                 continue
             if self.anchors is not None:
                 leaves[i] = leaf = leaf + self._anchor(leaf)
-            self.on_output(owner, i, cast(int, call.layout.outputs[i]), leaf)
+            dim = cast(int, call.layout.outputs[i])
+            self.on_output(owner, i, dim, self.n, leaf.register_hook)
         return spec.unflatten(leaves) if self.anchors is not None else None
+
+    def _note_loose(
+        self, entry: Entry, layout: Layout, args: tuple, output: Any, rng: RngSnapshot | None
+    ) -> None:
+        """Keep a call the layout covers at the root (its output holds no batch) as a loose
+        one, if a sum could take it: a module with a rule of its own, called once in the
+        forward, one tensor out."""
+        if (
+            entry.root
+            or entry.rule is FALLBACK_RULE
+            or not any(e is entry for e in layout.rehomed)
+            or len(layout.calls.get(id(entry), [])) != 1
+            or not (isinstance(output, Tensor) and output.requires_grad)
+        ):
+            return
+        self._loose.append(Loose(entry, output, args, rng))
+
+    def _resolve(self, layout: Layout, inputs: list[Any], call_layout: CallLayout) -> None:
+        """Find the loose calls whose output is added into one of ``inputs`` (a covered call's,
+        laid out as ``call_layout``): each becomes a call on its inputs broadcast to the sum's
+        examples, its share taken from the gradient at the sum, its parameters off the root."""
+        for x, dim in zip(inputs, call_layout.inputs, strict=True):
+            if not (isinstance(x, Tensor) and x.requires_grad and dim is not None and dim >= 0):
+                continue
+            for loose in list(self._loose):
+                node = _summands.find_sum(loose, x)
+                if node is None:
+                    continue
+                self._loose.remove(loose)
+                entry = loose.entry
+                found = _summands.broadcast_call(loose, x.shape, dim)
+                if found is None or not entry.rule.moves_batch(entry.module, dim, x.dim()):
+                    continue  # left to the root
+                args, call_layout_b = found
+                call = Call(entry, entry.params, call_layout_b, layout.shared, args, {}, loose.rng)
+                owner = self.on_call(call)
+                if owner is None:
+                    continue
+                self._resolved[id(entry)] = tuple(entry.params.values())
+                self.sinks.append(loose.output)
+
+                def register(fn: Callable[[Any], Any], node: Any = node) -> Any:
+                    return node.register_prehook(lambda grads: fn(grads[0]))
+
+                self.on_output(owner, 0, dim, self.n, register)
 
 
 def detach_tree(tree: Any) -> Any:
@@ -276,14 +334,20 @@ class GhostRun:
         """The anchors the backward asks gradients of (one per dtype and device)."""
         return cast(dict, self._capture.anchors)
 
+    @property
+    def sinks(self) -> list[Tensor]:
+        """The outputs of calls covered from the gradient at a sum they were added into (not
+        hooked themselves): the backward must reach them, so that it runs the sums' nodes."""
+        return self._capture.sinks
+
     def close(self) -> None:
         self._capture.close()
 
-    def _watch(self, call: Call, i: int, dim: int, leaf: Tensor) -> None:
+    def _watch(self, call: Call, i: int, dim: int, n: int, register: Callable[[Any], Any]) -> None:
         call.expected += 1
         if self.norms and call.expected == 1:
             self._waiting.append(call)
-        leaf.register_hook(functools.partial(self._on_grad, call, i))
+        register(functools.partial(self._on_grad, call, i))
 
     def _on_grad(self, call: Call, i: int, grad: Tensor) -> None:
         with self._capture.pause():  # a replayed forward must not be captured again

@@ -5,6 +5,7 @@ each example's gradient with d from the dot products and squared norms the rules
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -126,16 +127,55 @@ def gradient_free_rows(model: nn.Module, params: Mapping[str, Tensor]) -> list[t
     """``(parameter name, row)`` of weights that backward never updates.
 
     An Embedding's ``padding_idx`` row gets no gradient, so no step moves it; forward-mode and
-    finite-difference methods would otherwise see it move along ``d``.
+    finite-difference methods would otherwise see it move along ``d``. Not where the weight is
+    another module's too (an output layer tied to the embedding, as BERT's and GPT-2's are):
+    that module's gradient moves the row.
     """
     by_id = {id(p): name for name, p in params.items()}
+    owners: dict[int, int] = {}  # parameter id -> modules holding it
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     rows = []
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             name = by_id.get(id(module.weight))
-            if name is not None:
+            if name is not None and owners[id(module.weight)] == 1:
                 rows.append((name, module.padding_idx))
     return rows
+
+
+def tied_padding(model: nn.Module) -> list[str]:
+    """Names of the Embeddings with a ``padding_idx`` whose weight another module holds too
+    (a tied output layer): backward gives the padding row the other module's gradient only,
+    while a forward-mode derivative (``jvp``, ``fd``) moves it in the lookup too, so those
+    estimators are not exact for such a model."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding)
+        and m.padding_idx is not None
+        and m.weight.requires_grad
+        and owners[id(m.weight)] > 1
+    ]
+
+
+def warn_if_tied_padding(model: nn.Module, estimator: str) -> None:
+    """One warning where ``estimator`` (forward-mode) is not exact for ``model``."""
+    tied = tied_padding(model)
+    if tied:
+        warnings.warn(
+            f"estimator={estimator!r} differentiates the forward, and the padding row of "
+            f"Embedding(s) {tied}, whose weight another module holds too, moves in the lookup "
+            "although backward gives it no gradient there: the rewards are approximate. "
+            "estimator='ghost' is exact for this model",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def zero_rows(direction: Direction, rows: list[tuple[str, int]]) -> Direction:

@@ -21,7 +21,13 @@ from .._batch import per_example_losses
 from . import _fd, _plan
 from ._calls import per_example_dot
 from ._capture import GhostRun
-from ._direction import Direction, DirectionSource, trainable_parameters
+from ._direction import (
+    Direction,
+    DirectionSource,
+    tied_padding,
+    trainable_parameters,
+    warn_if_tied_padding,
+)
 from ._layout import Layout, Layouts
 from ._model_state import RngSnapshot, cuda_devices, forward_ad_friendly, preserved
 
@@ -73,19 +79,29 @@ class Estimator:
 
 
 class Jvp(Estimator):
-    """All N directional derivatives ``d l_i / d eps`` in one forward-mode pass (exact)."""
+    """All N directional derivatives ``d l_i / d eps`` in one forward-mode pass (exact, but
+    for a padding row tied to another module: :func:`tied_padding`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Any, options: Options) -> None:
+        super().__init__(model, loss_fn, options)
+        warn_if_tied_padding(model, "jvp")
 
     def __call__(self, job: Job) -> Result:
-        args, kwargs, y, n, d, params, _ = job
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-        with torch.no_grad(), forward_ad_friendly(), fwad.dual_level():
-            duals = {name: fwad.make_dual(p.detach(), d[name]) for name, p in params.items()}
-            out = functional_call(self.model, {**duals, **buffers}, args, kwargs)
-            losses = per_example_losses(self.loss_fn, out, y, n)
-            tangent = fwad.unpack_dual(losses).tangent
-        if tangent is None:  # the loss does not depend on any trainable parameter
-            return torch.zeros(n, dtype=torch.float32, device=losses.device), None
-        return tangent.float(), None
+        return whole_model_jvp(self.model, self.loss_fn, job)
+
+
+def whole_model_jvp(model: nn.Module, loss_fn: Any, job: Job) -> Result:
+    """``d l_i / d eps`` of every example in one forward with dual numbers (cloned buffers)."""
+    args, kwargs, y, n, d, params, _ = job
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with torch.no_grad(), forward_ad_friendly(), fwad.dual_level():
+        duals = {name: fwad.make_dual(p.detach(), d[name]) for name, p in params.items()}
+        out = functional_call(model, {**duals, **buffers}, args, kwargs)
+        losses = per_example_losses(loss_fn, out, y, n)
+        tangent = fwad.unpack_dual(losses).tangent
+    if tangent is None:  # the loss does not depend on any trainable parameter
+        return torch.zeros(n, dtype=torch.float32, device=losses.device), None
+    return tangent.float(), None
 
 
 class Ghost(Estimator):
@@ -99,20 +115,22 @@ class Ghost(Estimator):
         self.plan = _plan.plan(model, trainable_parameters(model), options.fallback)
         # The root holds bare parameters (a GPT's position embedding): see __call__.
         self._replays_root = any(e.root and e.params for e in self.plan)
+        # A whole-model JVP is exact unless a padding row is tied to another module's use.
+        self._jvp_exact = not tied_padding(model)
         self._layouts = Layouts(model, self.plan, "estimator='ghost'", options.fallback)
         self._verified = False
 
     def __call__(self, job: Job) -> Result:
         args, kwargs, y, n, d, params, norms = job
-        whole_jvp = not norms and not _plan.couples_examples(self.model)
+        whole_jvp = not norms and self._jvp_exact and not _plan.couples_examples(self.model)
         if whole_jvp and self._replays_root:
             # The root module holds bare parameters: replaying it by forward-mode AD costs a
             # whole-model JVP anyway, and with independent examples that one pass gives all of r.
-            return Jvp(self.model, self.loss_fn, self.options)(job)
+            return whole_model_jvp(self.model, self.loss_fn, job)
         layout = self._layouts.get(args, kwargs, n)
         if whole_jvp and layout.root_params:
             # Modules whose output does not hold the batch are covered at the root: the same.
-            return Jvp(self.model, self.loss_fn, self.options)(job)
+            return whole_model_jvp(self.model, self.loss_fn, job)
         device = next(iter(params.values())).device
         verify = self.options.verify == "always" or (
             self.options.verify == "first" and not self._verified
@@ -131,7 +149,8 @@ class Ghost(Estimator):
         try:
             with torch.enable_grad():
                 losses = per_example_losses(self.loss_fn, self.model(*args, **kwargs), y, n)
-                inputs = list(run.anchors.values()) + (list(params.values()) if verify else [])
+                ends = list(run.anchors.values()) + run.sinks
+                inputs = ends + (list(params.values()) if verify else [])
                 grads = (
                     torch.autograd.grad(losses.sum(), inputs, allow_unused=True) if inputs else ()
                 )
@@ -139,7 +158,7 @@ class Ghost(Estimator):
         finally:
             run.close()
         if verify:
-            param_grads = grads[len(run.anchors) :]
+            param_grads = grads[len(ends) :]
             self._verify(run, layout, dict(zip(params, param_grads, strict=True)), d)
             self._verified = True
         return r, sq
@@ -187,6 +206,10 @@ class Ghost(Estimator):
 class FiniteDifference(Estimator):
     """``(l_i(theta + eps D) - l_i(theta - eps D)) / 2 eps``: two no-grad forwards (the one
     central difference, :func:`_fd.central_difference`), ``eps`` relative (``rel_eps``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Any, options: Options) -> None:
+        super().__init__(model, loss_fn, options)
+        warn_if_tied_padding(model, "fd")
 
     def __call__(self, job: Job) -> Result:
         args, kwargs, y, n, d, params, _ = job

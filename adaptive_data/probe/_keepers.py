@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -54,6 +55,17 @@ class KeptBatch:
     fd: _fd.Kept | None = None  # estimator="fd": the root's inputs and output gradients
 
 
+@dataclasses.dataclass
+class SlowCalls:
+    """The module calls a keeper rewarded by the generic path, by module name: its type, why,
+    how many calls and their seconds."""
+
+    kind: str
+    why: str
+    calls: int = 0
+    seconds: float = 0.0
+
+
 class Keeper:
     """Hooks on the model for the kept batches of a training loop; see the module docstring.
 
@@ -88,6 +100,7 @@ class Keeper:
         self.layout: Layout | None = None
         self.n = 0
         self.handles: list[Any] = []
+        self.slow: dict[str, SlowCalls] = {}  # the generic path's calls so far, by module
 
     def open(self, kept: KeptBatch, args: tuple, kwargs: dict) -> None:
         """The root forward of ``kept`` starts: find the layout, choose the rows, keep."""
@@ -104,6 +117,16 @@ class Keeper:
     def stop(self) -> None:
         """No batch is being kept: the forwards that follow are not captured."""
         self.current = None
+
+    def _note_slow(self, call: Call, seconds: float) -> None:
+        entry = call.entry
+        name = "<root>" if entry.root else entry.name
+        seen = self.slow.get(name)
+        if seen is None:
+            kind = type(entry.module).__name__
+            seen = self.slow[name] = SlowCalls(kind, cast(str, call.slow))
+        seen.calls += 1
+        seen.seconds += seconds
 
     def close(self) -> None:
         """Remove the hooks."""
@@ -162,12 +185,14 @@ class GhostKeeper(Keeper):
         kept.calls.append(out)
         return out
 
-    def _watch(self, out: KeptCall, i: int, dim: int, leaf: Tensor) -> None:
-        """Output ``i`` of a kept call holds the batch in ``dim``: keep its gradient."""
+    def _watch(
+        self, out: KeptCall, i: int, dim: int, n: int, register: Callable[[Any], Any]
+    ) -> None:
+        """Output ``i`` of a kept call holds the batch of ``n`` in ``dim``: keep its gradient."""
         kept = cast(KeptBatch, self.current)
         if kept.n is None:
-            kept.n = leaf.shape[dim]
-        leaf.register_hook(functools.partial(self._on_grad, out, i, dim))
+            kept.n = n
+        register(functools.partial(self._on_grad, out, i, dim))
 
     @staticmethod
     def _on_grad(out: KeptCall, i: int, dim: int, grad: Tensor) -> None:
@@ -185,14 +210,17 @@ class GhostKeeper(Keeper):
         with self.pause(), torch.no_grad():  # forwards replayed by the rules are not batches
             for out in kept.calls:
                 grads = {i: grad for i, (grad, _) in out.grads.items()}
+                start = time.perf_counter()
                 if rows is None or out.rows is not None:
                     out.call.contribute(acc, grads, d, cosine)
-                    continue
-                # A call whose examples mix (batch statistics, a replay): the whole batch,
-                # then the chosen rows.
-                whole = Accumulator(kept.n, device, norms=cosine)
-                out.call.contribute(whole, grads, d, cosine)
-                acc.add_rows(out.call.entry.name, whole, rows)
+                else:
+                    # A call whose examples mix (batch statistics, a replay): the whole batch,
+                    # then the chosen rows.
+                    whole = Accumulator(kept.n, device, norms=cosine)
+                    out.call.contribute(whole, grads, d, cosine)
+                    acc.add_rows(out.call.entry.name, whole, rows)
+                if out.call.slow is not None:
+                    self._note_slow(out.call, time.perf_counter() - start)
         r, sq = acc.result()
         return cosine_rewards(r, cast(Tensor, sq), d) if cosine else r
 

@@ -65,12 +65,16 @@ def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> li
         is_root = module is model
         if not local and not (is_root and rule is None):
             continue
-        if rule is None:
-            if fallback == "raise" and local:
-                uncovered.append(f"{mod_name or '<root>'} ({type(module).__name__})")
-                continue
-            rule = FALLBACK_RULE
-        entries.append(Entry(mod_name or "<root>", module, rule, local, root=is_root))
+        entries.append(
+            Entry(mod_name or "<root>", module, rule or FALLBACK_RULE, local, root=is_root)
+        )
+    entries = _to_the_rule(entries)
+    if fallback == "raise":
+        uncovered = [
+            f"{e.name} ({type(e.module).__name__})"
+            for e in entries
+            if e.rule is FALLBACK_RULE and e.params
+        ]
     if uncovered:
         raise ValueError(
             f"estimator='ghost' has no rule for the trainable parameters of {uncovered}; "
@@ -78,6 +82,24 @@ def plan(model: nn.Module, trainable: Mapping[str, Tensor], fallback: str) -> li
             "freeze them, or register a rule with adaptive_data.register_ghost_rule"
         )
     return entries
+
+
+def _to_the_rule(entries: list[Entry]) -> list[Entry]:
+    """A parameter registered on a module no rule covers and also on one of its descendants
+    that a rule covers is the descendant's: its forward is where the parameter is used
+    (Hugging Face's ``BertLMPredictionHead`` registers the bias its ``decoder`` Linear adds);
+    covering it at the ancestor too would count its share twice."""
+    ruled = [e for e in entries if e.rule is not FALLBACK_RULE]
+    out = []
+    for entry in entries:
+        if entry.rule is FALLBACK_RULE:
+            prefix = "" if entry.root else entry.name + "."
+            below = {g for e in ruled if e.name.startswith(prefix) for g in e.params.values()}
+            entry.params = {k: g for k, g in entry.params.items() if g not in below}
+            if not entry.params and not entry.root:
+                continue
+        out.append(entry)
+    return out
 
 
 def couples_examples(model: nn.Module) -> bool:

@@ -52,6 +52,8 @@ class _Attention:
     key_padding_mask: Tensor | None
     need_weights: bool
     average_attn_weights: bool
+    dropout: float  # attention dropout of this call (0 in eval mode)
+    call: tuple[tuple, dict]  # the module's own arguments, to run it again
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -93,22 +95,56 @@ class _Attention:
         """The attention output in the module's own layout."""
         return out if self.mha.batch_first else out.transpose(0, 1)
 
+    def dropout_mask(self, p: Tensor) -> Tensor | None:
+        """The attention dropout the call applied, ``keep / (1 - dropout)`` shaped like the
+        probabilities ``p`` (None without dropout): drawn again from the global RNG, which
+        the engine has set back to the call's state. It must be the first draw of the rule,
+        as the dropout was the call's first."""
+        if not self.dropout:
+            return None
+        keep = 1.0 - self.dropout
+        return torch.empty_like(p).bernoulli_(keep).div_(keep)
+
+    def own_output(self) -> Tensor | None:
+        """The module's own output for this call, run again with the RNG state it started
+        from (left as it was afterwards), where whether a redrawn dropout mask is the call's
+        is not known yet for this kind of call; else None."""
+        if not self.dropout or _REDRAWN.get(self._kind()) is not None:
+            return None
+        device = self.query.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        args, kwargs = self.call
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            return cast(Tensor, self.mha(*args, **kwargs)[0])
+
+    def mask_is_the_calls(self, own: Tensor | None, out: Tensor) -> bool:
+        """Whether the closed form with the redrawn mask gives the module's own output
+        ``out`` (checked once per kind of call: the kernel, and so its draws, follow the
+        device, dtype, shapes and masks)."""
+        kind = self._kind()
+        if own is not None:
+            _REDRAWN[kind] = bool(torch.allclose(own, out, rtol=1e-4, atol=1e-5))
+        return bool(_REDRAWN.get(kind, True))
+
+    def _kind(self) -> tuple[Any, ...]:
+        masks = (self.attn_mask is None, self.key_padding_mask is None)
+        return (self.query.device.type, self.query.dtype, self.shape, self.need_weights, masks)
+
+
+# Kinds of attention call with dropout -> whether the redrawn mask is the call's own.
+_REDRAWN: dict[tuple[Any, ...], bool] = {}
+
 
 def attention_call(module: nn.Module, args: tuple, kwargs: dict) -> _Attention | None:
     """The call in batch-first form, or None for what the closed forms do not cover
-    (``bias_k``/``bias_v``, ``add_zero_attn``, attention dropout in train mode, unbatched
-    inputs): those use a forward-mode JVP (tangents) or the generic norm rule."""
+    (``bias_k``/``bias_v``, ``add_zero_attn``, unbatched inputs): those use a forward-mode JVP
+    (tangents) or the generic norm rule."""
     mha = cast(nn.MultiheadAttention, module)
     call = _MHA_SIGNATURE.bind(mha, *args, **kwargs)
     call.apply_defaults()
     a = call.arguments
     query, key, value = a["query"], a["key"], a["value"]
-    if (
-        mha.bias_k is not None
-        or mha.add_zero_attn
-        or (mha.training and mha.dropout > 0)
-        or query.dim() != 3
-    ):
+    if mha.bias_k is not None or mha.add_zero_attn or query.dim() != 3:
         return None
     if not mha.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -127,6 +163,8 @@ def attention_call(module: nn.Module, args: tuple, kwargs: dict) -> _Attention |
         a["key_padding_mask"],
         bool(a["need_weights"]),
         bool(a["average_attn_weights"]),
+        float(mha.dropout) if mha.training else 0.0,
+        (args, kwargs),
     )
 
 
@@ -138,12 +176,15 @@ def attention_tangent(
     With ``q, k, v`` the projections, ``P = softmax(q k^T / sqrt(h) + mask)`` and
     ``O = P v``: ``S' = (q' k^T + q k'^T) / sqrt(h)``, ``P' = P * (S' - sum(P * S'))``,
     ``O' = P' v + P v'`` and ``out' = O D_out^T + d_out + O' W_out^T``. About three attention
-    forwards. Configurations it does not cover (``bias_k``/``bias_v``, ``add_zero_attn``,
-    attention dropout in train mode, unbatched inputs) use a forward-mode JVP of the module.
+    forwards. With attention dropout, ``P`` is the dropped probabilities (the call's mask,
+    drawn again). Configurations it does not cover (``bias_k``/``bias_v``, ``add_zero_attn``,
+    unbatched inputs, a dropout mask that cannot be drawn again) use a forward-mode JVP of the
+    module.
     """
     att = attention_call(module, args, kwargs)
     if att is None:
         return jvp_tangent(module, args, kwargs, direction)
+    own = att.own_output()  # the RNG left at the call's state: the mask is drawn next
     mha = att.mha
 
     def tangent(name: str) -> Tensor:
@@ -167,9 +208,14 @@ def attention_tangent(
     scale = att.shape[4] ** -0.5
     d_scores = (dq @ k.transpose(-2, -1) + q @ dk.transpose(-2, -1)) * scale
     d_p = p * (d_scores - (p * d_scores).sum(-1, keepdim=True))
+    mask = att.dropout_mask(p)
+    if mask is not None:
+        p, d_p = p * mask, d_p * mask
     out = att.merge_heads(p @ v)
-    d_out = att.merge_heads(d_p @ v + p @ dv)
     out_proj = mha.out_proj
+    if not att.mask_is_the_calls(own, att.layout(out_proj(out)) if own is not None else out):
+        return jvp_tangent(module, args, kwargs, direction)
+    d_out = att.merge_heads(d_p @ v + p @ dv)
     d_bias = None if out_proj.bias is None else tangent("out_proj.bias")
     result = F.linear(out, tangent("out_proj.weight"), d_bias) + F.linear(d_out, out_proj.weight)
     result = att.layout(result)
@@ -195,6 +241,7 @@ def attention_pieces(
     att = attention_call(module, args, kwargs)
     if att is None:
         return None
+    own = att.own_output()  # the RNG left at the call's state: the mask is drawn next
     mha = att.mha
     with torch.enable_grad():
         projections = []
@@ -207,10 +254,15 @@ def attention_pieces(
         projections = [t.detach().requires_grad_() for t in projections]
         q, k, v = (att.heads_first(t) for t in projections)
         p = att.probabilities(q, k)
+        mask = att.dropout_mask(p)
+        if mask is not None:
+            p = p * mask
         attended = att.merge_heads(p @ v)
         out_proj = mha.out_proj
         bias = None if out_proj.bias is None else out_proj.bias.detach()
         outputs = [att.layout(F.linear(attended, out_proj.weight.detach(), bias))]
+        if not att.mask_is_the_calls(own, outputs[0].detach()):
+            return None
         if att.need_weights:
             outputs.append(p.mean(1) if att.average_attn_weights else p)
         pairs = [(outputs[i], g) for i, g in grads.items() if i < len(outputs)]
@@ -277,5 +329,10 @@ class MultiheadAttentionRule(GhostRule):
 
     def rows_independent(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         att = attention_call(module, args, kwargs)
-        # A 3-d attn_mask holds batch x heads in one dim: it cannot be cut by rows.
-        return att is not None and (att.attn_mask is None or att.attn_mask.dim() == 2)
+        # A 3-d attn_mask holds batch x heads in one dim: it cannot be cut by rows; a dropout
+        # mask is drawn for the whole batch.
+        return (
+            att is not None
+            and not att.dropout
+            and (att.attn_mask is None or att.attn_mask.dim() == 2)
+        )
