@@ -37,6 +37,7 @@ NO_DATA = {
     "dist_cost": ([], "weights identical on both ranks: True"),
     "reference_choice": ([], "| next_batch | "),
     "short_horizon": ([], "| 8 | r32_rows4 | "),
+    "lm_cost": ([], "| llama | d64L2 |"),
 }
 
 

@@ -355,18 +355,25 @@ class GAR:
         rewarded: a forward without backward, a step skipped for a non-finite ``.grad``, or
         dropped by ``close()``), ``steps_skipped_nonfinite`` (steps skipped because ``.grad``
         held NaN or inf while a batch was kept), ``reward_mean`` (of the last rewarded batch),
-        ``time_share`` (the share of the loop's wall time spent in ``step()`` since the first
-        step began; the capture in the forward and backward is not in it), ``generic_calls``
-        (module calls rewarded by the generic path so far). A resumed run continues them."""
+        ``generic_calls`` (module calls rewarded by the generic path so far). Counted, not
+        timed: a resumed run continues them exactly (:meth:`timing` has the wall time)."""
         return {
             "steps": self._schedule.steps,
             "batches_rewarded": self._counts.rewarded,
             "batches_dropped": self._counts.dropped,
             "steps_skipped_nonfinite": self._counts.skipped_nonfinite,
             "reward_mean": self._counts.last_mean,
-            "time_share": self._clock.share(),
             "generic_calls": self._counts.generic_calls,
         }
+
+    def timing(self) -> dict[str, float]:
+        """Wall time, for you to look at (nothing GAR decides depends on it):
+        ``seconds_in_step`` spent in ``step()`` (the rewards, the reference gradient; the
+        capture in the forward and backward is not in it), ``seconds`` of the loop since the
+        first step began, and ``time_share``, their ratio. A resumed run adds its seconds to
+        the checkpoint's."""
+        in_step, span = self._clock.seconds()
+        return {"seconds_in_step": in_step, "seconds": span, "time_share": self._clock.share()}
 
 
 def _grads(params: Mapping[str, nn.Parameter], present: bool = False) -> Direction:

@@ -90,7 +90,7 @@ def report_generic(
         warnings.warn(
             f"{what}: its forward again and, for the cosine, one backward per example. At "
             f"this step it took {1e3 * calls.seconds:.1f} ms of gar.step()'s "
-            f"{1e3 * seconds:.1f} ms; gar.metrics()['time_share'] follows gar.step()'s share "
+            f"{1e3 * seconds:.1f} ms; gar.timing()['time_share'] follows gar.step()'s share "
             "of the loop's time. Register a rule for its type (adaptive_data.register_ghost_rule), "
             "or pass fallback='raise' to refuse it",
             UserWarning,
