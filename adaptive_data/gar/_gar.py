@@ -110,17 +110,9 @@ class GAR:
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
+        options = {"estimator": estimator, "fallback": fallback}
         check_arguments(
-            sampler,
-            every,
-            reward,
-            reference,
-            loss_fn,
-            reference_refresh,
-            rows,
-            "",
-            estimator,
-            fallback,
+            sampler, every, reward, reference, loss_fn, reference_refresh, rows, **options
         )
         check_unsharded(model)
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -174,9 +166,9 @@ class GAR:
         # replay when it happens, at a step.
         return KEEPERS[estimator](core, params, entries, self._pause, choose, devices)
 
-    def _settings(self) -> dict[str, Any]:
-        """The settings a saved state must agree with."""
-        return {
+    def _parts(self) -> _state.Parts:
+        """The settings a saved state must agree with, and the parts that hold the state."""
+        settings = {
             "mode": "next batch" if self._reference is None else "held-out",
             "every": self.every,
             "reward": self.reward,
@@ -184,6 +176,9 @@ class GAR:
             "rows": self.rows,
             "estimator": self.estimator,
         }
+        return _state.Parts(
+            settings, self._schedule, self._counts, self._clock, self._source, self._reference
+        )
 
     def __repr__(self) -> str:
         mode = "next batch" if self._reference is None else "held-out"
@@ -323,28 +318,13 @@ class GAR:
         in ``metrics()["batches_dropped"]``. The reference iterator's position is saved when
         it has ``state_dict()`` (:class:`ReferenceBatches` has).
         """
-        return _state.save(
-            self._settings(),
-            self._schedule,
-            self._counts,
-            self._clock,
-            self._source,
-            self._reference,
-        )
+        return _state.save(self._parts())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (load the sampler's state beside it). Raises if the
         state was saved by a GAR with another mode, ``every``, reward, ``reference_refresh``,
         ``rows`` or estimator."""
-        _state.load(
-            state,
-            self._settings(),
-            self._schedule,
-            self._counts,
-            self._clock,
-            self._source,
-            self._reference,
-        )
+        _state.load(state, self._parts())
         self._keeper.stop()
         self._pairing.reset()
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..probe._direction import DirectionSource
 from ..probe._keepers import SlowCalls
@@ -98,15 +98,20 @@ def report_generic(
         )
 
 
-def save(
-    settings: Mapping[str, Any],
-    schedule: Schedule,
-    counters: Counters,
-    clock: Clock,
-    source: DirectionSource,
-    reference: Iterator[Any] | None,
-) -> dict[str, Any]:
+class Parts(NamedTuple):
+    """What a GAR's state is made of: the settings it must be loaded with, and its parts."""
+
+    settings: Mapping[str, Any]
+    schedule: Schedule
+    counters: Counters
+    clock: Clock
+    source: DirectionSource
+    reference: Iterator[Any] | None
+
+
+def save(parts: Parts) -> dict[str, Any]:
     """A GAR's ``state_dict()`` from its settings and parts."""
+    settings, schedule, counters, clock, source, reference = parts
     ref_state = (
         reference.state_dict()
         if reference is not None and hasattr(reference, "state_dict")
@@ -129,17 +134,10 @@ def save(
     }
 
 
-def load(
-    state: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    schedule: Schedule,
-    counters: Counters,
-    clock: Clock,
-    source: DirectionSource,
-    reference: Iterator[Any] | None,
-) -> None:
+def load(state: Mapping[str, Any], parts: Parts) -> None:
     """Check ``state`` against the settings and parts (raising, naming the key), then apply
     it to them."""
+    settings, schedule, counters, clock, source, reference = parts
     if not isinstance(state, Mapping) or state.get("version") != VERSION:
         raise ValueError(
             f"state should be a GAR.state_dict() of version {VERSION}, but got "
