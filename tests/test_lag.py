@@ -139,14 +139,15 @@ def test_a_loader_that_reads_too_far_ahead_is_refused_at_its_first_batch():
 
 def test_gar_tells_the_sampler_its_reward_delay():
     """GAR with the next batch as reference rewards each batch one delivery later: a
-    DataLoader whose 2 workers prefetch 4 batches each needs lag 10, and is refused at once."""
+    DataLoader whose 2 workers prefetch 4 batches each needs lag 10, and an explicit lag=8
+    is refused when the pass starts."""
     data = TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
-    s = GARSampler(data, batch_size=4, seed=0)
+    s = GARSampler(data, batch_size=4, seed=0, lag=8)
     ad.GAR(nn.Linear(3, 2), s)
     assert s.reward_delay == 1
     loader = s.track(DataLoader(s.dataset, batch_sampler=s, num_workers=2, prefetch_factor=4))
     with pytest.raises(ValueError, match=r"lag=8 is too small.*GARSampler\(lag=10\)"):
-        next(iter(loader))
+        iter(loader)
     held_out = GARSampler(data, batch_size=4, seed=0)
     ref = ad.ReferenceBatches(data, batch_size=4, seed=0)
     ad.GAR(nn.Linear(3, 2), held_out, reference=ref, loss_fn=nn.CrossEntropyLoss(reduction="none"))
@@ -158,7 +159,7 @@ def test_reward_delay_is_checked():
     assert s.reward_delay is None
     with pytest.raises(ValueError, match=r"reward_delay should be None or an int >= 0"):
         s.reward_delay = -1
-    with pytest.raises(ValueError, match=r"lag should be a positive integer value, but got lag=0"):
+    with pytest.raises(ValueError, match=r"lag should be a positive integer value or None, but got lag=0"):
         make(lag=0)
 
 
@@ -215,11 +216,11 @@ def test_weights_show_every_update_received():
 )
 @pytest.mark.parametrize("delay", [0, 1])
 def test_dataloader_workers_draw_the_in_process_batches(workers, prefetch, delay):
-    """The README's claim, with real worker processes: updates every batch, rewards from the
-    content, num_workers 0 against num_workers > 0."""
+    """The README's claim for an explicit lag, with real worker processes: updates every
+    batch, rewards from the content, num_workers 0 against num_workers > 0."""
     out = []
     for w in (0, workers):
-        s = make()
+        s = make(lag=10)
         kw = {"num_workers": w} if not w else {"num_workers": w, "prefetch_factor": prefetch}
         loader = s.track(DataLoader(s.dataset, batch_sampler=s, **kw))
         out.append(outcome(s, loop(s, loader, delay=delay, stop=2, epochs=3)))
@@ -313,3 +314,108 @@ def test_a_pass_abandoned_before_its_first_batch_leaves_no_trace(ahead):
     ref = make()
     assert seen == loop(ref, ref.track(ReadAhead(ref, 0)), epochs=2)
     assert s.metrics()["epoch"] == ref.metrics()["epoch"] == 1
+
+
+# ---------------------------------------------------------------- the lag fitted to the loader
+
+
+@pytest.mark.parametrize(
+    ("workers", "prefetch", "delay", "lag"),
+    [(0, 2, None, 8), (2, 2, 0, 8), (4, 2, 0, 10), (4, 2, 1, 11), (8, 4, None, 35), (16, 8, 0, 130)],
+)
+def test_the_default_lag_fits_the_loader_when_its_pass_starts(workers, prefetch, delay, lag):
+    """lag=None: 8, or num_workers * prefetch_factor + one wrapper's read-ahead + the reward
+    delay (1 while unknown) + 1, from the loader's public settings, before anything is drawn;
+    the reward window grows to hold what such a loader draws ahead."""
+    s = make()
+    if delay is not None:
+        s.reward_delay = delay
+    kw = {"num_workers": workers, "prefetch_factor": prefetch} if workers else {}
+    iter(s.track(DataLoader(s.dataset, batch_sampler=s, **kw)))
+    assert s.lag == lag
+    assert s.reward_window >= max(256, workers * prefetch + 3)
+
+
+def test_a_fitted_lag_grows_for_a_loader_that_reads_further_than_it_says():
+    """A loader whose settings do not tell its read-ahead (here 12 batches, in process) gets a
+    larger lag at its first delivery, or at a late update, instead of a refusal; an explicit
+    lag refuses the same loader."""
+    s = make(num_batches=30)
+    s.reward_delay = 1
+    seen = loop(s, s.track(ReadAhead(s, 12)), delay=1)
+    assert s.lag == lag_needed(12, 1)
+    assert len(seen) == 2 * len(s) and s.metrics()["updates"] == len(seen) - 1
+    s = make(num_batches=30)  # no rewarder announced the delay: a late update raises the lag
+    seen = loop(s, s.track(ReadAhead(s, 12)), delay=2)
+    assert s.lag == lag_needed(12, 2)
+    assert s.metrics()["updates"] == len(seen) - 2  # the last two wait for more batches
+    fixed = make(lag=8, num_batches=30)
+    with pytest.raises(RuntimeError, match=r"arrived after batch 8 was drawn.*lag=None"):
+        loop(fixed, fixed.track(ReadAhead(fixed, 12)), delay=2)
+
+
+def test_a_fitted_lag_is_restored_and_refit_by_the_next_pass():
+    """The state holds the pass's lag: a fitted sampler resumes with it, and under the same
+    loader continues the uninterrupted run exactly; an explicit lag refuses another one."""
+    full = make(num_batches=30)
+    full.reward_delay = 1
+    want = loop(full, full.track(ReadAhead(full, 12)), delay=1)
+    cut = 30 + 3  # three batches into the second epoch
+    first = make(num_batches=30)
+    first.reward_delay = 1
+    waiting: deque = deque()
+    seen = loop(first, first.track(ReadAhead(first, 12)), delay=1, waiting=waiting, limit=cut)
+    state = first.state_dict()
+    assert first.lag == lag_needed(12, 1)
+    second = make(num_batches=30)
+    second.reward_delay = 1
+    second.load_state_dict(state)
+    assert second.lag == first.lag
+    tail = deque((i - cut, bid, r) for i, bid, r in waiting)
+    more = loop(second, second.track(ReadAhead(second, 12)), delay=1, waiting=tail, epochs=1)
+    assert seen + more == want
+    assert second.policy.state_dict()["logits"].tolist() == (
+        full.policy.state_dict()["logits"].tolist()
+    )
+    with pytest.raises(ValueError, match=r"state has lag=14, but this sampler has lag=8"):
+        make(lag=8, num_batches=30).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("workers", "prefetch"),
+    [(2, 4), pytest.param(4, 2, marks=pytest.mark.slow), pytest.param(8, 2, marks=pytest.mark.slow),
+     pytest.param(4, 4, marks=pytest.mark.slow), pytest.param(8, 4, marks=pytest.mark.slow)],
+)
+@pytest.mark.parametrize("reference", ["held-out", "next batch"])
+def test_default_gar_runs_and_learns_with_the_loaders_users_run(workers, prefetch, reference):
+    """Every default, a real DataLoader with worker processes, GAR in the loop: no refusal,
+    and the mixture moves to the source whose content the loss rewards (the clean one)."""
+    torch.manual_seed(0)
+    n = 256
+    x = torch.randn(n, 2)
+    y = (x[:, 0] > 0).long()
+    clean = TensorDataset(x, y)
+    noisy = TensorDataset(torch.randn(n, 2), torch.randint(0, 2, (n,)))
+    if reference == "held-out":
+        s = GARSampler({"clean": clean, "noisy": noisy}, batch_size=16, seed=0, lr=0.5)
+        ref = ad.ReferenceBatches(clean, batch_size=32, seed=1)
+        kw = {"reference": ref, "loss_fn": nn.CrossEntropyLoss(reduction="none")}
+    else:
+        s = GARSampler(clean, batch_size=16, seed=0)
+        kw = {}
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gar = ad.GAR(model, s, optimizer=opt, **kw)
+    loader = s.track(
+        DataLoader(s.dataset, batch_sampler=s, num_workers=workers, prefetch_factor=prefetch)
+    )
+    for _ in range(2):
+        for xb, yb in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            gar.step()
+            opt.step()
+    assert gar.metrics()["batches_rewarded"] > 0
+    assert s.lag >= lag_needed(workers * prefetch, s.reward_delay)
+    if reference == "held-out":
+        assert s.weights["clean"] > 0.8

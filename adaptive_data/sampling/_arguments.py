@@ -31,7 +31,7 @@ def check_arguments(
     """GARSampler's checks of its scalar arguments; returns ``reference_every`` resolved
     (``"auto"``: 2 with a transform, else ``None``)."""
     check_int("batch_size", batch_size, minimum=1)
-    check_int("lag", lag, minimum=1)
+    check_int("lag", lag, minimum=1, none_ok=True)
     check_int("seed", seed)
     check_int("reward_window", reward_window, minimum=2)
     if transform is not None and not is_gar_transform(transform):

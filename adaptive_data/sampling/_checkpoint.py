@@ -85,7 +85,7 @@ def check_state(
     rank: int,
     world_size: int,
     transform: Any,
-    lag: int,
+    lag: int | None,
     streams: bool,
 ) -> None:
     """Raise if ``state`` is not a sampler state this sampler can resume from: another

@@ -30,13 +30,19 @@ from ..policy._categorical import CategoricalPolicy, ChoiceStatistics
 if TYPE_CHECKING:
     from ..augment._policy import AugmentPolicy, AugmentStatistics
 
-__all__ = ["DEFAULT_LAG", "LaggedPolicies", "UpdateStatistics", "lag_needed"]
+__all__ = ["DEFAULT_LAG", "LaggedPolicies", "UpdateStatistics", "fitted_lag", "lag_needed"]
 
 DEFAULT_LAG = 8
-"""Default ``GARSampler(lag=)``: covers a loader that reads up to 6 batches ahead of the loop when
-rewards come one batch late (next-batch references), 7 when they come at once (a held-out
-reference): e.g. 2 workers at the default prefetch factor behind accelerate's one-batch
-read-ahead (5). Measured to cost nothing beyond the seeds' spread (docs/howto-mixture.md)."""
+"""The smallest lag ``GARSampler(lag=None)`` (the default) uses: it covers a loader that reads up
+to 6 batches ahead of the loop when rewards come one batch late (next-batch references), 7 when
+they come at once (a held-out reference): e.g. 2 workers at the default prefetch factor behind
+accelerate's one-batch read-ahead (5). Measured to cost nothing beyond the seeds' spread
+(docs/howto-mixture.md). A loader that reads further ahead gets the lag it needs
+(:func:`fitted_lag`)."""
+
+WRAPPER_READ_AHEAD = 1
+"""Batches a wrapper around the DataLoader may read ahead beyond its prefetch, which the fitted
+lag leaves room for (accelerate's prepared loaders read one)."""
 
 
 def lag_needed(read_ahead: int, reward_delay: int) -> int:
@@ -44,6 +50,15 @@ def lag_needed(read_ahead: int, reward_delay: int) -> int:
     arrive ``reward_delay`` deliveries after their batch: the draw of batch ``t + read_ahead +
     reward_delay`` happens before batch ``t``'s rewards, so the lag must exceed that."""
     return read_ahead + reward_delay + 1
+
+
+def fitted_lag(depth: int, reward_delay: int | None) -> int:
+    """The lag ``GARSampler(lag=None)`` takes for a pass of a loader whose public settings
+    prefetch ``depth`` batches (``num_workers * prefetch_factor``): room for that depth, one
+    wrapper's read-ahead and the reward delay (1 while no rewarder announced it), and never
+    less than :data:`DEFAULT_LAG`."""
+    delay = 1 if reward_delay is None else reward_delay
+    return max(DEFAULT_LAG, lag_needed(depth + WRAPPER_READ_AHEAD, delay))
 
 
 @dataclass(frozen=True)
@@ -73,9 +88,10 @@ class UpdateStatistics:
         return UpdateStatistics(sources, augment_policy.statistics_from_flat(flat[width:]))
 
 
-def check_lag(state: Mapping[str, Any], lag: int) -> None:
-    """Raise if a :meth:`LaggedPolicies.state_dict` was saved with another lag."""
-    if int(state["lag"]) != lag:
+def check_lag(state: Mapping[str, Any], lag: int | None) -> None:
+    """Raise if a :meth:`LaggedPolicies.state_dict` was saved with another lag (``None``: a
+    lag fitted to the loader, which takes the saved one)."""
+    if lag is not None and int(state["lag"]) != lag:
         raise ValueError(
             f"state has lag={int(state['lag'])}, but this sampler has lag={lag}: the "
             "batches drawn after the checkpoint depend on it"
@@ -85,13 +101,20 @@ def check_lag(state: Mapping[str, Any], lag: int) -> None:
 class LaggedPolicies:
     """The policies a :class:`GARSampler` draws from, and the updates waiting for their fixed
     point (``batch id + lag``). Holds copies: the live policies are the sampler's and the
-    transform's own."""
+    transform's own.
+
+    ``lag=None`` fits the lag to the loader (:attr:`fitted`): :meth:`fit` raises it at the
+    start of a tracked pass whose loader needs more, and an update that comes later than the
+    lag allows raises it instead of being refused (raising it only postpones the updates
+    still waiting, so no draw is ever made from an update it should not see)."""
 
     def __init__(
-        self, lag: int, policy: CategoricalPolicy, augment: AugmentPolicy | None = None
+        self, lag: int | None, policy: CategoricalPolicy, augment: AugmentPolicy | None = None
     ) -> None:
-        check_int("lag", lag, minimum=1)
-        self.lag = lag
+        self.fitted = lag is None
+        if lag is not None:
+            check_int("lag", lag, minimum=1, what="None or an int >= 1")
+        self.lag = DEFAULT_LAG if lag is None else lag
         self.policy = copy.deepcopy(policy)
         self.augment = None if augment is None else copy.deepcopy(augment)
         self._queued: dict[int, UpdateStatistics] = {}  # batch id -> its update, not yet applied
@@ -108,17 +131,28 @@ class LaggedPolicies:
         """Updates waiting for their fixed point."""
         return len(self._queued)
 
+    def fit(self, lag: int) -> None:
+        """A tracked pass starts with a loader that needs ``lag``: a fitted lag grows to it,
+        at a point that does not depend on timing (before the pass draws). It never shrinks,
+        so a pass resumed from a state continues with the lag the state was drawn with."""
+        if self.fitted:
+            self.lag = max(self.lag, lag)
+
     def check_on_time(self, batch: int, next_id: int) -> None:
         """Raise if the update of ``batch`` comes too late: batch ``batch + lag`` (the first one
-        drawn from it) was already drawn, ``next_id`` being the id the sampler draws next."""
+        drawn from it) was already drawn, ``next_id`` being the id the sampler draws next. A
+        fitted lag grows to ``next_id - batch`` instead."""
+        if batch + self.lag < next_id and self.fitted:
+            self.lag = next_id - batch
         if batch + self.lag < next_id:
             raise RuntimeError(
                 f"the rewards of batch {batch} arrived after batch {batch + self.lag} was "
                 f"drawn: with lag={self.lag} batch {batch + self.lag} is drawn from the updates "
                 f"of batches up to {batch}, so these rewards would change draws that depend on "
                 "how far the loader reads ahead. The sampler had drawn up to batch "
-                f"{next_id - 1}: pass GARSampler(lag={next_id - batch}) or more, or reward "
-                "batches sooner (docs/howto-mixture.md, 'The policy lag')"
+                f"{next_id - 1}: pass GARSampler(lag={next_id - batch}) or more, lag=None (fitted "
+                "to the loader), or reward batches sooner (docs/howto-mixture.md, 'The policy "
+                "lag')"
             )
 
     def queue(self, batch: int, stats: UpdateStatistics) -> None:
@@ -181,7 +215,10 @@ class LaggedPolicies:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_lag(state, self.lag)
+        if self.fitted:
+            self.lag = int(state["lag"])  # the pass resumes with its lag; the next pass refits
+        else:
+            check_lag(state, self.lag)
         self.policy.load_state_dict(state["policy"])
         if self.augment is not None:
             if state["augment"] is None:

@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
-from ._lag import lag_needed
-from ._records import Record
+from ._lag import WRAPPER_READ_AHEAD, LaggedPolicies, fitted_lag, lag_needed
+from ._records import Record, RewardWindow
 
 __all__ = ["DeliveryLog", "Pass", "Passes", "SamplerIterator"]
 
@@ -28,6 +28,11 @@ class DeliveryLog:
         self._ids: deque[int] = deque(maxlen=keep)
         self.count = 0
         self.last: int | None = None
+
+    def keep_at_least(self, keep: int) -> None:
+        """Keep the ids of at least the last ``keep`` deliveries from now on."""
+        if keep > cast(int, self._ids.maxlen):
+            self._ids = deque(self._ids, maxlen=keep)
 
     def add(self, batch: int) -> None:
         self._ids.append(batch)
@@ -120,8 +125,9 @@ class Passes:
     drawn before a checkpoint or a rewind, yielded again before new ones are drawn.
     """
 
-    def __init__(self, lag: int, reward_window: int) -> None:
-        self.lag = lag
+    def __init__(self, lagged: LaggedPolicies, records: RewardWindow) -> None:
+        self.lagged = lagged  # the policy lag (fitted to each tracked pass's loader, or fixed)
+        self.records = records  # the reward window (grown to fit a deep loader)
         self.reward_delay: int | None = None
         self.next_epoch = 0
         self.epoch: int | None = None
@@ -131,7 +137,7 @@ class Passes:
         self.iters: deque[SamplerIterator] = deque(maxlen=8)  # started ones, oldest first
         self.active: SamplerIterator | None = None
         self.open: Pass | None = None  # the tracked pass the next iteration belongs to
-        self.deliveries = DeliveryLog(reward_window)  # ids handed to the loop
+        self.deliveries = DeliveryLog(records.size)  # ids handed to the loop
 
     def resume(self, epoch: int | None, pos: int, replay: Iterable[Record]) -> None:
         """Stand at batch ``pos`` of ``epoch`` (a checkpoint's position), with ``replay`` to
@@ -190,11 +196,35 @@ class Passes:
 
     # ------------------------------------------------------------------ deliveries
 
-    def open_pass(self, skip: int, workers: int) -> Pass:
-        """A tracked iterable starts a pass: the next sampler iteration to yield is its own."""
+    def open_pass(self, skip: int, workers: int, depth: int) -> Pass:
+        """A tracked iterable starts a pass with a loader that prefetches ``depth`` batches
+        (``num_workers * prefetch_factor``): the next sampler iteration to yield is its own.
+
+        A fitted lag takes what the loader needs (:func:`fitted_lag`); a fixed lag too small
+        for it is refused here, before anything is drawn, when the reward delay is known. The
+        reward window grows to hold every batch drawn and not yet rewarded."""
+        delay, lagged = self.reward_delay, self.lagged
+        if lagged.fitted:
+            lagged.fit(fitted_lag(depth, delay))
+        elif delay is not None and lag_needed(depth, delay) > lagged.lag:
+            raise ValueError(self._too_small(depth, delay, "prefetches"))
+        room = depth + WRAPPER_READ_AHEAD + 2  # + the batch delivered and one reward delay
+        self.records.keep_at_least(room)
+        self.deliveries.keep_at_least(room)
         p = Pass(skip, workers)
         self.open = p
         return p
+
+    def _too_small(self, ahead: int, delay: int, verb: str) -> str:
+        return (
+            f"lag={self.lagged.lag} is too small for this loader: it {verb} {ahead} batch(es) "
+            f"beyond the one it delivers (num_workers * prefetch_factor, plus any wrapper "
+            f"that reads ahead), and rewards arrive {delay} batch(es) after their own, so "
+            f"batches would be drawn before the rewards they depend on. Pass "
+            f"GARSampler(lag={lag_needed(ahead, delay)}) or more, lag=None (fitted to the "
+            "loader), or a loader with fewer workers or a smaller prefetch_factor "
+            "(docs/howto-mixture.md, 'The policy lag')"
+        )
 
     def deliver(self, p: Pass) -> None:
         """A tracked iterable handed one more batch to the loop; a loader that reads too far
@@ -212,16 +242,13 @@ class Passes:
                 f"yielded only {it.returned}: its batches are not this sampler's, in order"
             )
         p.delivered += 1
-        delay, ahead = self.reward_delay, it.returned - n
-        if delay is not None and lag_needed(ahead, delay) > self.lag:
-            raise ValueError(
-                f"lag={self.lag} is too small for this loader: it had drawn {ahead} batch(es) "
-                f"beyond the one it delivered (num_workers * prefetch_factor, plus any wrapper "
-                f"that reads ahead), and rewards arrive {delay} batch(es) after their own, so "
-                f"batches would be drawn before the rewards they depend on. Pass "
-                f"GARSampler(lag={lag_needed(ahead, delay)}) or more, or a loader with fewer "
-                "workers or a smaller prefetch_factor (docs/howto-mixture.md, 'The policy lag')"
-            )
+        delay, ahead, lagged = self.reward_delay, it.returned - n, self.lagged
+        if delay is not None and lag_needed(ahead, delay) > lagged.lag:
+            if not lagged.fitted:
+                raise ValueError(self._too_small(ahead, delay, "had drawn"))
+            # A wrapper reads further ahead than its settings said: a fitted lag grows (it
+            # only postpones the waiting updates' fixed points).
+            lagged.lag = lag_needed(ahead, delay)
         self.deliveries.add(it.first_id + n - 1)
 
     def delivered(self, it: SamplerIterator) -> int:

@@ -125,6 +125,11 @@ class RewardWindow:
             if not old.rewarded:
                 self.dropped_unrewarded += 1
 
+    def keep_at_least(self, size: int) -> None:
+        """Hold at least the last ``size`` batches from now on (a loader that reads further
+        ahead than ``reward_window`` allows)."""
+        self.size = max(self.size, size)
+
     def get(self, batch: int) -> Record | None:
         return self._records.get(batch)
 

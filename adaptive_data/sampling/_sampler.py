@@ -41,7 +41,7 @@ from ._arguments import (
 )
 from ._drawing import Drawer
 from ._iteration import Iterations
-from ._lag import DEFAULT_LAG, LaggedPolicies
+from ._lag import LaggedPolicies
 from ._learning import Learner
 from ._mixture_dataset import (
     MixtureDataset,
@@ -100,8 +100,8 @@ class GARSampler(Sampler[list[int]]):
             :class:`CategoricalPolicy`); ``weights="proportional"`` follows the sources'
             sizes (not with streams) and ``floor`` defaults to ``0.01 / K`` here (the sources
             at the floor take 1% of the batch between them).
-        reward_window: how many recent batches stay matchable for ``update``; must exceed
-            ``prefetch_factor * num_workers``.
+        reward_window: how many recent batches stay matchable for ``update``, at least; it
+            grows to hold every batch a tracked loader has drawn and not yet rewarded.
         transform: a :class:`GARTransform` that sits in every source's pipeline. The sampler
             then draws an augmentation decision per example (and a seed for the pipeline's
             other random transforms), the keys carry them to the workers, and ``update``
@@ -121,10 +121,14 @@ class GARSampler(Sampler[list[int]]):
         on_stream_end: what a process does when its shard of a stream ends: ``"restart"``
             (default: read the shard again, a new pass) or ``"raise"`` (a ``RuntimeError``
             naming the stream).
-        lag: batch ``t`` is drawn from the policy with the updates of batches ``<= t - lag``
-            (>= 1; default 8): the same seed then draws the same batches whatever
-            ``num_workers`` and ``prefetch_factor`` (map-style sources); the rewards of batch
-            ``t`` must reach ``update()`` before batch ``t + lag`` is drawn
+        lag: batch ``t`` is drawn from the policy with the updates of batches ``<= t - lag``.
+            ``None`` (default): fitted to the loader, 8 or what the deepest loader so far needs
+            (its ``num_workers * prefetch_factor``, one wrapper's read-ahead and the reward
+            delay), raised when a tracked pass starts; any loader works, and the same loader
+            settings draw the same batches. An int (>= 1): the same seed draws the same batches
+            whatever ``num_workers`` and ``prefetch_factor`` (map-style sources); the rewards
+            of batch ``t`` must reach ``update()`` before batch ``t + lag`` is drawn, and a
+            loader that reads further ahead is refused when its pass starts
             (docs/howto-mixture.md, "The policy lag").
 
     Under ``torch.distributed`` each rank draws from its own shard of every source and
@@ -146,7 +150,7 @@ class GARSampler(Sampler[list[int]]):
         world_size: int | None = None,
         sync_timeout_s: float = 60.0,
         on_stream_end: str = "restart",
-        lag: int = DEFAULT_LAG,
+        lag: int | None = None,
         policy: CategoricalPolicy | None = None,
         **policy_options: Any,
     ) -> None:
@@ -200,24 +204,24 @@ class GARSampler(Sampler[list[int]]):
         check_int("num_batches", num_batches, minimum=1)
         self.num_batches = num_batches
         self.seed = seed
-        self.reward_window = reward_window
         self._policy = source_policy(
             policy,
             policy_options,
             src_names,
             None if self._stream_ids else [int(cast(int, s)) for s in self.sizes],
         )
+        lagged = LaggedPolicies(lag, self._policy, None if transform is None else transform.policy)
         self._drawer = Drawer(
             ShardOrder(self.sizes, self.dataset.offsets[:-1], seed, self.rank, self.world_size),
-            LaggedPolicies(lag, self._policy, None if transform is None else transform.policy),
+            lagged,
             batch_size,
             reference_every,
             seed,
             self.rank,
             self.world_size,
         )
-        self._passes = Passes(lag, reward_window)  # iterations, epochs, deliveries
         self._records = RewardWindow(reward_window)
+        self._passes = Passes(lagged, self._records)  # iterations, epochs, deliveries
         self._loaded = ckpt.LoadedStates()  # states loaded, not yet resumed from
         self._learner = Learner(self._policy, transform, self._group)  # the live policies
         self._iterations = Iterations(
@@ -244,7 +248,7 @@ class GARSampler(Sampler[list[int]]):
             self.seed,
             self.reference_every,
             table,
-            self.lag,
+            None if self._drawer.lagged.fitted else self.lag,
         )
 
     # ------------------------------------------------------------------ Sampler protocol
@@ -281,7 +285,7 @@ class GARSampler(Sampler[list[int]]):
                     "stream, and the new workers of every epoch would read the streams from "
                     "their start again. Pass persistent_workers=True"
                 )
-        return TrackedLoader(self, self.reward_window, loader, self._passes)
+        return TrackedLoader(self, loader, self._passes)
 
     @property
     def deliveries(self) -> int:
@@ -296,8 +300,15 @@ class GARSampler(Sampler[list[int]]):
         return self._group
 
     @property
+    def reward_window(self) -> int:
+        """How many recent batches stay matchable for ``update`` (``reward_window=``, grown to
+        fit the deepest tracked loader so far)."""
+        return self._records.size
+
+    @property
     def lag(self) -> int:
-        """Batch ``t`` is drawn from the updates of batches ``<= t - lag`` (see ``lag=``)."""
+        """Batch ``t`` is drawn from the updates of batches ``<= t - lag`` (see ``lag=``; with
+        ``lag=None``, the lag fitted to the present pass's loader)."""
         return self._drawer.lagged.lag
 
     @property
@@ -548,7 +559,7 @@ class GARSampler(Sampler[list[int]]):
             rank=self.rank,
             world_size=self.world_size,
             transform=self.transform,
-            lag=self.lag,
+            lag=None if self._drawer.lagged.fitted else self.lag,
             streams=bool(self._stream_ids),
         )
         loaded = copy.deepcopy(dict(state))

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 __all__ = ["TrackedLoader"]
 
 
-def _inspect(sampler: Sampler[Any], reward_window: int, loader: Any) -> tuple[int, int]:
-    """``(batches skipped before the first delivery, num_workers)`` of a DataLoader-like
-    ``loader`` over ``sampler``, from public attributes only; raises for stacks whose batches
-    cannot be matched to the sampler's. Iterables that are not loaders give ``(0, 0)``."""
+def _inspect(sampler: Sampler[Any], loader: Any) -> tuple[int, int, int]:
+    """``(batches skipped before the first delivery, num_workers, prefetch depth)`` of a
+    DataLoader-like ``loader`` over ``sampler``, from public attributes only; raises for
+    stacks whose batches cannot be matched to the sampler's. Iterables that are not loaders
+    give ``(0, 0, 0)``."""
     skip = int(getattr(loader, "skip_batches", 0) or 0)  # accelerate's skipping loaders
     workers = getattr(loader, "num_workers", 0)
     workers = workers if isinstance(workers, int) else 0
@@ -36,15 +37,10 @@ def _inspect(sampler: Sampler[Any], reward_window: int, loader: Any) -> tuple[in
             "GARSampler needs the DataLoader to deliver batches in order to attribute rewards, "
             "but got in_order=False"
         )
-    if workers:
-        depth = (getattr(loader, "prefetch_factor", None) or 2) * workers
-        if depth >= reward_window:
-            raise ValueError(
-                f"reward_window={reward_window} should exceed prefetch_factor * "
-                f"num_workers = {depth}"
-            )
+    prefetch = getattr(loader, "prefetch_factor", None)
+    depth = (prefetch if isinstance(prefetch, int) else 2) * workers
     if not hasattr(loader, "batch_sampler"):
-        return skip, workers
+        return skip, workers, depth
     node = loader.batch_sampler
     if node is None:  # a DataLoader that batches by itself
         raise ValueError(
@@ -53,7 +49,7 @@ def _inspect(sampler: Sampler[Any], reward_window: int, loader: Any) -> tuple[in
         )
     for _ in range(16):
         if node is sampler:
-            return skip, workers
+            return skip, workers, depth
         inner = getattr(node, "batch_sampler", None)
         name = type(node).__name__
         if inner is None:
@@ -89,9 +85,7 @@ class TrackedLoader:
     docs/howto-mixture.md, "Which batch the loop holds".
     """
 
-    def __init__(
-        self, sampler: Sampler[Any], reward_window: int, iterable: Iterable[Any], passes: Passes
-    ) -> None:
+    def __init__(self, sampler: Sampler[Any], iterable: Iterable[Any], passes: Passes) -> None:
         if not hasattr(iterable, "__iter__"):
             raise TypeError(
                 f"track() needs the iterable the training loop consumes (a DataLoader or what "
@@ -100,28 +94,22 @@ class TrackedLoader:
         if isinstance(iterable, TrackedLoader):
             raise TypeError("this iterable is already tracked; track the loader once")
         self.sampler = sampler
-        self.reward_window = reward_window
         self.iterable = iterable
         self._passes = passes
 
     def __iter__(self) -> Iterator[Any]:
-        skip, workers = _inspect(self.sampler, self.reward_window, self.iterable)
-        p = self._passes.open_pass(skip, workers)
+        skip, workers, depth = _inspect(self.sampler, self.iterable)
+        p = self._passes.open_pass(skip, workers, depth)
         return _TrackedIterator(self._passes, p, iter(self.iterable))
 
     def __len__(self) -> int:
         # A Trainer sizes its epochs from len() before it iterates: accelerate's second
         # sharding must be switched off (and a stack that cannot be matched refused) first.
-        _inspect(self.sampler, self.reward_window, self.iterable)
+        _inspect(self.sampler, self.iterable)
         return len(self.iterable)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
-        if name in (
-            "sampler",
-            "reward_window",
-            "iterable",
-            "_passes",
-        ):  # not set yet (unpickling): no recursion
+        if name in ("sampler", "iterable", "_passes"):  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.iterable, name)
 
