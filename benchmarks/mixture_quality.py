@@ -100,18 +100,23 @@ GAR_ARMS: dict[str, tuple[str, float | None, str, int, float | None]] = {
     "gar_exp_grad_k4": ("exp_grad", None, "cosine", 4, None),
     "gar_exp_grad_floor0.05": ("exp_grad", None, "cosine", 1, 0.05),  # the former default
 }
-# One-line GAR arms: (every, reference_refresh, rows, estimator); "fd" arms use reward="dot"
-# (the only reward it estimates), the others GAR's default.
-LINE_ARMS: dict[str, tuple[int, int, int | None, str]] = {
-    "gar_line": (1, 1, None, "ghost"),
-    "gar_line_k4": (4, 1, None, "ghost"),
-    "gar_line_r8": (1, 8, None, "ghost"),
-    "gar_line_rows16": (1, 1, 16, "ghost"),
-    "gar_line_rows16_r8": (1, 8, 16, "ghost"),
-    "gar_line_r32": (1, 32, None, "ghost"),
-    "gar_line_rows16_r32": (1, 32, 16, "ghost"),
-    "gar_line_fd_rows16_r8": (1, 8, 16, "fd"),
-    "gar_line_dot_rows16_r8": (1, 8, 16, "ghost_dot"),  # the estimator's control
+# One-line GAR arms: (every, reference_refresh, rows, estimator, budget); "fd" arms use
+# reward="dot" (the only reward it estimates), the others GAR's default. The explicit arms have
+# no budget (budget=None: exactly what they measured before budget= existed); the budget arms
+# leave every, reference_refresh and rows to it (gar_default: every default).
+LINE_ARMS: dict[str, tuple[int | None, int | None, int | None, str, float | None]] = {
+    "gar_line": (1, 1, None, "ghost", None),
+    "gar_line_k4": (4, 1, None, "ghost", None),
+    "gar_line_r8": (1, 8, None, "ghost", None),
+    "gar_line_rows16": (1, 1, 16, "ghost", None),
+    "gar_line_rows16_r8": (1, 8, 16, "ghost", None),
+    "gar_line_r32": (1, 32, None, "ghost", None),
+    "gar_line_rows16_r32": (1, 32, 16, "ghost", None),
+    "gar_line_fd_rows16_r8": (1, 8, 16, "fd", None),
+    "gar_line_dot_rows16_r8": (1, 8, 16, "ghost_dot", None),  # the estimator's control
+    "gar_default": (None, None, None, "ghost", 0.1),
+    "gar_budget0.2": (None, None, None, "ghost", 0.2),
+    "gar_budget0.4": (None, None, None, "ghost", 0.4),
 }
 METHODS = (
     "uniform",
@@ -245,7 +250,7 @@ def run(
     )
     one_line = None
     if line:
-        line_every, refresh, rows, estimator = LINE_ARMS[method]
+        line_every, refresh, rows, estimator, budget = LINE_ARMS[method]
         extra: dict[str, Any] = {}
         if estimator != "ghost":  # "fd", or "ghost_dot": the exact rewards, reward="dot"
             extra = {"estimator": estimator.removeprefix("ghost_").replace("dot", "ghost")}
@@ -259,6 +264,7 @@ def run(
             loss_fn=loss_fn,
             reference_refresh=refresh,
             rows=rows,
+            budget=budget,
             **extra,
         )
     probe_time = 0.0
@@ -300,10 +306,13 @@ def run(
                 t0, c0 = time.perf_counter(), time.process_time()
     wall += time.perf_counter() - t0
     cpu += time.process_time() - c0
+    gar_metrics = None
     if one_line is not None:
+        gar_metrics = one_line.metrics()
         one_line.close()
     m = sampler.metrics()
     return {
+        "gar_metrics": gar_metrics,
         "accuracy": accuracy(model, *test),
         "wall_s": wall,
         "cpu_s": cpu,
@@ -451,8 +460,8 @@ def main() -> None:
             for name, (r, lr, rw, k, f) in GAR_ARMS.items()
         },
         "line_arms": {
-            name: {"every": e, "reference_refresh": k, "rows": m, "estimator": est}
-            for name, (e, k, m, est) in LINE_ARMS.items()
+            name: {"every": e, "reference_refresh": k, "rows": m, "estimator": est, "budget": b}
+            for name, (e, k, m, est, b) in LINE_ARMS.items()
         },
         "targets": {
             "gar_vs_oracle_points": -0.5,

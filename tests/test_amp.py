@@ -34,7 +34,7 @@ def test_a_step_with_nonfinite_grad_is_skipped_and_the_kept_batch_waits(reward: 
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)  # 10 batches
-    gar = ad.GAR(model, sampler, optimizer=opt, reward=reward)
+    gar = ad.GAR(model, sampler, optimizer=opt, reward=reward, budget=None)
     overflow = {2: math.inf, 5: math.nan}
     pending = None  # (weights, x, y) of the batch waiting for its reward
     checked = 0
@@ -77,7 +77,7 @@ def test_held_out_mode_skips_the_overflowing_step_without_a_reference_pass() -> 
             drawn.append(1)
             yield data(8, seed=1).tensors
 
-    gar = ad.GAR(model, sampler, reference=references(), loss_fn=LOSS)
+    gar = ad.GAR(model, sampler, reference=references(), loss_fn=LOSS, budget=None)
     for step, (x, y) in enumerate(
         sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     ):
@@ -99,7 +99,7 @@ def test_a_nonfinite_held_out_reference_gradient_is_still_an_error() -> None:
     x_ref, y_ref = data(8, seed=1).tensors
     x_ref = x_ref.clone()
     x_ref[0, 0] = math.nan
-    gar = ad.GAR(model, sampler, reference=iter([(x_ref, y_ref)]), loss_fn=LOSS)
+    gar = ad.GAR(model, sampler, reference=iter([(x_ref, y_ref)]), loss_fn=LOSS, budget=None)
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     LOSS(model(x), y).mean().backward()
     with pytest.raises(ValueError, match=r"the reference gradient of '0.weight' contains NaN"):
@@ -115,7 +115,7 @@ def test_with_a_real_grad_scaler_gar_skips_exactly_the_steps_the_scaler_skips() 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-80)
     sampler = ad.GARSampler(data(120), batch_size=6, seed=0)  # 20 batches
-    gar = ad.GAR(model, sampler, optimizer=opt)
+    gar = ad.GAR(model, sampler, optimizer=opt, budget=None)
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         opt.zero_grad()
         scaler.scale(LOSS(model(x), y).sum()).backward()
@@ -142,7 +142,7 @@ def test_bf16_autocast_forward_rewards_match_the_float32_oracle(factory, reward:
     # magnifies the bf16 rounding of those coordinates far beyond the rewards' scale.)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sampler = ad.GARSampler(data(30), batch_size=6, seed=0)
-    gar = ad.GAR(model, sampler, optimizer=opt, reward=reward)
+    gar = ad.GAR(model, sampler, optimizer=opt, reward=reward, budget=None)
     previous = None
     checked = 0
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
@@ -199,13 +199,13 @@ def test_fsdp_models_are_refused(one_process_group) -> None:
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
     wrapped = FullyShardedDataParallel(mlp(), device_id=torch.device("cpu"))
     with pytest.raises(TypeError, match=r"model is sharded by FSDP \(FullyShardedDataParallel\)"):
-        ad.GAR(wrapped, sampler)
+        ad.GAR(wrapped, sampler, budget=None)
     with pytest.raises(TypeError, match=r"model is sharded by FSDP"):
         ad.GradientProbe(wrapped, LOSS)
     inner = nn.Sequential(nn.Linear(12, 5), mlp())  # only a submodule sharded
     fully_shard(inner[1], mesh=init_device_mesh("cpu", (1,)))
     with pytest.raises(TypeError, match=r"model is sharded by FSDP \(FSDPSequential\)"):
-        ad.GAR(inner, sampler)
+        ad.GAR(inner, sampler, budget=None)
     from torch.distributed.tensor import Replicate, distribute_tensor
 
     parallel = mlp()  # tensor parallelism: DTensor parameters without FSDP
@@ -232,9 +232,9 @@ def test_deepspeed_models_are_refused(monkeypatch) -> None:
     )
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
     with pytest.raises(TypeError, match=r"model is sharded by DeepSpeed \(DeepSpeedEngine\)"):
-        ad.GAR(DeepSpeedEngine(mlp()), sampler)
+        ad.GAR(DeepSpeedEngine(mlp()), sampler, budget=None)
     model = mlp()
     model[0].weight.ds_id = 0
     with pytest.raises(TypeError, match=r"DeepSpeed ZeRO-3 partitioned parameters"):
         ad.GradientProbe(model, LOSS)
-    ad.GAR(mlp(), sampler)  # a plain model is fine with deepspeed imported
+    ad.GAR(mlp(), sampler, budget=None)  # a plain model is fine with deepspeed imported

@@ -87,7 +87,7 @@ def test_next_batch_rewards_equal_the_per_sample_oracle(factory, reward, reducti
     model = factory()
     opt = optimizer(opt_kind, model)
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
-    gar = ad.GAR(model, sampler, optimizer=opt, reward=reward)
+    gar = ad.GAR(model, sampler, optimizer=opt, reward=reward, budget=None)
     previous = None
     checked = 0
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
@@ -121,7 +121,7 @@ def test_batchnorm_in_train_mode_sums_to_the_batch_directional_derivative():
     model = cnn(bn=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
-    gar = ad.GAR(model, sampler, reward="dot")
+    gar = ad.GAR(model, sampler, reward="dot", budget=None)
     previous_grad = None
     checked = 0
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
@@ -146,7 +146,7 @@ def test_held_out_reference_equals_the_probe(reward):
     ref = data(16, seed=5).tensors
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
     gar = ad.GAR(
-        model, sampler, optimizer=opt, reward=reward, reference=itertools.repeat(ref), loss_fn=LOSS
+        model, sampler, optimizer=opt, reward=reward, reference=itertools.repeat(ref), loss_fn=LOSS, budget=None
     )
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         oracle = ad.GradientProbe(snapshot(mlp, model), LOSS, reward=reward)(x, y, reference=ref)
@@ -178,7 +178,7 @@ def run(model, sampler, gar, epochs=1, accumulate=1):
 def test_every_k_rewards_every_kth_batch():
     model = mlp()
     sampler = ad.GARSampler(data(), batch_size=5, seed=0)  # 12 batches
-    gar = ad.GAR(model, sampler, every=3)
+    gar = ad.GAR(model, sampler, every=3, budget=None)
     run(model, sampler, gar)
     rewarded = [h["batch"] for h in sampler.history[1:]]
     assert rewarded == [0, 3, 6, 9]
@@ -187,7 +187,7 @@ def test_every_k_rewards_every_kth_batch():
 def test_gradient_accumulation_rewards_every_micro_batch_against_the_accumulated_gradient():
     model = mlp()
     sampler = ad.GARSampler(data(), batch_size=5, seed=0)  # 12 batches, 6 steps of 2
-    gar = ad.GAR(model, sampler, reward="dot")
+    gar = ad.GAR(model, sampler, reward="dot", budget=None)
     run(model, sampler, gar, accumulate=2)
     rewarded = [h["batch"] for h in sampler.history[1:]]
     assert rewarded == list(range(10))  # the last step's two micro-batches wait for a next
@@ -196,7 +196,7 @@ def test_gradient_accumulation_rewards_every_micro_batch_against_the_accumulated
 def test_the_last_batch_of_an_epoch_is_rewarded_in_the_next_or_dropped_by_close():
     model = mlp()
     sampler = ad.GARSampler(data(30), batch_size=10, seed=0)  # 3 batches per epoch
-    gar = ad.GAR(model, sampler)
+    gar = ad.GAR(model, sampler, budget=None)
     run(model, sampler, gar, epochs=2)
     assert [h["batch"] for h in sampler.history[1:]] == [0, 1, 2, 3, 4]
     gar.close()
@@ -223,7 +223,7 @@ def test_reference_batches_of_a_transform_are_not_rewarded():
     tf = ad.GARTransform(["Identity", "Invert"])
     model = mlp()
     sampler = ad.GARSampler(Images(tf), batch_size=5, seed=0, transform=tf, reference_every=2)
-    gar = ad.GAR(model, sampler)
+    gar = ad.GAR(model, sampler, budget=None)
     run(model, sampler, gar)
     rewarded = [h["batch"] for h in sampler.history[1:]]
     assert rewarded == [0, 2, 4, 6]  # positions 1, 3, 5, 7; positions 2, 4, ... are references
@@ -241,7 +241,7 @@ def test_every_k_counts_augmented_batches_across_odd_length_epochs():
     sampler = ad.GARSampler(
         Images(tf), batch_size=5, seed=0, transform=tf, reference_every=2, num_batches=7
     )
-    gar = ad.GAR(model, sampler, every=2)
+    gar = ad.GAR(model, sampler, every=2, budget=None)
     run(model, sampler, gar, epochs=3)  # batch ids 0-6, 7-13, 14-20
     rewarded = [h["batch"] for h in sampler.history[1:]]
     # augmented ids: 0 2 4 6 | 7 9 11 13 | 14 16 18 20; every other one is kept (6 is rewarded
@@ -256,7 +256,7 @@ def test_augmented_batches_wait_for_the_next_reference_batch():
     torch.manual_seed(0)
     model = mlp()
     sampler = ad.GARSampler(Images(tf), batch_size=5, seed=0, transform=tf, reference_every=3)
-    gar = ad.GAR(model, sampler)  # no optimizer: D is the plain gradient
+    gar = ad.GAR(model, sampler, budget=None)  # no optimizer: D is the plain gradient
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):  # 8 batches
@@ -287,7 +287,7 @@ def test_batches_that_wait_longer_than_reference_every_are_dropped():
     sampler = ad.GARSampler(
         Images(tf), batch_size=5, seed=0, transform=tf, reference_every=3, num_batches=2
     )
-    gar = ad.GAR(model, sampler)
+    gar = ad.GAR(model, sampler, budget=None)
     run(model, sampler, gar, epochs=4)  # 8 steps, no reference batch
     assert gar.metrics()["batches_rewarded"] == 0
     # bounded: those of the last reference_every steps and the batch just kept, no older
@@ -307,11 +307,12 @@ def reference_choice(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_one_line_gar_learns_the_mixture_from_a_held_out_reference(seed, reference_choice):
-    """Every default, a trusted held-out reference: the clean source wins (from 0.5), and
-    every batch of the 3 epochs (37 each) was rewarded."""
+    """Every default, a trusted held-out reference: the clean source wins (from 0.5) in 3
+    epochs (37 batches each), with every batch rewarded while the evidence is thin and a
+    share of them within the budget afterwards."""
     run = reference_choice.run("held_out", seed, epochs=3)
     assert run["clean_weight"] > 0.9
-    assert run["updates"] == 3 * 37
+    assert 2 <= run["updates"] < 3 * 37
 
 
 @pytest.mark.slow
@@ -325,7 +326,7 @@ def test_one_line_gar_refuses_a_mixture_without_a_trusted_reference(reference_ch
     model = nn.Sequential(nn.Linear(16, 4))
     sampler = ad.GARSampler(sources, batch_size=8, seed=0)
     with pytest.raises(ValueError, match=r"mixture of 2 sources needs reference= batches"):
-        ad.GAR(model, sampler)
+        ad.GAR(model, sampler, budget=None)
 
 
 def hooks(model: nn.Module) -> int:
@@ -339,7 +340,7 @@ def test_close_removes_every_hook_and_the_context_manager_closes():
     model = mlp()
     before = hooks(model)
     sampler = ad.GARSampler(data(), batch_size=5, seed=0)
-    with ad.GAR(model, sampler) as gar:
+    with ad.GAR(model, sampler, budget=None) as gar:
         assert hooks(model) > before
         run(model, sampler, gar)
     assert hooks(model) == before
@@ -369,7 +370,7 @@ def test_ddp_wrapped_model_gives_the_same_rewards(tmp_path):
                 original(rewards, batch=batch)
 
             sampler.update = record  # type: ignore[method-assign]
-            gar = ad.GAR(trained, sampler)
+            gar = ad.GAR(trained, sampler, budget=None)
             run(trained, sampler, gar)
             runs.append((updates, sampler.history))
         (plain, plain_history), (wrapped, wrapped_history) = runs
@@ -400,23 +401,23 @@ def test_bad_input_raises():
     sampler = ad.GARSampler(data(), batch_size=5, seed=0)
     model = mlp()
     with pytest.raises(ValueError, match=r"GAR found no layer it covers in Bare"):
-        ad.GAR(Bare(), sampler)
+        ad.GAR(Bare(), sampler, budget=None)
     other = torch.optim.SGD(mlp().parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"optimizer owns none of the model's trainable"):
-        ad.GAR(model, sampler, optimizer=other)
+        ad.GAR(model, sampler, optimizer=other, budget=None)
     with pytest.raises(ValueError, match=r"every=0"):
-        ad.GAR(model, sampler, every=0)
+        ad.GAR(model, sampler, every=0, budget=None)
     with pytest.raises(ValueError, match=r"reward='l2'"):
-        ad.GAR(model, sampler, reward="l2")
+        ad.GAR(model, sampler, reward="l2", budget=None)
     with pytest.raises(ValueError, match=r"reference= needs loss_fn"):
-        ad.GAR(model, sampler, reference=iter([]))
+        ad.GAR(model, sampler, reference=iter([]), budget=None)
     with pytest.raises(TypeError, match=r"sampler should be a GARSampler, but got list"):
-        ad.GAR(model, [])
+        ad.GAR(model, [], budget=None)
 
 
 def test_step_before_any_backward_raises():
     model = mlp()
-    gar = ad.GAR(model, ad.GARSampler(data(), batch_size=5, seed=0))
+    gar = ad.GAR(model, ad.GARSampler(data(), batch_size=5, seed=0), budget=None)
     with pytest.raises(RuntimeError, match=r"before any backward\(\)"):
         gar.step()
 
@@ -428,7 +429,7 @@ def test_workers_and_epochs_reward_the_right_batches():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = ad.GARSampler(data(30), batch_size=6, seed=0)  # 5 batches per epoch
-    gar = ad.GAR(model, sampler, reward="cosine")
+    gar = ad.GAR(model, sampler, reward="cosine", budget=None)
     loader = sampler.track(
         DataLoader(sampler.dataset, batch_sampler=sampler, num_workers=2, prefetch_factor=2)
     )
@@ -470,18 +471,18 @@ def resumable_run(
         sources = {"a": data(40, seed=1), "b": data(35, seed=2)}
         sampler = ad.GARSampler(sources, batch_size=6, seed=0, num_batches=5)
         ref = ad.ReferenceBatches(data(30, seed=3), 8, seed=0)
-        gar = ad.GAR(model, sampler, optimizer=opt, every=2, reference=ref, loss_fn=LOSS)
+        gar = ad.GAR(model, sampler, optimizer=opt, every=2, reference=ref, loss_fn=LOSS, budget=None)
     elif kind == "held_out_refresh":
         sources = {"a": data(40, seed=1), "b": data(35, seed=2)}
         sampler = ad.GARSampler(sources, batch_size=6, seed=0, num_batches=5)
         ref = ad.ReferenceBatches(data(30, seed=3), 8, seed=0)
         gar = ad.GAR(
-            model, sampler, optimizer=opt, reference=ref, loss_fn=LOSS, reference_refresh=3
+            model, sampler, optimizer=opt, reference=ref, loss_fn=LOSS, reference_refresh=3, budget=None
         )
     else:
         tf = ad.GARTransform(["Identity", "Invert", "Solarize"])
         sampler = ad.GARSampler(Images(tf), batch_size=5, seed=0, transform=tf, num_batches=5)
-        gar = ad.GAR(model, sampler, optimizer=opt, every=2)
+        gar = ad.GAR(model, sampler, optimizer=opt, every=2, budget=None)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -584,7 +585,7 @@ def test_a_reused_reference_gives_a_fresh_ones_rewards_while_the_model_has_not_m
             {"a": data(30, seed=1), "b": data(30, seed=2)}, batch_size=6, seed=0
         )
         it = Counting(ref)
-        gar = ad.GAR(model, sampler, reference=it, loss_fn=LOSS, reference_refresh=k)
+        gar = ad.GAR(model, sampler, reference=it, loss_fn=LOSS, reference_refresh=k, budget=None)
         rewards = []
         for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
             model.zero_grad()
@@ -616,7 +617,7 @@ def test_a_reused_reference_is_the_gradient_of_the_step_that_drew_it():
         reference=refs,
         loss_fn=LOSS,
         reference_refresh=4,
-        reward="dot",
+        reward="dot", budget=None,
     )
     oracle_refs = iter(ad.ReferenceBatches(data(40, seed=5), 8, seed=0))
     checked = 0
@@ -642,17 +643,17 @@ def test_reference_refresh_is_checked():
     sampler = ad.GARSampler(data(), batch_size=5, seed=0)
     ref = itertools.repeat(data(8, seed=5).tensors)
     with pytest.raises(ValueError, match=r"reference_refresh should be .*got reference_refresh=0"):
-        ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=0)
+        ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=0, budget=None)
     with pytest.raises(ValueError, match=r"needs reference=.*reference_refresh=2"):
-        ad.GAR(mlp(), sampler, reference_refresh=2)
-    a = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=2)
+        ad.GAR(mlp(), sampler, reference_refresh=2, budget=None)
+    a = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=2, budget=None)
     state = a.state_dict()
     a.close()
-    b = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=3)
+    b = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=3, budget=None)
     with pytest.raises(ValueError, match=r"reference_refresh=2, but this GAR has .*=3"):
         b.load_state_dict(state)
     b.close()
-    c = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=2)
+    c = ad.GAR(mlp(), sampler, reference=ref, loss_fn=LOSS, reference_refresh=2, budget=None)
     state["reference_gradient"] = {"0.weight": torch.zeros(3)}
     with pytest.raises(ValueError, match=r"should name exactly this model's trainable"):
         c.load_state_dict(state)
@@ -664,9 +665,9 @@ def test_reference_refresh_is_checked():
 
 def test_gar_load_state_dict_checks_the_state():
     sampler = ad.GARSampler(data(), batch_size=5, seed=0)
-    gar = ad.GAR(mlp(), sampler, every=2)
+    gar = ad.GAR(mlp(), sampler, every=2, budget=None)
     state = gar.state_dict()
-    other = ad.GAR(mlp(), ad.GARSampler(data(), batch_size=5, seed=0), every=3)
+    other = ad.GAR(mlp(), ad.GARSampler(data(), batch_size=5, seed=0), every=3, budget=None)
     with pytest.raises(ValueError, match=r"state has every=2, but this GAR has every=3"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match=r"GAR.state_dict\(\) of version 1, but got version=None"):
@@ -712,7 +713,7 @@ def test_a_side_input_without_the_batch_is_passed_whole():
     model, mask = MaskedLM(), nn.Transformer.generate_square_subsequent_mask(t)
     sampler = ad.GARSampler({"a": seqs, "b": tokens(40)}, batch_size=n, seed=0)
     reference = itertools.repeat(((x_ref, mask), y_ref))
-    gar = ad.GAR(model, sampler, reward="dot", reference=reference, loss_fn=token_loss)
+    gar = ad.GAR(model, sampler, reward="dot", reference=reference, loss_fn=token_loss, budget=None)
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     token_loss(model(x, mask), y).mean().backward()
     r = gar.step()

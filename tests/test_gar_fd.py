@@ -109,7 +109,7 @@ def train(
             reference=reference,
             loss_fn=ref_loss if held_out else None,
             rows=rows,
-            estimator=estimator,
+            estimator=estimator, budget=None,
         )
     torch.manual_seed(1)  # the dropout masks
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
@@ -215,7 +215,7 @@ def test_batch_statistics_forward_the_whole_batch_row_by_row():
         reference=itertools.repeat((xr, yr)),
         loss_fn=models.loss_fn,
         rows=M,
-        estimator="fd",
+        estimator="fd", budget=None,
     )
     ((xb, yb),) = list(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)))
     models.loss_fn(model(xb), yb).mean().backward()
@@ -273,7 +273,7 @@ def test_bn_buffers_are_untouched_by_the_differences():
         reward="dot",
         reference=itertools.repeat((x[:4], y[:4])),
         loss_fn=models.loss_fn,
-        estimator="fd",
+        estimator="fd", budget=None,
     )
     for xb, yb in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         for net in (model, plain):
@@ -291,7 +291,7 @@ def kept_after_backward(case: str, rows: int | None = M):
     torch.manual_seed(0)
     model = make_model()
     sampler = ad.GARSampler(make_data(2 * N, 1), batch_size=N, seed=0)
-    gar = ad.GAR(model, sampler, reward="dot", rows=rows, estimator="fd")
+    gar = ad.GAR(model, sampler, reward="dot", rows=rows, estimator="fd", budget=None)
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     loss(model(x), y).mean().backward()
     group = gar._schedule.pending[-1]
@@ -332,8 +332,8 @@ def test_a_model_the_ghost_rules_do_not_cover_is_rewarded():
 
     sampler = ad.GARSampler(class_data("mlp")(2 * N, 1), batch_size=N, seed=0)
     with pytest.raises(ValueError, match="found no layer it covers"):
-        ad.GAR(Bare(), sampler)
-    ad.GAR(Bare(), sampler, reward="dot", estimator="fd").close()
+        ad.GAR(Bare(), sampler, budget=None)
+    ad.GAR(Bare(), sampler, reward="dot", estimator="fd", budget=None).close()
 
 
 class AuxOutput(nn.Module):
@@ -377,7 +377,7 @@ class NestedOutput(nn.Module):
 )
 def test_outputs_that_cannot_be_attributed_raise(model, use, match):
     sampler = ad.GARSampler(class_data("mlp")(2 * N, 1), batch_size=N, seed=0)
-    gar = ad.GAR(model(), sampler, reward="dot", rows=M, estimator="fd")
+    gar = ad.GAR(model(), sampler, reward="dot", rows=M, estimator="fd", budget=None)
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     with pytest.raises(ValueError, match=match):
         use(gar.model(x), y).backward()
@@ -386,7 +386,7 @@ def test_outputs_that_cannot_be_attributed_raise(model, use, match):
 
 def test_outputs_the_loss_does_not_read_are_not_a_problem():
     sampler = ad.GARSampler(class_data("mlp")(2 * N, 1), batch_size=N, seed=0)
-    gar = ad.GAR(AuxOutput(), sampler, reward="dot", estimator="fd")
+    gar = ad.GAR(AuxOutput(), sampler, reward="dot", estimator="fd", budget=None)
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     models.loss_fn(gar.model(x)[0], y).mean().backward()  # the penalty unused
     assert gar._schedule.pending[-1].fd.grads
@@ -399,12 +399,12 @@ def test_bad_arguments_raise_with_the_bad_value():
     with pytest.raises(
         ValueError, match=r"estimator should be one of ghost, fd, but got estimator='exact'"
     ):
-        ad.GAR(model, sampler, estimator="exact")
+        ad.GAR(model, sampler, estimator="exact", budget=None)
     with pytest.raises(
         ValueError,
         match=r"estimator='fd' .*needs reward='dot'.*got estimator='fd' with reward='cosine'",
     ):
-        ad.GAR(model, sampler, estimator="fd")
+        ad.GAR(model, sampler, estimator="fd", budget=None)
     with pytest.raises(ValueError, match=r"gar_estimator should be .*gar_estimator=None"):
         check_arguments(sampler, 1, "dot", None, None, 1, None, prefix="gar_", estimator=None)
     with pytest.raises(ValueError, match=r"gar_reward='dot'.*gar_reward='cosine'"):
@@ -415,14 +415,15 @@ def test_the_integrations_pass_the_estimator_on():
     sampler = ad.GARSampler(class_data("mlp")(2 * N, 1), batch_size=N, seed=0)
     model = models.build("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    wiring = Wiring(sampler, None, None, None, 1, "dot", "gar_", 1, None, "fd")
+    opts = {"every": 1, "reference_refresh": 1, "budget": None}
+    wiring = Wiring(sampler, None, None, None, "gar_", reward="dot", estimator="fd", **opts)
     gar = wiring.build(model, opt)
     assert gar.estimator == "fd"
     assert "estimator='fd'" in repr(gar)
     with pytest.raises(ValueError, match=r"gar_estimator would be ignored"):
-        Wiring(sampler, gar, None, None, 1, "cosine", "gar_", 1, None, "fd")
+        Wiring(sampler, gar, None, None, "gar_", estimator="fd")
     with pytest.raises(ValueError, match=r"gar_estimator should be one of"):
-        Wiring(sampler, None, None, None, 1, "dot", "gar_", 1, None, "jvp")
+        Wiring(sampler, None, None, None, "gar_", reward="dot", estimator="jvp")
     gar.close()
 
 
@@ -433,10 +434,10 @@ def test_state_round_trip_carries_the_estimator():
     sampler = gar.sampler
     ref = itertools.repeat(tuple(class_data("mlp")(8, 3).tensors))
     kw = {"reference": ref, "loss_fn": models.loss_fn, "rows": M, "reward": "dot"}
-    again = ad.GAR(models.build("mlp"), sampler, estimator="fd", **kw)
+    again = ad.GAR(models.build("mlp"), sampler, estimator="fd", budget=None, **kw)
     again.load_state_dict(state)
     assert again.metrics() == gar.metrics()
-    ghost = ad.GAR(models.build("mlp"), sampler, **kw)
+    ghost = ad.GAR(models.build("mlp"), sampler, budget=None, **kw)
     with pytest.raises(
         ValueError, match=r"state has estimator='fd', but this GAR has estimator='ghost'"
     ):

@@ -87,7 +87,7 @@ def recorded_run(case: str, rows: int | None, reward: str, held_out: bool):
         reward=reward,
         reference=reference,
         loss_fn=loss if held_out else None,
-        rows=rows,
+        rows=rows, budget=None,
     )
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         opt.zero_grad()
@@ -119,7 +119,7 @@ def kept_sizes(case: str) -> dict[str, set[int]]:
     torch.manual_seed(0)
     model = make_model()
     sampler = ad.GARSampler(make_data(2 * N, 1), batch_size=N, seed=0)
-    gar = ad.GAR(model, sampler, rows=M)
+    gar = ad.GAR(model, sampler, rows=M, budget=None)
     x, y = next(iter(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))))
     loss(model(x), y).mean().backward()
     sizes: dict[str, set[int]] = {}
@@ -182,8 +182,8 @@ def test_rows_independent_says_which_calls_can_be_cut():
 
 def test_the_row_choice_is_reproducible_and_fair():
     sampler = ad.GARSampler(class_data("mlp", 2 * N, 1), batch_size=N, seed=3)
-    a = ad.GAR(models.build("mlp"), sampler, rows=M)
-    b = ad.GAR(models.build("mlp"), sampler, rows=M)
+    a = ad.GAR(models.build("mlp"), sampler, rows=M, budget=None)
+    b = ad.GAR(models.build("mlp"), sampler, rows=M, budget=None)
     counts = torch.zeros(N)
     batches = 2000
     for batch in range(batches):
@@ -197,7 +197,7 @@ def test_the_row_choice_is_reproducible_and_fair():
     sd = (batches * p * (1 - p)) ** 0.5
     assert ((counts - batches * p).abs() < 5 * sd).all(), counts
     other = ad.GAR(
-        models.build("mlp"), ad.GARSampler(class_data("mlp", 2 * N, 1), N, seed=4), rows=M
+        models.build("mlp"), ad.GARSampler(class_data("mlp", 2 * N, 1), N, seed=4), rows=M, budget=None
     )
     assert any(a.choose_rows(t, N).tolist() != other.choose_rows(t, N).tolist() for t in range(10))
 
@@ -262,6 +262,6 @@ def test_update_rows_is_checked():
     with pytest.raises(ValueError, match=r"at least one position"):
         s.update(torch.zeros(0), rows=[])
     with pytest.raises(ValueError, match=r"rows should be .*got rows=0"):
-        ad.GAR(models.build("mlp"), s, rows=0)
+        ad.GAR(models.build("mlp"), s, rows=0, budget=None)
     s.update(r, rows=torch.tensor([4, 1]))  # any order, a Tensor or a list
     assert s.metrics()["batches_rewarded"] == 1

@@ -85,7 +85,7 @@ def trainer(tmp_path, max_steps: int, callbacks=(), **kw):
 
 
 def test_lightning_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_path):
-    sampler, callback, loader, module = build(12)
+    sampler, callback, loader, module = build(12, budget=None)  # every batch: the pairing
     fit = trainer(tmp_path, 12, [callback], enable_checkpointing=False)
     fit.fit(module, loader)
     assert sampler.weights["clean"] > 0.9, sampler.weights
@@ -109,7 +109,7 @@ def test_lightning_with_rows_and_forward_only_rewards_learns_what_the_exact_rewa
     same rows do, batch for batch."""
     runs = {}
     for estimator in ("ghost", "fd"):
-        sampler, callback, loader, module = build(12, estimator=estimator, reward="dot", rows=4)
+        sampler, callback, loader, module = build(12, estimator=estimator, reward="dot", rows=4, budget=None)
         fit = trainer(tmp_path / estimator, 12, [callback], enable_checkpointing=False)
         fit.fit(module, loader)
         runs[estimator] = (sampler, callback.gar)

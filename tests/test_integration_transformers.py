@@ -108,7 +108,7 @@ def build(tmp_path, max_steps: int, save_steps: int = 1000, workers: int = 0, **
 
 
 def test_trainer_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_path):
-    trainer, sampler, model = build(tmp_path, max_steps=12)
+    trainer, sampler, model = build(tmp_path, max_steps=12, gar_budget=None)  # every batch
     trainer.train()
     weights = sampler.weights
     assert weights["clean"] > 0.9, weights
@@ -140,6 +140,7 @@ def test_trainer_with_rows_and_forward_only_rewards_learns_what_the_exact_reward
             gar_estimator=estimator,
             gar_reward="dot",
             gar_rows=4,
+            gar_budget=None,
         )
         trainer.train()
         runs[estimator] = (sampler, trainer.gar)

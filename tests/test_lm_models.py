@@ -49,8 +49,9 @@ def _content_data(n: int, seed: int, predictable: bool) -> TensorDataset:
 
 
 def test_the_default_gar_learns_a_mixture_on_the_stock_encoder() -> None:
-    """Defaults only (held-out reference, cosine, ghost), dropout on, the buffered mask: every
-    batch is rewarded and the mixture moves to the source the reference agrees with."""
+    """Defaults only (held-out reference, cosine, ghost, the budget), dropout on, the
+    buffered mask: the first batches are rewarded exactly, then a share within the budget,
+    every reward finite, and the mixture moves to the source the reference agrees with."""
     torch.manual_seed(0)
     model = StockLM()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -62,14 +63,16 @@ def test_the_default_gar_learns_a_mixture_on_the_stock_encoder() -> None:
     reference = ad.ReferenceBatches(_content_data(32, 3, True), 8)
     gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=lm_loss)
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    rewarded = []
     for x, y in itertools.chain(loader, loader):
         opt.zero_grad()
         lm_loss(model(x), y).mean().backward()
         r = gar.step()
-        assert r is not None
-        assert torch.isfinite(r).all()
+        rewarded.append(r is not None)
+        assert r is None or torch.isfinite(r).all()
         opt.step()
-    assert gar.metrics()["batches_rewarded"] == 2 * len(sampler)
+    assert rewarded[0] and rewarded[1]  # the exact phase
+    assert 2 < gar.metrics()["batches_rewarded"] == sum(rewarded) < 2 * len(sampler)
     assert sampler.weights["good"] > 0.7
 
 
@@ -160,7 +163,7 @@ def test_the_trainer_runs_stock_models_with_their_own_loss(kind: str, tmp_path) 
     )
     trainer.train()
     metrics = trainer.gar.metrics()
-    assert metrics["batches_rewarded"] == 12
+    assert 2 <= metrics["batches_rewarded"] <= 12  # the exact phase, then the budget's share
     assert metrics["batches_dropped"] == 0
     assert math.isfinite(metrics["reward_mean"])
     assert sampler.weights != {"counting": 0.5, "random": 0.5}
@@ -238,7 +241,7 @@ def test_the_generic_path_is_named_once_with_its_cost() -> None:
     with pytest.warns(
         UserWarning, match=r"module 'gain' \(Gain\) by its generic path \(no rule"
     ) as seen:
-        gar = _loop(GainLM())
+        gar = _loop(GainLM(), budget=None)
     assert sum("generic path" in str(w.message) for w in seen) == 1  # once, not per step
     assert "ms of gar.step()'s" in str(seen[0].message)
     assert gar.metrics()["generic_calls"] == 3

@@ -197,14 +197,14 @@ def test_an_optimizer_without_a_rule_warns_once_and_uses_the_plain_gradient() ->
         warnings.simplefilter("always")
         r = probe(x, y, direction=d, optimizer=rprop)
         probe(x, y, direction=d, optimizer=rprop)  # the same optimizer: no second warning
-        gar = ad.GAR(model, _sampler(), optimizer=rprop)
+        gar = ad.GAR(model, _sampler(), optimizer=rprop, budget=None)
         gar.close()
     assert [str(w.message).split(" ")[0] for w in caught] == ["Rprop"]
     assert "plain gradient" in str(caught[0].message)
     torch.testing.assert_close(r, probe(x, y, direction=d))
     other = optim.Rprop(model.parameters())
     with pytest.warns(UserWarning, match=r"^Rprop has no diagonal preconditioner"):
-        ad.GAR(model, _sampler(), optimizer=other).close()
+        ad.GAR(model, _sampler(), optimizer=other, budget=None).close()
 
 
 class _Wrapper:
@@ -224,7 +224,7 @@ def test_wrappers_exposing_optimizer_are_unwrapped() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.testing.assert_close(probe(x, y, direction=d, optimizer=wrapped), expected)
-            ad.GAR(model, _sampler(), optimizer=wrapped).close()
+            ad.GAR(model, _sampler(), optimizer=wrapped, budget=None).close()
     loop = _Wrapper(None)
     loop.optimizer = loop
     with pytest.raises(TypeError, match=r"optimizer should be a torch.optim.Optimizer .*_Wrapper"):
@@ -245,7 +245,7 @@ def test_accelerate_prepared_optimizer_is_accepted_as_it_is() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = probe(x, y, direction=d, optimizer=opt)
-        gar = ad.GAR(model, _sampler(), optimizer=opt)
+        gar = ad.GAR(model, _sampler(), optimizer=opt, budget=None)
     torch.testing.assert_close(r, probe(x, y, direction=d, optimizer=opt.optimizer))
     assert not torch.allclose(r, probe(x, y, direction=d))
     # GAR's rewards use the wrapped optimizer's state.

@@ -109,7 +109,7 @@ def test_a_user_rule_is_cut_to_the_rewarded_rows(monkeypatch) -> None:
         sampler = ad.GARSampler(data(4 * N, 1), batch_size=N, seed=0, num_batches=3)
         got = []
         sampler.update = lambda r, batch=None, rows=None: got.append((r, rows))  # type: ignore[method-assign]
-        gar = ad.GAR(net, sampler, optimizer=opt, rows=rows)
+        gar = ad.GAR(net, sampler, optimizer=opt, rows=rows, budget=None)
         kept_rows = []
         for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
             opt.zero_grad()

@@ -388,5 +388,6 @@ def test_one_line_gar_learns_over_a_stream_and_a_map_style_source():
                 loss_fn(model(x), y).mean().backward()
                 gar.step()
                 opt.step()
-        assert gar.metrics()["batches_rewarded"] == 60
+        # every batch while the evidence is thin, then a share within the budget
+        assert 2 <= gar.metrics()["batches_rewarded"] < 60
     assert sampler.weights["clean"] > 0.8

@@ -159,7 +159,7 @@ def tiny_setup(held_out: bool = True, **sampler_kw):
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     sampler = ad.GARSampler(sources, batch_size=4, seed=0, **sampler_kw)
     ref = ad.ReferenceBatches(sources["a"], 8, seed=1)
-    gar = ad.GAR(model, sampler, reference=ref, loss_fn=loss_fn)
+    gar = ad.GAR(model, sampler, reference=ref, loss_fn=loss_fn, budget=None)
     return model, sampler, gar, loss_fn
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .._check import check_int
 from ..probe._keepers import KEEPERS
 from ..probe._probe import ESTIMATORS, REWARDS
+from ._budget import check_budget
 
 if TYPE_CHECKING:
     from ..sampling import GARSampler
@@ -21,11 +22,12 @@ def check_arguments(
     reward: Any,
     reference: Any,
     loss_fn: Any,
-    reference_refresh: Any = 1,
+    reference_refresh: Any = None,
     rows: Any = None,
     prefix: str = "",
     estimator: Any = "ghost",
     fallback: Any = "jvp",
+    budget: Any = None,
 ) -> None:
     """GAR's checks of ``every``, ``reward``, the reference and its refresh, ``rows`` and
     ``estimator``, shared with the integrations (which check them when they are built, before
@@ -45,10 +47,11 @@ def check_arguments(
         raise ValueError(
             f"{p}fallback should be 'jvp' or 'raise', but got {p}fallback={fallback!r}"
         )
-    check_int(f"{p}every", every, minimum=1)
-    check_int(f"{p}reference_refresh", reference_refresh, minimum=1)
+    check_budget(budget, p)
+    check_int(f"{p}every", every, minimum=1, none_ok=True)
+    check_int(f"{p}reference_refresh", reference_refresh, minimum=1, none_ok=True)
     check_int(f"{p}rows", rows, minimum=1, none_ok=True)
-    if reference is None and reference_refresh != 1:
+    if reference is None and reference_refresh not in (None, 1):
         raise ValueError(
             f"{p}reference_refresh reuses a held-out reference gradient: it needs "
             f"{p}reference=, but got {p}reference=None and "

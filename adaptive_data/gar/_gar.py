@@ -32,6 +32,7 @@ from ..probe.rules import FALLBACK_RULE, registered_names
 from ..sampling import GARSampler
 from . import _state
 from ._arguments import check_arguments
+from ._budget import DEFAULT_BUDGET, KEEP_COSTS, Budget, per_row_contrast
 from ._pairing import Pairing
 from ._schedule import Schedule
 
@@ -44,7 +45,7 @@ class GAR:
     ::
 
         loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
-        gar = GAR(model, sampler, optimizer=opt, reference=ReferenceBatches(val, 128),
+        gar = GAR(model, sampler, optimizer=opt, reference=ReferenceBatches(val, 64),
                   loss_fn=per_example_loss)
         for x, y in loader:
             opt.zero_grad()
@@ -67,8 +68,17 @@ class GAR:
             iterates.
         optimizer: the optimizer over the model's parameters (or a wrapper exposing it as
             ``.optimizer``); ``D`` is preconditioned by its state. ``None``: plain gradients.
+        budget: the rewards' estimated share of a training step's work (default 0.1): GAR
+            then chooses which batches to reward, how many of their rows and how often to
+            recompute the reference gradient, exact and fresh while the evidence is thin and
+            cheaper once the rewards and the reference allow, from counted work only (the
+            same choices with any worker count and after a resume; docs/howto-gar.md, "The
+            cost budget"). ``None``: every batch, every row, a fresh reference (exact, and
+            2-4x a training step). An explicit ``every``, ``rows`` or
+            ``reference_refresh`` replaces that choice.
         every: reward the batches of every ``every``-th step only (>= 1); with next-batch
-            references of a transform, every ``every``-th augmented batch.
+            references of a transform, every ``every``-th augmented batch. ``None``: the
+            budget's choice (1 without a budget).
         reward: ``"cosine"`` or ``"dot"``.
         reference: an iterator of held-out ``(x_ref, y_ref)`` batches, e.g.
             ``ReferenceBatches(target, 128)``; ``None``: the next batch (one source only).
@@ -76,9 +86,11 @@ class GAR:
             ``reference``.
         reference_refresh: with ``reference``, compute the reference gradient at most every
             ``reference_refresh`` steps and reuse it in between (preconditioned by the
-            optimizer's state of the step that uses it).
-        rows: reward at most this many rows of each kept batch (``None``: all), drawn from
-            the sampler's seed and the batch id; the sampler learns from those rows alone.
+            optimizer's state of the step that uses it). ``None``: the budget's choice (1
+            without a budget).
+        rows: reward at most this many rows of each kept batch, drawn from the sampler's
+            seed and the batch id; the sampler learns from those rows alone. ``None``: the
+            budget's choice (all rows without a budget).
         estimator: ``"ghost"`` (exact, from the covered layers' inputs and output
             gradients) or ``"fd"`` (forward-only: a central difference of two no-grad
             forwards of the rewarded rows at ``theta +- eps D``; needs ``reward="dot"``).
@@ -97,11 +109,12 @@ class GAR:
         sampler: GARSampler,
         *,
         optimizer: torch.optim.Optimizer | None = None,
-        every: int = 1,
+        budget: float | None = DEFAULT_BUDGET,
+        every: int | None = None,
         reward: str = "cosine",
         reference: Iterable[Any] | None = None,
         loss_fn: Any = None,
-        reference_refresh: int = 1,
+        reference_refresh: int | None = None,
         rows: int | None = None,
         estimator: str = "ghost",
         fallback: str = "jvp",
@@ -110,28 +123,37 @@ class GAR:
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
-        options = {"estimator": estimator, "fallback": fallback}
+        options = {"estimator": estimator, "fallback": fallback, "budget": budget}
         check_arguments(
             sampler, every, reward, reference, loss_fn, reference_refresh, rows, **options
         )
         check_unsharded(model)
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         group = sampler.sync_group
+        self._budget = Budget(
+            budget,
+            sampler.batch_size,
+            KEEP_COSTS[estimator, reward],
+            every=every,
+            rows=rows,
+            refresh=reference_refresh,
+            held_out=reference is not None,
+        )
         self._source = DirectionSource(
             core,
             optimizer,
             loss_fn=loss_fn,
-            refresh=reference_refresh,
+            refresh=self._budget.reference_refresh(),
             sync=lambda ts: group.all_reduce_mean(ts, "GAR's reference gradient"),
             who="GAR",
         )
         self.model, self.sampler, self.optimizer = model, sampler, optimizer
-        self.every, self.reward, self.loss_fn = every, reward, loss_fn
+        self.budget, self.every, self.reward, self.loss_fn = budget, every, reward, loss_fn
         self.reference_refresh, self.rows, self.estimator = reference_refresh, rows, estimator
         self.fallback = fallback
         self._reference: Iterator[Any] | None = None if reference is None else iter(reference)
         self._pairing = Pairing(sampler)
-        self._schedule = Schedule(sampler, every, reference is None, rows)
+        self._schedule = Schedule(sampler, self._budget, reference is None)
         self._pause = Pause()  # while active, no forward is a training batch
         # GAR's root hook first: the keeper's hooks on the root (its RNG state) run after it
         # has opened the batch.
@@ -168,11 +190,13 @@ class GAR:
 
     def _parts(self) -> _state.Parts:
         """The settings a saved state must agree with, and the parts that hold the state."""
-        settings = {
+        budget = self._budget
+        settings = {  # without a budget, the explicit settings of a GAR before budget=
             "mode": "next batch" if self._reference is None else "held-out",
-            "every": self.every,
+            "budget": self.budget,
+            "every": budget.fixed_every,
             "reward": self.reward,
-            "reference_refresh": self.reference_refresh,
+            "reference_refresh": budget.fixed_refresh,
             "rows": self.rows,
             "estimator": self.estimator,
         }
@@ -182,11 +206,17 @@ class GAR:
 
     def __repr__(self) -> str:
         mode = "next batch" if self._reference is None else "held-out"
-        refresh = f", reference_refresh={self.reference_refresh}" if self._reference else ""
+        b = self._budget
+        every = "" if b.fixed_every is None else f", every={b.fixed_every}"
+        refresh = (
+            f", reference_refresh={b.fixed_refresh}"
+            if self._reference is not None and b.fixed_refresh is not None
+            else ""
+        )
         rows = "" if self.rows is None else f", rows={self.rows}"
         estimator = "" if self.estimator == "ghost" else f", estimator={self.estimator!r}"
         return (
-            f"{type(self).__name__}(reference={mode}, every={self.every}, "
+            f"{type(self).__name__}(reference={mode}, budget={self.budget}{every}, "
             f"reward={self.reward!r}{refresh}{rows}{estimator})"
         )
 
@@ -248,7 +278,7 @@ class GAR:
             # .grad holds NaN or inf, as on the steps a GradScaler skips: skip this one too.
             self._counts.dropped += self._schedule.drop_trained()
             self._counts.skipped_nonfinite += 1
-            self._schedule.steps += 1
+            self._schedule.advance()
             return None
         if self._reference is None:
             if all(p.grad is None for p in params.values()):
@@ -269,16 +299,43 @@ class GAR:
             if r is None:
                 self._counts.dropped += 1
                 continue
+            groups = self._groups(kept.batch)
             if kept.rows is None:
                 self.sampler.update(r, batch=kept.batch)
             else:
                 self.sampler.update(r, batch=kept.batch, rows=kept.rows)
+                groups = None if groups is None else [groups[i] for i in kept.rows.tolist()]
+            self._observe_contrast(r, groups)
             self._counts.rewarded += 1
             finite = r[torch.isfinite(r)]
             self._counts.last_mean = float(finite.mean()) if finite.numel() else math.nan
             out = r
-        self._schedule.steps += 1
+        self._schedule.advance()
         return out
+
+    def _groups(self, batch: int) -> list[int] | None:
+        """What the budget tells apart in a batch's rewards: each row's source in a mixture,
+        its augmentation over one source (None: nothing to tell apart, or no budget)."""
+        if self._budget.budget is None:
+            return None
+        if len(self.sampler.names) > 1:
+            return self.sampler.batch_sources(batch)
+        return self.sampler.batch_augmentations(batch)
+
+    def _observe_contrast(self, r: Tensor, groups: list[int] | None) -> None:
+        """Give the budget the contrast of a rewarded batch, averaged over the ranks (which
+        reward the same batches, so every rank chooses the same rows)."""
+        if self._budget.budget is None:
+            return
+        phi = None if groups is None else per_row_contrast(r, groups)
+        group = self.sampler.sync_group
+        if group.active:
+            ok = phi is not None
+            total, count = group.all_reduce_sum(
+                [phi if ok else 0.0, 1.0 if ok else 0.0], "GAR's budget"
+            )
+            phi = total / count if count else None
+        self._budget.observe_contrast(phi, r.numel())
 
     def _report_generic(self, seconds: float) -> None:
         """Report the modules new to the generic path (``seconds`` so far in this step)."""
@@ -289,11 +346,22 @@ class GAR:
 
     def _reference_direction(self) -> Direction:
         """``D`` of the held-out mode: the reference gradient (recomputed when it is
-        ``reference_refresh`` steps old, else the last one), preconditioned now."""
-        gradient = self._source.reused_gradient(self._schedule.steps, self._reference_gradient)
-        return self._source.direction(gradient)
+        ``reference_refresh`` steps old, or the budget's interval, else the last one),
+        preconditioned now."""
+        source, budget = self._source, self._budget
+        source.refresh = budget.reference_refresh()
+        keep = budget.budget is not None  # the budget compares each fresh one with the last
+        gradient = source.reused_gradient(self._schedule.steps, self._fresh_reference, keep)
+        return source.direction(gradient)
 
-    def _reference_gradient(self) -> Direction:
+    def _fresh_reference(self) -> Direction:
+        gradient, n = self._reference_gradient()
+        self._budget.charge_reference(n)
+        self._budget.observe_reference(gradient, self._source.gradient)
+        return gradient
+
+    def _reference_gradient(self) -> tuple[Direction, int]:
+        """A fresh reference gradient, and the rows of the reference batch it came from."""
         if self._reference is None:
             raise RuntimeError("no reference iterator: GAR was built for the next-batch mode")
         try:
@@ -304,7 +372,7 @@ class GAR:
         n = lead_batch_size(x_ref, "x_ref")
         check_same_batch(y_ref, n)
         with self._pause():  # the reference pass is not a training batch: keep nothing
-            return self._source.reference_gradient(args, kwargs, y_ref, n)
+            return self._source.reference_gradient(args, kwargs, y_ref, n), n
 
     # ------------------------------------------------------------------ state
 
@@ -335,15 +403,23 @@ class GAR:
         rewarded: a forward without backward, a step skipped for a non-finite ``.grad``, or
         dropped by ``close()``), ``steps_skipped_nonfinite`` (steps skipped because ``.grad``
         held NaN or inf while a batch was kept), ``reward_mean`` (of the last rewarded batch),
-        ``generic_calls`` (module calls rewarded by the generic path so far). Counted, not
-        timed: a resumed run continues them exactly (:meth:`timing` has the wall time)."""
+        ``generic_calls`` (module calls rewarded by the generic path so far), and what the
+        budget chose and estimates: ``budget``, ``budget/cost_per_step`` (the rewards'
+        estimated work per step so far, in training steps), ``budget/rows`` and
+        ``budget/reference_refresh`` (in force now), ``budget/contrast`` (the smoothed
+        per-row contrast between the sources' mean rewards, in squared standard errors) and
+        ``budget/reference_cosine`` (of the last two fresh reference gradients; NaN before
+        two). Counted, not timed: a resumed run continues them exactly (:meth:`timing` has
+        the wall time)."""
+        steps = self._schedule.steps
         return {
-            "steps": self._schedule.steps,
+            "steps": steps,
             "batches_rewarded": self._counts.rewarded,
             "batches_dropped": self._counts.dropped,
             "steps_skipped_nonfinite": self._counts.skipped_nonfinite,
             "reward_mean": self._counts.last_mean,
             "generic_calls": self._counts.generic_calls,
+            **self._budget.metrics(steps),
         }
 
     def timing(self) -> dict[str, float]:

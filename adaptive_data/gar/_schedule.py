@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .._mix import mix
 from ..probe._keepers import KeptBatch
+from ._budget import Budget
 
 if TYPE_CHECKING:
     from ..sampling import GARSampler
@@ -30,16 +31,15 @@ class Schedule:
 
     Args:
         sampler: the sampler whose batches are kept (its ``reference_every`` and seed).
-        every: keep the batches of every ``every``-th step (or augmented batch).
+        budget: which batches are kept and how many of their rows are rewarded (an explicit
+            ``every`` and ``rows``, or the cost budget's choices).
         next_batch: the reference is the next batch (else held-out batches).
-        rows: reward at most this many rows of a batch (None: all).
     """
 
-    def __init__(self, sampler: GARSampler, every: int, next_batch: bool, rows: int | None) -> None:
+    def __init__(self, sampler: GARSampler, budget: Budget, next_batch: bool) -> None:
         self.sampler = sampler
-        self.every = every
+        self.budget = budget
         self.next_batch = next_batch
-        self.rows = rows
         self.steps = 0  # step() calls made
         self.augmented = 0  # augmented batches seen (with reference batches)
         self.last_augmented: int | None = None
@@ -47,30 +47,37 @@ class Schedule:
 
     def keep(self, batch: int) -> KeptBatch | None:
         """A training forward of ``batch`` starts: a new :class:`KeptBatch` if its rewards are
-        wanted (it replaces an earlier forward of the same batch before the same step)."""
+        wanted (it replaces an earlier forward of the same batch before the same step, and
+        is charged to the budget once)."""
+        again = any(k.batch == batch and k.step == self.steps for k in self.pending)
         if self.next_batch and self.sampler.reference_every:
             if self.sampler.is_reference(batch):
                 return None  # the next-batch reference of the augmented batches before it
             if batch != self.last_augmented:
                 self.last_augmented = batch
                 self.augmented += 1
-            if (self.augmented - 1) % self.every:
+            count = self.augmented - 1
+        else:
+            count = self.steps
+        if not again:
+            if not self.budget.wants(count):
                 return None
-        elif self.steps % self.every:
-            return None
+            self.budget.charge_keep(self.sampler.batch_size)
         kept = KeptBatch(batch, self.steps)
         self.pending = [k for k in self.pending if k.batch != batch]
         self.pending.append(kept)
         return kept
 
     def choose_rows(self, batch: int, n: int) -> Tensor | None:
-        """The rows of batch ``batch`` (of ``n`` examples) that ``rows=`` rewards (None: all):
+        """The rows of batch ``batch`` (of ``n`` examples) that ``rows=`` or the budget
+        rewards (None: all):
         a uniformly random subset of ``rows`` positions, sorted, drawn from ``(sampler seed,
         batch id, rank)``: the same in a resumed run, and every row equally likely."""
-        if self.rows is None or self.rows >= n:
+        rows = self.budget.chosen_rows(n)
+        if rows is None:
             return None
         g = torch.Generator().manual_seed(mix(self.sampler.seed, 4, batch, self.sampler.rank))
-        return torch.randperm(n, generator=g)[: self.rows].sort().values
+        return torch.randperm(n, generator=g)[:rows].sort().values
 
     def due(self, last_batches: list[int]) -> tuple[list[KeptBatch], int]:
         """Take the kept batches whose reference is known at this step: held-out, those kept
@@ -88,6 +95,11 @@ class Schedule:
                 return [], dropped  # this step's gradient is an augmented batch's
         return self._take(lambda k: k.step < self.steps), dropped
 
+    def advance(self) -> None:
+        """The step is over: count it, and give the budget its share."""
+        self.steps += 1
+        self.budget.tick()
+
     def drop_trained(self) -> int:
         """A step skipped for a non-finite ``.grad``: drop the batches trained at this step
         (batches kept earlier wait for the next step's gradient); returns how many."""
@@ -103,6 +115,7 @@ class Schedule:
             "steps": self.steps,
             "augmented": self.augmented,
             "last_augmented": self.last_augmented,
+            "budget_state": self.budget.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -110,4 +123,6 @@ class Schedule:
         self.augmented = int(state["augmented"])
         last = state["last_augmented"]
         self.last_augmented = None if last is None else int(last)
+        if state.get("budget_state") is not None:  # absent from states saved before budget=
+            self.budget.load_state_dict(state["budget_state"])
         self.pending.clear()

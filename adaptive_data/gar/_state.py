@@ -27,6 +27,7 @@ KEYS: tuple[str, ...] = (
 )
 ESTIMATOR_KEY = "estimator"  # absent from states saved before estimator= existed
 CLOCK_KEY = "seconds"  # (in step(), of the loop) and the generic calls; absent before them
+BUDGET_KEY = "budget"  # absent from states saved before budget= existed (saved without one)
 
 
 @dataclasses.dataclass
@@ -130,8 +131,12 @@ def save(parts: Parts) -> dict[str, Any]:
         **source.state_dict(),
         "rows": settings["rows"],
         ESTIMATOR_KEY: settings[ESTIMATOR_KEY],
+        BUDGET_KEY: settings[BUDGET_KEY],
         CLOCK_KEY: [*clock.seconds(), float(counters.generic_calls)],
     }
+
+
+_ABSENT = {ESTIMATOR_KEY: "ghost", BUDGET_KEY: None}  # what a state without the key had
 
 
 def load(state: Mapping[str, Any], parts: Parts) -> None:
@@ -150,11 +155,17 @@ def load(state: Mapping[str, Any], parts: Parts) -> None:
     missing = sorted(set(KEYS) - set(state))
     if missing:
         raise ValueError(f"GAR state is missing the key(s) {missing}")
-    for key in ("mode", "every", "reward", "reference_refresh", "rows", ESTIMATOR_KEY):
-        theirs = state.get(key, "ghost") if key == ESTIMATOR_KEY else state[key]
+    keys = ("mode", BUDGET_KEY, "every", "reward", "reference_refresh", "rows", ESTIMATOR_KEY)
+    for key in keys:
+        theirs = state.get(key, _ABSENT.get(key))
         if theirs != settings[key]:
+            old = (
+                " (a state saved before budget= existed, by an exact GAR: pass budget=None)"
+                if key == BUDGET_KEY and BUDGET_KEY not in state
+                else ""
+            )
             raise ValueError(
-                f"state has {key}={theirs!r}, but this GAR has {key}={settings[key]!r}"
+                f"state has {key}={theirs!r}, but this GAR has {key}={settings[key]!r}{old}"
             )
     ref_grad = source.check_state(state["reference_gradient"])  # checked first
     if state["reference"] is not None and reference is not None:

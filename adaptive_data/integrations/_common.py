@@ -25,6 +25,7 @@ _GAR_DEFAULTS = {
     for name, p in inspect.signature(GAR.__init__).parameters.items()
     if p.default is not inspect.Parameter.empty
 }
+_OPTIONS = ("budget", "every", "reward", "reference_refresh", "rows", "estimator")
 
 
 class Wiring:
@@ -41,13 +42,11 @@ class Wiring:
         gar: GAR | None,
         reference: Iterable[Any] | None,
         loss_fn: Any,
-        every: int,
-        reward: str,
         prefix: str,
-        reference_refresh: int = 1,
-        rows: int | None = None,
-        estimator: str = "ghost",
+        **options: Any,
     ) -> None:
+        """``options``: GAR's other keyword arguments (``budget``, ``every``, ``reward``,
+        ``reference_refresh``, ``rows``, ``estimator``), as the integration received them."""
         p = prefix
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"{p}sampler should be a GARSampler, but got {type(sampler).__name__}")
@@ -59,45 +58,35 @@ class Wiring:
                     f"{p}gar was built over another GARSampler than {p}sampler; build it over "
                     f"the same one"
                 )
-            options = {
-                "reference": reference,
-                "loss_fn": loss_fn,
-                "every": every,
-                "reward": reward,
-                "reference_refresh": reference_refresh,
-                "rows": rows,
-                "estimator": estimator,
-            }
-            given = [n for n, v in options.items() if v != _GAR_DEFAULTS[n]]
+            given = [
+                n
+                for n, v in {"reference": reference, "loss_fn": loss_fn, **options}.items()
+                if v != _GAR_DEFAULTS[n]
+            ]
             if given:
                 raise ValueError(
                     f"{p}gar is already built, so {', '.join(p + n for n in given)} would be "
                     "ignored; pass them to GAR(...) or leave gar out"
                 )
         else:
+            o = {**{k: _GAR_DEFAULTS[k] for k in _OPTIONS}, **options}
             check_arguments(
                 sampler,
-                every,
-                reward,
+                o["every"],
+                o["reward"],
                 reference,
                 loss_fn,
-                reference_refresh,
-                rows,
+                o["reference_refresh"],
+                o["rows"],
                 prefix=p,
-                estimator=estimator,
+                estimator=o["estimator"],
+                budget=o["budget"],
             )
         self.sampler = sampler
         self.gar = gar
         self.reference = reference
         self.loss_fn = loss_fn
-        # GAR's other arguments, as given (checked above)
-        self.options: dict[str, Any] = {
-            "every": every,
-            "reward": reward,
-            "reference_refresh": reference_refresh,
-            "rows": rows,
-            "estimator": estimator,
-        }
+        self.options: dict[str, Any] = dict(options)  # GAR's other arguments (checked above)
         self._built = False  # whether self.gar is ours (built by build())
         self._accumulation_noted = False  # expect_accumulation() told the sampler
         self._pending_gar: Mapping[str, Any] | None = None

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from ..gar._budget import DEFAULT_BUDGET
 from ..gar._gar import GAR
 from ..sampling._sampler import GARSampler
 from ..sampling._tracking import TrackedLoader
@@ -60,6 +61,8 @@ class GARCallback(Callback):
             (on the model's device: its ``device=``). Required for a mixture of several
             sources; ``None``: the next-batch reference (augmentation over one source).
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; with ``reference``.
+        budget: GAR's ``budget``: the rewards' estimated share of a training step (default
+            0.1; ``None``: every batch, exact).
         every: GAR's ``every``: reward the batches of every ``every``-th step.
         reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
@@ -78,9 +81,10 @@ class GARCallback(Callback):
         *,
         reference: Iterable[Any] | None = None,
         loss_fn: Any = None,
-        every: int = 1,
+        budget: float | None = DEFAULT_BUDGET,
+        every: int | None = None,
         reward: str = "cosine",
-        reference_refresh: int = 1,
+        reference_refresh: int | None = None,
         rows: int | None = None,
         estimator: str = "ghost",
         module: nn.Module | None = None,
@@ -96,12 +100,13 @@ class GARCallback(Callback):
             gar,
             reference,
             loss_fn,
-            every,
-            reward,
             "",
-            reference_refresh,
-            rows,
-            estimator,
+            budget=budget,
+            every=every,
+            reward=reward,
+            reference_refresh=reference_refresh,
+            rows=rows,
+            estimator=estimator,
         )
         self.module = module
         self.log_metrics = log_metrics

@@ -32,6 +32,7 @@ from transformers.trainer_utils import (
     seed_worker,
 )
 
+from ..gar._budget import DEFAULT_BUDGET
 from ..gar._gar import GAR
 from ..sampling._reference import ReferenceBatches
 from ..sampling._sampler import GARSampler
@@ -180,6 +181,8 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
             for the reference gradient; default: :func:`default_loss_fn` of the model, the
             per-example form of its own loss (causal and masked language models, sequence
             and token classification).
+        gar_budget: GAR's ``budget``: the rewards' estimated share of a training step
+            (default 0.1; ``None``: every batch, exact).
         gar_every: GAR's ``every``: reward the batches of every ``every``-th step.
         gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         gar_reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
@@ -197,9 +200,10 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
         gar_sampler: GARSampler,
         gar_reference: Any = None,
         gar_loss_fn: Any = None,
-        gar_every: int = 1,
+        gar_budget: float | None = DEFAULT_BUDGET,
+        gar_every: int | None = None,
         gar_reward: str = "cosine",
-        gar_reference_refresh: int = 1,
+        gar_reference_refresh: int | None = None,
         gar_rows: int | None = None,
         gar_estimator: str = "ghost",
         gar: GAR | None = None,
@@ -232,12 +236,13 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
             gar,
             gar_reference,
             gar_loss_fn,
-            gar_every,
-            gar_reward,
             "gar_",
-            gar_reference_refresh,
-            gar_rows,
-            gar_estimator,
+            budget=gar_budget,
+            every=gar_every,
+            reward=gar_reward,
+            reference_refresh=gar_reference_refresh,
+            rows=gar_rows,
+            estimator=gar_estimator,
         )
         super().__init__(*args, **kwargs)
         self.args.ignore_data_skip = True

@@ -302,10 +302,13 @@ class DirectionSource:
             raise ValueError(f"the reference gradient of {bad!r} contains NaN or inf")
         return d
 
-    def reused_gradient(self, step: int, compute: Callable[[], Direction]) -> Direction:
+    def reused_gradient(
+        self, step: int, compute: Callable[[], Direction], keep: bool = False
+    ) -> Direction:
         """The reference gradient at ``step``: ``compute()`` when none is held or it is
-        ``refresh`` steps old (always, with ``refresh=1``), else the one held."""
-        if self.refresh == 1:
+        ``refresh`` steps old (always, with ``refresh=1``), else the one held. With
+        ``refresh=1`` the gradient is held only with ``keep`` (its last value is wanted)."""
+        if self.refresh == 1 and not keep:
             return compute()
         if self.gradient is None or step - self.computed_at >= self.refresh:
             self.gradient = compute()

@@ -371,6 +371,28 @@ class GARSampler(Sampler[list[int]]):
             )
         return rec.reference
 
+    def batch_sources(self, batch: int) -> list[int]:
+        """The source index (into :attr:`names`) of each row of batch ``batch`` (an id from
+        :attr:`last_batch`, among the last ``reward_window`` drawn), in the batch's order."""
+        return list(self._record(batch).sources)
+
+    def batch_augmentations(self, batch: int) -> list[int] | None:
+        """The augmentation op (an index into the transform's ``op_names``; -1: none) drawn
+        for each row of batch ``batch``, in the batch's order; ``None`` for a batch drawn
+        without augmentation (no transform, or a reference batch)."""
+        aug = self._record(batch).aug
+        return None if aug is None else list(aug.ops)
+
+    def _record(self, batch: int) -> Record:
+        check_batch_id(batch)
+        rec = self._records.get(batch)
+        if rec is None:
+            raise ValueError(
+                f"batch={batch} is not among the last reward_window={self.reward_window} batches "
+                "drawn"
+            )
+        return rec
+
     @property
     def last_batch(self) -> int:
         """Id of the batch the training loop received most recently (for ``update(batch=)``)."""

@@ -11,6 +11,7 @@ in the repository was written by the version of commit a0fdd82.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ def setup():
         loss_fn=loss_fn,
         reference_refresh=2,
         rows=3,
+        # budget= came after the fixture was written: its states are an exact GAR's
+        **({"budget": None} if "budget" in inspect.signature(ad.GAR).parameters else {}),
     )
     return sampler, tf, model, opt, gar, loss_fn
 

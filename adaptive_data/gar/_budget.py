@@ -1,0 +1,301 @@
+"""GAR's cost budget: which batches, how many of their rows and how fresh a reference gradient
+the rewards get, for a counted share of the training step's work.
+
+A :class:`Budget` runs in two phases, and an explicit ``every``, ``rows`` or
+``reference_refresh`` replaces its choice of that setting in both:
+
+* **While the evidence is thin** (the first :data:`WARMUP` rewarded batches, or fewer once
+  their rewards tell the sources apart by :data:`EVIDENCE` squared standard errors in all):
+  every batch, every row, a fresh reference gradient, the exact GAR, so a short run or a
+  small reference batch learns what every-step rewards learn. This phase is outside the
+  budget (it costs what the exact GAR costs for those steps).
+* **Then, within the budget**: a quarter of each rewarded batch's rows (at least
+  :data:`MIN_ROWS`); the reference gradient reused for as many steps as keep its share of
+  the cost at half the budget (``2 R / (B budget)`` steps for ``R`` reference rows and
+  batches of ``B``, at most :data:`MAX_REFRESH`); and the batches to reward chosen by a
+  token bucket: every ``step()`` adds ``budget`` training steps' worth of credit, a training
+  forward is kept when the credit is not negative, and its estimated cost is charged at
+  once (a fresh reference gradient when it is computed). Over the run the estimated cost of
+  this phase stays within ``budget`` per step, plus the one batch charged ahead.
+
+The costs are estimates from counted work (rows, batch sizes), never from wall-clock time,
+so a run's choices are a function of its seed, its data and its counts: the same with any
+worker count, and the same after a resume (the state is in GAR's ``state_dict()``). The
+estimates are in units of one training step (the forward and backward of one batch):
+:data:`KEEP_COSTS` holds, per estimator and reward, the cost of keeping a batch (hooks that
+store its activations and output gradients) and of rewarding all of its rows; a fresh
+reference gradient of ``R`` rows costs ``R / B`` (its own forward and backward).
+
+What the budget measures is in ``gar.metrics()``: the per-row contrast between the sources'
+mean rewards (a one-way analysis of variance of each rewarded batch, which ends the first
+phase) and the cosine between successive fresh reference gradients (reported only: on the
+benchmarks it is dominated by the reference batch's sampling noise, near 0 where reusing the
+gradient for 32 steps loses nothing, so it does not set the refresh).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._check import check_number
+
+__all__: list[str] = []
+
+DEFAULT_BUDGET = 0.1
+"""``GAR(budget=)``'s default: the rewards' estimated work is at most a tenth of the training
+step's (docs/howto-gar.md, "The cost budget", has what it gives on the benchmarks)."""
+
+KEEP_COSTS: Mapping[tuple[str, str], tuple[float, float]] = {
+    ("ghost", "cosine"): (0.25, 0.75),
+    ("ghost", "dot"): (0.25, 0.5),
+    ("fd", "dot"): (0.05, 0.67),
+}
+"""``(keep, all rows)``: the estimated cost of keeping a batch for a reward, and of rewarding
+all of its rows (``r`` of ``B`` rows cost ``r / B`` of it), in training steps. Set from
+``benchmarks/gar_cost.py`` and ``benchmarks/lm_cost.py`` (the ghost estimator's cosine: the
+capture, then a dot product and a norm per example, about as much work as a backward of the
+covered layers; the fd estimator: two forwards of the rewarded rows)."""
+
+WARMUP = 16
+"""Rewarded batches of the first, exact phase, at most."""
+
+EVIDENCE = 32.0
+"""The summed squared contrast between the sources' mean rewards, in squared standard errors
+(each rewarded batch's ``Q - (k - 1)``, :func:`per_row_contrast` times its rows), that ends
+the first phase early."""
+
+ROWS_SHARE = 4
+"""The budget rewards ``B // ROWS_SHARE`` rows of a batch of ``B`` (at least :data:`MIN_ROWS`)."""
+
+MIN_ROWS = 16
+"""The fewest rows the budget rewards in a batch (a batch of fewer rows is rewarded whole)."""
+
+REFERENCE_SHARE = 0.5
+"""The share of the budget the reference gradient's refreshes may take."""
+
+MAX_REFRESH = 64
+"""The longest the budget reuses a reference gradient, in steps."""
+
+SMOOTHING = 0.2
+"""Weight of each rewarded batch in the smoothed per-row contrast (``gar.metrics()``)."""
+
+
+def check_budget(budget: Any, prefix: str = "") -> None:
+    """Raise unless ``budget`` is None or a finite number > 0 (a share of a training step)."""
+    if budget is not None:
+        check_number(f"{prefix}budget", budget, positive=True, what="None or a number > 0")
+
+
+class Budget:
+    """The choices of ``GAR(budget=)`` and what they cost (see the module's docstring).
+
+    Args:
+        budget: the rewards' share of a training step's work (> 0), or ``None``: no budget
+            (every batch, every row, a fresh reference, unless set explicitly).
+        batch_size: the sampler's batch size ``B``.
+        costs: ``(keep, all rows)`` of :data:`KEEP_COSTS` for the estimator and reward.
+        every, rows, refresh: the explicit settings (``None``: the budget chooses; without a
+            budget, 1, all rows and 1).
+        held_out: whether the reference is held-out batches (else the next batch: free).
+    """
+
+    def __init__(
+        self,
+        budget: float | None,
+        batch_size: int,
+        costs: tuple[float, float],
+        *,
+        every: int | None,
+        rows: int | None,
+        refresh: int | None,
+        held_out: bool,
+    ) -> None:
+        self.budget = None if budget is None else float(budget)
+        self.batch_size = batch_size
+        self.keep_cost, self.rows_cost = costs
+        self.fixed_every = every if every is not None or budget is not None else 1
+        self.fixed_rows = rows
+        self.fixed_refresh = refresh if refresh is not None or budget is not None else 1
+        self.held_out = held_out
+        # What the budget counted and measured (saved in the state).
+        self.credit = 0.0  # training steps' worth of work not yet spent (second phase)
+        self.charged = 0.0  # estimated work of the rewards so far, in training steps
+        self.kept = 0  # batches kept
+        self.warm = budget is not None  # the first phase: exact while the evidence is thin
+        self.evidence = 0.0  # summed squared contrast of the rewarded batches
+        self.contrast = math.nan  # smoothed per-row squared contrast (NaN: none measured)
+        self.reference_rows = batch_size  # R, from the last fresh reference gradient
+        self.drift = math.nan  # the cosine of the last two fresh reference gradients
+
+    # ------------------------------------------------------------------ choices
+
+    def wants(self, count: int) -> bool:
+        """Keep the batch of this ``count`` (steps, or augmented batches)? With an explicit
+        ``every``, every ``every``-th one; in the first phase, all; then when the bucket's
+        credit is not negative."""
+        if self.fixed_every is not None:
+            return count % self.fixed_every == 0
+        return self.warm or self.credit >= 0.0
+
+    def charge_keep(self, n: int) -> None:
+        """A batch of ``n`` rows is kept: charge its capture and the rows it will reward."""
+        rows = self.chosen_rows(n)
+        self._charge(self.keep_cost + self.rows_cost * (n if rows is None else rows) / max(n, 1))
+        self.kept += 1
+
+    def charge_reference(self, rows: int) -> None:
+        """A fresh reference gradient of ``rows`` rows was computed."""
+        self.reference_rows = rows
+        self._charge(rows / self.batch_size)
+
+    def _charge(self, cost: float) -> None:
+        self.charged += cost
+        if self.fixed_every is None and not self.warm:
+            self.credit -= cost
+
+    def tick(self) -> None:
+        """One ``step()``: the bucket gains a step's share (second phase)."""
+        if self.fixed_every is None and self.budget is not None and not self.warm:
+            self.credit += self.budget
+
+    def chosen_rows(self, n: int) -> int | None:
+        """How many of a batch's ``n`` rows to reward (None: all)."""
+        if self.fixed_rows is not None:
+            return None if self.fixed_rows >= n else self.fixed_rows
+        if self.budget is None or self.warm:
+            return None
+        r = max(self.batch_size // ROWS_SHARE, MIN_ROWS)
+        return None if r >= n else r
+
+    def reference_refresh(self) -> int:
+        """How many steps a reference gradient is reused for, now."""
+        if self.fixed_refresh is not None:
+            return self.fixed_refresh
+        if self.budget is None or self.warm:
+            return 1
+        share = self.reference_rows / self.batch_size  # one fresh gradient, in training steps
+        return min(max(math.ceil(share / (REFERENCE_SHARE * self.budget)), 1), MAX_REFRESH)
+
+    # ------------------------------------------------------------------ evidence
+
+    def observe_contrast(self, phi: float | None, rows: int) -> None:
+        """A rewarded batch of ``rows`` rows and its per-row contrast (:func:`per_row_contrast`;
+        ``None``: not measurable): add it to the evidence, and end the first phase when the
+        evidence is clear or after :data:`WARMUP` rewarded batches."""
+        if self.budget is None:
+            return
+        if phi is not None and math.isfinite(phi):
+            self.evidence += phi * rows
+            self.contrast = (
+                phi
+                if math.isnan(self.contrast)
+                else (1 - SMOOTHING) * self.contrast + SMOOTHING * phi
+            )
+        if self.warm and (self.evidence >= EVIDENCE or self.kept >= WARMUP):
+            self.warm = False
+
+    def observe_reference(
+        self, new: Mapping[str, Tensor], old: Mapping[str, Tensor] | None
+    ) -> None:
+        """A fresh reference gradient ``new`` replaces ``old``: their cosine, for
+        ``gar.metrics()`` (the gradients are the ranks' average)."""
+        if self.budget is None or old is None:
+            return
+        dot = na = nb = 0.0
+        for name, t in new.items():
+            a, o = t.double(), old[name].double()
+            dot += float((a * o).sum())
+            na += float((a * a).sum())
+            nb += float((o * o).sum())
+        self.drift = dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
+
+    # ------------------------------------------------------------------ reading, state
+
+    def metrics(self, steps: int) -> dict[str, float]:
+        """What the budget chose and what it estimates."""
+        rows = self.chosen_rows(self.batch_size)
+        return {
+            "budget": math.nan if self.budget is None else self.budget,
+            "budget/cost_per_step": self.charged / steps if steps else math.nan,
+            "budget/exact_phase": float(self.warm),
+            "budget/rows": float(self.batch_size if rows is None else rows),
+            "budget/reference_refresh": float(self.reference_refresh()),
+            "budget/evidence": self.evidence,
+            "budget/contrast": self.contrast,
+            "budget/reference_cosine": self.drift,
+        }
+
+    _INTS = ("kept", "reference_rows")
+    _FLOATS = ("credit", "charged", "evidence")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "credit": self.credit,
+            "charged": self.charged,
+            "kept": self.kept,
+            "warm": self.warm,
+            "evidence": self.evidence,
+            "contrast": self.contrast,
+            "reference_rows": self.reference_rows,
+            "drift": self.drift,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises, naming the key, for a value it cannot hold."""
+        for key in self._FLOATS:
+            value = state[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ValueError(
+                    f"state's budget[{key!r}] should be a finite number, but got {value!r}"
+                )
+        for key in self._INTS:
+            value = state[key]
+            low = 1 if key == "reference_rows" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"state's budget[{key!r}] should be an int >= {low}, but got {value!r}"
+                )
+        if not isinstance(state["warm"], bool):
+            raise ValueError(f"state's budget['warm'] should be a bool, but got {state['warm']!r}")
+        self.credit, self.charged = float(state["credit"]), float(state["charged"])
+        self.evidence = float(state["evidence"])
+        self.kept, self.reference_rows = int(state["kept"]), int(state["reference_rows"])
+        self.warm = state["warm"]
+        self.contrast, self.drift = float(state["contrast"]), float(state["drift"])
+
+
+def per_row_contrast(rewards: Tensor, sources: Sequence[int]) -> float | None:
+    """The squared contrast between the sources' mean rewards in one batch, in squared
+    standard errors, less what noise alone gives, per row: ``(Q - (k - 1)) / n`` with ``Q``
+    the between-source sum of squares over the pooled within-source variance (a one-way
+    analysis of variance). ``None`` when it cannot be measured (one source, too few rows,
+    no spread)."""
+    r = rewards.detach().to("cpu", torch.float64)
+    keep = torch.isfinite(r)
+    g = torch.as_tensor(list(sources), dtype=torch.long)[keep]
+    r = r[keep]
+    n = r.numel()
+    ids = g.unique()
+    k = ids.numel()
+    if k < 2 or n - k < 2:
+        return None
+    mean = r.mean()
+    between = within = 0.0
+    for s in ids.tolist():
+        rs = r[g == s]
+        between += rs.numel() * float((rs.mean() - mean) ** 2)
+        within += float(((rs - rs.mean()) ** 2).sum())
+    var = within / (n - k)
+    if var <= 0:
+        return None
+    q = between / var
+    return max(q - (k - 1), 0.0) / n
