@@ -9,6 +9,12 @@ repeat times a run of ``--steps`` steps after a warm-up, and the ratio to the pl
 the median of paired (same repeat) ratios. Target: at most 1.10x the plain loop's time per
 step. Figures go to ``benchmarks/results/gar_cost.json``.
 
+``--mode defaults`` times every default (``GAR(budget=0.1)``, next-batch and held-out) beside
+the exact GAR (``budget=None``), after a warm-up of 48 steps that covers the budget's exact
+first phase, with timed runs long enough to hold several rewarded batches (``--steps 40``);
+figures to ``benchmarks/results/gar_cost_defaults.json``. The other modes' variants set
+``budget=None``: what they measured before the budget existed.
+
 ``--mode heldout`` times the held-out mode instead (what a mixture uses): ``GAR`` with
 ``reference=ReferenceBatches(...)`` of 128 examples from the same data, every step
 (``heldout``), the reference gradient reused for 8 steps (``heldout_r8``), with that and 32
@@ -26,6 +32,7 @@ the capture hooks).
 
     python benchmarks/gar_cost.py            # full run (about 5 minutes on 2 cores)
     python benchmarks/gar_cost.py --mode heldout
+    python benchmarks/gar_cost.py --mode defaults --steps 40 --repeats 7
     python benchmarks/gar_cost.py --quick    # smoke run (seconds), writes nothing
 """
 
@@ -55,39 +62,65 @@ from probe_cost import cases
 RESULTS = Path(__file__).resolve().parent / "results"
 # Time per step at most this many times the plain loop's: the first wave's target for the
 # next-batch mode, and the cost issue's for the held-out mode.
-TARGETS = {"next_batch": 1.10, "heldout": 1.15}
+TARGETS = {"next_batch": 1.10, "heldout": 1.15, "defaults": 1.15}
 BATCH = 128
 # variant -> GAR's arguments (None: the plain loop); "reference": True stands for the
 # held-out reference batches.
 VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
     "next_batch": {
         "plain": None,
-        "gar_every1": {"every": 1},
-        "gar_every4": {"every": 4},
-        "gar_every8": {"every": 8},
-        "fd_every1": {"every": 1, "estimator": "fd", "reward": "dot"},
-        "fd_rows32": {"every": 1, "estimator": "fd", "reward": "dot", "rows": 32},
+        "gar_every1": {"budget": None, "every": 1},
+        "gar_every4": {"budget": None, "every": 4},
+        "gar_every8": {"budget": None, "every": 8},
+        "fd_every1": {"budget": None, "every": 1, "estimator": "fd", "reward": "dot"},
+        "fd_rows32": {"budget": None, "every": 1, "estimator": "fd", "reward": "dot", "rows": 32},
     },
     "heldout": {
         "plain": None,
-        "heldout": {"reference": True},
-        "heldout_r8": {"reference": True, "reference_refresh": 8},
-        "heldout_r8_rows32": {"reference": True, "reference_refresh": 8, "rows": 32},
-        "heldout_every4_r8": {"reference": True, "every": 4, "reference_refresh": 8},
-        "heldout_r32_rows32": {"reference": True, "reference_refresh": 32, "rows": 32},
+        "heldout": {"budget": None, "reference": True},
+        "heldout_r8": {"budget": None, "reference": True, "reference_refresh": 8},
+        "heldout_r8_rows32": {
+            "budget": None,
+            "reference": True,
+            "reference_refresh": 8,
+            "rows": 32,
+        },
+        "heldout_every4_r8": {
+            "budget": None,
+            "reference": True,
+            "every": 4,
+            "reference_refresh": 8,
+        },
+        "heldout_r32_rows32": {
+            "budget": None,
+            "reference": True,
+            "reference_refresh": 32,
+            "rows": 32,
+        },
         "heldout_fd_r8": {
+            "budget": None,
             "reference": True,
             "reference_refresh": 8,
             "estimator": "fd",
             "reward": "dot",
         },
         "heldout_fd_r8_rows32": {
+            "budget": None,
             "reference": True,
             "reference_refresh": 8,
             "rows": 32,
             "estimator": "fd",
             "reward": "dot",
         },
+    },
+    # Every default (GAR(budget=0.1)) against the exact GAR (budget=None), timed after the
+    # exact first phase (--warmup 48 steps: 16 rewarded batches, then the budget).
+    "defaults": {
+        "plain": None,
+        "default_next_batch": {},
+        "default_heldout": {"reference": True},
+        "exact_next_batch": {"budget": None},
+        "exact_heldout": {"budget": None, "reference": True},
     },
 }
 
@@ -129,6 +162,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     parser.add_argument("--steps", type=int, default=12, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="steps before the timing (2; 48 with defaults)"
+    )
     parser.add_argument("--models", default="mlp,resnet_bn")
     parser.add_argument(
         "--mode",
@@ -154,8 +190,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.warmup is None:
+        args.warmup = 48 if args.mode == "defaults" else 2
     if args.quick:
-        args.steps, args.repeats = 2, 1
+        args.steps, args.repeats, args.warmup = 2, 1, 2
     variants = VARIANTS[args.mode]
     if args.child is not None:  # one variant alone: its peak memory
         factory, make_batch = cases(BATCH)[args.models]
@@ -178,7 +216,9 @@ def main() -> None:
         profile(args, variants)
         return
     out_path = args.out or RESULTS / (
-        "gar_cost.json" if args.mode == "next_batch" else "gar_cost_heldout.json"
+        {"next_batch": "gar_cost.json", "heldout": "gar_cost_heldout.json"}.get(
+            args.mode, f"gar_cost_{args.mode}.json"
+        )
     )
     all_cases = cases(BATCH)
     results: dict[str, Any] = {
@@ -186,6 +226,7 @@ def main() -> None:
         "batch": BATCH,
         "steps": args.steps,
         "repeats": args.repeats,
+        "warmup": args.warmup,
         "target_vs_plain": TARGETS[args.mode],
         "mode": args.mode,
         "variants": variants,
@@ -197,8 +238,8 @@ def main() -> None:
         xs, ys = zip(*(make_batch(g) for _ in range(4)), strict=True)
         batches = TensorDataset(torch.cat(xs), torch.cat(ys))
         loops = {v: make_loop(factory, batches, options) for v, options in variants.items()}
-        for loop in loops.values():  # warm-up (and GAR's first kept batch)
-            loop(2)
+        for loop in loops.values():  # warm-up (and GAR's first kept batch, or its exact phase)
+            loop(args.warmup)
         times: dict[str, list[float]] = {v: [] for v in loops}
         print(f"{name} ...", flush=True)
         for _ in range(args.repeats):

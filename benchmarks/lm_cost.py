@@ -6,10 +6,13 @@ For three causal language models built from configs (nothing downloaded: a stock
 AdamW) at several sizes, the same loop over a two-source ``GARSampler`` loader runs without
 ``GAR`` (``plain``) and with it, ``gar.step()`` between ``backward()`` and
 ``optimizer.step()``, a held-out ``ReferenceBatches`` of the batch size and the per-sequence
-mean next-token cross-entropy as ``loss_fn``, for each documented setting: ``default`` (a fresh
-reference gradient every step, cosine, every row), ``dot`` (``reward="dot"``), ``r32_rows4``
-(``reference_refresh=32, rows=batch // 4``), ``fd_r32_rows4`` (the same with
-``estimator="fd", reward="dot"``) and ``every4_r8`` (``every=4, reference_refresh=8``).
+mean next-token cross-entropy as ``loss_fn``, for each documented setting: ``exact``
+(``budget=None``: a fresh reference gradient every step, cosine, every row), ``dot``
+(``reward="dot"``), ``r32_rows4`` (``reference_refresh=32, rows=batch // 4``),
+``fd_r32_rows4`` (the same with ``estimator="fd", reward="dot"``) and ``every4_r8``
+(``every=4, reference_refresh=8``), all without the budget, and ``default`` (every default:
+``GAR(budget=0.1)``; time it after its exact first phase with ``--warmup 24`` and runs of
+``--steps 32``).
 
 Each variant's model, optimizer and ``GAR`` are built once per (model, size) from the same
 seed and warmed up (3 steps); then each of ``--repeats`` repeats times ``--steps`` steps of
@@ -82,16 +85,18 @@ def variants(batch: int) -> dict[str, dict[str, Any] | None]:
     """variant -> GAR's keyword arguments besides the reference (None: the plain loop)."""
     return {
         "plain": None,
-        "default": {},
-        "dot": {"reward": "dot"},
-        "r32_rows4": {"reference_refresh": 32, "rows": batch // 4},
+        "exact": {"budget": None},
+        "dot": {"budget": None, "reward": "dot"},
+        "r32_rows4": {"budget": None, "reference_refresh": 32, "rows": batch // 4},
         "fd_r32_rows4": {
+            "budget": None,
             "estimator": "fd",
             "reward": "dot",
             "reference_refresh": 32,
             "rows": batch // 4,
         },
-        "every4_r8": {"every": 4, "reference_refresh": 8},
+        "every4_r8": {"budget": None, "every": 4, "reference_refresh": 8},
+        "default": {},
     }
 
 
@@ -493,6 +498,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     parser.add_argument("--steps", type=int, default=8, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="steps before the timing")
     parser.add_argument("--models", default=",".join(MODELS), help="stock,gpt2,llama")
     parser.add_argument(
         "--sizes", default=DEFAULT_SIZES, help=f"names or indices of {', '.join(SIZES)}"
@@ -511,7 +517,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    args.warmup = 1 if args.quick else WARMUP
+    if args.quick:
+        args.warmup = 1
     args.models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:

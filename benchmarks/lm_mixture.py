@@ -90,20 +90,24 @@ TARGET = "en_man1_target"
 SEQ = 128
 VOCAB = 256
 METHODS = ("uniform", "proportional", "odm_exp3", "doremi", "doge", "gar", "gar_every4")
-# The GAR arms: (every, reference_refresh, rows, estimator, reward; None: GAR's default).
-# The _r8, _rows and _fd arms are not in the default run.
-GAR_ARMS: dict[str, tuple[int, int, int | None, str, str | None]] = {
-    "gar": (1, 1, None, "ghost", None),
-    "gar_every4": (4, 1, None, "ghost", None),
-    "gar_r8": (1, 8, None, "ghost", None),
-    "gar_every4_r8": (4, 8, None, "ghost", None),
-    "gar_r8_rows4": (1, 8, 4, "ghost", None),
-    "gar_r8_rows8": (1, 8, 8, "ghost", None),
-    "gar_dot_r8_rows4": (1, 8, 4, "ghost", "dot"),
-    "gar_fd_r8_rows4": (1, 8, 4, "fd", "dot"),
-    "gar_r32": (1, 32, None, "ghost", None),
-    "gar_r32_rows4": (1, 32, 4, "ghost", None),
-    "gar_fd_r32_rows4": (1, 32, 4, "fd", "dot"),
+# The GAR arms: (every, reference_refresh, rows, estimator, reward, budget; None: GAR's
+# default, except the budget: the explicit arms run without one, budget=None, what they
+# measured before it existed). gar_default is every default (the budget chooses). The _r8,
+# _rows, _fd and budget arms are not in the default run.
+GAR_ARMS: dict[str, tuple[int | None, int | None, int | None, str, str | None, float | None]] = {
+    "gar": (1, 1, None, "ghost", None, None),
+    "gar_every4": (4, 1, None, "ghost", None, None),
+    "gar_r8": (1, 8, None, "ghost", None, None),
+    "gar_every4_r8": (4, 8, None, "ghost", None, None),
+    "gar_r8_rows4": (1, 8, 4, "ghost", None, None),
+    "gar_r8_rows8": (1, 8, 8, "ghost", None, None),
+    "gar_dot_r8_rows4": (1, 8, 4, "ghost", "dot", None),
+    "gar_fd_r8_rows4": (1, 8, 4, "fd", "dot", None),
+    "gar_r32": (1, 32, None, "ghost", None, None),
+    "gar_r32_rows4": (1, 32, 4, "ghost", None, None),
+    "gar_fd_r32_rows4": (1, 32, 4, "fd", "dot", None),
+    "gar_default": (None, None, None, "ghost", None, 0.1),
+    "gar_budget0.2": (None, None, None, "ghost", None, 0.2),
 }
 CORRUPTED = ("random_bytes", "shuffled_en")
 
@@ -302,7 +306,7 @@ def run(
     loader = loader_for(sampler, args)
     gar = None
     if method in GAR_ARMS:
-        every, refresh, rows, estimator, reward = GAR_ARMS[method]
+        every, refresh, rows, estimator, reward, budget = GAR_ARMS[method]
         extra: dict[str, Any] = {} if reward is None else {"reward": reward}
         gar = ad.GAR(
             model,
@@ -314,6 +318,7 @@ def run(
             reference_refresh=refresh,
             rows=rows,
             estimator=estimator,
+            budget=budget,
             **extra,
         )
     ref_iter = (
@@ -389,10 +394,13 @@ def run(
             wall += time.perf_counter() - tick
             curve.append((step, wall, target_loss(model, *test)))
             tick = time.perf_counter()
+    gar_metrics = None
     if gar is not None:
+        gar_metrics = gar.metrics()
         gar.close()
     stride = max(1, len(weights_hist) // 200)
     return {
+        "gar_metrics": gar_metrics,
         "final_loss": curve[-1][2],
         "wall_s": curve[-1][1],
         "reference_wall_s": reference_model[1] if method == "doremi" else 0.0,

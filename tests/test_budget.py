@@ -305,3 +305,38 @@ def test_a_state_saved_before_the_budget_names_budget_none():
         gar.load_state_dict(state)
     gar.close()
     ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget=None).load_state_dict(state)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    value=st.floats(0.02, 1.0),
+    contrasts=st.lists(st.one_of(st.none(), st.floats(0.0, 3.0)), min_size=1, max_size=6),
+    ref_rows=st.integers(1, 128),
+    steps=st.integers(2, 120),
+    cut=st.floats(0.0, 1.0),
+)
+def test_the_choices_resume_exactly_from_a_state(value, contrasts, ref_rows, steps, cut):
+    """A budget rebuilt from a state at any step makes the choices of the uninterrupted one
+    (they depend on the counts and the evidence only)."""
+
+    def drive(bud: Budget, start: int, stop: int, held_at: list[int | None]) -> list[tuple]:
+        seen = []
+        for t in range(start, stop):
+            kept = bud.wants(t)
+            if kept:
+                bud.charge_keep(64)
+                if held_at[0] is None or t - held_at[0] >= bud.reference_refresh():
+                    bud.charge_reference(ref_rows)
+                    held_at[0] = t
+                bud.observe_contrast(contrasts[t % len(contrasts)], 64)
+            bud.tick()
+            seen.append((kept, bud.chosen_rows(64), bud.reference_refresh(), bud.warm))
+        return seen
+
+    whole = drive(budget(value), 0, steps, [None])
+    at = int(cut * steps)
+    first, held = budget(value), [None]
+    head = drive(first, 0, at, held)
+    again = budget(value)
+    again.load_state_dict(first.state_dict())
+    assert head + drive(again, at, steps, held) == whole
