@@ -142,7 +142,13 @@ def test_gar_held_out_reference_of_dict_batches_equals_the_probe() -> None:
     ref = collate(examples(5, 7))
     sampler = ad.GARSampler(data, batch_size=4, seed=0)
     gar = ad.GAR(
-        model, sampler, optimizer=opt, reward="dot", reference=itertools.repeat(ref), loss_fn=LOSS, budget=None
+        model,
+        sampler,
+        optimizer=opt,
+        reward="dot",
+        reference=itertools.repeat(ref),
+        loss_fn=LOSS,
+        budget=None,
     )
     for ids, mask, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         copy = Classifier()

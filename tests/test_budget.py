@@ -94,7 +94,8 @@ def test_a_larger_budget_keeps_more_batches_after_the_exact_phase():
                 bud.charge_keep(64)
             bud.tick()
         kept.append(n)
-    assert kept == sorted(kept) and kept[0] < kept[-1]
+    assert kept == sorted(kept)
+    assert kept[0] < kept[-1]
     assert kept[-1] == 200  # two steps' budget affords every batch (a quarter of the rows)
     per_batch = 0.25 + 0.75 / 4
     assert kept[1] == pytest.approx(200 * 0.1 / per_batch, abs=1.5)
@@ -105,17 +106,21 @@ def test_a_larger_budget_keeps_more_batches_after_the_exact_phase():
 
 def test_the_first_phase_is_exact_and_ends_after_warmup_batches():
     bud = budget(b=64)
-    assert bud.warm and bud.chosen_rows(64) is None and bud.reference_refresh() == 1
+    assert bud.warm
+    assert bud.chosen_rows(64) is None
+    assert bud.reference_refresh() == 1
     for t in range(WARMUP - 1):
         assert bud.wants(t)
         bud.charge_keep(64)
         bud.observe_contrast(0.0, 64)  # no contrast: evidence stays 0
         bud.tick()
-        assert bud.warm and bud.credit == 0.0
+        assert bud.warm
+        assert bud.credit == 0.0
     bud.charge_keep(64)
     bud.observe_contrast(None, 64)
     assert not bud.warm
-    assert bud.chosen_rows(64) == 64 // 4 and bud.chosen_rows(12) is None
+    assert bud.chosen_rows(64) == 64 // 4
+    assert bud.chosen_rows(12) is None
     assert past_warmup(budget(b=32)).chosen_rows(32) == MIN_ROWS  # a quarter of 32 is 8 < 16
     # R = B, budget 0.1: the reference's half of the budget buys one every 20 steps
     assert bud.reference_refresh() == 20
@@ -134,7 +139,8 @@ def test_clear_evidence_ends_the_first_phase_early():
         phi = per_row_contrast(torch.randn(64, generator=g, dtype=torch.float64) + gap, sources)
         bud.observe_contrast(phi, 64)
         n += 1
-    assert n < WARMUP and bud.evidence >= EVIDENCE  # a 1-sd gap: ~16 squared SEs a batch
+    assert n < WARMUP
+    assert bud.evidence >= EVIDENCE
 
 
 def test_the_per_row_contrast_is_an_analysis_of_variance():
@@ -164,13 +170,15 @@ def test_the_reference_cosine_is_reported():
 def test_explicit_settings_win_over_the_budget():
     bud = budget(every=3, rows=5, refresh=7)
     assert [bud.wants(t) for t in range(7)] == [True, False, False, True, False, False, True]
-    assert bud.chosen_rows(64) == 5 and bud.reference_refresh() == 7  # in the first phase too
-    for t in range(40):
+    assert bud.chosen_rows(64) == 5
+    assert bud.reference_refresh() == 7
+    for _t in range(40):
         bud.charge_keep(64)
         bud.observe_contrast(1.0, 64)
         bud.tick()
     assert not bud.warm
-    assert bud.chosen_rows(64) == 5 and bud.reference_refresh() == 7
+    assert bud.chosen_rows(64) == 5
+    assert bud.reference_refresh() == 7
     assert bud.credit == 0.0
 
 
@@ -181,7 +189,9 @@ def test_without_a_budget_every_batch_every_row_and_a_fresh_reference():
         bud.charge_keep(64)
         bud.observe_contrast(5.0, 64)
         bud.tick()
-    assert bud.chosen_rows(64) is None and bud.reference_refresh() == 1 and not bud.warm
+    assert bud.chosen_rows(64) is None
+    assert bud.reference_refresh() == 1
+    assert not bud.warm
 
 
 def test_a_bad_budget_state_is_refused_naming_the_key():
@@ -273,7 +283,8 @@ def test_the_budget_resumes_its_choices_exactly():
 def test_an_explicit_every_overrides_the_budget_in_gar():
     chosen, _, m, _ = train(budget=0.05, every=2)
     assert [c[1] is not None for c in chosen] == [True, False] * (len(chosen) // 2)
-    assert m["budget/reference_refresh"] > 1 and m["budget/rows"] == 16  # MIN_ROWS: all 16
+    assert m["budget/reference_refresh"] > 1
+    assert m["budget/rows"] == 16
 
 
 def test_default_budget_is_documented_and_checked():
@@ -282,7 +293,9 @@ def test_default_budget_is_documented_and_checked():
     s = ad.GARSampler(sources, batch_size=16)
     ref = ad.ReferenceBatches(clean, batch_size=8)
     model = nn.Linear(4, 2)
-    with pytest.raises(ValueError, match=r"budget should be None or a number > 0, but got budget=0"):
+    with pytest.raises(
+        ValueError, match=r"budget should be None or a number > 0, but got budget=0"
+    ):
         ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget=0)
     with pytest.raises(ValueError, match=r"budget=nan"):
         ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget=float("nan"))
@@ -300,8 +313,11 @@ def test_a_state_saved_before_the_budget_names_budget_none():
     exact.close()
     del state["budget"]
     gar = ad.GAR(model, s, reference=ref, loss_fn=LOSS)
-    with pytest.raises(ValueError, match=r"state has budget=None, but this GAR has budget=0.1 .*"
-                       r"pass budget=None"):
+    with pytest.raises(
+        ValueError,
+        match=r"state has budget=None, but this GAR has budget=0.1 .*"
+        r"pass budget=None",
+    ):
         gar.load_state_dict(state)
     gar.close()
     ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget=None).load_state_dict(state)

@@ -146,7 +146,13 @@ def test_held_out_reference_equals_the_probe(reward):
     ref = data(16, seed=5).tensors
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
     gar = ad.GAR(
-        model, sampler, optimizer=opt, reward=reward, reference=itertools.repeat(ref), loss_fn=LOSS, budget=None
+        model,
+        sampler,
+        optimizer=opt,
+        reward=reward,
+        reference=itertools.repeat(ref),
+        loss_fn=LOSS,
+        budget=None,
     )
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         oracle = ad.GradientProbe(snapshot(mlp, model), LOSS, reward=reward)(x, y, reference=ref)
@@ -471,13 +477,21 @@ def resumable_run(
         sources = {"a": data(40, seed=1), "b": data(35, seed=2)}
         sampler = ad.GARSampler(sources, batch_size=6, seed=0, num_batches=5)
         ref = ad.ReferenceBatches(data(30, seed=3), 8, seed=0)
-        gar = ad.GAR(model, sampler, optimizer=opt, every=2, reference=ref, loss_fn=LOSS, budget=None)
+        gar = ad.GAR(
+            model, sampler, optimizer=opt, every=2, reference=ref, loss_fn=LOSS, budget=None
+        )
     elif kind == "held_out_refresh":
         sources = {"a": data(40, seed=1), "b": data(35, seed=2)}
         sampler = ad.GARSampler(sources, batch_size=6, seed=0, num_batches=5)
         ref = ad.ReferenceBatches(data(30, seed=3), 8, seed=0)
         gar = ad.GAR(
-            model, sampler, optimizer=opt, reference=ref, loss_fn=LOSS, reference_refresh=3, budget=None
+            model,
+            sampler,
+            optimizer=opt,
+            reference=ref,
+            loss_fn=LOSS,
+            reference_refresh=3,
+            budget=None,
         )
     else:
         tf = ad.GARTransform(["Identity", "Invert", "Solarize"])
@@ -617,7 +631,8 @@ def test_a_reused_reference_is_the_gradient_of_the_step_that_drew_it():
         reference=refs,
         loss_fn=LOSS,
         reference_refresh=4,
-        reward="dot", budget=None,
+        reward="dot",
+        budget=None,
     )
     oracle_refs = iter(ad.ReferenceBatches(data(40, seed=5), 8, seed=0))
     checked = 0

@@ -109,7 +109,8 @@ def train(
             reference=reference,
             loss_fn=ref_loss if held_out else None,
             rows=rows,
-            estimator=estimator, budget=None,
+            estimator=estimator,
+            budget=None,
         )
     torch.manual_seed(1)  # the dropout masks
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
@@ -215,7 +216,8 @@ def test_batch_statistics_forward_the_whole_batch_row_by_row():
         reference=itertools.repeat((xr, yr)),
         loss_fn=models.loss_fn,
         rows=M,
-        estimator="fd", budget=None,
+        estimator="fd",
+        budget=None,
     )
     ((xb, yb),) = list(sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)))
     models.loss_fn(model(xb), yb).mean().backward()
@@ -273,7 +275,8 @@ def test_bn_buffers_are_untouched_by_the_differences():
         reward="dot",
         reference=itertools.repeat((x[:4], y[:4])),
         loss_fn=models.loss_fn,
-        estimator="fd", budget=None,
+        estimator="fd",
+        budget=None,
     )
     for xb, yb in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         for net in (model, plain):

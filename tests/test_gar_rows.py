@@ -87,7 +87,8 @@ def recorded_run(case: str, rows: int | None, reward: str, held_out: bool):
         reward=reward,
         reference=reference,
         loss_fn=loss if held_out else None,
-        rows=rows, budget=None,
+        rows=rows,
+        budget=None,
     )
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
         opt.zero_grad()
@@ -197,7 +198,10 @@ def test_the_row_choice_is_reproducible_and_fair():
     sd = (batches * p * (1 - p)) ** 0.5
     assert ((counts - batches * p).abs() < 5 * sd).all(), counts
     other = ad.GAR(
-        models.build("mlp"), ad.GARSampler(class_data("mlp", 2 * N, 1), N, seed=4), rows=M, budget=None
+        models.build("mlp"),
+        ad.GARSampler(class_data("mlp", 2 * N, 1), N, seed=4),
+        rows=M,
+        budget=None,
     )
     assert any(a.choose_rows(t, N).tolist() != other.choose_rows(t, N).tolist() for t in range(10))
 

@@ -109,7 +109,9 @@ def test_lightning_with_rows_and_forward_only_rewards_learns_what_the_exact_rewa
     same rows do, batch for batch."""
     runs = {}
     for estimator in ("ghost", "fd"):
-        sampler, callback, loader, module = build(12, estimator=estimator, reward="dot", rows=4, budget=None)
+        sampler, callback, loader, module = build(
+            12, estimator=estimator, reward="dot", rows=4, budget=None
+        )
         fit = trainer(tmp_path / estimator, 12, [callback], enable_checkpointing=False)
         fit.fit(module, loader)
         runs[estimator] = (sampler, callback.gar)

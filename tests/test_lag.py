@@ -159,7 +159,9 @@ def test_reward_delay_is_checked():
     assert s.reward_delay is None
     with pytest.raises(ValueError, match=r"reward_delay should be None or an int >= 0"):
         s.reward_delay = -1
-    with pytest.raises(ValueError, match=r"lag should be a positive integer value or None, but got lag=0"):
+    with pytest.raises(
+        ValueError, match=r"lag should be a positive integer value or None, but got lag=0"
+    ):
         make(lag=0)
 
 
@@ -321,7 +323,14 @@ def test_a_pass_abandoned_before_its_first_batch_leaves_no_trace(ahead):
 
 @pytest.mark.parametrize(
     ("workers", "prefetch", "delay", "lag"),
-    [(0, 2, None, 8), (2, 2, 0, 8), (4, 2, 0, 10), (4, 2, 1, 11), (8, 4, None, 35), (16, 8, 0, 130)],
+    [
+        (0, 2, None, 8),
+        (2, 2, 0, 8),
+        (4, 2, 0, 10),
+        (4, 2, 1, 11),
+        (8, 4, None, 35),
+        (16, 8, 0, 130),
+    ],
 )
 def test_the_default_lag_fits_the_loader_when_its_pass_starts(workers, prefetch, delay, lag):
     """lag=None: 8, or num_workers * prefetch_factor + one wrapper's read-ahead + the reward
@@ -344,7 +353,8 @@ def test_a_fitted_lag_grows_for_a_loader_that_reads_further_than_it_says():
     s.reward_delay = 1
     seen = loop(s, s.track(ReadAhead(s, 12)), delay=1)
     assert s.lag == lag_needed(12, 1)
-    assert len(seen) == 2 * len(s) and s.metrics()["updates"] == len(seen) - 1
+    assert len(seen) == 2 * len(s)
+    assert s.metrics()["updates"] == len(seen) - 1
     s = make(num_batches=30)  # no rewarder announced the delay: a late update raises the lag
     seen = loop(s, s.track(ReadAhead(s, 12)), delay=2)
     assert s.lag == lag_needed(12, 2)
@@ -383,8 +393,13 @@ def test_a_fitted_lag_is_restored_and_refit_by_the_next_pass():
 
 @pytest.mark.parametrize(
     ("workers", "prefetch"),
-    [(2, 4), pytest.param(4, 2, marks=pytest.mark.slow), pytest.param(8, 2, marks=pytest.mark.slow),
-     pytest.param(4, 4, marks=pytest.mark.slow), pytest.param(8, 4, marks=pytest.mark.slow)],
+    [
+        (2, 4),
+        pytest.param(4, 2, marks=pytest.mark.slow),
+        pytest.param(8, 2, marks=pytest.mark.slow),
+        pytest.param(4, 4, marks=pytest.mark.slow),
+        pytest.param(8, 4, marks=pytest.mark.slow),
+    ],
 )
 @pytest.mark.parametrize("reference", ["held-out", "next batch"])
 def test_default_gar_runs_and_learns_with_the_loaders_users_run(workers, prefetch, reference):

@@ -183,7 +183,8 @@ def test_gar_held_out_reference_on_the_language_model_equals_the_probe(reward: s
         optimizer=opt,
         reward=reward,
         reference=itertools.repeat(ref),
-        loss_fn=lm_loss, budget=None,
+        loss_fn=lm_loss,
+        budget=None,
     )
     checked = 0
     for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):

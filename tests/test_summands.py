@@ -90,7 +90,8 @@ def run(kind: str, reward: str, rows: int | None = None) -> list[tuple]:
         reward=reward,
         reference=reference,
         loss_fn=lm_loss,
-        rows=rows, budget=None,
+        rows=rows,
+        budget=None,
     )
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     for x, y in itertools.islice(loader, 3):
