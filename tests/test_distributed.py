@@ -229,21 +229,28 @@ def scenario_ddp_gar(rank: int, world: int, **options) -> dict:
         torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g)
     )
     reference = ad.ReferenceBatches(held_out, 8, seed=rank)  # each rank its own reference
-    grads_untouched = True
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     with ad.GAR(
         ddp, sampler, optimizer=opt, reference=reference, loss_fn=loss_fn, **options
     ) as gar:
-        for x, y in sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler)):
-            opt.zero_grad()
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            before = [p.grad.clone() for p in model.parameters()]
-            probe(x, y, reference=(x, y))  # an extra probe must not touch .grad or sync
-            grads_untouched &= all(
-                torch.equal(a, p.grad) for a, p in zip(before, model.parameters(), strict=True)
-            )
-            gar.step()
-            opt.step()
+        for _ in range(3):  # 36 steps: past the budget's exact phase
+            for x, y in loader:
+                opt.zero_grad()
+                nn.functional.cross_entropy(ddp(x), y).backward()
+                gar.step()
+                opt.step()
+        gar_metrics = gar.metrics()
+    # An extra probe must not touch .grad or sync (after the loop: a probe's forward of the
+    # model GAR watches would be taken for the batch's own, so it is not run inside it).
+    opt.zero_grad()
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    probe(x, y, reference=(x, y))
+    grads_untouched = all(
+        torch.equal(a, p.grad) for a, p in zip(before, model.parameters(), strict=True)
+    )
     return {
+        "gar": gar_metrics,
         "weights": sampler.weights,
         "params": [p.detach().flatten().tolist() for p in model.parameters()],
         "grads_untouched": grads_untouched,
@@ -384,6 +391,13 @@ def test_gar_and_probe_on_a_ddp_model(tmp_path):
     assert results[0]["params"] == results[1]["params"]  # DDP kept the replicas in sync
     assert all(r["grads_untouched"] for r in results)
     assert results[0]["rewarded"] > 0
+    # the default budget chose alike on both ranks (its contrast is averaged over them), and
+    # left its exact phase
+    mine = [{k: v for k, v in r["gar"].items() if k != "reward_mean"} for r in results]
+    assert json.dumps(mine[0]) == json.dumps(mine[1])  # reward_mean: each rank's own batch
+    assert results[0]["gar"]["budget/exact_phase"] == 0.0
+    assert results[0]["gar"]["batches_dropped"] == 0
+    assert 16 <= results[0]["gar"]["batches_rewarded"] < results[0]["gar"]["steps"]
 
 
 def test_gar_with_a_reused_reference_and_partial_rows_on_a_ddp_model(tmp_path):

@@ -123,9 +123,17 @@ class GAR:
             raise TypeError(f"model should be an nn.Module, but got {type(model).__name__}")
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"sampler should be a GARSampler, but got {type(sampler).__name__}")
-        options = {"estimator": estimator, "fallback": fallback, "budget": budget}
         check_arguments(
-            sampler, every, reward, reference, loss_fn, reference_refresh, rows, **options
+            sampler,
+            every,
+            reward,
+            reference,
+            loss_fn,
+            reference_refresh,
+            rows,
+            estimator=estimator,
+            fallback=fallback,
+            budget=budget,
         )
         check_unsharded(model)
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -330,10 +338,8 @@ class GAR:
         phi = None if groups is None else per_row_contrast(r, groups)
         group = self.sampler.sync_group
         if group.active:
-            ok = phi is not None
-            total, count = group.all_reduce_sum(
-                [phi if ok else 0.0, 1.0 if ok else 0.0], "GAR's budget"
-            )
+            mine = [0.0, 0.0] if phi is None else [phi, 1.0]
+            total, count = group.all_reduce_sum(mine, "GAR's budget")
             phi = total / count if count else None
         self._budget.observe_contrast(phi, r.numel())
 
