@@ -1046,3 +1046,35 @@ def test_a_policy_that_does_not_fit_the_sources_is_refused() -> None:
         GARSampler(sources(), batch_size=4, policy={"lr": 0.5})
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['learning_rate'\]"):
         GARSampler(sources(), batch_size=4, learning_rate=0.5)
+
+
+def test_batch_sources_and_augmentations_name_each_row():
+    s = make()
+    it = iter(s.track(s))
+    keys = next(it)
+    sid, _ = s.decode(keys)
+    assert s.batch_sources(s.last_batch) == sid.tolist()
+    assert s.batch_augmentations(s.last_batch) is None  # no transform
+    with pytest.raises(ValueError, match=r"batch=99 is not among the last reward_window"):
+        s.batch_sources(99)
+
+
+def test_batch_augmentations_are_the_ops_drawn_for_each_row():
+    from adaptive_data import GARTransform
+
+    tf = GARTransform(["Identity", "Rotate", "Invert"])
+    s = GARSampler(
+        {"a": Listed([(torch.zeros(1, 4, 4, dtype=torch.uint8), 0)] * 20)},
+        batch_size=6,
+        seed=0,
+        transform=tf,
+        reference_every=2,
+    )
+    it = iter(s.track(s))
+    first = next(it)  # position 1: augmented
+    ops = s.batch_augmentations(s.last_batch)
+    assert ops == [k[1] for k in first]  # the op of each row's decision key
+    assert all(0 <= op < 3 for op in ops)
+    next(it)  # position 2: a reference batch, un-augmented
+    assert s.is_reference(s.last_batch)
+    assert s.batch_augmentations(s.last_batch) == [-1] * 6

@@ -362,14 +362,7 @@ class GARSampler(Sampler[list[int]]):
     def is_reference(self, batch: int) -> bool:
         """Whether batch ``batch`` (an id from :attr:`last_batch`) is an un-augmented reference
         batch (see ``reference_every``)."""
-        check_batch_id(batch)
-        rec = self._records.get(batch)
-        if rec is None:
-            raise ValueError(
-                f"batch={batch} is not among the last reward_window={self.reward_window} batches "
-                "drawn"
-            )
-        return rec.reference
+        return self._record(batch).reference
 
     def batch_sources(self, batch: int) -> list[int]:
         """The source index (into :attr:`names`) of each row of batch ``batch`` (an id from
@@ -377,13 +370,14 @@ class GARSampler(Sampler[list[int]]):
         return list(self._record(batch).sources)
 
     def batch_augmentations(self, batch: int) -> list[int] | None:
-        """The augmentation op (an index into the transform's ``op_names``; -1: none) drawn
-        for each row of batch ``batch``, in the batch's order; ``None`` for a batch drawn
-        without augmentation (no transform, or a reference batch)."""
+        """The augmentation op (an index into the transform's ``op_names``; -1: none, as in a
+        reference batch) drawn for each row of batch ``batch``, in the batch's order; ``None``
+        for a sampler without a transform."""
         aug = self._record(batch).aug
         return None if aug is None else list(aug.ops)
 
     def _record(self, batch: int) -> Record:
+        """The record of batch ``batch``, one of the last ``reward_window`` drawn."""
         check_batch_id(batch)
         rec = self._records.get(batch)
         if rec is None:
