@@ -121,6 +121,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
         "default_heldout": {"reference": True},
         "exact_next_batch": {"budget": None},
         "exact_heldout": {"budget": None, "reference": True},
+        "budget0.05_next_batch": {"budget": 0.05},
     },
 }
 
