@@ -68,13 +68,13 @@ class GAR:
             iterates.
         optimizer: the optimizer over the model's parameters (or a wrapper exposing it as
             ``.optimizer``); ``D`` is preconditioned by its state. ``None``: plain gradients.
-        budget: the rewards' estimated share of a training step's work (default 0.1): GAR
-            then chooses which batches to reward, how many of their rows and how often to
-            recompute the reference gradient, exact and fresh while the evidence is thin and
-            cheaper once the rewards and the reference allow, from counted work only (the
-            same choices with any worker count and after a resume; docs/howto-gar.md, "The
-            cost budget"). ``None``: every batch, every row, a fresh reference (exact, and
-            2-4x a training step). An explicit ``every``, ``rows`` or
+        budget: the rewards' estimated share of a training step's work (default 0.1): the
+            first 16 rewarded batches are exact (every batch, every row, a fresh reference);
+            then GAR chooses which batches to reward, how many of their rows and how often to
+            recompute the reference gradient to stay within the budget, from counted work
+            only (the same choices with any worker count and after a resume;
+            docs/howto-gar.md, "The cost budget"). ``None``: every batch, every row, a fresh
+            reference (exact, and 2-4x a training step). An explicit ``every``, ``rows`` or
             ``reference_refresh`` replaces that choice.
         every: reward the batches of every ``every``-th step only (>= 1); with next-batch
             references of a transform, every ``every``-th augmented batch. ``None``: the
