@@ -27,13 +27,12 @@ reference gradient of ``R`` rows costs ``R / B`` (its own forward and backward).
 
 What the budget measures is reported in ``gar.metrics()``, not acted on: the per-row contrast
 between the sources' mean rewards (a one-way analysis of variance of each rewarded batch) and
-the cosine between successive fresh reference gradients. Both were tried as signals and
-measured: ending the exact phase once the summed contrast reached 32 squared standard errors
-let one obviously bad source end it after a few batches, and more short runs then missed the
-clean source than with exact rewards (``short_horizon.py``: 6 of 16 seeds at 12 steps against
-4, 1 against 0 at 48); the cosine is dominated by the reference batch's sampling noise (near 0
-thirty steps apart on the Fashion-MNIST mixture, where reusing the gradient for 32 steps
-loses nothing), so it cannot tell when reuse is safe.
+the cosine between successive fresh reference gradients. Both were tried as signals: ending
+the exact phase once the summed contrast was clear let one obviously bad source end it after a
+few batches, and more short runs then missed the clean source than with exact rewards
+(``short_horizon.py``); the cosine is dominated by the reference batch's sampling noise (far
+from 1 tens of steps apart on the Fashion-MNIST mixture, where reusing the gradient for 32
+steps loses nothing), so it cannot tell when reuse is safe.
 """
 
 from __future__ import annotations
