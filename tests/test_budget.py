@@ -28,7 +28,7 @@ LOSS = nn.CrossEntropyLoss(reduction="none")
 
 
 def budget(value=0.1, b=64, costs=(0.25, 0.75), **fixed) -> Budget:
-    args = {"every": None, "rows": None, "refresh": None, "held_out": True, **fixed}
+    args = {"every": None, "rows": None, "refresh": None, **fixed}
     return Budget(value, b, costs, **args)
 
 
@@ -187,7 +187,7 @@ def test_explicit_settings_win_over_the_budget():
 
 
 def test_without_a_budget_every_batch_every_row_and_a_fresh_reference():
-    bud = Budget(None, 64, (0.25, 0.75), every=None, rows=None, refresh=None, held_out=True)
+    bud = Budget(None, 64, (0.25, 0.75), every=None, rows=None, refresh=None)
     for t in range(40):
         assert bud.wants(t)
         bud.charge_keep(64)
@@ -360,3 +360,43 @@ def test_the_choices_resume_exactly_from_a_state(value, contrasts, ref_rows, ste
     again = budget(value)
     again.load_state_dict(first.state_dict())
     assert head + drive(again, at, steps, held) == whole
+
+
+def test_the_vectorised_contrast_is_the_analysis_of_variance_with_many_sources():
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 50, (400,), generator=g)
+    r = torch.randn(400, generator=g, dtype=torch.float64) + 0.3 * groups.double() / 50
+    ids = groups.unique()
+    mean, between, within = r.mean(), 0.0, 0.0
+    for s in ids.tolist():  # the textbook form, one source at a time
+        rs = r[groups == s]
+        between += rs.numel() * float((rs.mean() - mean) ** 2)
+        within += float(((rs - rs.mean()) ** 2).sum())
+    q = between / (within / (400 - len(ids)))
+    want = max(q - (len(ids) - 1), 0.0) / 400
+    assert per_row_contrast(r, (groups * 7 + 3).tolist()) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_bad_budget_state_is_refused_before_anything_is_applied():
+    """The reference stream's position and the counters stay as they were when the budget's
+    part of a GAR state is refused (no half-loaded state)."""
+    sources, clean = mixture()
+    s = ad.GARSampler(sources, batch_size=16, seed=0)
+    ref = ad.ReferenceBatches(clean, batch_size=8, seed=1)
+    model = nn.Linear(4, 2)
+    gar = ad.GAR(model, s, reference=ref, loss_fn=LOSS)
+    state = gar.state_dict()
+    state["steps"] = 5
+    state["budget_state"] = {**state["budget_state"], "credit": math.nan}
+    before = (gar.state_dict(), ref.state_dict())
+    with pytest.raises(ValueError, match=r"budget\['credit'\] should be a finite number"):
+        gar.load_state_dict(state)
+    after = (gar.state_dict(), ref.state_dict())
+    assert str(after) == str(before)
+    with pytest.raises(ValueError, match=r"budget_state is missing the key\(s\) \['warm'\]"):
+        gar.load_state_dict(
+            {
+                **state,
+                "budget_state": {k: v for k, v in before[0]["budget_state"].items() if k != "warm"},
+            }
+        )

@@ -317,3 +317,36 @@ def test_forward_mode_estimators_say_a_tied_padding_row_makes_them_approximate()
         ad.GradientProbe(model, _hf_lm_loss, "jvp")
     with pytest.warns(UserWarning, match=r"estimator='fd' differentiates the forward"):
         ad.GradientProbe(model, _hf_lm_loss, "fd")
+
+
+def test_the_default_budget_cuts_rows_on_the_stock_encoder_in_a_loop() -> None:
+    """Every default on batches of 48: after the exact phase the budget rewards 16 rows of a
+    kept batch (the attention with dropout, the positions at their sum, the buffered mask all
+    cut to those rows), every reward finite, and the mixture still moves to the good source."""
+    torch.manual_seed(0)
+    model = StockLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sampler = ad.GARSampler(
+        {"good": _content_data(480, 1, True), "noise": _content_data(480, 2, False)},
+        batch_size=48,
+        seed=0,
+    )
+    reference = ad.ReferenceBatches(_content_data(96, 3, True), 48)
+    gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=lm_loss)
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    sizes = []
+    for x, y in itertools.chain(loader, loader):  # 40 steps
+        opt.zero_grad()
+        lm_loss(model(x), y).mean().backward()
+        r = gar.step()
+        opt.step()
+        if r is not None:
+            assert torch.isfinite(r).all()
+            sizes.append(r.numel())
+    m = gar.metrics()
+    assert m["budget/exact_phase"] == 0.0
+    assert m["budget/rows"] == 16
+    assert sizes[:16] == [48] * 16  # the exact phase: every row of every batch
+    assert len(sizes) > 16
+    assert set(sizes[16:]) == {16}
+    assert sampler.weights["good"] > 0.6

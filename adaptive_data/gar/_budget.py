@@ -98,7 +98,6 @@ class Budget:
         costs: ``(keep, all rows)`` of :data:`KEEP_COSTS` for the estimator and reward.
         every, rows, refresh: the explicit settings (``None``: the budget chooses; without a
             budget, 1, all rows and 1).
-        held_out: whether the reference is held-out batches (else the next batch: free).
     """
 
     def __init__(
@@ -110,7 +109,6 @@ class Budget:
         every: int | None,
         rows: int | None,
         refresh: int | None,
-        held_out: bool,
     ) -> None:
         self.budget = None if budget is None else float(budget)
         self.batch_size = batch_size
@@ -118,7 +116,6 @@ class Budget:
         self.fixed_every = every if every is not None or budget is not None else 1
         self.fixed_rows = rows
         self.fixed_refresh = refresh if refresh is not None or budget is not None else 1
-        self.held_out = held_out
         # What the budget counted and measured (saved in the state).
         self.credit = 0.0  # training steps' worth of work not yet spent (second phase)
         self.charged = 0.0  # estimated work of the rewards so far, in training steps
@@ -204,11 +201,11 @@ class Budget:
         if self.budget is None or old is None:
             return
         dot = na = nb = 0.0
-        for name, t in new.items():
-            a, o = t.double(), old[name].double()
-            dot += float((a * o).sum())
-            na += float((a * a).sum())
-            nb += float((o * o).sum())
+        for name, t in new.items():  # one pass, no copy: float64 sums of native-dtype dots
+            a, o = t.flatten(), old[name].flatten()
+            dot += float(torch.dot(a, o))
+            na += float(torch.dot(a, a))
+            nb += float(torch.dot(o, o))
         self.drift = dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
 
     # ------------------------------------------------------------------ reading, state
@@ -242,8 +239,14 @@ class Budget:
             "drift": self.drift,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; raises, naming the key, for a value it cannot hold."""
+    def check_state(self, state: Any) -> None:
+        """Raise, naming the key, if ``state`` is not a :meth:`state_dict` this budget can
+        hold (called before anything of a GAR state is applied)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state's budget_state should be a dict, but got {state!r}")
+        missing = sorted(set(self.state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"state's budget_state is missing the key(s) {missing}")
         for key in self._FLOATS:
             value = state[key]
             if (
@@ -263,6 +266,10 @@ class Budget:
                 )
         if not isinstance(state["warm"], bool):
             raise ValueError(f"state's budget['warm'] should be a bool, but got {state['warm']!r}")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises, naming the key, for a value it cannot hold."""
+        self.check_state(state)
         self.credit, self.charged = float(state["credit"]), float(state["charged"])
         self.evidence = float(state["evidence"])
         self.kept, self.reference_rows = int(state["kept"]), int(state["reference_rows"])
@@ -281,16 +288,16 @@ def per_row_contrast(rewards: Tensor, sources: Sequence[int]) -> float | None:
     g = torch.as_tensor(list(sources), dtype=torch.long)[keep]
     r = r[keep]
     n = r.numel()
-    ids = g.unique()
-    k = ids.numel()
+    if n == 0:
+        return None
+    _, g = g.unique(return_inverse=True)  # groups numbered 0..k-1: one pass per sum, any k
+    k = int(g.max()) + 1
     if k < 2 or n - k < 2:
         return None
-    mean = r.mean()
-    between = within = 0.0
-    for s in ids.tolist():
-        rs = r[g == s]
-        between += rs.numel() * float((rs.mean() - mean) ** 2)
-        within += float(((rs - rs.mean()) ** 2).sum())
+    counts = torch.bincount(g, minlength=k).double()
+    means = torch.zeros(k, dtype=torch.float64).index_add_(0, g, r) / counts
+    between = float((counts * (means - r.mean()) ** 2).sum())
+    within = float(((r - means[g]) ** 2).sum())
     var = within / (n - k)
     if var <= 0:
         return None

@@ -145,7 +145,6 @@ class GAR:
             every=every,
             rows=rows,
             refresh=reference_refresh,
-            held_out=reference is not None,
         )
         self._source = DirectionSource(
             core,

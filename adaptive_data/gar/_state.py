@@ -168,6 +168,8 @@ def load(state: Mapping[str, Any], parts: Parts) -> None:
                 f"state has {key}={theirs!r}, but this GAR has {key}={settings[key]!r}{old}"
             )
     ref_grad = source.check_state(state["reference_gradient"])  # checked first
+    if state.get("budget_state") is not None:  # absent from states saved before budget=
+        schedule.budget.check_state(state["budget_state"])
     if state["reference"] is not None and reference is not None:
         if not hasattr(reference, "load_state_dict"):
             raise ValueError(

@@ -123,6 +123,16 @@ def check_direction(direction: Mapping[str, Tensor], params: Mapping[str, Tensor
     return checked
 
 
+def _holders(model: nn.Module) -> dict[int, int]:
+    """Parameter id -> how many modules register it (2 or more: tied, as an output layer
+    sharing the embedding's weight)."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    return holders
+
+
 def gradient_free_rows(model: nn.Module, params: Mapping[str, Tensor]) -> list[tuple[str, int]]:
     """``(parameter name, row)`` of weights that backward never updates.
 
@@ -132,10 +142,7 @@ def gradient_free_rows(model: nn.Module, params: Mapping[str, Tensor]) -> list[t
     that module's gradient moves the row.
     """
     by_id = {id(p): name for name, p in params.items()}
-    owners: dict[int, int] = {}  # parameter id -> modules holding it
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    owners = _holders(model)
     rows = []
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -150,10 +157,7 @@ def tied_padding(model: nn.Module) -> list[str]:
     (a tied output layer): backward gives the padding row the other module's gradient only,
     while a forward-mode derivative (``jvp``, ``fd``) moves it in the lookup too, so those
     estimators are not exact for such a model."""
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    owners = _holders(model)
     return [
         name
         for name, m in model.named_modules()

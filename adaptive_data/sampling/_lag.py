@@ -131,10 +131,16 @@ class LaggedPolicies:
         """Updates waiting for their fixed point."""
         return len(self._queued)
 
+    @property
+    def setting(self) -> int | None:
+        """The ``lag=`` it was made with: ``None`` when fitted to the loader, else the lag."""
+        return None if self.fitted else self.lag
+
     def fit(self, lag: int) -> None:
-        """A tracked pass starts with a loader that needs ``lag``: a fitted lag grows to it,
-        at a point that does not depend on timing (before the pass draws). It never shrinks,
-        so a pass resumed from a state continues with the lag the state was drawn with."""
+        """A loader (when its pass starts, or at a delivery) or a late update needs ``lag``: a
+        fitted lag grows to it, at points that do not depend on timing; a fixed one is left
+        as it is. It never shrinks, so a pass resumed from a state continues with the lag the
+        state was drawn with."""
         if self.fitted:
             self.lag = max(self.lag, lag)
 
@@ -142,8 +148,7 @@ class LaggedPolicies:
         """Raise if the update of ``batch`` comes too late: batch ``batch + lag`` (the first one
         drawn from it) was already drawn, ``next_id`` being the id the sampler draws next. A
         fitted lag grows to ``next_id - batch`` instead."""
-        if batch + self.lag < next_id and self.fitted:
-            self.lag = next_id - batch
+        self.fit(next_id - batch)  # a fitted lag grows; a fixed one is checked
         if batch + self.lag < next_id:
             raise RuntimeError(
                 f"the rewards of batch {batch} arrived after batch {batch + self.lag} was "

@@ -248,7 +248,7 @@ class Passes:
                 raise ValueError(self._too_small(ahead, delay, "had drawn"))
             # A wrapper reads further ahead than its settings said: a fitted lag grows (it
             # only postpones the waiting updates' fixed points).
-            lagged.lag = lag_needed(ahead, delay)
+            lagged.fit(lag_needed(ahead, delay))
         self.deliveries.add(it.first_id + n - 1)
 
     def delivered(self, it: SamplerIterator) -> int:

@@ -248,7 +248,7 @@ class GARSampler(Sampler[list[int]]):
             self.seed,
             self.reference_every,
             table,
-            None if self._drawer.lagged.fitted else self.lag,
+            self._drawer.lagged.setting,
         )
 
     # ------------------------------------------------------------------ Sampler protocol
@@ -575,7 +575,7 @@ class GARSampler(Sampler[list[int]]):
             rank=self.rank,
             world_size=self.world_size,
             transform=self.transform,
-            lag=None if self._drawer.lagged.fitted else self.lag,
+            lag=self._drawer.lagged.setting,
             streams=bool(self._stream_ids),
         )
         loaded = copy.deepcopy(dict(state))
