@@ -48,29 +48,41 @@ def _content_data(n: int, seed: int, predictable: bool) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def test_the_default_gar_learns_a_mixture_on_the_stock_encoder() -> None:
-    """Defaults only (held-out reference, cosine, ghost, the budget), dropout on, the
-    buffered mask: the first batches are rewarded exactly, then a share within the budget,
-    every reward finite, and the mixture moves to the source the reference agrees with."""
+def _default_gar_on_the_stock_encoder(
+    batch: int, per_source: int, references: int
+) -> tuple[ad.GARSampler, ad.GAR, list[torch.Tensor | None]]:
+    """Two epochs of a loop with every default over a predictable and a random source,
+    rewarded against held-out predictable text: the sampler, GAR and each step's rewards."""
     torch.manual_seed(0)
     model = StockLM()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sampler = ad.GARSampler(
-        {"good": _content_data(96, 1, True), "noise": _content_data(96, 2, False)},
-        batch_size=8,
+        {
+            "good": _content_data(per_source, 1, True),
+            "noise": _content_data(per_source, 2, False),
+        },
+        batch_size=batch,
         seed=0,
     )
-    reference = ad.ReferenceBatches(_content_data(32, 3, True), 8)
+    reference = ad.ReferenceBatches(_content_data(references, 3, True), batch)
     gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=lm_loss)
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
-    rewarded = []
+    rewards = []
     for x, y in itertools.chain(loader, loader):
         opt.zero_grad()
         lm_loss(model(x), y).mean().backward()
-        r = gar.step()
-        rewarded.append(r is not None)
-        assert r is None or torch.isfinite(r).all()
+        rewards.append(gar.step())
         opt.step()
+    return sampler, gar, rewards
+
+
+def test_the_default_gar_learns_a_mixture_on_the_stock_encoder() -> None:
+    """Defaults only (held-out reference, cosine, ghost, the budget), dropout on, the
+    buffered mask: the first batches are rewarded exactly, then a share within the budget,
+    every reward finite, and the mixture moves to the source the reference agrees with."""
+    sampler, gar, rewards = _default_gar_on_the_stock_encoder(8, 96, 32)
+    rewarded = [r is not None for r in rewards]
+    assert all(torch.isfinite(r).all() for r in rewards if r is not None)
     assert rewarded[0]
     assert rewarded[1]
     assert 2 < gar.metrics()["batches_rewarded"] == sum(rewarded) < 2 * len(sampler)
@@ -323,26 +335,9 @@ def test_the_default_budget_cuts_rows_on_the_stock_encoder_in_a_loop() -> None:
     """Every default on batches of 48: after the exact phase the budget rewards 16 rows of a
     kept batch (the attention with dropout, the positions at their sum, the buffered mask all
     cut to those rows), every reward finite, and the mixture still moves to the good source."""
-    torch.manual_seed(0)
-    model = StockLM()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    sampler = ad.GARSampler(
-        {"good": _content_data(480, 1, True), "noise": _content_data(480, 2, False)},
-        batch_size=48,
-        seed=0,
-    )
-    reference = ad.ReferenceBatches(_content_data(96, 3, True), 48)
-    gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=lm_loss)
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
-    sizes = []
-    for x, y in itertools.chain(loader, loader):  # 40 steps
-        opt.zero_grad()
-        lm_loss(model(x), y).mean().backward()
-        r = gar.step()
-        opt.step()
-        if r is not None:
-            assert torch.isfinite(r).all()
-            sizes.append(r.numel())
+    sampler, gar, rewards = _default_gar_on_the_stock_encoder(48, 480, 96)  # 40 steps
+    sizes = [r.numel() for r in rewards if r is not None]
+    assert all(torch.isfinite(r).all() for r in rewards if r is not None)
     m = gar.metrics()
     assert m["budget/exact_phase"] == 0.0
     assert m["budget/rows"] == 16
