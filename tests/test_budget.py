@@ -400,3 +400,31 @@ def test_a_bad_budget_state_is_refused_before_anything_is_applied():
                 "budget_state": {k: v for k, v in before[0]["budget_state"].items() if k != "warm"},
             }
         )
+
+
+def test_the_budget_with_gradient_accumulation_in_a_loop():
+    """Two micro-batches per optimizer step (as a Trainer's accumulation), every default:
+    the exact phase rewards both micro-batches of its steps, the bucket then a share of them,
+    and no kept micro-batch is dropped."""
+    torch.manual_seed(0)
+    sources, clean = mixture(n=480)
+    s = ad.GARSampler(sources, batch_size=16, seed=0, lr=0.5)
+    ref = ad.ReferenceBatches(clean, batch_size=8, seed=1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gar = ad.GAR(model, s, optimizer=opt, reference=ref, loss_fn=LOSS)
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s))
+    steps = 0
+    for micro, (x, y) in enumerate(loader):  # 60 micro-batches, 30 steps
+        (nn.functional.cross_entropy(model(x), y) / 2).backward()
+        if micro % 2:
+            gar.step()
+            opt.step()
+            opt.zero_grad()
+            steps += 1
+    m = gar.metrics()
+    assert m["steps"] == steps == 30
+    assert m["batches_dropped"] == 0
+    assert m["budget/exact_phase"] == 0.0
+    assert 16 < m["batches_rewarded"] < 60  # the exact phase's 16, then a share
+    assert s.weights["clean"] > 0.55
