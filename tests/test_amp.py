@@ -17,6 +17,9 @@ import adaptive_data as ad
 from adaptive_data.probe._precondition import precondition
 from tests.test_gar import LOSS, cnn, data, mlp, snapshot
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 
 def _oracle(old: nn.Module, x, y, d, reward: str) -> torch.Tensor:
     """Batch (x, y)'s rewards at the weights it was trained at, by one gradient per example."""

@@ -11,6 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
 

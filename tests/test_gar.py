@@ -14,6 +14,9 @@ from torchvision.transforms import v2
 import adaptive_data as ad
 from adaptive_data.probe._precondition import precondition
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
 

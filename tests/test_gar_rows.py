@@ -23,6 +23,9 @@ from adaptive_data.probe.rules import ghost_rules
 from tests import models
 from tests.models import CausalLM, cnn_bn_eval, lm_batch, lm_loss
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 N = 12  # batch size
 M = 5  # rows rewarded
 

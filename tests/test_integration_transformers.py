@@ -21,6 +21,9 @@ from adaptive_data.integrations.transformers import (
 )
 from tests.mixtures import assert_fd_follows_exact
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 DIM, CLASSES, BATCH = 8, 4, 16
 
 

@@ -22,6 +22,9 @@ from adaptive_data.sampling._lag import DEFAULT_LAG, LaggedPolicies, UpdateStati
 
 from .test_sampler import make, reward_of
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 
 class ReadAhead:
     """A loader that draws ``ahead`` batches beyond the one it delivers, in this process: a

@@ -15,6 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import adaptive_data as ad
 from tests.models import SEQ, VOCAB, StockLM, lm_loss, loop_rewards
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())

@@ -20,6 +20,9 @@ import adaptive_data as ad
 from adaptive_data.probe._precondition import _RULES, precondition
 from tests.models import loss_fn
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 optim = torch.optim
 
 

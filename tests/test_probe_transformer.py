@@ -15,6 +15,9 @@ from tests import models
 from tests.models import SEQ, CausalLM, lm_batch, lm_loss, loop_rewards
 from tests.test_probe_attention import CALLS, CONFIGS, _inputs
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 LM_MODELS = {
     "causal_lm": lambda: CausalLM(),
     "causal_lm_tied": lambda: CausalLM(tied=True),

@@ -14,6 +14,9 @@ from adaptive_data.probe import _calls
 from adaptive_data.probe.rules import _registry
 from tests.models import loop_rewards
 
+# GAR over one source as a harness for its rewards (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_source_rewards")
+
 N, M = 10, 4
 
 

@@ -3,7 +3,10 @@ before GAR is)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .._check import check_int
 from ..probe._keepers import KEEPERS
@@ -66,6 +69,23 @@ def check_arguments(
             f"{p}estimator='fd' estimates <g_i, D> only, so it needs {p}reward='dot' (the "
             "cosine needs each example's gradient norm, which only estimator='ghost' "
             f"computes), but got {p}estimator='fd' with {p}reward={reward!r}"
+        )
+    if isinstance(reference, torch.Tensor | Mapping) or (
+        isinstance(reference, tuple | list)
+        and len(reference) == 2
+        and isinstance(reference[0], torch.Tensor | Mapping)
+        and isinstance(reference[1], torch.Tensor)  # (x, y); a list of batches holds batches
+    ):
+        raise TypeError(
+            f"{p}reference should be an iterator of reference batches, such as "
+            f"{p}reference=ReferenceBatches(val_set, batch_size=128), but got one batch (a "
+            f"{type(reference).__name__}); to reuse one fixed batch, pass "
+            f"{p}reference=itertools.repeat(batch)"
+        )
+    if reference is not None and not hasattr(reference, "__iter__"):
+        raise TypeError(
+            f"{p}reference should be an iterator of reference batches, such as "
+            f"ReferenceBatches(val_set, batch_size=128), but got {type(reference).__name__}"
         )
     if reference is not None and (loss_fn is None or not callable(loss_fn)):
         raise ValueError(

@@ -8,8 +8,9 @@ estimator, and the direction source for ``D``.
 
 from __future__ import annotations
 
-import math
+import functools
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -34,7 +35,9 @@ from . import _state
 from ._arguments import check_arguments
 from ._budget import DEFAULT_BUDGET, KEEP_COSTS, Budget, per_row_contrast
 from ._pairing import Pairing
+from ._reference import CallShape, as_training_call, failed
 from ._schedule import Schedule
+from ._watch import REASONS, DropWatch
 
 __all__ = ["GAR"]
 
@@ -164,16 +167,33 @@ class GAR:
         self._pause = Pause()  # while active, no forward is a training batch
         # GAR's root hook first: the keeper's hooks on the root (its RNG state) run after it
         # has opened the batch.
-        self._handles = [core.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        self._handles = [
+            core.register_forward_pre_hook(self._on_forward, with_kwargs=True),
+            core.register_forward_hook(self._after_forward),
+        ]
         try:
             self._keeper = self._make_keeper(core, estimator)
         except Exception:
-            self._handles.pop().remove()
+            for handle in self._handles:
+                handle.remove()
             raise
         self._counts = _state.Counters()
+        self._watch = DropWatch()
+        self._versions = 0  # the parameters' versions at the last training forward
+        self._training_call: CallShape | None = None  # how the loop calls the model
         self._clock = _state.Clock()
         self._reported: set[str] = set()  # modules whose generic path was reported
         self._generic_seen = 0  # the keeper's generic calls already counted
+        self._idle = _nothing_to_learn(sampler)
+        if self._idle:
+            warnings.warn(
+                f"GAR has nothing to learn: the sampler has one source ({sampler.names[0]!r}) "
+                f"and {self._idle}, so it computes no rewards. Give GARTransform "
+                "learn_ops=True or learn_magnitudes=True to learn the augmentation, or "
+                "sample from several sources to learn the mixture",
+                UserWarning,
+                stacklevel=2,
+            )
         # A next-batch reference rewards a batch one delivery later: the sampler refuses, at
         # its first batch, a loader that reads too far ahead for its lag to wait for that.
         sampler.expect_reward_delay(0 if reference is not None else 1)
@@ -238,7 +258,7 @@ class GAR:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._counts.dropped += len(self._schedule.pending)
+        self._counts.drop("closed", len(self._schedule.pending))
         self._schedule.pending.clear()
         self._keeper.close()
 
@@ -250,15 +270,31 @@ class GAR:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Root forward: pair it with the batch the loop received; keep it if it is rewarded."""
-        if self._pause.active:
+        if self._pause.active or self._idle:
             return
         self._keeper.stop()
         if not (torch.is_grad_enabled() and module.training):
+            self._pairing.skipped(eval_mode=not module.training)
             return
+        if self._training_call is None:
+            self._training_call = CallShape(args, kwargs)
         batch = self._pairing.pair()
         kept = None if batch is None else self._schedule.keep(batch)
         if kept is not None:
+            earlier = kept.earlier
+            if earlier is not None:  # hold the latest earlier forward that had its backward
+                if self._keeper.backward_seen(earlier):
+                    earlier.earlier = None
+                else:
+                    kept.earlier = earlier.earlier
             self._keeper.open(kept, args, kwargs)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After a training forward: the parameters' versions (a forward may edit them in
+        place, as an ``nn.Embedding(max_norm=...)`` does), which ``step()`` finds unchanged
+        unless the optimizer stepped before it."""
+        if not self._pause.active and torch.is_grad_enabled() and module.training:
+            self._versions = _versions(self._source.params)
 
     # ------------------------------------------------------------------ the step
 
@@ -277,24 +313,34 @@ class GAR:
     def _step(self, start: float) -> Tensor | None:
         if not self._handles:
             raise RuntimeError("step() after close(): this GAR's hooks are removed")
+        if self._idle:  # nothing to learn (said at construction)
+            self._schedule.advance()
+            return None
         # This step's batch is complete: no later forward is a training batch of it.
         self._keeper.stop()
         self._pairing.check()
         params = self._source.check_parameters()
+        if self._pairing.last_batches and _versions(params) != self._versions:
+            raise RuntimeError(
+                "the model's parameters changed between this step's training forward and "
+                "gar.step(): gar.step() was called after optimizer.step() (or the parameters "
+                "were edited in place), so the rewards would pair the new weights with the "
+                "old batch. Call gar.step() after loss.backward() and before optimizer.step()"
+            )
+        if all(p.grad is None for p in params.values()):
+            raise RuntimeError(
+                "step() was called before any backward(): no parameter has a .grad. Call it "
+                "after loss.backward() and before optimizer.step()"
+            )
         if self._schedule.pending and first_nonfinite(_grads(params, present=True)) is not None:
             # .grad holds NaN or inf, as on the steps a GradScaler skips: skip this one too.
-            self._counts.dropped += self._schedule.drop_trained()
+            self._drop("nonfinite_grad", self._schedule.drop_trained())
             self._counts.skipped_nonfinite += 1
             self._schedule.advance()
             return None
         if self._reference is None:
-            if all(p.grad is None for p in params.values()):
-                raise RuntimeError(
-                    "step() was called before any backward(): no parameter has a .grad. Call "
-                    "it after loss.backward() and before optimizer.step()"
-                )
             due, stale = self._schedule.due(self._pairing.last_batches)
-            self._counts.dropped += stale
+            self._drop("stale", stale)
             d = self._source.direction(_grads(params)) if due else None
         else:
             due, _ = self._schedule.due(self._pairing.last_batches)
@@ -302,9 +348,14 @@ class GAR:
         out = None
         for kept in due:  # d is known whenever a batch is due
             r = self._keeper.rewards(kept, d, self.reward == "cosine")  # type: ignore[arg-type]
+            while r is None and kept.earlier is not None:
+                # No backward reached this forward (a training-accuracy forward after the
+                # backward): the batch's earlier forward that had one holds its rewards.
+                kept = kept.earlier
+                r = self._keeper.rewards(kept, d, self.reward == "cosine")  # type: ignore[arg-type]
             self._report_generic(time.perf_counter() - start)
             if r is None:
-                self._counts.dropped += 1
+                self._drop("no_backward")
                 continue
             groups = self._groups(kept.batch)
             if kept.rows is None:
@@ -313,12 +364,23 @@ class GAR:
                 self.sampler.update(r, batch=kept.batch, rows=kept.rows)
                 groups = None if groups is None else [groups[i] for i in kept.rows.tolist()]
             self._observe_contrast(r, groups)
-            self._counts.rewarded += 1
             finite = r[torch.isfinite(r)]
-            self._counts.last_mean = float(finite.mean()) if finite.numel() else math.nan
+            if finite.numel():
+                self._counts.rewarded += 1
+                self._counts.last_mean = float(finite.mean())
+                self._watch.rewarded()
+            else:  # the sampler counts and drops them (metrics()["nonfinite_rewards"])
+                self._drop("nonfinite_rewards")
             out = r
         self._schedule.advance()
         return out
+
+    def _drop(self, reason: str, count: int = 1) -> None:
+        """``count`` kept batches brought no reward, for ``reason`` (counted; one warning
+        when most recent ones do)."""
+        if count:
+            self._counts.drop(reason, count)
+            self._watch.dropped(reason, count)
 
     def _groups(self, batch: int) -> list[int] | None:
         """What the budget tells apart in a batch's rewards: each row's source in a mixture,
@@ -373,11 +435,12 @@ class GAR:
             x_ref, y_ref = split_batch(next(self._reference))
         except StopIteration:
             raise RuntimeError("the reference iterator is exhausted") from None
-        args, kwargs = call_args(x_ref)
-        n = lead_batch_size(x_ref, "x_ref")
+        args, kwargs = as_training_call(*call_args(x_ref), self._training_call)
+        n = lead_batch_size(x_ref, "the reference batch's inputs")
         check_same_batch(y_ref, n)
         with self._pause():  # the reference pass is not a training batch: keep nothing
-            return self._source.reference_gradient(args, kwargs, y_ref, n), n
+            explain = functools.partial(failed, args=args, kwargs=kwargs, call=self._training_call)
+            return self._source.reference_gradient(args, kwargs, y_ref, n, explain), n
 
     # ------------------------------------------------------------------ state
 
@@ -421,6 +484,7 @@ class GAR:
             "steps": steps,
             "batches_rewarded": self._counts.rewarded,
             "batches_dropped": self._counts.dropped,
+            **{f"batches_dropped/{k}": self._counts.dropped_by[k] for k in REASONS},
             "steps_skipped_nonfinite": self._counts.skipped_nonfinite,
             "reward_mean": self._counts.last_mean,
             "generic_calls": self._counts.generic_calls,
@@ -435,6 +499,26 @@ class GAR:
         the checkpoint's."""
         in_step, span = self._clock.seconds()
         return {"seconds_in_step": in_step, "seconds": span, "time_share": self._clock.share()}
+
+
+def _nothing_to_learn(sampler: GARSampler) -> str:
+    """Why GAR has nothing to learn from ``sampler`` (one source and no augmentation policy
+    that learns), or ``""``."""
+    if len(sampler.names) > 1:
+        return ""
+    transform = sampler.transform
+    if transform is None:
+        return "no GARTransform"
+    policy = transform.policy
+    if policy.learn_ops or policy.learn_magnitudes:
+        return ""
+    return "its GARTransform's policy is frozen (learn_ops=False, learn_magnitudes=False)"
+
+
+def _versions(params: Mapping[str, nn.Parameter]) -> int:
+    """The sum of the parameters' version counters: it grows with every in-place edit of
+    one (an optimizer's step), and with nothing else."""
+    return sum(p._version for p in params.values())
 
 
 def _grads(params: Mapping[str, nn.Parameter], present: bool = False) -> Direction:

@@ -22,6 +22,15 @@ class Pairing:
         self.batches: list[int] = []  # batches received since the last step, in order
         self.forwards = 0  # training forwards since the last step
         self.last_batches: list[int] = []  # the batches of the last step
+        self.eval_forwards = 0  # forwards in eval mode since the last step (for messages)
+        self.no_grad_forwards = 0  # forwards with gradients off since the last step
+
+    def skipped(self, eval_mode: bool) -> None:
+        """A forward that is not a training forward ran (in eval mode, or under no_grad)."""
+        if eval_mode:
+            self.eval_forwards += 1
+        else:
+            self.no_grad_forwards += 1
 
     def pair(self) -> int | None:
         """A training forward starts: the batch it belongs to, or None (no batch received
@@ -40,13 +49,28 @@ class Pairing:
         """At a step: raise if this step's forwards cannot be told apart by batch; reset."""
         pending = self.sampler.deliveries - self.seen
         received, forwards = len(self.batches), self.forwards
+        eval_forwards, no_grad = self.eval_forwards, self.no_grad_forwards
         self.last_batches, self.batches, self.forwards = self.batches, [], 0
+        self.eval_forwards = self.no_grad_forwards = 0
         if pending > 0:
+            why = ""
+            if eval_forwards and not forwards:
+                why = (
+                    f" The model ran {eval_forwards} forward(s) in eval mode: GAR pairs only "
+                    "forwards in training mode; call model.train() before the training forward"
+                    " (model.eval() was left on)."
+                )
+            elif no_grad and not forwards:
+                why = (
+                    f" The model ran {no_grad} forward(s) with gradients off (torch.no_grad() "
+                    "or inference_mode()): GAR pairs only forwards that can be backpropagated."
+                )
             raise RuntimeError(
                 f"{pending} batch(es) received from the tracked loader had no training forward "
                 "before this step(): GAR pairs the k-th training forward after a step with the "
                 "k-th batch received after it, so train on every batch the loop receives, in "
-                "order (or track the iterable the loop itself consumes, not one that reads ahead)"
+                "order (or track the iterable the loop itself consumes, not one that reads "
+                f"ahead).{why}"
             )
         if received > 1 and forwards != received:
             raise RuntimeError(
@@ -65,3 +89,4 @@ class Pairing:
         """After a resume: pair from the sampler's present deliveries on."""
         self.seen = self.sampler.deliveries
         self.batches, self.last_batches, self.forwards = [], [], 0
+        self.eval_forwards = self.no_grad_forwards = 0

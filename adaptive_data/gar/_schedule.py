@@ -47,8 +47,9 @@ class Schedule:
 
     def keep(self, batch: int) -> KeptBatch | None:
         """A training forward of ``batch`` starts: a new :class:`KeptBatch` if its rewards are
-        wanted (it replaces an earlier forward of the same batch before the same step, and
-        is charged to the budget once)."""
+        wanted. It replaces an earlier forward of the same batch before the same step (held
+        as its ``earlier``, for when no backward reaches the new one) and is charged to the
+        budget once."""
         again = any(k.batch == batch and k.step == self.steps for k in self.pending)
         if self.next_batch and self.sampler.reference_every:
             if self.sampler.is_reference(batch):
@@ -64,6 +65,9 @@ class Schedule:
                 return None
             self.budget.charge_keep(self.sampler.batch_size)
         kept = KeptBatch(batch, self.steps)
+        replaced = [k for k in self.pending if k.batch == batch]
+        if replaced:
+            kept.earlier = replaced[-1]
         self.pending = [k for k in self.pending if k.batch != batch]
         self.pending.append(kept)
         return kept

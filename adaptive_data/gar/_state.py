@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from ..probe._direction import DirectionSource
 from ..probe._keepers import SlowCalls
 from ._schedule import Schedule
+from ._watch import REASONS
 
 __all__: list[str] = []
 
@@ -28,6 +29,7 @@ KEYS: tuple[str, ...] = (
 ESTIMATOR_KEY = "estimator"  # absent from states saved before estimator= existed
 CLOCK_KEY = "seconds"  # (in step(), of the loop) and the generic calls; absent before them
 BUDGET_KEY = "budget"  # absent from states saved before budget= existed (saved without one)
+DROPPED_BY_KEY = "dropped_by"  # absent from states saved before the reasons were counted
 
 
 @dataclasses.dataclass
@@ -41,6 +43,16 @@ class Counters:
     skipped_nonfinite: int = 0
     last_mean: float = math.nan
     generic_calls: int = 0  # module calls rewarded by the generic path
+    # The dropped batches by reason (the keys of _watch.REASONS); states saved before the
+    # reasons were counted hold their drops in none of them.
+    dropped_by: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(REASONS, 0)
+    )
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """``count`` kept batches brought no reward, for ``reason``."""
+        self.dropped += count
+        self.dropped_by[reason] += count
 
 
 @dataclasses.dataclass
@@ -124,6 +136,10 @@ def save(parts: Parts) -> dict[str, Any]:
         **schedule.state_dict(),
         "rewarded": counters.rewarded,
         "dropped": counters.dropped + len(schedule.pending),
+        DROPPED_BY_KEY: {
+            **counters.dropped_by,
+            "closed": counters.dropped_by["closed"] + len(schedule.pending),
+        },
         "skipped_nonfinite": counters.skipped_nonfinite,
         "last_mean": counters.last_mean,
         "reference": ref_state,
@@ -140,8 +156,8 @@ _ABSENT = {ESTIMATOR_KEY: "ghost", BUDGET_KEY: None}  # what a state without the
 
 
 def load(state: Mapping[str, Any], parts: Parts) -> None:
-    """Check ``state`` against the settings and parts (raising, naming the key), then apply
-    it to them."""
+    """Check the whole of ``state`` against the settings and parts (raising, naming the key,
+    with nothing applied), then apply it to them."""
     settings, schedule, counters, clock, source, reference = parts
     if not isinstance(state, Mapping) or state.get("version") != VERSION:
         raise ValueError(
@@ -167,23 +183,115 @@ def load(state: Mapping[str, Any], parts: Parts) -> None:
             raise ValueError(
                 f"state has {key}={theirs!r}, but this GAR has {key}={settings[key]!r}{old}"
             )
-    ref_grad = source.check_state(state["reference_gradient"])  # checked first
+    for key in ("steps", "augmented", "rewarded", "dropped", "skipped_nonfinite"):
+        _check_count(state, key)
+    if state["last_augmented"] is not None:
+        _check_count(state, "last_augmented")
+    if state["augmented"] > 0 and state["last_augmented"] is None:
+        raise ValueError(
+            f"state's last_augmented is None, but augmented={state['augmented']}: the state "
+            "is inconsistent"
+        )
+    if state["skipped_nonfinite"] > state["steps"]:
+        raise ValueError(
+            f"state has skipped_nonfinite={state['skipped_nonfinite']!r} steps skipped, more "
+            f"than its steps={state['steps']!r}"
+        )
+    last_mean = state["last_mean"]
+    if not _is_number(last_mean) or math.isinf(last_mean):
+        raise ValueError(
+            f"state's last_mean should be a finite number (NaN before a reward), but got "
+            f"{last_mean!r}"
+        )
+    dropped_by = _checked_dropped_by(state)
+    clock_state = _checked_clock(state)
+    reference_step = state["reference_step"]
+    if not _is_int(reference_step) or not 0 <= reference_step <= state["steps"]:
+        raise ValueError(
+            f"state's reference_step should be an int in [0, steps={state['steps']!r}], but "
+            f"got {reference_step!r}"
+        )
+    ref_grad = source.check_state(state["reference_gradient"])
     if state.get("budget_state") is not None:  # absent from states saved before budget=
         schedule.budget.check_state(state["budget_state"])
-    if state["reference"] is not None and reference is not None:
+    ref_state = state["reference"]
+    if ref_state is not None and reference is not None:
         if not hasattr(reference, "load_state_dict"):
             raise ValueError(
                 "state holds the reference stream's position, but this GAR's reference "
                 f"iterator ({type(reference).__name__}) has no load_state_dict()"
             )
-        reference.load_state_dict(state["reference"])
+        if not isinstance(ref_state, Mapping):
+            raise ValueError(
+                "state's reference should be the reference iterator's state_dict() (a dict) "
+                f"or None, but got {type(ref_state).__name__}"
+            )
+        # The first part applied: it checks its own state whole before applying it, and
+        # everything after it was checked above.
+        reference.load_state_dict(ref_state)
     schedule.load_state_dict(dict(state))
-    counters.rewarded = int(state["rewarded"])
-    counters.dropped = int(state["dropped"])
-    counters.skipped_nonfinite = int(state["skipped_nonfinite"])
-    counters.last_mean = float(state["last_mean"])
-    in_step, span, generic = state.get(CLOCK_KEY, (0.0, 0.0, 0.0))
+    counters.rewarded = state["rewarded"]
+    counters.dropped = state["dropped"]
+    counters.dropped_by = dropped_by
+    counters.skipped_nonfinite = state["skipped_nonfinite"]
+    counters.last_mean = float(last_mean)
+    in_step, span, generic = clock_state
     clock.first, clock.in_step, clock.last = None, 0.0, 0.0
-    clock.saved = (float(in_step), float(span))
-    counters.generic_calls = int(generic)
-    source.load(ref_grad, int(state["reference_step"]))
+    clock.saved = (in_step, span)
+    counters.generic_calls = generic
+    source.load(ref_grad, reference_step)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_count(state: Mapping[str, Any], key: str) -> None:
+    value = state[key]
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"state's {key} should be a non-negative int, but got {value!r}")
+
+
+def _checked_dropped_by(state: Mapping[str, Any]) -> dict[str, int]:
+    """The dropped batches by reason (zeros for a state saved before they were counted)."""
+    saved = state.get(DROPPED_BY_KEY)
+    if saved is None:
+        return dict.fromkeys(REASONS, 0)
+    if not isinstance(saved, Mapping) or set(saved) != set(REASONS):
+        raise ValueError(
+            f"state's {DROPPED_BY_KEY} should map each of {sorted(REASONS)} to a count, but got "
+            + (str(sorted(saved)) if isinstance(saved, Mapping) else type(saved).__name__)
+        )
+    for reason, n in saved.items():
+        if not _is_int(n) or n < 0:
+            raise ValueError(
+                f"state's {DROPPED_BY_KEY}[{reason!r}] should be a non-negative int, but got {n!r}"
+            )
+    if sum(saved.values()) > state["dropped"]:
+        raise ValueError(
+            f"state's {DROPPED_BY_KEY} counts {sum(saved.values())} dropped batches, more than "
+            f"its dropped={state['dropped']!r}"
+        )
+    return dict(saved)
+
+
+def _checked_clock(state: Mapping[str, Any]) -> tuple[float, float, int]:
+    """``(seconds in step(), seconds of the loop, generic calls)`` (zeros before they were
+    saved)."""
+    saved = state.get(CLOCK_KEY, (0.0, 0.0, 0.0))
+    ok = (
+        isinstance(saved, list | tuple)
+        and len(saved) == 3
+        and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in saved)
+        and float(saved[2]).is_integer()
+    )
+    if not ok:
+        raise ValueError(
+            f"state's {CLOCK_KEY} should be [seconds in step(), seconds of the loop, generic "
+            f"calls], three finite non-negative numbers, but got {saved!r}"
+        )
+    return float(saved[0]), float(saved[1]), int(saved[2])

@@ -289,12 +289,25 @@ class DirectionSource:
             d = zero_rows(d, self.frozen_rows)
         return d
 
-    def reference_gradient(self, args: tuple, kwargs: dict, y: Any, n: int) -> Direction:
+    def reference_gradient(
+        self,
+        args: tuple,
+        kwargs: dict,
+        y: Any,
+        n: int,
+        explain: Callable[[Exception], Exception] | None = None,
+    ) -> Direction:
         """The gradient of the reference batch's mean loss (the model left as it was),
-        averaged over the ranks; raises if it holds NaN or inf."""
+        averaged over the ranks; raises if it holds NaN or inf. ``explain`` turns an error
+        of the model's forward or the loss into the one raised (its cause)."""
         if self.loss_fn is None:
             raise RuntimeError(f"{self.who} has no loss_fn to compute a reference gradient")
-        d = mean_loss_gradient(self.model, self.loss_fn, args, kwargs, y, n, self.params)
+        try:
+            d = mean_loss_gradient(self.model, self.loss_fn, args, kwargs, y, n, self.params)
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            if explain is None:
+                raise
+            raise explain(error) from error
         return self.checked(d)
 
     def checked(self, d: Direction) -> Direction:
@@ -350,6 +363,12 @@ class DirectionSource:
                 raise ValueError(
                     f"state's reference_gradient[{name!r}] should have the parameter's shape "
                     f"{tuple(p.shape)}, but got {shape}"
+                )
+            if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"state's reference_gradient[{name!r}] should be a finite floating-point "
+                    f"tensor, but got "
+                    + (f"dtype={t.dtype}" if not t.dtype.is_floating_point else "NaN or inf")
                 )
             out[name] = t.to(device=p.device, dtype=p.dtype)
         return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -53,6 +54,10 @@ class KeptBatch:
     rows: Tensor | None = None  # the rows rewarded, sorted (None: all)
     calls: list[KeptCall] = dataclasses.field(default_factory=list)  # estimator="ghost"
     fd: _fd.Kept | None = None  # estimator="fd": the root's inputs and output gradients
+    # The last earlier forward of the same batch before the same step that had its backward
+    # (a forward the loop ran again without backpropagating, e.g. for the training accuracy,
+    # leaves the rewards to it).
+    earlier: KeptBatch | None = None
 
 
 @dataclasses.dataclass
@@ -135,6 +140,11 @@ class Keeper:
             handle.remove()
         self.handles.clear()
 
+    def backward_seen(self, kept: KeptBatch) -> bool:
+        """Whether a backward reached ``kept``'s forward (some of its output gradients are
+        kept)."""
+        raise NotImplementedError
+
     def rewards(self, kept: KeptBatch, d: Direction, cosine: bool) -> Tensor | None:
         """The rewards of ``kept``'s rewarded rows (float32 ``[m]``), or None when its forward
         had no backward."""
@@ -201,22 +211,48 @@ class GhostKeeper(Keeper):
             grad = grad.index_select(dim, out.rows.to(grad.device))
         out.grads[i] = (grad, dim)
 
+    def backward_seen(self, kept: KeptBatch) -> bool:
+        return any(c.grads for c in kept.calls)
+
     def rewards(self, kept: KeptBatch, d: Direction, cosine: bool) -> Tensor | None:
         if kept.n is None or not kept.calls or any(not c.grads for c in kept.calls):
             return None  # a forward without a backward: nothing to reward
+        r = self._rewards(kept, d, cosine, 1.0)
+        if not bool(torch.isfinite(r).all()):
+            # A loss scaled far up (a GradScaler's 2^70) or down overflows the squared norms
+            # of finite output gradients. Every share is linear in the output gradients:
+            # scaled by a power of two (exact), the cosine is the same and the dot is scaled
+            # back.
+            top = max(
+                float(g.detach().abs().amax()) if g.numel() else 0.0
+                for c in kept.calls
+                for g, _ in c.grads.values()
+            )
+            if math.isfinite(top) and top > 0:
+                scale = 2.0 ** -math.frexp(top)[1]
+                r = self._rewards(kept, d, cosine, scale)
+                if not cosine:
+                    r = r / scale
+        return r
+
+    def _rewards(self, kept: KeptBatch, d: Direction, cosine: bool, scale: float) -> Tensor:
+        """The rewards from the output gradients multiplied by ``scale`` (a power of two)."""
+        n = cast(int, kept.n)  # known: rewards() checked it
         device = next(iter(d.values())).device
         rows = None if kept.rows is None else kept.rows.to(device)
-        acc = Accumulator(kept.n if rows is None else len(rows), device, norms=cosine)
+        acc = Accumulator(n if rows is None else len(rows), device, norms=cosine)
         with self.pause(), torch.no_grad():  # forwards replayed by the rules are not batches
             for out in kept.calls:
-                grads = {i: grad for i, (grad, _) in out.grads.items()}
+                grads = {
+                    i: grad if scale == 1.0 else grad * scale for i, (grad, _) in out.grads.items()
+                }
                 start = time.perf_counter()
                 if rows is None or out.rows is not None:
                     out.call.contribute(acc, grads, d, cosine)
                 else:
                     # A call whose examples mix (batch statistics, a replay): the whole batch,
                     # then the chosen rows.
-                    whole = Accumulator(kept.n, device, norms=cosine)
+                    whole = Accumulator(n, device, norms=cosine)
                     out.call.contribute(whole, grads, d, cosine)
                     acc.add_rows(out.call.entry.name, whole, rows)
                 if out.call.slow is not None:
@@ -301,6 +337,9 @@ class FdKeeper(Keeper):
             if action == "keep" and kept.n is None:
                 kept.n = leaves[i].shape[cast(int, call.outputs[i])]
         kept.fd = fd
+
+    def backward_seen(self, kept: KeptBatch) -> bool:
+        return kept.fd is not None and bool(kept.fd.grads)
 
     def rewards(self, kept: KeptBatch, d: Direction, cosine: bool) -> Tensor | None:
         if kept.n is None or kept.fd is None or not kept.fd.grads:

@@ -1,0 +1,16 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def one_source_rewards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GAR over one source without a learning augmentation policy has nothing to learn, so
+    it computes no rewards (tests/test_loop_patterns.py checks that). The modules that use
+    such a GAR as a harness for its rewards (against oracles, across loaders, precisions and
+    optimizers) turn that rule off: the rewards are computed as for a source that learns."""
+    from adaptive_data.gar import _gar
+
+    monkeypatch.setattr(_gar, "_nothing_to_learn", lambda sampler: "")
