@@ -264,6 +264,19 @@ class Budget:
                 raise ValueError(
                     f"state's budget[{key!r}] should be an int >= {low}, but got {value!r}"
                 )
+        for key in ("contrast", "drift"):  # NaN: none measured yet
+            value = state[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or math.isinf(value)
+                or (key == "drift" and not math.isnan(value) and not -1.0 <= value <= 1.0)
+            ):
+                raise ValueError(
+                    f"state's budget[{key!r}] should be "
+                    + ("a cosine in [-1, 1]" if key == "drift" else "a finite number")
+                    + f" or NaN, but got {value!r}"
+                )
         if not isinstance(state["warm"], bool):
             raise ValueError(f"state's budget['warm'] should be a bool, but got {state['warm']!r}")
 

@@ -159,7 +159,11 @@ def load(state: Mapping[str, Any], parts: Parts) -> None:
     """Check the whole of ``state`` against the settings and parts (raising, naming the key,
     with nothing applied), then apply it to them."""
     settings, schedule, counters, clock, source, reference = parts
-    if not isinstance(state, Mapping) or state.get("version") != VERSION:
+    if (
+        not isinstance(state, Mapping)
+        or isinstance(state.get("version"), bool)
+        or state.get("version") != VERSION
+    ):
         raise ValueError(
             f"state should be a GAR.state_dict() of version {VERSION}, but got "
             + (
@@ -212,9 +216,16 @@ def load(state: Mapping[str, Any], parts: Parts) -> None:
             f"got {reference_step!r}"
         )
     ref_grad = source.check_state(state["reference_gradient"])
-    if state.get("budget_state") is not None:  # absent from states saved before budget=
-        schedule.budget.check_state(state["budget_state"])
+    if state.get("budget_state") is not None or state.get(BUDGET_KEY) is not None:
+        # absent from states saved before budget= (by an exact GAR) only
+        schedule.budget.check_state(state.get("budget_state"))
     ref_state = state["reference"]
+    if ref_state is None and hasattr(reference, "load_state_dict"):
+        raise ValueError(
+            "state's reference is None (saved with a reference iterator without state_dict()), "
+            f"but this GAR's reference ({type(reference).__name__}) has a position to resume: "
+            "it would restart where the state cannot say"
+        )
     if ref_state is not None and reference is not None:
         if not hasattr(reference, "load_state_dict"):
             raise ValueError(
@@ -228,7 +239,12 @@ def load(state: Mapping[str, Any], parts: Parts) -> None:
             )
         # The first part applied: it checks its own state whole before applying it, and
         # everything after it was checked above.
-        reference.load_state_dict(ref_state)
+        try:
+            reference.load_state_dict(ref_state)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(
+                f"state's reference (the reference iterator's position) was refused: {error}"
+            ) from error
     schedule.load_state_dict(dict(state))
     counters.rewarded = state["rewarded"]
     counters.dropped = state["dropped"]
@@ -258,9 +274,9 @@ def _check_count(state: Mapping[str, Any], key: str) -> None:
 
 def _checked_dropped_by(state: Mapping[str, Any]) -> dict[str, int]:
     """The dropped batches by reason (zeros for a state saved before they were counted)."""
-    saved = state.get(DROPPED_BY_KEY)
-    if saved is None:
+    if DROPPED_BY_KEY not in state:
         return dict.fromkeys(REASONS, 0)
+    saved = state[DROPPED_BY_KEY]
     if not isinstance(saved, Mapping) or set(saved) != set(REASONS):
         raise ValueError(
             f"state's {DROPPED_BY_KEY} should map each of {sorted(REASONS)} to a count, but got "

@@ -126,20 +126,28 @@ class ReferenceBatches:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; raises if it was made for another dataset size or seed."""
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a ReferenceBatches state: {state!r}")
+        """Restore a :meth:`state_dict`; raises, naming the key, if it was made for another
+        dataset size or seed or holds a position outside the stream (nothing is applied)."""
+        version = state.get("version") if isinstance(state, Mapping) else None
+        if isinstance(version, bool) or version != _STATE_VERSION:
+            raise ValueError(f"not a ReferenceBatches state of version {_STATE_VERSION}: {state!r}")
+        missing = [k for k in ("seed", "size", "pass", "cursor") if k not in state]
+        if missing:
+            raise ValueError(f"ReferenceBatches state lacks the key(s) {missing}")
+        for key in ("seed", "size", "pass", "cursor"):
+            check_int(f"state's {key}", state[key])
         if state["size"] != self._n or state["seed"] != self.seed:
             raise ValueError(
                 f"state was saved for size={state['size']}, seed={state['seed']}, but this stream "
                 f"has size={self._n}, seed={self.seed}"
             )
-        cursor = int(state["cursor"])
-        if not 0 <= cursor < self._n or int(state["pass"]) < 0:
+        cursor, passes = state["cursor"], state["pass"]
+        if not 0 <= cursor < self._n or passes < 0:
             raise ValueError(
-                f"state holds an invalid position: pass={state['pass']}, cursor={cursor}"
+                f"state holds an invalid position: pass={passes}, cursor={cursor} (cursor "
+                f"should be in [0, {self._n}) and pass >= 0)"
             )
-        self._pass, self._cursor, self._perm = int(state["pass"]), cursor, None
+        self._pass, self._cursor, self._perm = passes, cursor, None
 
     def __repr__(self) -> str:
         return (
