@@ -24,9 +24,10 @@ def parser() -> argparse.ArgumentParser:
         help="train on scikit-learn's digits with GAR and with a uniform mixture (< 1 minute)",
         description="Train a small CNN on scikit-learn's digits (shipped with scikit-learn, "
         "nothing to download) from three sources: clean, random labels and pixel noise, with "
-        "a GARTransform. Once with GAR (learned mixture and augmentation, one line in the "
-        "loop) and once with the uniform mixture and uniform augmentation; print the learned "
-        "weights and both test accuracies; write weights.png and summary.json.",
+        "a GARTransform. Once with GAR (the learned mixture, one line in the loop; the "
+        "augmentation policy frozen unless --learn-augment) and once with the uniform "
+        "mixture; print the learned weights, both test accuracies and wall times; write "
+        "weights.png, history.pt (adaptive-data plot draws it) and summary.json.",
     )
     _demo.add_arguments(demo)
     plot = commands.add_parser(
