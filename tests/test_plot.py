@@ -128,3 +128,22 @@ def test_rewards_absent_everywhere_draw_one_panel():
     fig, (w_ax, r_ax) = plt.subplots(2, 1)
     assert not ad.draw_history(history, w_ax, r_ax)
     plt.close(fig)
+
+
+def test_the_mixture_benchmark_draws_its_weights_with_the_library(tmp_path: Path, monkeypatch):
+    """benchmarks/mixture_quality.py's weights figure goes through draw_history."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mixture_quality
+
+    calls = []
+    real = ad.draw_history
+    monkeypatch.setattr(ad, "draw_history", lambda *a, **k: calls.append(k) or real(*a, **k))
+    history = [e["weights"] for e in trained(6).history]
+    results = {
+        "methods": {"gar_exp_grad": {"runs": [{"history": history, "history_stride": 2}]}},
+        "steps_per_epoch": 4,
+        "seeds": [0],
+    }
+    assert mixture_quality.plot(results, tmp_path / "w.png")
+    assert is_png(tmp_path / "w.png")
+    assert calls == [{"stride": 2, "legend": False}]
