@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import augment
 from ._batch import split_batch
+from ._plot import draw_history, plot_history
 from .augment import KERNELS, AugmentPolicy, AugmentStatistics, trivial_augment_wide_table
 from .gar import GAR
 from .policy import CategoricalPolicy, ChoiceStatistics
@@ -54,7 +55,9 @@ __all__ = [
     "ReferenceBatches",
     "__version__",
     "apply_op",
+    "draw_history",
     "ghost_rules",
+    "plot_history",
     "register_ghost_rule",
     "split_batch",
     "trivial_augment_wide_table",

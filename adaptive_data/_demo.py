@@ -1,4 +1,5 @@
-"""The demo: learned mixture and augmentation on scikit-learn's digits, against a uniform run."""
+"""The demo: a learned mixture on scikit-learn's digits, against a uniform run (the
+augmentation policy frozen, as ``GARTransform()`` is, unless ``--learn-augment``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ __all__ = ["add_arguments", "run"]
 SOURCES = ("clean", "random_labels", "pixel_noise")
 
 # Augmentations sized for 8x8 digits (TrivialAugmentWide's 32-pixel translations would wipe
-# them out); Invert is there to be learned away: the test digits are never inverted.
+# them out), drawn uniformly in both runs unless --learn-augment.
 OPS: dict[str, tuple[list[float] | None, bool]] = {
     "Identity": (None, False),
     "Rotate": ([0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0], True),
@@ -27,7 +28,6 @@ OPS: dict[str, tuple[list[float] | None, bool]] = {
     "TranslateX": ([0.0, 1.0, 2.0], True),
     "TranslateY": ([0.0, 1.0, 2.0], True),
     "Contrast": ([0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9], True),
-    "Invert": (None, False),
 }
 
 
@@ -83,26 +83,23 @@ def model_for(seed: int) -> nn.Module:
 
 
 class Progress:
-    """Both runs' training steps as one ``tqdm`` bar on stderr; nothing when not ``enabled``
-    (``--no-progress``, for logs)."""
+    """One run's training steps as a ``tqdm`` bar on stderr, labelled with the run; nothing
+    when not ``enabled`` (``--no-progress``, for logs)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
         self.bar = None
-        self.label = ""
         if enabled:
             from tqdm import tqdm
 
             # A log (stderr not a terminal) gets a line every 5 s instead of 10 a second.
             every = 0.1 if sys.stderr.isatty() else 5.0
-            self.bar = tqdm(total=total, unit="step", file=sys.stderr, mininterval=every)
+            self.bar = tqdm(
+                total=total, desc=label, unit="step", file=sys.stderr, mininterval=every
+            )
 
-    def advance(self, label: str) -> None:
-        if self.bar is None:
-            return
-        if label != self.label:
-            self.label = label
-            self.bar.set_description(label, refresh=False)
-        self.bar.update()
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -137,14 +134,16 @@ def train(
     val: Split,
     test: Split,
     args: argparse.Namespace,
-    progress: Progress,
 ) -> dict[str, Any]:
-    """One run: GAR (``learn=True``) or the uniform mixture with the uniform augmentation."""
+    """One run: GAR (``learn=True``: the learned mixture; the augmentation policy learns too
+    with ``--learn-augment``) or the uniform mixture. Both draw the augmentation from the
+    same uniform policy unless it learns."""
     from torchvision.transforms import v2
 
     import adaptive_data as ad
 
-    tf = ad.GARTransform(OPS, learn_ops=learn, learn_magnitudes=learn)
+    learn_augment = learn and args.learn_augment
+    tf = ad.GARTransform(OPS, learn_ops=learn_augment, learn_magnitudes=learn_augment)
     pipeline = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
     datasets = {name: Digits(x, y, pipeline) for name, (x, y) in sources.items()}
     sampler = ad.GARSampler(datasets, batch_size=args.batch_size, seed=args.seed, transform=tf)
@@ -157,15 +156,19 @@ def train(
         reference = ad.ReferenceBatches(TensorDataset(*val), 64, seed=args.seed)
         per_example = nn.CrossEntropyLoss(reduction="none")
         gar = ad.GAR(model, sampler, optimizer=opt, reference=reference, loss_fn=per_example)
+    progress = Progress(args.epochs * len(sampler), "GAR" if learn else "uniform", args.progress)
     t0 = time.perf_counter()
-    for _ in range(args.epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            if gar is not None:
-                gar.step()  # the one line
-            opt.step()
-            progress.advance("GAR" if learn else "uniform")
+    try:
+        for _ in range(args.epochs):
+            for x, y in loader:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                if gar is not None:
+                    gar.step()  # the one line
+                opt.step()
+                progress.advance()
+    finally:
+        progress.close()
     if gar is not None:
         gar.close()
     wall = time.perf_counter() - t0
@@ -177,30 +180,10 @@ def train(
         "wall_s": wall,
         "weights": sampler.weights,
         "op_weights": tf.policy.op_weights,
-        "history": [h["weights"] for h in sampler.history],
+        "learned_augmentation": learn_augment,
+        "history": sampler.history,
         "steps": args.epochs * len(sampler),
     }
-
-
-def plot(history: list[dict[str, float]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name in history[0]:
-        ax.plot([h[name] for h in history], label=name)
-    ax.set_xlabel("update (training step)")
-    ax.set_ylabel("mixture weight")
-    ax.set_title("GARSampler on digits: learned source weights")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=Path("adaptive-data-demo"),
-        help="folder for weights.png and summary.json (default: ./adaptive-data-demo)",
+        help="folder for weights.png, history.pt and summary.json (default: ./adaptive-data-demo)",
     )
     parser.add_argument("--epochs", type=int, default=12, help="epochs of each run (default 12)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
@@ -216,7 +199,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seeds the data split, model, sampler (default 0)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument(
+        "--learn-augment",
+        action="store_true",
+        help="the GAR run learns its augmentation policy too (off by default, as in "
+        "GARTransform(): learning it has not been shown to help)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_false",
+        dest="progress",
+        help="no progress bars (for logs)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,24 +219,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(
             f"--epochs and --batch-size should be >= 1, got {args.epochs} and {args.batch_size}"
         )
-    require_packages(progress=not args.no_progress)
+    require_packages(progress=args.progress)
     torch.set_num_threads(args.threads)
     sources, val, test = load(args.seed)
-    steps = args.epochs * (sum(len(x) for x, _ in sources.values()) // args.batch_size)
+    augment = "learned augmentation" if args.learn_augment else "the uniform augmentation"
     print(
         "adaptive_data demo: digits (scikit-learn) from three sources, "
         + ", ".join(f"{n} ({len(sources[n][0])})" for n in SOURCES)
         + f"; {len(val[0])} clean validation digits (GAR's reference), {len(test[0])} clean "
         f"test digits. Training a small CNN twice for {args.epochs} epochs: with GAR (learned "
-        "mixture and augmentation) and with the uniform mixture and uniform augmentation.",
+        f"mixture, {augment}) and with the uniform mixture and the uniform augmentation.",
         flush=True,
     )
-    progress = Progress(2 * steps, enabled=not args.no_progress)
-    try:
-        gar = train(True, sources, val, test, args, progress)
-        uniform = train(False, sources, val, test, args, progress)
-    finally:
-        progress.close()
+    gar = train(True, sources, val, test, args)
+    uniform = train(False, sources, val, test, args)
     print()
     print("| source | GAR weight | uniform weight |")
     print("|---|---|---|")
@@ -253,14 +243,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print("|---|---|---|")
     print(f"| GAR | {gar['accuracy']:.1f}% | {gar['wall_s']:.1f} |")
     print(f"| uniform | {uniform['accuracy']:.1f}% | {uniform['wall_s']:.1f} |")
-    top = sorted(gar["op_weights"].items(), key=lambda kv: -kv[1])
-    print("\nlearned augmentation ops: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    print("(wall s: this machine's, with its load; other machines differ)")
+    if args.learn_augment:
+        top = sorted(gar["op_weights"].items(), key=lambda kv: -kv[1])
+        print("\nlearned augmentation ops: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {
         "command": " ".join(["adaptive-data", "demo", *sys.argv[2:]]),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "threads": args.threads,
+        "learn_augment": args.learn_augment,
         "sources": {n: len(sources[n][0]) for n in SOURCES},
         "validation_examples": len(val[0]),
         "test_examples": len(test[0]),
@@ -268,10 +262,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "uniform": {k: v for k, v in uniform.items() if k != "history"},
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    wrote = [str(args.out / "summary.json")]
-    if plot(gar["history"], args.out / "weights.png"):
-        wrote.append(str(args.out / "weights.png"))
-    else:
-        print("(matplotlib is not installed: no weights.png; pip install 'adaptive-data[demo]')")
+    torch.save(gar["history"], args.out / "history.pt")  # for `adaptive-data plot`
+    wrote = [str(args.out / "summary.json"), str(args.out / "history.pt")]
+    try:
+        from ._plot import plot_history
+
+        title = "GARSampler on digits: learned source weights and rewards"
+        wrote.append(str(plot_history(gar["history"], args.out / "weights.png", title=title)))
+    except ImportError:
+        print("(matplotlib is not installed: no weights.png; pip install 'adaptive-data[plot]')")
     print("wrote " + ", ".join(wrote))
     return summary

@@ -361,8 +361,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     for ax, method in zip(axes[0], shown, strict=True):
         run = results["methods"][method]["runs"][0]
         hist, stride = run["history"], run.get("history_stride", 1)
-        for name in hist[0]:
-            ax.plot([i * stride for i in range(len(hist))], [h[name] for h in hist], label=name)
+        ad.draw_history(hist, ax, stride=stride, legend=False)  # the library's own plot
         ax.axhline(0.05, color="grey", lw=0.8, ls=":")
         ax.axvline(results["steps_per_epoch"], color="grey", lw=0.8, ls="--")
         ax.set_title(f"{method} (seed {results['seeds'][0]})")

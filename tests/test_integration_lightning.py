@@ -98,7 +98,48 @@ def test_lightning_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_p
         assert torch.equal(torch.stack([sampler.dataset[k][0] for k in keys]), x)
     logged = fit.callback_metrics
     assert float(logged["mixture/weight/clean"]) == pytest.approx(sampler.weights["clean"])
-    assert float(logged["gar/batches_rewarded"]) == 24
+    # The short default set: weights, mean rewards and their ages (2 sources), the cost.
+    names = sampler.names
+    assert set(logged) == {
+        *(f"mixture/{m}/{n}" for m in ("weight", "reward_mean", "reward_age") for n in names),
+        "gar/budget/cost_per_step",
+    }
+    assert float(logged["mixture/reward_age/clean"]) == 0
+
+
+@pytest.mark.parametrize(
+    "log_metrics", ["all", ["gar/batches_rewarded", "mixture/weight/*"], False]
+)
+def test_lightning_logs_the_metrics_it_is_asked_for(tmp_path, log_metrics):
+    sampler, callback, loader, module = build(4, budget=None, log_metrics=log_metrics)
+    fit = trainer(tmp_path, 4, [callback], enable_checkpointing=False)
+    fit.fit(module, loader)
+    logged = set(fit.callback_metrics)
+    everything = {f"mixture/{k}" for k in sampler.metrics()}
+    everything |= {f"gar/{k}" for k in callback.gar.metrics()}
+    if log_metrics == "all":  # every finite key
+        assert {"gar/batches_rewarded", "mixture/entropy", "mixture/reward_count/clean"} <= logged
+        assert logged <= everything
+        assert len(logged) > 20
+    elif log_metrics is False:
+        assert logged == set()
+    else:
+        assert logged == {"gar/batches_rewarded", *(f"mixture/weight/{n}" for n in sampler.names)}
+        assert float(fit.callback_metrics["gar/batches_rewarded"]) == 8
+
+
+@pytest.mark.parametrize(
+    ("log_metrics", "message"),
+    [
+        ("everything", r"log_metrics should be 'default', 'all' or a list .* got 'everything'"),
+        (["weight/*"], r"log_metrics holds 'weight/\*', which names no metric: .*'mixture/'"),
+        (3, r"log_metrics should be 'default', 'all' or a list .* got 3"),
+    ],
+)
+def test_lightning_refuses_a_metric_selection_that_names_nothing(log_metrics, message):
+    sampler = ad.GARSampler({"a": TensorDataset(torch.zeros(4))}, batch_size=2)
+    with pytest.raises(ValueError, match=message):
+        GARCallback(sampler, log_metrics=log_metrics)
 
 
 def test_lightning_with_rows_and_forward_only_rewards_learns_what_the_exact_rewards_learn(

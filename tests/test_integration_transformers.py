@@ -6,6 +6,7 @@ uninterrupted one does."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -124,11 +125,43 @@ def test_trainer_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_pat
     for bid, x in zip(rewarded, model.seen, strict=True):
         keys = sampler._records[bid].keys
         assert torch.equal(torch.stack([sampler.dataset[k]["x"] for k in keys]), x)
-    # The logs carry the weights and GAR's counters.
+    # The logs carry the short default set: weights, mean rewards and their ages, the cost.
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged
-    assert "mixture/weight/clean" in logged[-1]
-    assert logged[-1]["gar/batches_rewarded"] == 20  # at step 10
+    ours = {k for k in logged[-1] if k.startswith(("mixture/", "gar/"))}
+    assert ours == {
+        *(
+            f"mixture/{m}/{n}"
+            for m in ("weight", "reward_mean", "reward_age")
+            for n in sampler.names
+        ),
+        "gar/budget/cost_per_step",
+    }
+    assert logged[-1]["mixture/reward_age/clean"] == 0
+
+
+def test_trainer_logs_the_metrics_it_is_asked_for(tmp_path):
+    trainer, sampler, _ = build(
+        tmp_path, max_steps=10, gar_budget=None, gar_log_metrics=["gar/batches_*"]
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert {k for k in logged if k.startswith(("mixture/", "gar/"))} == {
+        "gar/batches_rewarded",
+        "gar/batches_dropped",
+    }
+    assert logged["gar/batches_rewarded"] == 20  # at step 10
+    every, sampler, _ = build(tmp_path / "all", max_steps=10, gar_log_metrics="all")
+    finite = {f"mixture/{k}" for k, v in sampler.metrics().items() if math.isfinite(v)}
+    assert set(every.gar_metrics()) == finite  # no GAR before train(): the sampler's keys
+    assert "mixture/batches_drawn" in finite
+
+
+def test_trainer_refuses_a_metric_selection_that_names_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"gar_log_metrics holds 'weight/\*', which names no"):
+        build(tmp_path, max_steps=1, gar_log_metrics=["weight/*"])
+    with pytest.raises(ValueError, match=r"gar_log_metrics should be 'default', 'all' or a"):
+        build(tmp_path, max_steps=1, gar_log_metrics="some")
 
 
 def test_trainer_with_rows_and_forward_only_rewards_learns_what_the_exact_rewards_learn(tmp_path):

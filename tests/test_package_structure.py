@@ -10,7 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "adaptive_data"
 
 # Each subpackage may import from the ones listed (and from the package's top-level helper
-# modules _batch, _check, _distributed, _mix); the top-level __init__, _cli and _demo from all.
+# modules _batch, _check, _distributed, _extras, _mix, _plot); the top-level __init__, _cli and
+# _demo from all.
 LAYERS = {
     "policy": set(),
     "augment": {"policy"},

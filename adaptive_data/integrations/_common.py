@@ -3,9 +3,10 @@ the state saved beside the trainer's checkpoints, and the metrics for its logger
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +27,40 @@ _GAR_DEFAULTS = {
     if p.default is not inspect.Parameter.empty
 }
 _OPTIONS = ("budget", "every", "reward", "reference_refresh", "rows", "estimator")
+
+DEFAULT_METRICS = (
+    "mixture/weight/*",
+    "mixture/reward_mean/*",
+    "mixture/reward_age/*",
+    "gar/budget/cost_per_step",
+)
+"""What the integrations log by default: each source's weight, its running mean reward and
+that mean's age in updates (a stale mean is not read as current), and the rewards' estimated
+cost per training step. ``"all"`` logs every key of the sampler's and GAR's metrics."""
+
+_PREFIXES = ("mixture/", "gar/")
+
+
+def metric_patterns(select: Any, name: str) -> tuple[str, ...] | None:
+    """The key patterns (``fnmatch``) a ``log_metrics``-style argument selects: ``"default"``
+    (:data:`DEFAULT_METRICS`), ``"all"`` (``None``: every key), or a sequence of patterns
+    such as ``["mixture/weight/*", "gar/batches_rewarded"]``. Raises naming ``name``."""
+    if select == "default":
+        return DEFAULT_METRICS
+    if select == "all":
+        return None
+    if isinstance(select, str) or not isinstance(select, Sequence):
+        raise ValueError(
+            f"{name} should be 'default', 'all' or a list of metric names or patterns such as "
+            f"'mixture/weight/*', but got {select!r}"
+        )
+    for pattern in select:
+        if not isinstance(pattern, str) or not pattern.startswith(_PREFIXES):
+            raise ValueError(
+                f"{name} holds {pattern!r}, which names no metric: the names start with "
+                "'mixture/' (the sampler's metrics) or 'gar/' (GAR's); e.g. 'mixture/weight/*'"
+            )
+    return tuple(select)
 
 
 class Wiring:
@@ -160,13 +195,19 @@ class Wiring:
         else:
             self._pending_gar = gar
 
-    def metrics(self) -> dict[str, float]:
-        """The sampler's metrics under ``mixture/`` and GAR's under ``gar/``; entries that are
-        not finite (a mean before any reward) are left out, as loggers plot them badly."""
+    def metrics(self, patterns: tuple[str, ...] | None = None) -> dict[str, float]:
+        """The sampler's metrics under ``mixture/`` and GAR's under ``gar/``, those matching
+        one of ``patterns`` (:func:`metric_patterns`; ``None``: all); entries that are not
+        finite (a mean before any reward) are left out, as loggers plot them badly."""
         out = {f"mixture/{k}": float(v) for k, v in self.sampler.metrics().items()}
         if self.gar is not None:
             out.update({f"gar/{k}": float(v) for k, v in self.gar.metrics().items()})
-        return {k: v for k, v in out.items() if math.isfinite(v)}
+        return {
+            k: v
+            for k, v in out.items()
+            if math.isfinite(v)
+            and (patterns is None or any(fnmatch.fnmatchcase(k, p) for p in patterns))
+        }
 
 
 def save(state: Mapping[str, Any], path: str) -> None:

@@ -9,24 +9,30 @@
     trainer = L.Trainer(callbacks=[gar], accumulate_grad_batches=2)
     trainer.fit(module, loader)               # or fit(module, loader, ckpt_path=...)
 
-``pip install adaptive-data[lightning]``; importing ``adaptive_data`` alone never imports
+``pip install 'adaptive-data[lightning]'``; importing ``adaptive_data`` alone never imports
 Lightning. How-to: docs/howto-lightning.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+
+from .._extras import missing_extra
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError as e:  # the [lightning] extra is not installed: say so
+    raise missing_extra(e, "lightning", __name__) from e
 
 from ..gar._budget import DEFAULT_BUDGET
 from ..gar._gar import GAR
 from ..sampling._sampler import GARSampler
 from ..sampling._tracking import TrackedLoader
-from ._common import Wiring
+from ._common import Wiring, metric_patterns
 
 __all__ = ["CHECKPOINT_KEY", "GARCallback"]
 
@@ -48,9 +54,10 @@ class GARCallback(Callback):
     * ``on_before_optimizer_step``: ``gar.step()``, once per optimizer step, after the
       ``accumulate_grad_batches`` micro-batches' backwards and after AMP's unscaling, before
       Lightning's gradient clipping and ``optimizer.step()``.
-    * ``on_train_batch_end``: ``pl_module.log_dict`` of the sampler's metrics under
-      ``mixture/`` and GAR's under ``gar/`` (on step; the loggers get them every
-      ``log_every_n_steps``).
+    * ``on_train_batch_end``: ``pl_module.log_dict`` of a short set of the sampler's
+      metrics (under ``mixture/``) and GAR's (under ``gar/``), on step (the loggers get
+      them every ``log_every_n_steps``): by default each source's weight, running mean
+      reward and that mean's age, and the rewards' cost per step (``log_metrics``).
     * ``on_save_checkpoint`` / ``on_load_checkpoint``: the sampler's and GAR's state in the
       checkpoint under :data:`CHECKPOINT_KEY`, every rank's (gathered under DDP), so
       ``fit(..., ckpt_path=...)`` continues exactly.
@@ -72,7 +79,12 @@ class GARCallback(Callback):
             ``reward="dot"``).
         module: the module GAR watches (default: the LightningModule).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
-        log_metrics: whether to log the metrics.
+        log_metrics: which metrics to log: ``"default"`` (``mixture/weight/<source>``,
+            ``mixture/reward_mean/<source>``, ``mixture/reward_age/<source>``,
+            ``gar/budget/cost_per_step``; ``True`` is the same), ``"all"`` (every key of
+            ``sampler.metrics()`` and ``gar.metrics()``, docs/api.md "Metrics"), a list of
+            names and ``fnmatch`` patterns, e.g. ``["mixture/weight/*",
+            "gar/batches_rewarded"]``, or ``False`` (none).
     """
 
     def __init__(
@@ -89,8 +101,13 @@ class GARCallback(Callback):
         estimator: str = "ghost",
         module: nn.Module | None = None,
         gar: GAR | None = None,
-        log_metrics: bool = True,
+        log_metrics: bool | str | Sequence[str] = "default",
     ) -> None:
+        if log_metrics is True:
+            log_metrics = "default"
+        self._log: tuple[str, ...] | None = (
+            () if log_metrics is False else metric_patterns(log_metrics, "log_metrics")
+        )
         if module is not None and not isinstance(module, nn.Module):
             raise TypeError(f"module should be an nn.Module, but got {type(module).__name__}")
         if module is not None and gar is not None:
@@ -109,7 +126,6 @@ class GARCallback(Callback):
             estimator=estimator,
         )
         self.module = module
-        self.log_metrics = log_metrics
 
     @property
     def sampler(self) -> GARSampler:
@@ -125,8 +141,9 @@ class GARCallback(Callback):
         return self.wiring.sampler.track(loader)
 
     def metrics(self) -> dict[str, float]:
-        """What is logged: the sampler's metrics under ``mixture/``, GAR's under ``gar/``."""
-        return self.wiring.metrics()
+        """What is logged: the sampler's metrics under ``mixture/`` and GAR's under ``gar/``
+        that ``log_metrics`` selects (finite ones only)."""
+        return self.wiring.metrics(self._log)
 
     # ------------------------------------------------------------------ Lightning's hooks
 
@@ -173,8 +190,9 @@ class GARCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.log_metrics:
-            pl_module.log_dict(self.wiring.metrics(), on_step=True, on_epoch=False, batch_size=1)
+        logged = self.metrics()
+        if logged:
+            pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]

@@ -8,7 +8,7 @@
                          gar_reference=val_set, gar_loss_fn=per_example_loss)
     trainer.train()                          # or train(resume_from_checkpoint=True)
 
-``pip install adaptive-data[transformers]``; importing ``adaptive_data`` alone never imports
+``pip install 'adaptive-data[transformers]'``; importing ``adaptive_data`` alone never imports
 transformers. How-to: docs/howto-transformers.md.
 """
 
@@ -17,26 +17,32 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import (
-    PREFIX_CHECKPOINT_DIR,
-    RemoveColumnsCollator,
-    get_last_checkpoint,
-    seed_worker,
-)
+
+from .._extras import missing_extra
+
+try:
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import (
+        PREFIX_CHECKPOINT_DIR,
+        RemoveColumnsCollator,
+        get_last_checkpoint,
+        seed_worker,
+    )
+except ImportError as e:  # the [transformers] extra is not installed: say so
+    raise missing_extra(e, "transformers", __name__) from e
 
 from ..gar._budget import DEFAULT_BUDGET
 from ..gar._gar import GAR
 from ..sampling._reference import ReferenceBatches
 from ..sampling._sampler import GARSampler
-from ._common import Wiring, load, save
+from ._common import Wiring, load, metric_patterns, save
 
 __all__ = ["STATE_FILE", "GARCallback", "GARTrainer", "GARTrainerMixin", "default_loss_fn"]
 
@@ -164,9 +170,10 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
       GAR's state into every checkpoint; ``train(resume_from_checkpoint=...)`` loads them;
     * ``args.ignore_data_skip`` is set: on resume the sampler's state continues the epoch
       exactly where the checkpoint left it, so the Trainer must not skip batches as well;
-    * every training log (``loss`` in it) gains the sampler's metrics under ``mixture/``
-      (``mixture/weight/<source>``, ``mixture/reward_mean/<source>``, ...) and GAR's under
-      ``gar/``, so TensorBoard, W&B and ``state.log_history`` get them.
+    * every training log (``loss`` in it) gains a short set of the sampler's metrics
+      (under ``mixture/``) and GAR's (under ``gar/``), so TensorBoard, W&B and
+      ``state.log_history`` get them: by default each source's weight, running mean reward
+      and that mean's age, and the rewards' cost per step (``gar_log_metrics``).
 
     Args:
         gar_sampler: the :class:`GARSampler` to train from (keyword arguments, beside the
@@ -192,6 +199,12 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
             ``gar_reward="dot"``).
         gar: a :class:`GAR` built by the user instead (over ``gar_sampler``, with the
             optimizer the Trainer gets through ``optimizers=``).
+        gar_log_metrics: which metrics the training logs gain: ``"default"``
+            (``mixture/weight/<source>``, ``mixture/reward_mean/<source>``,
+            ``mixture/reward_age/<source>``, ``gar/budget/cost_per_step``), ``"all"`` (every
+            key of ``sampler.metrics()`` and ``gar.metrics()``, docs/api.md "Metrics"), or a
+            list of names and ``fnmatch`` patterns, e.g. ``["mixture/weight/*",
+            "gar/batches_rewarded"]``; ``[]`` adds none.
     """
 
     def __init__(
@@ -207,8 +220,10 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
         gar_rows: int | None = None,
         gar_estimator: str = "ghost",
         gar: GAR | None = None,
+        gar_log_metrics: str | Sequence[str] = "default",
         **kwargs: Any,
     ) -> None:
+        self._gar_log = metric_patterns(gar_log_metrics, "gar_log_metrics")
         if not isinstance(gar_sampler, GARSampler):
             raise TypeError(
                 f"gar_sampler should be a GARSampler, but got {type(gar_sampler).__name__}"
@@ -269,8 +284,9 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
         return self._gar_wiring.gar
 
     def gar_metrics(self) -> dict[str, float]:
-        """What the logs gain: the sampler's metrics under ``mixture/``, GAR's under ``gar/``."""
-        return self._gar_wiring.metrics()
+        """What the logs gain: the sampler's metrics under ``mixture/`` and GAR's under
+        ``gar/`` that ``gar_log_metrics`` selects (finite ones only)."""
+        return self._gar_wiring.metrics(self._gar_log)
 
     # ------------------------------------------------------------------ the Trainer's hooks
 
@@ -356,7 +372,7 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's ``log``; training logs gain :meth:`gar_metrics`."""
         if "loss" in logs:
-            logs.update(self._gar_wiring.metrics())
+            logs.update(self.gar_metrics())
         super().log(logs, *args, **kwargs)
 
 

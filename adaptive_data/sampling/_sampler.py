@@ -483,9 +483,14 @@ class GARSampler(Sampler[list[int]]):
         The policy's counters (``updates``, ``rewards_applied``, ``nonfinite_rewards``,
         ``skipped_updates``, ``entropy``), ``epoch`` (-1 before the first), ``batches_drawn``,
         ``batches_rewarded``, ``batches_dropped_unrewarded`` (left the reward window without
-        rewards), ``weight/<source>`` and ``reward_mean/<source>`` (running mean of the raw
-        finite rewards; NaN before any). With a transform, its :meth:`GARTransform.metrics`
-        under ``augment/``.
+        rewards), ``weight/<source>``, ``reward_mean/<source>`` (running mean of the raw
+        finite rewards, momentum 0.9 per update that carries one; NaN before any), and, so a
+        mean that a rarely drawn source has not moved for a while is not read as current,
+        ``reward_age/<source>`` (updates since the source's last finite reward, 0 when the
+        latest carried one) and ``reward_count/<source>`` (its finite rewards); these two
+        count from when the sampler was built or its state loaded (NaN and 0 before). With a
+        transform, its :meth:`GARTransform.metrics` under ``augment/``. Every key:
+        docs/api.md, "Metrics".
         """
         policy = self._policy.metrics()
         m: dict[str, float] = {k: v for k, v in policy.items() if k != "weights"}
@@ -501,6 +506,10 @@ class GARSampler(Sampler[list[int]]):
             m[f"weight/{name}"] = w
         for name, v in zip(self.names, self._learner.reward_means, strict=True):
             m[f"reward_mean/{name}"] = v
+        for name, age in zip(self.names, self._learner.reward_ages(), strict=True):
+            m[f"reward_age/{name}"] = age
+        for name, count in zip(self.names, self._learner.reward_counts(), strict=True):
+            m[f"reward_count/{name}"] = count
         if self.transform is not None:
             for k, v in self.transform.policy.metrics().items():
                 m[f"augment/{k}"] = v
