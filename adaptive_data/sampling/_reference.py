@@ -66,6 +66,8 @@ class ReferenceBatches:
         check_int("seed", seed)
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"collate_fn should be callable, but got {type(collate_fn).__name__}")
+        if collate_fn is None:
+            _check_collatable(dataset[0])
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -153,6 +155,22 @@ class ReferenceBatches:
         return (
             f"{type(self).__name__}(len(dataset)={self._n}, batch_size={self.batch_size}, "
             f"seed={self.seed}, passes={self.passes:.2f})"
+        )
+
+
+def _check_collatable(example: Any) -> None:
+    """Refuse rows that ``default_collate`` would batch into something other than tensors: a
+    dict row holding Python lists (a Hugging Face split without ``with_format("torch")``) is
+    batched position by position into a list of tensors, which no model takes."""
+    if not isinstance(example, Mapping):
+        return
+    lists = [k for k, v in example.items() if isinstance(v, list)]
+    if lists:
+        raise TypeError(
+            f"ReferenceBatches' dataset gives rows whose {lists[0]!r} is a Python list, which "
+            "default_collate batches position by position instead of into one tensor: a "
+            "Hugging Face split needs .with_format('torch', columns=[...]) first (or pass a "
+            "collate_fn that builds the tensors)"
         )
 
 
