@@ -155,6 +155,4 @@ def test_one_batch_passed_as_reference_is_refused_naming_reference_batches(batch
     x, y = torch.randn(4, 12), torch.zeros(4, dtype=torch.long)
     reference = {"pair": (x, y), "dict": {"x": x, "labels": y}, "tensor": x}[batch]
     with pytest.raises(TypeError, match=r"reference=ReferenceBatches\(val_set.*got one batch"):
-        TypeError, match=r"such as reference=ReferenceBatches\(val_set.*got one batch"
-    ):
         loop_with_reference(reference)
