@@ -554,15 +554,15 @@ class AugmentPolicy:
         table = f.mapping(f"{path}['table']", state["table"])
         mine = {k: (None if m is None else list(m), bool(sg)) for k, (m, sg) in self.table.items()}
         theirs: dict[str, Any] = {}
-        for k, spec in table.items():
+        for op, spec in table.items():
             if not (
                 isinstance(spec, tuple | list)
                 and len(spec) == 2
                 and isinstance(spec[1], bool)
                 and (spec[0] is None or isinstance(spec[0], Tensor))
             ):
-                raise f.refuse(f"{path}['table'][{k!r}]", "a pair (magnitudes, signed)", spec)
-            theirs[k] = (None if spec[0] is None else spec[0].tolist(), spec[1])
+                raise f.refuse(f"{path}['table'][{op!r}]", "a pair (magnitudes, signed)", spec)
+            theirs[op] = (None if spec[0] is None else spec[0].tolist(), spec[1])
         if theirs != mine:
             diff = sorted({*mine, *theirs} - {k for k in mine if theirs.get(k) == mine[k]})
             raise ValueError(
