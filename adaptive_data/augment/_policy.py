@@ -612,7 +612,9 @@ class AugmentPolicy:
                 raise ValueError(
                     f"{path}['history_every'] should be a power of two, but got {every}"
                 )
-        rows, every = self._history.parse(state["history"], f"{path}['history']", updates, every)
+        rows, every = self._history.parse(
+            state["history"], f"{path}['history']", updates, every, f"{path}['counters'][0]"
+        )
         k = len(self.op_names)
         if len(rows):
             hpath = f"{path}['history']"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._check import check_int, check_keys, check_number, int_list
+from .._check import check_int, check_keys, check_number, int_list, is_int
 from . import _fields as f
 
 __all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy", "ChoiceStatistics"]
@@ -522,8 +522,11 @@ def parse_policy_state(
     counters as Python values. Raises ``ValueError`` naming the field under ``path``."""
     check_policy_state(state, path)
     k = policy.num_choices
-    if state["num_choices"] != k:
-        raise ValueError(f"{path} is for {state['num_choices']!r} choices, but {owner} has {k}")
+    if not is_int(state["num_choices"]) or state["num_choices"] != k:
+        raise ValueError(
+            f"{path}['num_choices'] is {f.describe(state['num_choices'])}, but {owner} has {k} "
+            "choices"
+        )
     logits = f.tensor(f"{path}['logits']", state["logits"], torch.float64, (k,)).tolist()
     if any(not -_LOGIT_RANGE <= v <= 0.0 for v in logits) or max(logits) != 0.0:
         raise ValueError(
@@ -548,7 +551,14 @@ def parse_policy_state(
         theirs = checked_config(k, *(cfg[key] for key in _CONFIG_KEYS))
     except ValueError as e:
         raise ValueError(f"{path}['config'] is invalid: {e}") from None
-    for key in _CONFIG_KEYS:
+    for key in (
+        "rule",
+        "normalize",
+        "floor",
+        "lr",
+        "momentum",
+        "max_step",
+    ):  # lr's default is rule's
         if cfg[key] is None or theirs[key] != getattr(policy, key):
             raise ValueError(
                 f"{path}['config'] has {key}={cfg[key]!r}, but {owner} has "

@@ -79,11 +79,14 @@ class History:
         tail = torch.tensor(self._tail, dtype=torch.float64).reshape(len(self._tail), self.width)
         return [*self._frozen, tail]
 
-    def parse(self, state: Any, path: str, seen: int, every: int | None) -> tuple[Tensor, int]:
+    def parse(
+        self, state: Any, path: str, seen: int, every: int | None, counted: str = "the state"
+    ) -> tuple[Tensor, int]:
         """Check a :meth:`state` of a table that saw ``seen`` updates and kept every
         ``every``-th (``None``: a state saved before the bound, which kept every row): the
         rows ``[n, width]`` and ``every`` that :meth:`load` sets, thinned to :attr:`limit`.
-        Changes nothing; raises ``ValueError`` naming ``path``."""
+        Changes nothing; raises ``ValueError`` naming ``path`` (and ``counted``, where
+        ``seen`` comes from)."""
         what = f"a list of float64 Tensors [n, {self.width}]"
         if not isinstance(state, list | tuple) or not all(
             isinstance(t, Tensor)
@@ -98,7 +101,7 @@ class History:
         every = 1 if every is None else every
         if len(rows) != seen // every:
             raise ValueError(
-                f"{path} holds {len(rows)} rows, but the state counts {seen} updates, one row "
+                f"{path} holds {len(rows)} rows, but {counted} counts {seen} updates, one row "
                 f"kept every {every}: it should hold {seen // every}"
             )
         if legacy:  # saved without a bound: thinned as the bound would have thinned it

@@ -158,7 +158,9 @@ def check_state(state: Any, sampler: GARSampler) -> None:
         every = f.integer(f"state[{HISTORY_EVERY!r}]", every, lo=1)
         if every & (every - 1):
             raise ValueError(f"state[{HISTORY_EVERY!r}] should be a power of two, but got {every}")
-    rows, _ = sampler._learner.history.parse(state[HISTORY], "state['history']", rewarded, every)
+    rows, _ = sampler._learner.history.parse(
+        state[HISTORY], "state['history']", rewarded, every, "state['counters'][1]"
+    )
     if len(rows):
         ids = rows[:, 0]
         if not bool(((ids == ids.round()) & (ids >= 0) & (ids < next_id)).all()):
@@ -289,6 +291,12 @@ def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
             "state['unrewarded'], state['window'] and state['spent'] should hold each batch id "
             f"once, but repeat {sorted(i for i in set(seen) if seen.count(i) > 1)[:8]}"
         )
+    if seen and sorted(seen) != list(range(next_id - len(seen), next_id)):
+        raise ValueError(
+            "state['unrewarded'], state['window'] and state['spent'] should hold the last "
+            f"{len(seen)} batches drawn, ids {next_id - len(seen)}..{next_id - 1} "
+            f"(state['next_id']={next_id}), but hold ids {sorted(seen)[:8]}..."
+        )
     window = set(window_ids)
     delivered = [i for i in seen if i not in window]
     if window_ids and delivered and max(delivered) > window_ids[0]:
@@ -341,6 +349,13 @@ def _check_record(path: str, d: Any, sampler: GARSampler, next_id: int) -> tuple
         seeds = f.tensor(f"{path}['seeds']", d["seeds"], torch.long, (b,))
         n_ops = len(policy.op_names)
         reference = bool((ops == NO_AUGMENTATION).all())
+        every = sampler.reference_every
+        if reference != bool(every and rec_position % every == 0):
+            raise ValueError(
+                f"{path}['ops'] should be -1 throughout exactly in the reference batches "
+                f"(positions divisible by reference_every={every}), but the batch at position "
+                f"{rec_position} holds {ops.tolist()}"
+            )
         if not reference and bool(((ops < 0) | (ops >= n_ops)).any()):
             raise ValueError(
                 f"{path}['ops'] should hold op ids in [0, {n_ops}) (or -1 throughout, a "
