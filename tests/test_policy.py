@@ -177,7 +177,9 @@ def test_bad_update_inputs_raise():
         ValueError, match=r"choices should lie in \[0, 3\), but got values in \[0, 3\]"
     ):
         policy.update(torch.tensor([0, 3, 1]), torch.zeros(3))
-    with pytest.raises(ValueError, match=r"state is for 5 choices, but this policy has 3"):
+    with pytest.raises(
+        ValueError, match=r"state\['num_choices'\] is 5, but this policy has 3 choices"
+    ):
         policy.load_state_dict(CategoricalPolicy(5).state_dict())
 
 

@@ -200,7 +200,7 @@ def corrupt(state: dict, path: tuple, kind: str) -> bool:
             return False
         if kind == "off_by_one" and not (
             key in ("next_id", "id", "position", "yielded")
-            or (path[:1] == ("counters",) and "next_id" in state)
+            or (path in (("counters", 0), ("counters", 1)) and "next_id" in state)
         ):  # the sampler's counters: batches drawn (== next_id), rewarded (== history rows)
             return False
         step = 10**9 if kind == "large" else 1
@@ -221,10 +221,13 @@ def check_corruption(saved: dict, target_factory, path: tuple, kind: str) -> Non
         return
     target = target_factory()
     before = target.state_dict()
+    message = None
     try:
         target.load_state_dict(state)
     except ValueError as e:
-        assert repr(key_of(path)) in str(e) or key_of(path) in str(e), (path, kind, str(e))
+        message = str(e)
+    if message is not None:
+        assert key_of(path) in message, (path, kind, message)
         assert same(target.state_dict(), before), (path, kind)
         return
     assert same(target.state_dict(), saved), (path, kind, "accepted a corrupted state")
@@ -384,16 +387,14 @@ def test_a_policy_state_with_another_lr_is_refused_and_changes_nothing():
     assert same(policy.state_dict(), before)
 
 
-@pytest.mark.parametrize(
-    "names", [{1: "a", "1": "b", "b": "c"}, {"x": "a", ("x"): "b"}], ids=["int-str", "plain"]
-)
-def test_source_names_that_collide_after_str_are_refused(names):
-    data = {k: torch.arange(4) for k in names}
-    if len(data) == len(set(map(str, data))):
-        assert len(GARSampler(data, batch_size=2).weights) == len(data)
-        return
-    with pytest.raises(ValueError, match=r"source names should be distinct after str\(\), but 1 "):
+def test_source_names_that_collide_after_str_are_refused():
+    data = {1: torch.arange(4), "1": torch.arange(4), "b": torch.arange(4)}
+    with pytest.raises(
+        ValueError, match=r"source names should be distinct after str\(\), but 1 and '1' are both"
+    ):
         GARSampler(data, batch_size=2)
+    with pytest.raises(ValueError, match=r"weights names unknown source\(s\) \[1\]"):
+        GARSampler({"1": torch.arange(4), "b": torch.arange(4)}, batch_size=2, weights={1: 1.0})
 
 
 def test_policy_names_that_collide_after_str_are_refused():
