@@ -166,6 +166,8 @@ def corrupt(state: dict, path: tuple, kind: str) -> bool:
     elif kind == "missing":
         if not isinstance(path[-1], str) or path[-1] in OPTIONAL:
             return False
+        if path == ("transform",) and value is None:  # absent means none, as saved before it
+            return False
         del get(state, path[:-1])[path[-1]]
     elif kind == "shape":
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
