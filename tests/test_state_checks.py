@@ -108,7 +108,7 @@ def put(state: Any, path: tuple, value: Any) -> None:
 # state, not a lie): the generator's bytes, the running mean reward (negative, NaN before the
 # first reward, inf after rewards that overflow float64), epoch numbers (set_epoch takes any),
 # the rounds over a source, example seeds, counters without an upper bound, and the running
-# mean of the policy's rewards.
+# mean of the policy's rewards, the logits (any within 50 of each other: a user may set them).
 FREE = {
     "choice_generator",
     "reward_means",
@@ -118,7 +118,9 @@ FREE = {
     "rounds_before",
     "seeds",
     "running",
+    "logits",
 }
+NAN_OK = {"reward_means"}  # NaN before a source's first reward
 # Keys a state saved by an earlier version may lack: it loads with their defaults
 # (tests/test_state_compat.py), so removing them is not a corruption.
 OPTIONAL = {
@@ -181,7 +183,7 @@ def corrupt(state: dict, path: tuple, kind: str) -> bool:
             put(state, path, [*value, copy.deepcopy(value[0])])
         else:
             return False
-    elif free:
+    elif (free and kind != "nan") or any(p in NAN_OK for p in path if isinstance(p, str)):
         return False
     elif kind == "negative":
         if (isinstance(value, torch.Tensor) and value.dtype != torch.bool and value.numel()) or (

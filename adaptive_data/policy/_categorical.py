@@ -528,10 +528,10 @@ def parse_policy_state(
             "choices"
         )
     logits = f.tensor(f"{path}['logits']", state["logits"], torch.float64, (k,)).tolist()
-    if any(not -_LOGIT_RANGE <= v <= 0.0 for v in logits) or max(logits) != 0.0:
+    if any(not math.isfinite(v) for v in logits) or max(logits) - min(logits) > _LOGIT_RANGE:
         raise ValueError(
-            f"{path}['logits'] should hold finite logits in [-{_LOGIT_RANGE:g}, 0] with "
-            f"maximum 0, as state_dict() saves them, but holds {logits}"
+            f"{path}['logits'] should hold finite logits within {_LOGIT_RANGE:g} of each other "
+            f"(the policy keeps them so), but holds {logits}"
         )
     mean, var, weight = f.reals(f"{path}['running']", state["running"], 3)
     if var < 0 or not 0 <= weight <= 1:
