@@ -378,7 +378,9 @@ def test_is_a_v2_transform_and_an_nn_module():
         ["Identity", "Rotate"], num_magnitude_bins=4, learn_ops=True, learn_magnitudes=True
     )
     a.policy.update([1, 1, 0], [3, 0, 0], torch.tensor([1.0, 0.8, 0.0]))
-    b = GARTransform(["Identity", "Rotate"], num_magnitude_bins=4)
+    b = GARTransform(  # the same settings: a state resumes the transform it was saved by
+        ["Identity", "Rotate"], num_magnitude_bins=4, learn_ops=True, learn_magnitudes=True
+    )
     torch.nn.ModuleList([b]).load_state_dict(torch.nn.ModuleList([a]).state_dict())
     assert (
         b.policy.op_weights

@@ -48,10 +48,60 @@ def test_bad_rows_and_states_raise():
     h = History(3)
     with pytest.raises(ValueError, match=r"should hold 3 numbers, got 2"):
         h.append([1.0, 2.0])
-    with pytest.raises(ValueError, match=r"list of float64 Tensors \[n, 3\], but got dict"):
+    with pytest.raises(ValueError, match=r"list of float64 Tensors \[n, 3\], but got \{\}"):
         h.load({})
-    with pytest.raises(ValueError, match=r"but got list"):
+    with pytest.raises(ValueError, match=r"list of float64 Tensors \[n, 3\], but got \[tensor"):
         h.load([torch.zeros(2, 4, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"holds 2 rows, but the state counts 5 updates"):
+        h.load([torch.zeros(2, 3, dtype=torch.float64)], seen=5, every=1)
+    assert len(h) == 0  # every refusal left it as it was
+
+
+@pytest.mark.parametrize("limit", [2, 3, 4, 7, 10])
+@pytest.mark.parametrize("n", [0, 1, 5, 11, 40, 129])
+def test_a_bounded_history_keeps_evenly_spread_updates_within_its_limit(limit, n):
+    """With limit=L the table holds the rows of updates every, 2 * every, ... (every a power
+    of two), never more than L rows: the oracle is the unbounded table's rows at those
+    updates."""
+    full = filled(n)
+    h = History(3, block=4, limit=limit)
+    for i in range(n):
+        h.append([i, 1.0 / (i + 3), -(i**0.5)])
+        assert len(h) <= limit
+        assert len(h) == (i + 1) // h.every
+    assert h.every & (h.every - 1) == 0  # a power of two
+    assert h.rows() == full.rows()[h.every - 1 :: h.every]
+    if n >= limit:
+        assert len(h) > limit // 2 - 1  # thinned by halving only: at least half the limit
+    back = History(3, block=4, limit=limit)
+    back.load(h.state(), seen=n, every=h.every)
+    assert back.rows() == h.rows()
+    back.append([n, 0.0, 0.0])
+    h.append([n, 0.0, 0.0])
+    assert back.rows() == h.rows()
+
+
+def test_a_state_saved_without_a_bound_is_thinned_to_the_limit_on_load():
+    full = filled(37)
+    h = History(3, block=4, limit=8)
+    h.load(full.state(), seen=37, every=None)  # every=None: one row per update, as before
+    assert h.every == 8
+    assert h.rows() == full.rows()[7::8]
+    with pytest.raises(ValueError, match=r"holds 37 rows, more than this history's limit=8"):
+        History(3, block=4, limit=8).load(full.state(), seen=37, every=1)
+
+
+def test_a_bounded_history_holds_its_stated_memory_in_a_long_run():
+    """The memory stated in the docs: at most limit * width * 8 bytes of rows, whatever the
+    number of updates (here 1,000 sources, 6,000 updates: 48 MB unbounded)."""
+    width = 1001
+    h = History(width, limit=64)
+    row = [0.0] * width
+    for _ in range(6000):
+        h.append(row)
+    held = sum(t.numel() * t.element_size() for t in h.state())
+    assert len(h) <= 64
+    assert held <= 64 * width * 8
 
 
 def test_sampler_history_survives_a_resume_past_several_blocks():

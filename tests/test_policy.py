@@ -106,7 +106,7 @@ def test_state_roundtrip_continues_identically():
     for _ in range(5):
         c = torch.randint(0, 4, (8,), generator=g)
         a.update(c, torch.randn(8, generator=g))
-    b = CategoricalPolicy(4)
+    b = CategoricalPolicy(4, rule="exp_grad", normalize="running")  # the same settings
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.probs, b.probs)
     c = torch.randint(0, 4, (8,), generator=g)
@@ -177,7 +177,9 @@ def test_bad_update_inputs_raise():
         ValueError, match=r"choices should lie in \[0, 3\), but got values in \[0, 3\]"
     ):
         policy.update(torch.tensor([0, 3, 1]), torch.zeros(3))
-    with pytest.raises(ValueError, match=r"state is for 5 choices, but this policy has 3"):
+    with pytest.raises(
+        ValueError, match=r"state\['num_choices'\] is 5, but this policy has 3 choices"
+    ):
         policy.load_state_dict(CategoricalPolicy(5).state_dict())
 
 

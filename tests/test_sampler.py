@@ -588,6 +588,7 @@ def test_load_state_dict_checks_the_sampler():
 REQUIRED_KEYS = sorted(
     set(make().state_dict())
     - {"version", "rank", "world_size", "transform", "stream_first_batch", "lag"}
+    - {"history_every", "history_limit", "reward_window"}
 )  # the optional keys: states saved before them load with their defaults
 
 

@@ -15,13 +15,14 @@ import torch
 from torch import Tensor
 
 from .._check import check_int, check_keys
+from ..policy import _fields as f
 from ..policy._categorical import (
     DEFAULT_LR,
     STATS_HEAD,
     CategoricalPolicy,
     ChoiceStatistics,
-    check_policy_state,
     check_rewards,
+    parse_policy_state,
 )
 from ..policy._history import History
 
@@ -93,7 +94,7 @@ _STATE_KEYS = (
     "magnitude_policies",
     "counters",
     "history",
-)
+)  # "learn", "history_every" and "history_limit" may be absent (saved before them)
 
 # Step sizes of the exponentiated-gradient policies. Its step for a choice is its summed
 # z-scored reward over N * p (importance weighting): with a batch of 128 spread over 14 ops,
@@ -232,6 +233,15 @@ class AugmentPolicy:
         magnitude_lr: step size of the magnitude policies (default ``0.3 * lr``).
         rule: of the policies (see :class:`CategoricalPolicy`).
         normalize: of the policies (see :class:`CategoricalPolicy`).
+        history_limit: at most this many entries of :attr:`history` after the initial one
+            (>= 2), evenly spread over the run: when full, every other entry is dropped and
+            from then on every 2nd (4th, ...) update is recorded. Memory: at most
+            ``history_limit * (1 + 2 * ops) * 8`` bytes (240 KB for the 14 default ops at
+            the default 1024). ``None``: every update (``O(updates * ops)`` memory).
+
+    Its settings (the op table, ``learn_ops``, ``learn_magnitudes``, ``history_limit`` and
+    the policies' ``floor``, ``lr``, ``rule``, ``normalize``) are not taken from a loaded
+    state: :meth:`load_state_dict` refuses a state saved with other ones (docs/howto-resume.md).
     """
 
     def __init__(
@@ -246,6 +256,7 @@ class AugmentPolicy:
         magnitude_lr: float | None = None,
         rule: str = "exp_grad",
         normalize: str = "batch",
+        history_limit: int | None = 1024,
     ) -> None:
         self.loads = 0  # load_state_dict() calls
         for name, flag in (("learn_ops", learn_ops), ("learn_magnitudes", learn_magnitudes)):
@@ -275,7 +286,7 @@ class AugmentPolicy:
         self._max_bins = max((len(m) for m, _ in self.table.values() if m is not None), default=1)
         self._bin_probs: Tensor | None = None  # [ops, max_bins] cache for drawing
         # One row per update: [update, op probabilities..., expected bin of each op...].
-        self._history = History(1 + 2 * len(self.op_names))
+        self._history = History(1 + 2 * len(self.op_names), limit=history_limit)
         self._initial = (0, self._op_policy.probs_list(), self._mean_bins())
         self._updates = 0
         self._reference_skipped = 0
@@ -508,51 +519,137 @@ class AugmentPolicy:
             },
             "counters": [self._updates, self._reference_skipped, self._nonfinite],
             "history": self._history.state(),
+            "history_every": self._history.every,
+            "history_limit": self._history.limit,
+            "learn": [self.learn_ops, self.learn_magnitudes],
         }
 
-    def check_state(self, state: Any) -> None:
-        """Raise unless ``state`` is a :meth:`state_dict` of a policy with this op table."""
+    def check_state(self, state: Any, path: str = "state") -> None:
+        """Raise ``ValueError`` naming the field unless ``state`` is a :meth:`state_dict` this
+        policy can load: of this op table and settings, every field of the right type, shape
+        and range, its counters and history consistent. Changes nothing."""
+        self._parse(state, path)
+
+    def _parse(self, state: Any, path: str) -> tuple[Any, ...]:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError(
-                f"state should be a GARTransform or AugmentPolicy state_dict() of version "
+                f"{path} should be a GARTransform or AugmentPolicy state_dict() of version "
                 f"{_STATE_VERSION}, but got {type(state).__name__}"
+                + (f" with version={state.get('version')!r}" if isinstance(state, Mapping) else "")
             )
         check_keys(state, _STATE_KEYS, "GARTransform.state_dict()")
         bins = [len(m) if m is not None else 0 for m, _ in self.table.values()]
-        if list(state["ops"]) != self.op_names or list(state["bins"]) != bins:
+        ops, their_bins = state["ops"], state["bins"]
+        if (
+            not isinstance(ops, list | tuple)
+            or list(ops) != self.op_names
+            or not isinstance(their_bins, list | tuple)
+            or list(their_bins) != bins
+        ):
             raise ValueError(
-                f"state is for ops {list(state['ops'])} with bins {list(state['bins'])}, but "
-                f"this policy has ops {self.op_names} with bins {bins}"
+                f"{path} is for ops {f.describe(ops)} with bins {f.describe(their_bins)} "
+                f"(state['ops'], state['bins']), but this policy has ops {self.op_names} with "
+                f"bins {bins}"
             )
+        table = f.mapping(f"{path}['table']", state["table"])
         mine = {k: (None if m is None else list(m), bool(sg)) for k, (m, sg) in self.table.items()}
-        theirs = {
-            k: (None if m is None else torch.as_tensor(m).tolist(), bool(sg))
-            for k, (m, sg) in state["table"].items()
-        }
+        theirs: dict[str, Any] = {}
+        for op, spec in table.items():
+            if not (
+                isinstance(spec, tuple | list)
+                and len(spec) == 2
+                and isinstance(spec[1], bool)
+                and (spec[0] is None or isinstance(spec[0], Tensor))
+            ):
+                raise f.refuse(f"{path}['table'][{op!r}]", "a pair (magnitudes, signed)", spec)
+            theirs[op] = (None if spec[0] is None else spec[0].tolist(), spec[1])
         if theirs != mine:
-            diff = [k for k in mine if theirs.get(k) != mine[k]]
+            diff = sorted({*mine, *theirs} - {k for k in mine if theirs.get(k) == mine[k]})
             raise ValueError(
-                f"state is for another op table: op(s) {diff} have other magnitudes or signs"
+                f"{path}['table'] is another op table: op(s) {diff} have other magnitudes or signs"
             )
-        check_policy_state(state["op_policy"])
-        mags = state["magnitude_policies"]
-        check_keys(
-            mags,
-            [self.op_names[i] for i in self._mag_policies],
-            "GARTransform.state_dict()['magnitude_policies']",
+        learn = state.get("learn")
+        if learn is not None:
+            mine_learn = [self.learn_ops, self.learn_magnitudes]
+            if not isinstance(learn, list | tuple) or list(learn) != mine_learn:
+                raise ValueError(
+                    f"{path}['learn'] has [learn_ops, learn_magnitudes]={f.describe(learn)}, but "
+                    f"this policy has {mine_learn}: a resumed run keeps the settings it was "
+                    "built with (docs/howto-resume.md)"
+                )
+        limit = state.get("history_limit", self._history.limit)
+        if "history_limit" in state and limit != self._history.limit:
+            raise ValueError(
+                f"{path}['history_limit'] has history_limit={limit!r}, but this policy has "
+                f"history_limit={self._history.limit!r}: a resumed run keeps the settings it "
+                "was built with (docs/howto-resume.md)"
+            )
+        op_policy = parse_policy_state(
+            state["op_policy"], f"{path}['op_policy']", self._op_policy, "this policy"
         )
-        for i in self._mag_policies:
-            check_policy_state(mags[self.op_names[i]])
+        mags = f.mapping(f"{path}['magnitude_policies']", state["magnitude_policies"])
+        names = [self.op_names[i] for i in self._mag_policies]
+        check_keys(mags, names, "GARTransform.state_dict()['magnitude_policies']")
+        extra = [k for k in mags if k not in names]
+        if extra:
+            raise ValueError(
+                f"{path}['magnitude_policies'] holds op(s) {extra} that have no magnitudes here"
+            )
+        magnitudes = [
+            parse_policy_state(
+                mags[self.op_names[i]],
+                f"{path}['magnitude_policies'][{self.op_names[i]!r}]",
+                p,
+                "this policy",
+            )
+            for i, p in self._mag_policies.items()
+        ]
+        updates, skipped, nonfinite = f.integers(f"{path}['counters']", state["counters"], 3, lo=0)
+        every = state.get("history_every")
+        if every is not None:
+            every = f.integer(f"{path}['history_every']", every, lo=1)
+            if every & (every - 1):
+                raise ValueError(
+                    f"{path}['history_every'] should be a power of two, but got {every}"
+                )
+        rows, every = self._history.parse(
+            state["history"], f"{path}['history']", updates, every, f"{path}['counters'][0]"
+        )
+        k = len(self.op_names)
+        if len(rows):
+            hpath = f"{path}['history']"
+            numbers = torch.arange(1, len(rows) + 1, dtype=torch.float64) * every
+            if not torch.equal(rows[:, 0], numbers):
+                raise ValueError(
+                    f"{hpath} should number its rows {every}, {2 * every}, ... (one kept every "
+                    f"{every} updates), but numbers them {rows[:, 0].tolist()[:8]}..."
+                )
+            probs = rows[:, 1 : 1 + k]
+            if not bool(((probs >= 0) & (probs <= 1)).all()) or not bool(
+                ((probs.sum(1) - 1).abs() <= 1e-6).all()
+            ):
+                raise ValueError(f"{hpath} should hold op probabilities that sum to 1")
+            mean_bins = rows[:, 1 + k :]
+            has = torch.tensor([i in self._mag_policies for i in range(k)])
+            ok = torch.where(has, (mean_bins >= 0) & (mean_bins <= 1), torch.isnan(mean_bins))
+            if not bool(ok.all()):
+                raise ValueError(
+                    f"{hpath} should hold each op's mean bin in [0, 1] (NaN for ops without "
+                    "magnitudes)"
+                )
+        return op_policy, magnitudes, (updates, skipped, nonfinite), rows, every
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; raises if it belongs to another op table."""
-        self.check_state(state)
-        self._op_policy.load_state_dict(state["op_policy"])
-        for i, p in self._mag_policies.items():
-            p.load_state_dict(state["magnitude_policies"][self.op_names[i]])
-        self._updates, self._reference_skipped, self._nonfinite = (
-            int(v) for v in state["counters"]
-        )
-        self._history.load(state["history"])
+        """Restore a :meth:`state_dict`. The whole state is checked first
+        (:meth:`check_state`): one of another op table or other settings, or with any field
+        out of place, raises ``ValueError`` naming it and changes nothing."""
+        op_policy, magnitudes, counters, rows, every = self._parse(state, "state")
+        for pol, (logits, running, policy_counters) in zip(
+            self._policies(), [op_policy, *magnitudes], strict=True
+        ):
+            pol._load_parsed(logits, running, policy_counters)
+        self._updates, self._reference_skipped, self._nonfinite = counters
+        self._history._set(rows)
+        self._history.every, self._history.seen = every, counters[0]
         self._bin_probs = None
         self.loads += 1  # a GARSampler's drawing copy re-syncs on it

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._check import check_int, check_keys, check_number, int_list
+from .._check import check_int, check_keys, check_number, int_list, is_int
+from . import _fields as f
 
 __all__ = ["DEFAULT_LR", "NORMALIZATIONS", "RULES", "CategoricalPolicy", "ChoiceStatistics"]
 
@@ -190,9 +191,11 @@ class CategoricalPolicy:
         check_int("num_choices", num_choices, minimum=1)
         k = num_choices
         if names is not None:
-            names = [str(n) for n in names]
+            given = list(names)
+            names = [str(n) for n in given]
             if len(names) != k:
                 raise ValueError(f"names should have {k} entries, but got {len(names)}: {names}")
+            check_unique_names(given, "names")
         self.num_choices = k
         self.names = names
         self._configure(floor, lr, rule, normalize, momentum, max_step)
@@ -273,36 +276,27 @@ class CategoricalPolicy:
         momentum: float,
         max_step: float,
     ) -> None:
-        """Check and set the configuration (from the constructor or a loaded state)."""
-        k = self.num_choices
-        if floor is None:
-            floor = 0.05 / k
-        what = f"a number in [0, 1/num_choices) = [0, {1 / k:.6g})"
-        # The upper bound is on floor * k, as the policy uses it (1 / k rounds).
-        if check_number("floor", floor, low=0, what=what) * k >= 1:
-            raise ValueError(f"floor should be {what}, but got floor={floor!r}")
-        if rule not in RULES:
-            raise ValueError(f"rule should be one of {', '.join(RULES)}, but got rule={rule!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalize should be one of {', '.join(NORMALIZATIONS)}, "
-                f"but got normalize={normalize!r}"
-            )
-        momentum = check_number("momentum", momentum, low=0, high=1)
-        # lr=0: a policy that counts its updates but never moves (a frozen control).
-        lr = (
-            DEFAULT_LR[rule]
-            if lr is None
-            else check_number("lr", lr, low=0, what="a non-negative finite number")
-        )
-        max_step = check_number("max_step", max_step, positive=True)
-        # Set only once every value passed, so a refused state leaves the policy as it was.
-        self.floor = float(floor)
-        self.lr = lr
-        self.max_step = max_step
-        self.rule = rule
-        self.normalize = normalize
-        self.momentum = float(momentum)
+        """Check and set the configuration given to the constructor."""
+        config = checked_config(self.num_choices, floor, lr, rule, normalize, momentum, max_step)
+        self.floor = config["floor"]
+        self.lr = config["lr"]
+        self.max_step = config["max_step"]
+        self.rule = config["rule"]
+        self.normalize = config["normalize"]
+        self.momentum = config["momentum"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings a state must share with this policy: ``floor``, ``lr``, ``rule``,
+        ``normalize``, ``momentum``, ``max_step``."""
+        return {
+            "floor": self.floor,
+            "lr": self.lr,
+            "rule": self.rule,
+            "normalize": self.normalize,
+            "momentum": self.momentum,
+            "max_step": self.max_step,
+        }
 
     # ------------------------------------------------------------------ learning
 
@@ -441,40 +435,37 @@ class CategoricalPolicy:
             "logits": torch.tensor(self._logits, dtype=torch.float64),
             "running": [self._mean, self._var, self._stats_weight],
             "counters": [self._updates, self._applied, self._nonfinite, self._skipped],
-            "config": {
-                "floor": self.floor,
-                "lr": self.lr,
-                "rule": self.rule,
-                "normalize": self.normalize,
-                "momentum": self.momentum,
-                "max_step": self.max_step,
-            },
+            "config": self.config,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; raises if it belongs to a policy of another size.
+    def check_state(self, state: Any, path: str = "state", owner: str = "this policy") -> None:
+        """Raise ``ValueError`` naming the field unless ``state`` is a :meth:`state_dict` this
+        policy can load: every field of the right type, shape and range, and the settings
+        (``config``) equal to this policy's (``owner`` names it in the message). Changes
+        nothing."""
+        parse_policy_state(state, path, self, owner)
 
-        The configuration (floor, lr, rule, ...) is taken from the state.
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of a policy with the same settings.
+
+        The whole state is checked first (:meth:`check_state`), so a refused one changes
+        nothing. A state saved with other settings (``floor``, ``lr``, ``rule``,
+        ``normalize``, ``momentum``, ``max_step``) is refused, naming both values: the
+        policy resumes with the settings it was built with (docs/howto-resume.md).
         """
-        check_policy_state(state)
-        if state["num_choices"] != self.num_choices:
-            raise ValueError(
-                f"state is for {state['num_choices']} choices, "
-                f"but this policy has {self.num_choices}"
-            )
-        logits = torch.as_tensor(state["logits"], dtype=torch.float64).clone()
-        if logits.shape != (self.num_choices,) or not bool(torch.isfinite(logits).all()):
-            raise ValueError(f"state holds invalid logits: {logits.tolist()}")
-        cfg = state["config"]
-        self._configure(
-            cfg["floor"], cfg["lr"], cfg["rule"], cfg["normalize"], cfg["momentum"], cfg["max_step"]
-        )
-        self._logits = logits.tolist()
+        self._load_parsed(*parse_policy_state(state, "state", self, "this policy"))
+
+    def _load_parsed(
+        self,
+        logits: list[float],
+        running: tuple[float, float, float],
+        counters: tuple[int, int, int, int],
+    ) -> None:
+        """Set what :func:`parse_policy_state` read from a checked state."""
+        self._logits = list(logits)
         self._settle()
-        self._mean, self._var, self._stats_weight = (float(v) for v in state["running"])
-        self._updates, self._applied, self._nonfinite, self._skipped = (
-            int(v) for v in state["counters"]
-        )
+        self._mean, self._var, self._stats_weight = running
+        self._updates, self._applied, self._nonfinite, self._skipped = counters
         self.loads += 1
 
 
@@ -482,19 +473,128 @@ _STATE_KEYS = ("version", "num_choices", "logits", "running", "counters", "confi
 _CONFIG_KEYS = ("floor", "lr", "rule", "normalize", "momentum", "max_step")
 
 
-def check_policy_state(state: Any) -> None:
+def checked_config(
+    k: int,
+    floor: float | None,
+    lr: float | None,
+    rule: str,
+    normalize: str,
+    momentum: float,
+    max_step: float,
+) -> dict[str, Any]:
+    """The configuration of a policy of ``k`` choices, checked, defaults resolved."""
+    if floor is None:
+        floor = 0.05 / k
+    what = f"a number in [0, 1/num_choices) = [0, {1 / k:.6g})"
+    # The upper bound is on floor * k, as the policy uses it (1 / k rounds).
+    if check_number("floor", floor, low=0, what=what) * k >= 1:
+        raise ValueError(f"floor should be {what}, but got floor={floor!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule should be one of {', '.join(RULES)}, but got rule={rule!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalize should be one of {', '.join(NORMALIZATIONS)}, "
+            f"but got normalize={normalize!r}"
+        )
+    momentum = check_number("momentum", momentum, low=0, high=1)
+    # lr=0: a policy that counts its updates but never moves (a frozen control).
+    lr = (
+        DEFAULT_LR[rule]
+        if lr is None
+        else check_number("lr", lr, low=0, what="a non-negative finite number")
+    )
+    max_step = check_number("max_step", max_step, positive=True)
+    return {
+        "floor": float(floor),
+        "lr": lr,
+        "rule": rule,
+        "normalize": normalize,
+        "momentum": float(momentum),
+        "max_step": max_step,
+    }
+
+
+def parse_policy_state(
+    state: Any, path: str, policy: CategoricalPolicy, owner: str
+) -> tuple[list[float], tuple[float, float, float], tuple[int, int, int, int]]:
+    """Check a :meth:`CategoricalPolicy.state_dict` for ``policy`` (see
+    :meth:`CategoricalPolicy.check_state`); returns its logits, running statistics and
+    counters as Python values. Raises ``ValueError`` naming the field under ``path``."""
+    check_policy_state(state, path)
+    k = policy.num_choices
+    if not is_int(state["num_choices"]) or state["num_choices"] != k:
+        raise ValueError(
+            f"{path}['num_choices'] is {f.describe(state['num_choices'])}, but {owner} has {k} "
+            "choices"
+        )
+    logits = f.tensor(f"{path}['logits']", state["logits"], torch.float64, (k,)).tolist()
+    if any(not math.isfinite(v) for v in logits) or max(logits) - min(logits) > _LOGIT_RANGE:
+        raise ValueError(
+            f"{path}['logits'] should hold finite logits within {_LOGIT_RANGE:g} of each other "
+            f"(the policy keeps them so), but holds {logits}"
+        )
+    mean, var, weight = f.reals(f"{path}['running']", state["running"], 3)
+    if var < 0 or not 0 <= weight <= 1:
+        raise ValueError(
+            f"{path}['running'] should hold [mean, mean square >= 0, weight in [0, 1]], but "
+            f"holds {[mean, var, weight]}"
+        )
+    updates, applied, nonfinite, skipped = f.integers(
+        f"{path}['counters']", state["counters"], 4, lo=0
+    )
+    if skipped > updates:
+        raise ValueError(
+            f"{path}['counters'] counts {skipped} skipped updates of {updates} updates"
+        )
+    cfg = state["config"]
+    try:
+        theirs = checked_config(k, *(cfg[key] for key in _CONFIG_KEYS))
+    except ValueError as e:
+        raise ValueError(f"{path}['config'] is invalid: {e}") from None
+    for key in (
+        "rule",
+        "normalize",
+        "floor",
+        "lr",
+        "momentum",
+        "max_step",
+    ):  # lr's default is rule's
+        if cfg[key] is None or theirs[key] != getattr(policy, key):
+            raise ValueError(
+                f"{path}['config'] has {key}={cfg[key]!r}, but {owner} has "
+                f"{key}={getattr(policy, key)!r}: a resumed run keeps the settings it was "
+                f"built with; build it with {key}={cfg[key]!r} to resume this state "
+                "(docs/howto-resume.md)"
+            )
+    return logits, (mean, var, weight), (updates, applied, nonfinite, skipped)
+
+
+def check_unique_names(names: Sequence[Any], what: str) -> None:
+    """Raise unless the ``names`` stay distinct once converted with ``str``."""
+    seen: dict[str, Any] = {}
+    for name in names:
+        key = str(name)
+        if key in seen:
+            raise ValueError(
+                f"{what} should be distinct after str(), but {seen[key]!r} and {name!r} are "
+                f"both {key!r}"
+            )
+        seen[key] = name
+
+
+def check_policy_state(state: Any, path: str = "state") -> None:
     """Raise ``ValueError`` unless ``state`` is a complete :meth:`CategoricalPolicy.state_dict`
-    of this version (its values are checked by ``load_state_dict``)."""
+    of this version (its values are checked by :func:`parse_policy_state`)."""
     if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
         raise ValueError(
-            "state should be a CategoricalPolicy.state_dict() of version "
+            f"{path} should be a CategoricalPolicy.state_dict() of version "
             f"{_STATE_VERSION}, but got {type(state).__name__}"
             + (f" with version={state.get('version')!r}" if isinstance(state, Mapping) else "")
         )
     check_keys(state, _STATE_KEYS, "CategoricalPolicy.state_dict()")
     if not isinstance(state["config"], Mapping):
         raise ValueError(
-            "state['config'] should be a dict, but got " + type(state["config"]).__name__
+            f"{path}['config'] should be a dict, but got " + type(state["config"]).__name__
         )
     check_keys(state["config"], _CONFIG_KEYS, "CategoricalPolicy.state_dict()['config']")
 

@@ -133,4 +133,4 @@ class Drawer:
         if lagged is None:
             self.lagged.sync(policy, augment)
         else:
-            self.lagged.load_state_dict(lagged)
+            self.lagged.load_state_dict(lagged, self.next_id)

@@ -18,6 +18,7 @@ prefetched batches the loop never received) leaves nothing that depends on the w
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._check import check_int
-from ..policy._categorical import CategoricalPolicy, ChoiceStatistics
+from ..policy import _fields as f
+from ..policy._categorical import (
+    STATS_HEAD,
+    CategoricalPolicy,
+    ChoiceStatistics,
+    parse_policy_state,
+)
 
 if TYPE_CHECKING:
     from ..augment._policy import AugmentPolicy, AugmentStatistics
@@ -91,7 +98,7 @@ class UpdateStatistics:
 def check_lag(state: Mapping[str, Any], lag: int | None) -> None:
     """Raise if a :meth:`LaggedPolicies.state_dict` was saved with another lag (``None``: a
     lag fitted to the loader, which takes the saved one)."""
-    if lag is not None and int(state["lag"]) != lag:
+    if lag is not None and state["lag"] != lag:
         raise ValueError(
             f"state has lag={int(state['lag'])}, but this sampler has lag={lag}: the "
             "batches drawn after the checkpoint depend on it"
@@ -219,29 +226,99 @@ class LaggedPolicies:
             ],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.fitted:
-            self.lag = int(state["lag"])  # the pass resumes with its lag; the next pass refits
-        else:
+    def parse(
+        self, state: Any, path: str = "state", next_id: int | None = None
+    ) -> tuple[int, Any, Any, dict[int, UpdateStatistics]]:
+        """Check a :meth:`state_dict` for these policies (the batches drawn so far counted by
+        ``next_id``, if known): every field, the lag against a fixed one, the policies'
+        settings. Returns what :meth:`load_state_dict` sets; changes nothing."""
+        state = f.mapping(path, state)
+        for key in ("lag", "policy", "augment", "queued_ids", "queued_sources", "queued_augment"):
+            f.field(state, key, path)
+        lag = f.integer(f"{path}['lag']", state["lag"], lo=1)
+        if not self.fitted:
             check_lag(state, self.lag)
-        self.policy.load_state_dict(state["policy"])
-        if self.augment is not None:
-            if state["augment"] is None:
-                raise ValueError("state holds no augmentation policy, but this sampler has one")
-            self.augment.load_state_dict(state["augment"])
-        ids = torch.as_tensor(state["queued_ids"]).tolist()
-        sources = torch.as_tensor(state["queued_sources"], dtype=torch.float64)
-        k = self.policy.num_choices
-        queued = {}
-        for i, (b, aug) in enumerate(zip(ids, state["queued_augment"], strict=True)):
-            augment = None
-            if aug is not None:
-                if self.augment is None:
-                    raise ValueError("state holds augmentation updates, but this sampler has none")
-                flat = torch.as_tensor(aug, dtype=torch.float64).tolist()
-                augment = self.augment.statistics_from_flat(flat)
-            queued[int(b)] = UpdateStatistics(
-                ChoiceStatistics.from_flat(sources[i].tolist(), k), augment
+        policy = parse_policy_state(
+            state["policy"], f"{path}['policy']", self.policy, "this sampler"
+        )
+        augment = None
+        if (state["augment"] is None) != (self.augment is None):
+            raise ValueError(
+                f"{path}['augment'] is "
+                + ("None" if state["augment"] is None else "an augmentation policy's state")
+                + ", but this sampler has "
+                + ("one" if self.augment is not None else "none")
             )
+        if self.augment is not None:
+            self.augment.check_state(state["augment"], f"{path}['augment']")
+            augment = state["augment"]
+        hi = None if next_id is None else next_id - 1
+        ids = f.integers(f"{path}['queued_ids']", state["queued_ids"], lo=0, hi=hi)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}['queued_ids'] should be distinct, but got {ids}")
+        k = self.policy.num_choices
+        raw = state["queued_sources"]
+        if not ids and isinstance(raw, torch.Tensor) and raw.shape == (0,):
+            raw = raw.reshape(0, STATS_HEAD + 2 * k)  # none queued, as state_dict() saves it
+        sources = f.tensor(
+            f"{path}['queued_sources']", raw, torch.float64, (len(ids), STATS_HEAD + 2 * k)
+        )
+        queued_augment = state["queued_augment"]
+        if not isinstance(queued_augment, list | tuple) or len(queued_augment) != len(ids):
+            raise f.refuse(
+                f"{path}['queued_augment']", f"a list of {len(ids)} entries", queued_augment
+            )
+        queued = {}
+        for i, (b, aug) in enumerate(zip(ids, queued_augment, strict=True)):
+            where = f"{path}['queued_sources'][{i}]"
+            stats = check_statistics(where, sources[i].tolist(), k)
+            part = None
+            if (aug is None) != (self.augment is None):
+                raise ValueError(
+                    f"{path}['queued_augment'][{i}] should be "
+                    + (
+                        "None: this sampler has no transform"
+                        if self.augment is None
+                        else "a Tensor"
+                    )
+                    + f", but got {f.describe(aug)}"
+                )
+            if self.augment is not None:
+                width = self.augment.statistics_width
+                flat = f.tensor(
+                    f"{path}['queued_augment'][{i}]", aug, torch.float64, (width,)
+                ).tolist()
+                part = self.augment.statistics_from_flat(flat)
+                for j, one in enumerate((part.ops, *part.magnitudes)):
+                    check_statistics(
+                        f"{path}['queued_augment'][{i}] (part {j})", one.flat(), one.num_choices
+                    )
+            queued[b] = UpdateStatistics(stats, part)
+        return lag, policy, augment, queued
+
+    def load_state_dict(self, state: Mapping[str, Any], next_id: int | None = None) -> None:
+        """Restore a :meth:`state_dict`; the whole state is checked first (:meth:`parse`), so
+        a refused one changes nothing."""
+        lag, policy, augment, queued = self.parse(state, "state", next_id)
+        if self.fitted:
+            self.lag = lag  # the pass resumes with its lag; the next pass refits
+        self.policy._load_parsed(*policy)
+        if self.augment is not None:
+            self.augment.load_state_dict(augment)
         self._queued = queued
         self._loads = self._live_loads()  # the sampler loaded the live policies just before
+
+
+def check_statistics(path: str, flat: list[float], k: int) -> ChoiceStatistics:
+    """A :meth:`ChoiceStatistics.flat` list of ``k`` choices read back, with its counts
+    (non-finite rewards, finite ones, per choice) whole, non-negative and adding up. The sums
+    may be infinite or NaN: finite rewards near float64's limit overflow them."""
+    counts = [flat[0], flat[1], *flat[STATS_HEAD + k :]]
+    if any(not (math.isfinite(c) and c >= 0 and c == int(c)) for c in counts) or (
+        math.fsum(flat[STATS_HEAD + k :]) != flat[1]
+    ):
+        raise ValueError(
+            f"{path} should hold whole, non-negative counts (entries 0, 1 and the last {k}), "
+            f"the per-choice counts adding up to entry 1, but holds {flat}"
+        )
+    return ChoiceStatistics.from_flat(flat, k)

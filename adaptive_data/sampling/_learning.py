@@ -61,14 +61,19 @@ class Learner:
     sources' running mean rewards."""
 
     def __init__(
-        self, policy: CategoricalPolicy, transform: GARTransform | None, group: Group
+        self,
+        policy: CategoricalPolicy,
+        transform: GARTransform | None,
+        group: Group,
+        history_limit: int | None = None,
     ) -> None:
         self.policy = policy
         self.transform = transform
         self.group = group
         self.initial_weights = policy.probs_list()
         k = policy.num_choices
-        self.history = History(1 + k)  # one row per update: [batch id, weights...]
+        # One row per update recorded (at most history_limit): [batch id, weights...].
+        self.history = History(1 + k, limit=history_limit)
         self.reward_means = [math.nan] * k
         self.rewarded = 0  # batches rewarded
         self._track = RewardTrack(k, 0)
@@ -86,9 +91,12 @@ class Learner:
             self._track_means = self.reward_means
         return self._track
 
-    def load(self, history: Any, reward_means: Sequence[float], rewarded: int) -> None:
-        """Restore what a state saved: the history, the running mean rewards, the count."""
-        self.history.load(history)
+    def load(
+        self, history: Any, every: int | None, reward_means: Sequence[float], rewarded: int
+    ) -> None:
+        """Restore what a state saved: the history (a row kept every ``every`` updates;
+        ``None``: saved before the bound, every row), the running mean rewards, the count."""
+        self.history.load(history, rewarded, every)
         self.reward_means = [float(v) for v in reward_means]
         self.rewarded = rewarded
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..policy._categorical import check_unique_names
 from ._streams import StreamReaders, is_stream
 from ._structure import difference, structure
 
@@ -46,6 +47,7 @@ class Decision(NamedTuple):
 
 def resolve_sources(sources: Any, names: Sequence[str] | None) -> tuple[list[str], list[Any]]:
     if isinstance(sources, Mapping):  # includes datasets.DatasetDict (a dict subclass)
+        check_unique_names(list(sources), "source names")  # {1: a, "1": b} would lose one
         items = [(str(k), v) for k, v in sources.items()]
     elif isinstance(sources, list | tuple):
         items = [(str(i), v) for i, v in enumerate(sources)]

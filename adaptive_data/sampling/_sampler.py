@@ -130,6 +130,16 @@ class GARSampler(Sampler[list[int]]):
             of batch ``t`` must reach ``update()`` before batch ``t + lag`` is drawn, and a
             loader that reads further ahead is refused when its pass starts
             (docs/howto-mixture.md, "The policy lag").
+        history_limit: at most this many entries of :attr:`history` after the initial one
+            (an int >= 2), evenly spread over the run: when it is full every other entry is
+            dropped, and from then on only every 2nd (4th, ...) update is recorded. Memory: at
+            most ``history_limit * (K + 1) * 8`` bytes (8 MB for 1,000 sources at the default
+            1024, 49 KB for 5), in :attr:`history` and in every state. ``None``: every update
+            (``O(updates * K)`` memory, about 8 KB per update with 1,000 sources).
+
+    A state loaded with :meth:`load_state_dict` must have been saved by a sampler built with
+    the same arguments: one with other settings is refused, naming both values
+    (docs/howto-resume.md).
 
     Under ``torch.distributed`` each rank draws from its own shard of every source and
     ``update()`` is a collective that keeps the ranks' weights identical (docs/howto-ddp.md).
@@ -151,12 +161,14 @@ class GARSampler(Sampler[list[int]]):
         sync_timeout_s: float = 60.0,
         on_stream_end: str = "restart",
         lag: int | None = None,
+        history_limit: int | None = 1024,
         policy: CategoricalPolicy | None = None,
         **policy_options: Any,
     ) -> None:
         reference_every = check_arguments(
             batch_size, lag, seed, reward_window, transform, reference_every
         )
+        check_int("history_limit", history_limit, minimum=2, none_ok=True)
         src_names, srcs = resolve_sources(sources, names)
         check_sync_and_streams(sync_timeout_s, on_stream_end)
         stream = [is_stream(src) for src in srcs]
@@ -220,10 +232,11 @@ class GARSampler(Sampler[list[int]]):
             self.rank,
             self.world_size,
         )
+        self._reward_window_setting = reward_window
         self._records = RewardWindow(reward_window)
         self._passes = Passes(lagged, self._records)  # iterations, epochs, deliveries
         self._loaded = ckpt.LoadedStates()  # states loaded, not yet resumed from
-        self._learner = Learner(self._policy, transform, self._group)  # the live policies
+        self._learner = Learner(self._policy, transform, self._group, history_limit)
         self._iterations = Iterations(
             self._passes,
             self._drawer,
@@ -473,8 +486,10 @@ class GARSampler(Sampler[list[int]]):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One entry per update: ``{"batch": id, "weights": {name: probability}}``, oldest first;
-        the first entry (``batch=None``) holds the initial weights. O(updates * K) memory."""
+        """One entry per update recorded: ``{"batch": id, "weights": {name: probability}}``,
+        oldest first; the first entry (``batch=None``) holds the initial weights. At most
+        ``history_limit`` entries after it, evenly spread over the run (see ``history_limit=``;
+        ``None``: every update, O(updates * K) memory)."""
         return self._learner.history_entries(self.names)
 
     def metrics(self) -> dict[str, float]:
@@ -548,6 +563,9 @@ class GARSampler(Sampler[list[int]]):
             ckpt.UNREWARDED: unrewarded,
             ckpt.SPENT: spent,
             ckpt.HISTORY: self._learner.history.state(),
+            ckpt.HISTORY_EVERY: self._learner.history.every,
+            ckpt.HISTORY_LIMIT: self._learner.history.limit,
+            ckpt.REWARD_WINDOW: self._reward_window_setting,
             ckpt.REWARD_MEANS: list(self._learner.reward_means),
             ckpt.COUNTERS: [
                 self._drawer.drawn,
@@ -574,19 +592,15 @@ class GARSampler(Sampler[list[int]]):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next epoch iteration resumes from it exactly.
 
-        The weights are restored at once; the position applies to the next ``iter()``.
-        Raises if the state belongs to other sources, sizes, batch size, seed, lag, rank or
-        world size.
+        The weights are restored at once; the position applies to the next ``iter()``. The
+        whole state is checked first, so a refused one leaves the sampler as it was: it
+        raises ``ValueError`` naming the field if the state belongs to other sources, sizes,
+        batch size, seed, lag, rank or world size, was saved with other settings
+        (``reward_window``, ``history_limit``, the policy's ``lr``, ``rule``, ``floor``, ...,
+        the transform's; both values named), or has a field of the wrong type, shape or
+        range, or one inconsistent with the others (docs/howto-resume.md).
         """
-        ckpt.check_state(
-            state,
-            self._settings(),
-            rank=self.rank,
-            world_size=self.world_size,
-            transform=self.transform,
-            lag=self._drawer.lagged.setting,
-            streams=bool(self._stream_ids),
-        )
+        ckpt.check_state(state, self)
         loaded = copy.deepcopy(dict(state))
         self._apply(loaded)
         self._loaded.add(loaded)
@@ -605,7 +619,9 @@ class GARSampler(Sampler[list[int]]):
         self._passes.set_next_epoch(int(state[ckpt.NEXT_EPOCH]))
         self._passes.resume(state[ckpt.EPOCH], int(state[ckpt.POSITION]), ckpt.undelivered(state))
         drawn, rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
-        self._learner.load(state[ckpt.HISTORY], state[ckpt.REWARD_MEANS], rewarded)
+        self._learner.load(
+            state[ckpt.HISTORY], state.get(ckpt.HISTORY_EVERY), state[ckpt.REWARD_MEANS], rewarded
+        )
         # The reward window as it was, oldest first: the batches that can still be rewarded
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
         self._records.restore(ckpt.window_records(state), dropped)
