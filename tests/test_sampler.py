@@ -1165,3 +1165,22 @@ def test_batch_augmentations_are_the_ops_drawn_for_each_row():
     next(it)  # position 2: a reference batch, un-augmented
     assert s.is_reference(s.last_batch)
     assert s.batch_augmentations(s.last_batch) == [-1] * 6
+
+
+def test_a_dataset_dict_with_held_out_splits_and_no_names_warns_once():
+    """Without names= every split is a training source: a validation, test or target split
+    among them is named in one warning; names= (or no such split) says nothing."""
+    import datasets
+
+    def split(n: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"x": list(range(n)), "labels": [0] * n})
+
+    dd = datasets.DatasetDict(
+        {"train": split(8), "web": split(8), "validation": split(4), "test_clean": split(4)}
+    )
+    with pytest.warns(UserWarning, match=r"\['validation', 'test_clean'\], whose names say"):
+        GARSampler(dd, batch_size=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GARSampler(dd, batch_size=2, seed=0, names=["train", "web"])
+        GARSampler({"train": split(8), "web": split(8), "contest": split(8)}, batch_size=2)

@@ -8,6 +8,8 @@ no policy: the sampler decides everything in the main process, the workers only 
 from __future__ import annotations
 
 import bisect
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -61,6 +63,17 @@ def resolve_sources(sources: Any, names: Sequence[str] | None) -> tuple[list[str
         )
     if not items:
         raise ValueError("sources should hold at least one dataset, but got none")
+    if names is None and isinstance(sources, Mapping) and len(items) > 1:
+        held_out = [n for n, _ in items if _looks_held_out(n)]
+        if held_out:
+            warnings.warn(
+                f"the sources include the split(s) {held_out}, whose names say they are held "
+                "out (validation, test or target data): without names= every split of the "
+                "dict is a training source. Pass names=[...] with the training splits only "
+                "(and give a held-out split to ReferenceBatches)",
+                UserWarning,
+                stacklevel=3,
+            )
     if names is not None:
         if isinstance(names, str) or not isinstance(names, Sequence) or not names:
             raise ValueError(
@@ -84,6 +97,17 @@ def resolve_sources(sources: Any, names: Sequence[str] | None) -> tuple[list[str
         if len(src) == 0:
             raise ValueError(f"source {name!r} is empty (len 0)")
     return [n for n, _ in items], [s for _, s in items]
+
+
+# Split names that say the data is held out (Hugging Face's and common spellings).
+_HELD_OUT = ("validation", "valid", "val", "dev", "test", "eval", "target", "heldout", "holdout")
+
+
+def _looks_held_out(name: str) -> bool:
+    """Whether a split name reads as held out: one of :data:`_HELD_OUT`, alone or as a word
+    of the name (``"test_clean"``, ``"en-validation"``)."""
+    words = re.split(r"[^a-z]+", name.lower())
+    return any(w in _HELD_OUT for w in words) or name.lower().replace("_", "") in _HELD_OUT
 
 
 class MixtureDataset(Dataset):
