@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
+
+# The suite draws the same examples at every run (a failure in CI is reproducible, never a
+# new draw); HYPOTHESIS_PROFILE=explore draws new ones, and more, to look for new failures.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

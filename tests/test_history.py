@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -117,9 +115,8 @@ def test_sampler_history_survives_a_resume_past_several_blocks():
     state = s.state_dict()
     t = GARSampler(data, batch_size=4, seed=0, num_batches=1000)
     t.load_state_dict(state)
-    # The batches and weights resume; each update's rewards are not in the state (NaN).
-    assert [(e["batch"], e["weights"]) for e in t.history] == [
-        (e["batch"], e["weights"]) for e in s.history
+    # The batches, weights and each update's rewards resume (NaN compared as text).
+    assert [(e["batch"], e["weights"], str(e["rewards"])) for e in t.history] == [
+        (e["batch"], e["weights"], str(e["rewards"])) for e in s.history
     ]
-    assert all(math.isnan(v) for e in t.history for v in e["rewards"].values())
     assert len(t.history) == 601  # the initial weights, then one entry per update

@@ -180,6 +180,8 @@ def corrupt(state: dict, path: tuple, kind: str) -> bool:
             )
             put(state, path, torch.cat([value, extra]))
         elif isinstance(value, list) and value:
+            if isinstance(value[0], torch.Tensor) and value[0].numel() == 0:
+                return False  # another empty block of a table: the same table
             put(state, path, [*value, copy.deepcopy(value[0])])
         else:
             return False
@@ -372,7 +374,7 @@ def test_a_default_state_loads_into_a_default_sampler():
     second.load_state_dict(state)
     assert same(second.state_dict(), state)
     assert second.weights == first.weights
-    assert second.history == first.history
+    assert str(second.history) == str(first.history)  # NaN rewards compared as text
 
 
 def test_a_transform_state_with_other_learning_flags_is_refused():

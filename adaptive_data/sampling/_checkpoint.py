@@ -57,6 +57,11 @@ STREAM_FIRST = "stream_first_batch"  # per source: id of the first batch that dr
 LAG = "lag"  # the drawing policies and the updates waiting for their fixed point
 HISTORY_EVERY = "history_every"  # the history holds the rows of updates every, 2 * every, ...
 HISTORY_LIMIT = "history_limit"  # GARSampler(history_limit=)
+# Each update's mean reward per source (thinned with the history), and per source the finite
+# rewards counted and the update that last carried one; absent from states saved before them.
+REWARDS = "rewards"
+REWARD_COUNTS = "reward_counts"
+REWARD_LAST = "reward_last"
 REWARD_WINDOW = "reward_window"  # GARSampler(reward_window=), before it grew for a loader
 
 _REQUIRED = (
@@ -175,6 +180,7 @@ def check_state(state: Any, sampler: GARSampler) -> None:
             raise ValueError("state['history'] should hold weights that sum to 1 in every row")
     # NaN before a source's first finite reward; +-inf after rewards that overflow float64.
     f.reals(f"state[{REWARD_MEANS!r}]", state[REWARD_MEANS], k, nan_ok=True, inf_ok=True)
+    _check_rewards(state, sampler, rewarded, every)
     if STREAM_FIRST in state:
         first = f.integers(f"state[{STREAM_FIRST!r}]", state[STREAM_FIRST], k, lo=-1)
         for s, v in enumerate(first):
@@ -183,6 +189,28 @@ def check_state(state: Any, sampler: GARSampler) -> None:
                     f"state[{STREAM_FIRST!r}] should hold, per source, -1 or (for a stream) "
                     f"the id of a batch drawn (< next_id={next_id}), but holds {first}"
                 )
+
+
+def _check_rewards(
+    state: Mapping[str, Any], sampler: GARSampler, rewarded: int, every: int | None
+) -> None:
+    """The per-update rewards (one row per history row) and each source's count and last
+    update, all or none of them (a state saved before them)."""
+    keys = (REWARDS, REWARD_COUNTS, REWARD_LAST)
+    present = [key in state for key in keys]
+    if not any(present):
+        return
+    if not all(present):
+        missing = [key for key, p in zip(keys, present, strict=True) if not p]
+        raise ValueError(f"state holds some of {list(keys)} but lacks the key(s) {missing}")
+    rows, _ = sampler._learner.rewards.parse(
+        state[REWARDS], f"state[{REWARDS!r}]", rewarded, every, "state['counters'][1]"
+    )
+    if bool(torch.isinf(rows).any()):
+        raise ValueError(f"state[{REWARDS!r}] should hold finite mean rewards or NaN")
+    k = len(sampler.names)
+    f.integers(f"state[{REWARD_COUNTS!r}]", state[REWARD_COUNTS], k, lo=0)
+    f.integers(f"state[{REWARD_LAST!r}]", state[REWARD_LAST], k, lo=0, hi=rewarded)
 
 
 def _listlike(value: Any) -> bool:
@@ -244,6 +272,7 @@ def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
     the places of the others."""
     next_id, epoch, position = state[NEXT_ID], state[EPOCH], state[POSITION]
     seen: list[int] = []
+    places: dict[int, tuple[int, int, str]] = {}  # id -> (epoch, position, where)
     for key in (UNREWARDED, WINDOW):
         records = state[key]
         if not isinstance(records, list | tuple):
@@ -259,6 +288,7 @@ def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
                     f"{position} of epoch {epoch} (state['epoch'], state['position'])"
                 )
             seen.append(rid)
+            places[rid] = (rec_epoch, rec_position, f"state[{key!r}][{i}]['position']")
     window_ids = seen[len(state[UNREWARDED]) :]
     if window_ids != sorted(window_ids):
         raise ValueError(
@@ -286,6 +316,8 @@ def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
                 f"reference only with a transform), but holds {bad}"
             )
         seen += ids.tolist()
+        for j, (rid, e, pos) in enumerate(spent[:, :3].tolist()):
+            places[rid] = (e, pos, f"state[{SPENT!r}][{j}] (its position)")
     if len(set(seen)) != len(seen):
         raise ValueError(
             "state['unrewarded'], state['window'] and state['spent'] should hold each batch id "
@@ -297,6 +329,17 @@ def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
             f"{len(seen)} batches drawn, ids {next_id - len(seen)}..{next_id - 1} "
             f"(state['next_id']={next_id}), but hold ids {sorted(seen)[:8]}..."
         )
+    # Batches are drawn in order: the next batch is the next position of the same epoch, or
+    # the first of a later one.
+    order = sorted(places)
+    for a, b in zip(order, order[1:], strict=False):
+        (ea, pa, _), (eb, pb, where) = places[a], places[b]
+        if not ((eb == ea and pb == pa + 1) or (eb >= ea and pb == 1)):
+            raise ValueError(
+                f"{where} is {pb} in epoch {eb} for batch {b}, but batch {a} was at position "
+                f"{pa} of epoch {ea}: batch {b} should be at position {pa + 1} of the same "
+                "epoch or the first of a later one"
+            )
     window = set(window_ids)
     delivered = [i for i in seen if i not in window]
     if window_ids and delivered and max(delivered) > window_ids[0]:

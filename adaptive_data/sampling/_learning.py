@@ -5,7 +5,9 @@ magnitude bin), summed over the ranks with one all-reduce, and applied to the li
 at once; the same statistics go to the policy lag's queue (the sampler's :class:`Drawer`),
 which applies them to the drawing copies at their fixed point. The learner also keeps what
 is read back: the weights' history, each source's running mean reward, and (for metrics and
-plots) each update's mean reward per source with each source's reward count and age.
+plots) each update's mean reward per source (thinned with the history), each source's count
+of finite rewards and the update that last carried one (its age). All of it is in the
+sampler's state.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .._distributed import Group
 from ..policy._categorical import CategoricalPolicy
@@ -23,37 +27,7 @@ from ._records import Record
 if TYPE_CHECKING:
     from ..augment._transform import GARTransform
 
-__all__ = ["Learner", "RewardTrack"]
-
-
-class RewardTrack:
-    """Each update's mean raw reward per source (NaN for a source without a finite reward in
-    it), and per source the count of finite rewards and the update that last carried one.
-
-    What :meth:`GARSampler.metrics` reports as ``reward_count/`` and ``reward_age/`` and what
-    :attr:`GARSampler.history` holds as ``rewards``, so a running mean that has not moved for
-    many updates (a source rarely drawn) is not read as current. Kept in memory, not in the
-    sampler's state: it starts at the update a state was loaded at (``start``)."""
-
-    def __init__(self, num_sources: int, start: int) -> None:
-        self.start = start  # updates (history rows) before the first one tracked
-        self.rows = History(num_sources)
-        self.counts = [0] * num_sources
-        self.last: list[int | None] = [None] * num_sources  # update number, 1-based
-
-    def add(self, update: int, sums: Sequence[float], counts: Sequence[float]) -> None:
-        means = []
-        for src, (total, count) in enumerate(zip(sums, counts, strict=True)):
-            means.append(total / count if count else math.nan)
-            if count:
-                self.counts[src] += int(count)
-                self.last[src] = update
-        self.rows.append(means)
-
-    def ages(self, updates: int) -> list[float]:
-        """Updates since each source's last finite reward (0: the latest update carried
-        one); NaN for a source without one since the track started."""
-        return [math.nan if u is None else float(updates - u) for u in self.last]
+__all__ = ["Learner"]
 
 
 class Learner:
@@ -76,29 +50,37 @@ class Learner:
         self.history = History(1 + k, limit=history_limit)
         self.reward_means = [math.nan] * k
         self.rewarded = 0  # batches rewarded
-        self._track = RewardTrack(k, 0)
-        self._track_means = self.reward_means  # the list a load replaces (see track)
-
-    @property
-    def track(self) -> RewardTrack:
-        """The reward track since this learner was built or its state was loaded. A load
-        replaces the history and the ``reward_means`` list: a track begun before it no longer
-        lines up with the history's rows, so a new one starts at the loaded history's end."""
-        if self.reward_means is not self._track_means or len(self.history) != (
-            self._track.start + len(self._track.rows)
-        ):
-            self._track = RewardTrack(self.policy.num_choices, len(self.history))
-            self._track_means = self.reward_means
-        return self._track
+        # Per update (thinned with the history): the mean raw reward per source (NaN for a
+        # source without a finite reward in it); per source the finite rewards counted and
+        # the update (1-based) that last carried one (0: none).
+        self.rewards = History(k, limit=history_limit)
+        self.reward_counts = [0] * k
+        self.reward_last = [0] * k
 
     def load(
-        self, history: Any, every: int | None, reward_means: Sequence[float], rewarded: int
+        self,
+        history: Any,
+        every: int | None,
+        reward_means: Sequence[float],
+        rewarded: int,
+        rewards: Any = None,
+        counts: Sequence[int] | None = None,
+        last: Sequence[int] | None = None,
     ) -> None:
-        """Restore what a state saved: the history (a row kept every ``every`` updates;
-        ``None``: saved before the bound, every row), the running mean rewards, the count."""
+        """Restore what a state saved (checked before): the history (a row kept every
+        ``every`` updates; ``None``: saved before the bound, every row), the running mean
+        rewards, the count, and the per-update rewards with each source's count and last
+        update (``None``: saved before they were; NaN rows, zeros)."""
         self.history.load(history, rewarded, every)
         self.reward_means = [float(v) for v in reward_means]
         self.rewarded = rewarded
+        k = len(self.reward_means)
+        if rewards is None:
+            nan = torch.full((len(self.history), k), math.nan, dtype=torch.float64)
+            rewards = [nan]
+        self.rewards.load(rewards, rewarded, self.history.every)
+        self.reward_counts = [0] * k if counts is None else [int(v) for v in counts]
+        self.reward_last = [0] * k if last is None else [int(v) for v in last]
 
     def learn(self, rec: Record, rewards: list[float], rows: list[int] | None) -> UpdateStatistics:
         """Update the live policies from batch ``rec``'s ``rewards`` (of its ``rows``, or of
@@ -133,11 +115,16 @@ class Learner:
         self.policy.apply(update.sources)
         if tf is not None and update.augment is not None:
             tf.policy.apply(update.augment)
-        track = self.track  # checked against the history before a row is added to either
         self.rewarded += 1
         self._fold_reward_means(own.sums, own.counts)
         self.history.append([rec.id, *self.policy.probs_list()])
-        track.add(len(self.history), own.sums, own.counts)
+        means = []
+        for src, (total, count) in enumerate(zip(own.sums, own.counts, strict=True)):
+            means.append(total / count if count else math.nan)
+            if count:
+                self.reward_counts[src] += int(count)
+                self.reward_last[src] = self.rewarded
+        self.rewards.append(means)
         return update
 
     def _fold_reward_means(self, sums: Sequence[float], counts: Sequence[float]) -> None:
@@ -149,32 +136,28 @@ class Learner:
                 self.reward_means[src] = mean if math.isnan(old) else 0.9 * old + 0.1 * mean
 
     def reward_ages(self) -> list[float]:
-        """Per source, the updates since its last finite reward (NaN: none since the
-        learner was built or loaded)."""
-        return self.track.ages(len(self.history))
-
-    def reward_counts(self) -> list[int]:
-        """Per source, the finite rewards received since the learner was built or loaded."""
-        return list(self.track.counts)
+        """Per source, the updates since its last finite reward (0: the latest update carried
+        one; NaN: none yet)."""
+        return [math.nan if u == 0 else float(self.rewarded - u) for u in self.reward_last]
 
     def history_entries(self, names: Sequence[str]) -> list[dict[str, Any]]:
         """:attr:`GARSampler.history`: ``{"batch", "weights", "rewards"}`` per entry, where
         ``rewards`` holds the update's mean raw reward per source (NaN where the update had
-        none of that source, and for the updates before the track began: the initial
-        entry, and those restored from a state)."""
-        track = self.track
-        missing = dict.fromkeys(names, math.nan)
+        none of that source, in the initial entry, and in the entries of a state saved before
+        the rewards were)."""
         out: list[dict[str, Any]] = [
             {
                 "batch": None,
                 "weights": dict(zip(names, self.initial_weights, strict=True)),
-                "rewards": dict(missing),
+                "rewards": dict.fromkeys(names, math.nan),
             }
         ]
-        rewards = [dict(missing) for _ in range(track.start)]
-        rewards += [dict(zip(names, r, strict=True)) for r in track.rows.rows()]
         out += [
-            {"batch": int(b), "weights": dict(zip(names, p, strict=True)), "rewards": r}
-            for (b, *p), r in zip(self.history.rows(), rewards, strict=True)
+            {
+                "batch": int(b),
+                "weights": dict(zip(names, p, strict=True)),
+                "rewards": dict(zip(names, r, strict=True)),
+            }
+            for (b, *p), r in zip(self.history.rows(), self.rewards.rows(), strict=True)
         ]
         return out

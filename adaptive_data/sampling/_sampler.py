@@ -523,7 +523,7 @@ class GARSampler(Sampler[list[int]]):
             m[f"reward_mean/{name}"] = v
         for name, age in zip(self.names, self._learner.reward_ages(), strict=True):
             m[f"reward_age/{name}"] = age
-        for name, count in zip(self.names, self._learner.reward_counts(), strict=True):
+        for name, count in zip(self.names, self._learner.reward_counts, strict=True):
             m[f"reward_count/{name}"] = count
         if self.transform is not None:
             for k, v in self.transform.policy.metrics().items():
@@ -567,6 +567,9 @@ class GARSampler(Sampler[list[int]]):
             ckpt.HISTORY_LIMIT: self._learner.history.limit,
             ckpt.REWARD_WINDOW: self._reward_window_setting,
             ckpt.REWARD_MEANS: list(self._learner.reward_means),
+            ckpt.REWARDS: self._learner.rewards.state(),
+            ckpt.REWARD_COUNTS: list(self._learner.reward_counts),
+            ckpt.REWARD_LAST: list(self._learner.reward_last),
             ckpt.COUNTERS: [
                 self._drawer.drawn,
                 self._learner.rewarded,
@@ -620,7 +623,13 @@ class GARSampler(Sampler[list[int]]):
         self._passes.resume(state[ckpt.EPOCH], int(state[ckpt.POSITION]), ckpt.undelivered(state))
         drawn, rewarded, dropped = (int(v) for v in state[ckpt.COUNTERS])
         self._learner.load(
-            state[ckpt.HISTORY], state.get(ckpt.HISTORY_EVERY), state[ckpt.REWARD_MEANS], rewarded
+            state[ckpt.HISTORY],
+            state.get(ckpt.HISTORY_EVERY),
+            state[ckpt.REWARD_MEANS],
+            rewarded,
+            state.get(ckpt.REWARDS),
+            state.get(ckpt.REWARD_COUNTS),
+            state.get(ckpt.REWARD_LAST),
         )
         # The reward window as it was, oldest first: the batches that can still be rewarded
         # with their keys, the rewarded and lost ones as placeholders (same eviction order).
