@@ -9,6 +9,7 @@ the one that fits the loader's position (:meth:`LoadedStates.choose`).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -332,7 +333,7 @@ def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
     # Batches are drawn in order: the next batch is the next position of the same epoch, or
     # the first of a later one.
     order = sorted(places)
-    for a, b in zip(order, order[1:], strict=False):
+    for a, b in itertools.pairwise(order):
         (ea, pa, _), (eb, pb, where) = places[a], places[b]
         if not ((eb == ea and pb == pa + 1) or (eb >= ea and pb == 1)):
             raise ValueError(
