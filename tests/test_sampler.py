@@ -1187,3 +1187,32 @@ def test_a_dataset_dict_with_held_out_splits_and_no_names_warns_once():
         warnings.simplefilter("error")
         GARSampler(dd, batch_size=2, seed=0, names=["train", "web"])
         GARSampler({"train": split(8), "web": split(8), "contest": split(8)}, batch_size=2)
+
+
+def test_sources_that_cannot_be_stacked_are_named_with_the_default_collate():
+    """torch's default collate names no source: with it, a batch whose sources give tensors of
+    other shapes, or Python lists of numbers (a split without with_format('torch')), raises
+    naming the sources, the field and the shapes. A padding collate_fn takes any length."""
+    import datasets
+    from torch.utils.data import DataLoader
+
+    sources = {
+        "long": [{"input_ids": torch.arange(8), "labels": 0} for _ in range(8)],
+        "short": [{"input_ids": torch.arange(6), "labels": 1} for _ in range(8)],
+    }
+    s = GARSampler(sources, batch_size=8, seed=0)
+    shapes = r"source '(long|short)' gives example\['input_ids'\] of shape \((8|6),\) where"
+    with pytest.raises(TypeError, match=shapes + r" source '(short|long)' gives \((6|8),\)"):
+        for _ in s.track(DataLoader(s.dataset, batch_sampler=s)):
+            pass
+
+    def pad(examples):
+        ids = torch.nn.utils.rnn.pad_sequence([e["input_ids"] for e in examples], True)
+        return {"input_ids": ids, "labels": torch.tensor([e["labels"] for e in examples])}
+
+    s = GARSampler(sources, batch_size=8, seed=0)
+    assert len(list(s.track(DataLoader(s.dataset, batch_sampler=s, collate_fn=pad)))) == 2
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 8, "labels": [0] * 8})
+    s = GARSampler({"a": rows, "b": rows}, batch_size=4, seed=0)
+    with pytest.raises(TypeError, match=r"'input_ids'\] as a Python list.*with_format\('torch'"):
+        next(iter(s.track(DataLoader(s.dataset, batch_sampler=s))))

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..policy._categorical import check_unique_names
 from ._streams import StreamReaders, is_stream
-from ._structure import difference, structure
+from ._structure import difference, leaf_shapes, structure
 
 if TYPE_CHECKING:
     from ..augment._transform import GARTransform
@@ -164,6 +164,9 @@ class MixtureDataset(Dataset):
         ]
         self._any_batched = any(self._batched)
         self._unchecked = set(range(len(self.sources)))  # sources whose structure is unseen
+        # Set by GARSampler.track when the loader collates with torch's default_collate:
+        # each batch's shapes are then checked, naming the sources (collate would not).
+        self.default_collate = False
         self._structure: tuple[int, Any] | None = None  # (source, structure) of the first seen
 
     def _check_structure(self, ids: Sequence[int], items: Sequence[Any]) -> None:
@@ -263,6 +266,46 @@ class MixtureDataset(Dataset):
         return out
 
     def __getitems__(self, keys: Sequence[int]) -> list[Any]:
+        out = self._getitems(keys)
+        if self.default_collate and len(out) > 0:
+            self._check_collatable(keys, out)
+        return out
+
+    def _check_collatable(self, keys: Sequence[Any], out: list[Any]) -> None:
+        """With torch's default collate: every example's tensors of one shape, and no Python
+        list of numbers (collated position by position), or a ``TypeError`` naming the
+        sources, the place and the shapes (torch's collate names no source)."""
+        first = leaf_shapes(out[0])
+        lists = [where for where, shape in first if shape is None]
+        j, bad = 0, None
+        if not lists:
+            for j, item in enumerate(out[1:], 1):  # noqa: B007 (j names the example)
+                if leaf_shapes(item) != first:
+                    bad = leaf_shapes(item)
+                    break
+            else:
+                return
+        sources = MixtureDataset.decode(self, keys)[0].tolist()
+        if lists:
+            raise TypeError(
+                f"source {self.names[sources[0]]!r} gives {lists[0]} as a Python list, which the "
+                "DataLoader's default collate batches position by position (a list of tensors, "
+                "one per position), not into one tensor: a Hugging Face split needs "
+                ".with_format('torch', columns=[...]), or give the DataLoader a collate_fn"
+            )
+        assert bad is not None
+        where, a, b = next(
+            ((w, sa, sb) for (w, sa), (_, sb) in zip(first, bad, strict=False) if sa != sb),
+            ("its tensors", len(first), len(bad)),
+        )
+        raise TypeError(
+            f"source {self.names[sources[j]]!r} gives {where} of shape {b} where source "
+            f"{self.names[sources[0]]!r} gives {a}, in the same batch: the DataLoader's "
+            "default collate stacks them and fails. Pad or cut them to one length in each "
+            "source, or give the DataLoader a padding collate_fn"
+        )
+
+    def _getitems(self, keys: Sequence[int]) -> list[Any]:
         if not keys:
             return []
         if isinstance(keys[0], tuple):
@@ -353,7 +396,7 @@ class StreamingMixtureDataset(MixtureDataset):
             self._check_structure((s,), (item,))
         return item
 
-    def __getitems__(self, keys: Sequence[int]) -> list[Any]:
+    def _getitems(self, keys: Sequence[int]) -> list[Any]:
         if not keys:
             return []
         if isinstance(keys[0], tuple):

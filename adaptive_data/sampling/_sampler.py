@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, default_collate
 
 from .._check import check_int, is_int
 from .._distributed import Group, current_group
@@ -298,6 +298,10 @@ class GARSampler(Sampler[list[int]]):
                     "stream, and the new workers of every epoch would read the streams from "
                     "their start again. Pass persistent_workers=True"
                 )
+        if getattr(loader, "collate_fn", None) is default_collate:
+            # torch's collate stacks each field: the dataset checks the shapes first, so a
+            # source that cannot be stacked with another is named.
+            self.dataset.default_collate = True
         return TrackedLoader(self, loader, self._passes)
 
     @property

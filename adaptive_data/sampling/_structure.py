@@ -101,3 +101,24 @@ def difference(ref: Any, other: Any, path: str = "example") -> tuple[str, str, s
         if found is not None:
             return found
     return None  # they differ only where sizes may (the lengths of lists)
+
+
+def leaf_shapes(example: Any, path: str = "example") -> list[tuple[str, tuple[int, ...] | None]]:
+    """``(place, shape)`` of each tensor and array in ``example`` (``None`` for a Python list
+    of numbers, which torch's default collate batches position by position), in order."""
+    np = sys.modules.get("numpy")
+    if isinstance(example, torch.Tensor) or (np is not None and isinstance(example, np.ndarray)):
+        return [(path, tuple(example.shape))]
+    if isinstance(example, Mapping):
+        out = []
+        for k, v in example.items():
+            out += leaf_shapes(v, f"{path}[{k!r}]")
+        return out
+    if isinstance(example, list) and example and isinstance(example[0], numbers.Number):
+        return [(path, None)]
+    if isinstance(example, Sequence) and not isinstance(example, str | bytes):
+        out = []
+        for i, v in enumerate(example):
+            out += leaf_shapes(v, f"{path}[{i}]")
+        return out
+    return []
