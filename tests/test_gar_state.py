@@ -190,3 +190,31 @@ def test_a_state_loads_into_its_gar_unchanged(trained):
     gar, original = trained
     gar.load_state_dict(original)
     assert same(gar.state_dict(), original)
+
+
+def test_check_state_refuses_as_load_does_and_changes_nothing(trained):
+    gar, original = trained
+    gar.check_state(original)
+    bad = set_at(original, ("reference", "cursor"), 10**6)
+    before = gar.state_dict()
+    with pytest.raises(ValueError, match=r"state's reference .* was refused: .*invalid position"):
+        gar.check_state(bad)
+    assert same(gar.state_dict(), before)
+
+
+def test_an_integration_state_with_a_refused_gar_part_leaves_the_sampler_as_it_was(trained):
+    """The Trainer's and Lightning's state holds the sampler's and GAR's: GAR's is checked
+    before the sampler's is applied, so a refused one changes neither."""
+    from adaptive_data.integrations._common import Wiring
+
+    gar, original = trained
+    wiring = Wiring(gar.sampler, gar, None, None, "")
+    state = wiring.state_dict()
+    s = gar.sampler
+    fresh = ad.GARSampler(dict(zip(s.names, s.dataset.sources, strict=True)), 32, seed=0)
+    state["sampler"] = fresh.state_dict()  # a valid state, of another position and weights
+    state["gar"] = set_at(state["gar"], ("steps",), -1)
+    sampler_before = gar.sampler.state_dict()
+    with pytest.raises(ValueError, match=r"steps should be a non-negative int"):
+        wiring.load_state_dict(state)
+    assert same(gar.sampler.state_dict(), sampler_before)

@@ -464,6 +464,11 @@ class GAR:
         self._keeper.stop()
         self._pairing.reset()
 
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise, naming the key, unless :meth:`load_state_dict` would take ``state``; changes
+        nothing (to check a whole checkpoint before loading any part of it)."""
+        _state.load(state, self._parts(), apply=False)
+
     # ------------------------------------------------------------------ reading
 
     def metrics(self) -> dict[str, float]:

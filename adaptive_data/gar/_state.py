@@ -155,9 +155,9 @@ def save(parts: Parts) -> dict[str, Any]:
 _ABSENT = {ESTIMATOR_KEY: "ghost", BUDGET_KEY: None}  # what a state without the key had
 
 
-def load(state: Mapping[str, Any], parts: Parts) -> None:
+def load(state: Mapping[str, Any], parts: Parts, apply: bool = True) -> None:
     """Check the whole of ``state`` against the settings and parts (raising, naming the key,
-    with nothing applied), then apply it to them."""
+    with nothing applied), then apply it to them (unless not ``apply``)."""
     settings, schedule, counters, clock, source, reference = parts
     if (
         not isinstance(state, Mapping)
@@ -239,12 +239,18 @@ def load(state: Mapping[str, Any], parts: Parts) -> None:
             )
         # The first part applied: it checks its own state whole before applying it, and
         # everything after it was checked above.
+        check = getattr(reference, "check_state", None)
         try:
-            reference.load_state_dict(ref_state)
+            if check is not None:
+                check(ref_state)
+            if apply:
+                reference.load_state_dict(ref_state)
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(
                 f"state's reference (the reference iterator's position) was refused: {error}"
             ) from error
+    if not apply:
+        return
     schedule.load_state_dict(dict(state))
     counters.rewarded = state["rewarded"]
     counters.dropped = state["dropped"]

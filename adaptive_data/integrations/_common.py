@@ -175,7 +175,9 @@ class Wiring:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict`: the sampler's at once (it applies to its next pass),
-        GAR's at once or when the GAR is built."""
+        GAR's at once or when the GAR is built. GAR's is checked before the sampler's is
+        applied, so a refused one changes neither (a GAR not built yet checks it when it is
+        built)."""
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             found = (
                 f"version={state.get('version')!r}"
@@ -186,8 +188,10 @@ class Wiring:
                 f"state should be an adaptive_data integration state of version {STATE_VERSION}, "
                 f"but got {found}"
             )
-        self.sampler.load_state_dict(state["sampler"])
         gar = state["gar"]
+        if gar is not None and self.gar is not None:
+            self.gar.check_state(gar)  # before the sampler's is applied: no half-load
+        self.sampler.load_state_dict(state["sampler"])
         if gar is None:
             return
         if self.gar is not None:

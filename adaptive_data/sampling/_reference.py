@@ -130,6 +130,12 @@ class ReferenceBatches:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises, naming the key, if it was made for another
         dataset size or seed or holds a position outside the stream (nothing is applied)."""
+        self.check_state(state)
+        self._pass, self._cursor, self._perm = state["pass"], state["cursor"], None
+
+    def check_state(self, state: Any) -> None:
+        """Raise, naming the key, unless :meth:`load_state_dict` would take ``state``; changes
+        nothing."""
         version = state.get("version") if isinstance(state, Mapping) else None
         if isinstance(version, bool) or version != _STATE_VERSION:
             raise ValueError(f"not a ReferenceBatches state of version {_STATE_VERSION}: {state!r}")
@@ -149,7 +155,6 @@ class ReferenceBatches:
                 f"state holds an invalid position: pass={passes}, cursor={cursor} (cursor "
                 f"should be in [0, {self._n}) and pass >= 0)"
             )
-        self._pass, self._cursor, self._perm = passes, cursor, None
 
     def __repr__(self) -> str:
         return (
