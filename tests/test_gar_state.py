@@ -207,7 +207,7 @@ def test_an_integration_state_with_a_refused_gar_part_leaves_the_sampler_as_it_w
     before the sampler's is applied, so a refused one changes neither."""
     from adaptive_data.integrations._common import Wiring
 
-    gar, original = trained
+    gar, _ = trained
     wiring = Wiring(gar.sampler, gar, None, None, "")
     state = wiring.state_dict()
     s = gar.sampler

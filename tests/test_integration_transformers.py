@@ -149,6 +149,8 @@ def test_trainer_logs_the_metrics_it_is_asked_for(tmp_path):
     assert {k for k in logged if k.startswith(("mixture/", "gar/"))} == {
         "gar/batches_rewarded",
         "gar/batches_dropped",
+        *(f"gar/batches_dropped/{why}" for why in ("no_backward", "nonfinite_grad")),
+        *(f"gar/batches_dropped/{why}" for why in ("nonfinite_rewards", "stale", "closed")),
     }
     assert logged["gar/batches_rewarded"] == 20  # at step 10
     every, sampler, _ = build(tmp_path / "all", max_steps=10, gar_log_metrics="all")
