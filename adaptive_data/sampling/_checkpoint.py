@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,8 +21,9 @@ from ..augment._policy import NO_AUGMENTATION
 from ..policy import _fields as f
 from ._records import Record
 
-if TYPE_CHECKING:
-    from ._sampler import GARSampler
+# The GARSampler the checks read (its parts' parse methods): not imported, since _sampler
+# imports this module (no import circle, type-checking ones included).
+Sampler = Any
 
 __all__ = ["STATE_VERSION", "LoadedStates", "check_state", "window_records", "window_state"]
 
@@ -92,7 +93,7 @@ _REQUIRED = (
 # sources, stream_first_batch (saved before streams were supported) may be absent
 
 
-def check_state(state: Any, sampler: GARSampler) -> None:
+def check_state(state: Any, sampler: Sampler) -> None:
     """Raise ``ValueError`` naming the field unless ``state`` is a sampler state ``sampler``
     can resume from: this version, every key, the same settings (names, sizes, batch size,
     batch count, seed, reference_every, reward_window, history_limit, the policy's and the
@@ -193,7 +194,7 @@ def check_state(state: Any, sampler: GARSampler) -> None:
 
 
 def _check_rewards(
-    state: Mapping[str, Any], sampler: GARSampler, rewarded: int, every: int | None
+    state: Mapping[str, Any], sampler: Sampler, rewarded: int, every: int | None
 ) -> None:
     """The per-update rewards (one row per history row) and each source's count and last
     update, all or none of them (a state saved before them)."""
@@ -218,7 +219,7 @@ def _listlike(value: Any) -> bool:
     return isinstance(value, list | tuple)
 
 
-def _check_position(state: Mapping[str, Any], sampler: GARSampler) -> None:
+def _check_position(state: Mapping[str, Any], sampler: Sampler) -> None:
     """The epoch counters, the generator, the sources' places, the ids and the counters."""
     n = sampler.num_batches
     f.integer(f"state[{NEXT_EPOCH!r}]", state[NEXT_EPOCH], lo=0)
@@ -254,7 +255,7 @@ def _check_position(state: Mapping[str, Any], sampler: GARSampler) -> None:
 _GENERATOR_STATE = torch.Generator().get_state()
 
 
-def _check_place(cursors: Any, rounds: Any, cpath: str, rpath: str, sampler: GARSampler) -> None:
+def _check_place(cursors: Any, rounds: Any, cpath: str, rpath: str, sampler: Sampler) -> None:
     """Each source's cursor (in ``[0, shard size)``; 0 for a stream) and round (>= 0)."""
     shards = sampler._drawer.shards.shard_sizes
     k = len(shards)
@@ -268,7 +269,7 @@ def _check_place(cursors: Any, rounds: Any, cpath: str, rpath: str, sampler: GAR
             )
 
 
-def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
+def _check_records(state: Mapping[str, Any], sampler: Sampler) -> None:
     """The reward window: the batches drawn and not delivered, those waiting for rewards, and
     the places of the others."""
     next_id, epoch, position = state[NEXT_ID], state[EPOCH], state[POSITION]
@@ -350,7 +351,7 @@ def _check_records(state: Mapping[str, Any], sampler: GARSampler) -> None:
         )
 
 
-def _check_record(path: str, d: Any, sampler: GARSampler, next_id: int) -> tuple[int, int, int]:
+def _check_record(path: str, d: Any, sampler: Sampler, next_id: int) -> tuple[int, int, int]:
     """One batch record (:meth:`Record.to_state`); returns its id, epoch and position."""
     d = f.mapping(path, d)
     for key in ("id", "epoch", "position", "keys", "sources"):
