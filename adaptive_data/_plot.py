@@ -38,7 +38,7 @@ def _pyplot() -> Any:
 def history_of(source: Any) -> list[dict[str, Any]]:
     """The history entries ``{"batch", "weights", "rewards"?}`` of ``source``: a
     :class:`GARSampler`, its ``history``, a list of ``{source: weight}`` dicts, a sampler's
-    ``state_dict()`` (its weights; the per-update rewards are not in a state), a checkpoint
+    ``state_dict()`` (its weights and each update's rewards), a checkpoint
     that holds one (the Trainer's and Lightning's integration states, any dict with a
     sampler state among its values), or the path of a file ``torch.save`` wrote of any of
     these (loaded with ``weights_only=True``)."""
@@ -97,9 +97,16 @@ def _entries_of_state(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     names = [str(n) for n in state["names"]]
     blocks = [torch.as_tensor(t, dtype=torch.float64) for t in state["history"]]
     rows = torch.cat(blocks).reshape(-1, 1 + len(names)) if blocks else torch.empty(0)
-    entries = [
+    entries: list[dict[str, Any]] = [
         {"batch": int(r[0]), "weights": dict(zip(names, r[1:], strict=True))} for r in rows.tolist()
     ]
+    saved = state.get("rewards")  # each update's mean reward per source (absent before it was)
+    if saved is not None:
+        blocks = [torch.as_tensor(t, dtype=torch.float64) for t in saved]
+        rewards = torch.cat(blocks).reshape(-1, len(names)).tolist() if blocks else []
+        if len(rewards) == len(entries):
+            for entry, r in zip(entries, rewards, strict=True):
+                entry["rewards"] = dict(zip(names, r, strict=True))
     if not entries:
         raise ValueError("the sampler state holds no update yet: nothing to plot")
     return entries

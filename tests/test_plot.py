@@ -49,7 +49,7 @@ def test_plot_history_of_a_sampler_draws_weights_and_rewards(tmp_path: Path):
 
 
 def test_the_command_line_plots_a_saved_state(tmp_path: Path, capsys):
-    """A saved state holds the weights' history (not the per-update rewards): one panel."""
+    """A saved state holds the weights' history and each update's rewards: both panels."""
     s = trained()
     torch.save(s.state_dict(), tmp_path / "state.pt")
     main(["plot", str(tmp_path / "state.pt")])
@@ -58,6 +58,7 @@ def test_the_command_line_plots_a_saved_state(tmp_path: Path, capsys):
     entries = ad._plot.history_of(tmp_path / "state.pt")
     assert [e["weights"] for e in entries] == [e["weights"] for e in s.history[1:]]
     assert [e["batch"] for e in entries] == list(range(12))
+    assert str([e["rewards"] for e in entries]) == str([e["rewards"] for e in s.history[1:]])
 
 
 def test_a_checkpoint_holding_a_state_and_a_saved_history_plot_too(tmp_path: Path):

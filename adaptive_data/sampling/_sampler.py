@@ -490,7 +490,8 @@ class GARSampler(Sampler[list[int]]):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One entry per update recorded: ``{"batch": id, "weights": {name: probability}}``,
+        """One entry per update recorded: ``{"batch": id, "weights": {name: probability},
+        "rewards": {name: mean raw reward}}`` (NaN for a source absent from the update),
         oldest first; the first entry (``batch=None``) holds the initial weights. At most
         ``history_limit`` entries after it, evenly spread over the run (see ``history_limit=``;
         ``None``: every update, O(updates * K) memory)."""
