@@ -1,4 +1,5 @@
-"""What every benchmark records: the command that reproduces it and the machine it ran on."""
+"""What every benchmark records: the command that reproduces it, the commit it ran at and the
+machine it ran on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,32 @@ from typing import Any
 import torch
 
 
+def git_commit(where: Path | None = None) -> dict[str, Any] | None:
+    """``{"hash": short hash of HEAD, "dirty": whether tracked files had uncommitted
+    changes}`` of the git checkout holding ``where`` (default: these benchmarks); ``None``
+    outside a checkout or without git."""
+    where = Path(__file__).resolve().parent if where is None else where
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=where, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        return None
+    return {"hash": commit, "dirty": bool(changes)}
+
+
 def header() -> dict[str, Any]:
-    """``{"command": ..., "machine": {...}}`` for the running script."""
+    """``{"command": ..., "commit": {...} or None, "machine": {...}}`` for the running
+    script (:func:`git_commit`)."""
     script = Path(sys.argv[0])
     return {
         "command": " ".join(["python", f"benchmarks/{script.name}", *sys.argv[1:]]),
+        "commit": git_commit(),
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),

@@ -253,6 +253,12 @@ def test_callback_arguments_are_checked():
         GARCallback(sampler, reference=ref, loss_fn=per_example_loss, rows=0)
     with pytest.raises(ValueError, match=r"reference_refresh reuses a held-out reference"):
         GARCallback(sampler, gar=None, reward="dot", reference_refresh=2, reference=None)
+    with pytest.raises(
+        ValueError, match=r"fallback should be 'jvp' or 'raise', but got fallback='no'"
+    ):
+        GARCallback(sampler, reference=ref, loss_fn=per_example_loss, fallback="no")
+    with pytest.raises(ValueError, match=r"gar is already built, so fallback would be ignored"):
+        GARCallback(sampler, gar=gar, fallback="raise")
 
 
 def test_the_callback_builds_gar_with_every_option_given():
@@ -265,3 +271,29 @@ def test_the_callback_builds_gar_with_every_option_given():
     module = Module()
     gar = callback.wiring.build(module, torch.optim.SGD(module.parameters(), lr=0.1))
     assert (gar.every, gar.reference_refresh, gar.rows, gar.reward) == (2, 3, 5, "cosine")
+    assert gar.fallback == "jvp"
+
+
+class Gained(Module):
+    """A bare parameter outside any layer: no rule covers it (the generic path's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(CLASSES))
+
+    def forward(self, x):
+        return self.net(x) * self.gain
+
+
+def test_the_callbacks_fallback_reaches_gar():
+    """fallback="raise": the GAR the callback builds refuses a parameter no rule covers."""
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    ref = ad.ReferenceBatches(val, BATCH)
+    callback = GARCallback(sampler, reference=ref, loss_fn=per_example_loss, fallback="raise")
+    module = Module()
+    assert callback.wiring.build(module, torch.optim.SGD(module.parameters())).fallback == "raise"
+    callback = GARCallback(sampler, reference=ref, loss_fn=per_example_loss, fallback="raise")
+    gained = Gained()
+    with pytest.raises(ValueError, match=r"no rule for the trainable parameters of \['<root>"):
+        callback.wiring.build(gained, torch.optim.SGD(gained.parameters()))

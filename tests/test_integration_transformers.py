@@ -242,11 +242,52 @@ def test_trainer_arguments_are_checked(tmp_path):
         GARTrainer(**kw, gar_reference=3, gar_loss_fn=per_example_loss)
     with pytest.raises(TypeError, match=r"gar_sampler should be a GARSampler, but got dict"):
         GARTrainer(**{**kw, "gar_sampler": sources}, gar_reference=val)
+    with pytest.raises(
+        ValueError, match=r"gar_fallback should be 'jvp' or 'raise', but got gar_fallback='no'"
+    ):
+        GARTrainer(**kw, gar_reference=val, gar_loss_fn=per_example_loss, gar_fallback="no")
     trainer = GARTrainer(**kw, gar_reference=val, gar_loss_fn=per_example_loss)
     assert trainer.args.ignore_data_skip
     assert trainer.train_dataset is sampler.dataset
     batch = next(iter(trainer.get_train_dataloader()))
     assert sorted(batch) == ["labels", "x"]  # the "text" column the model does not take
+
+
+class GainedModel(TinyModel):
+    """A bare parameter outside any layer: no rule covers it (the generic path's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(CLASSES))
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        return {**out, "logits": out["logits"] * self.gain}
+
+
+def test_trainer_fallback_reaches_gar(tmp_path):
+    """gar_fallback="raise": the GAR the Trainer builds when it has its optimizer refuses a
+    parameter no rule covers; over a covered model it holds the option."""
+    sources, val = make_data()
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    for model in (TinyModel(), GainedModel()):
+        trainer = GARTrainer(
+            model=model,
+            args=args,
+            gar_sampler=sampler,
+            gar_reference=val,
+            gar_loss_fn=per_example_loss,
+            gar_fallback="raise",
+        )
+        opt = torch.optim.SGD(model.parameters())
+        if isinstance(model, GainedModel):
+            with pytest.raises(
+                ValueError, match=r"no rule for the trainable parameters of \['<root>"
+            ):
+                trainer._gar_wiring.build(model, opt)
+        else:
+            assert trainer._gar_wiring.build(model, opt).fallback == "raise"
 
 
 def test_trainer_next_batch_mode_rewards_each_step_against_the_next(tmp_path):

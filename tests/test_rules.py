@@ -175,6 +175,18 @@ def test_errors_list_the_registered_types() -> None:
         ad.GradientProbe(model(), loss_fn, fallback="raise")
 
 
+def test_a_rule_registered_for_many_classes_is_counted_not_listed() -> None:
+    from adaptive_data.probe.rules import registered_names
+    from adaptive_data.probe.rules.hf_rmsnorm import GEMMA_STYLE, LLAMA_STYLE
+
+    names = registered_names()
+    assert f"HFRMSNormRule's {len(LLAMA_STYLE)} classes (transformers)" in names
+    assert f"HFGemmaRMSNormRule's {len(GEMMA_STYLE)} classes (transformers)" in names
+    assert "Conv1D (transformers)" in names
+    assert "LlamaRMSNorm" not in names
+    assert "GemmaRMSNorm (transformers)" in registered_names(most=len(GEMMA_STYLE))
+
+
 def test_a_rule_speaks_for_the_subclasses_of_its_family() -> None:
     """SyncBatchNorm has no rule of its own, but mixes the examples as BatchNorm does."""
     from adaptive_data.probe._plan import couples_examples

@@ -26,7 +26,7 @@ _GAR_DEFAULTS = {
     for name, p in inspect.signature(GAR.__init__).parameters.items()
     if p.default is not inspect.Parameter.empty
 }
-_OPTIONS = ("budget", "every", "reward", "reference_refresh", "rows", "estimator")
+_OPTIONS = ("budget", "every", "reward", "reference_refresh", "rows", "estimator", "fallback")
 
 DEFAULT_METRICS = (
     "mixture/weight/*",
@@ -81,7 +81,8 @@ class Wiring:
         **options: Any,
     ) -> None:
         """``options``: GAR's other keyword arguments (``budget``, ``every``, ``reward``,
-        ``reference_refresh``, ``rows``, ``estimator``), as the integration received them."""
+        ``reference_refresh``, ``rows``, ``estimator``, ``fallback``), as the integration
+        received them."""
         p = prefix
         if not isinstance(sampler, GARSampler):
             raise TypeError(f"{p}sampler should be a GARSampler, but got {type(sampler).__name__}")
@@ -115,6 +116,7 @@ class Wiring:
                 o["rows"],
                 prefix=p,
                 estimator=o["estimator"],
+                fallback=o["fallback"],
                 budget=o["budget"],
             )
         self.sampler = sampler

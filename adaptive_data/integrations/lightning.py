@@ -77,6 +77,8 @@ class GARCallback(Callback):
         rows: GAR's ``rows``: reward at most that many rows of each batch.
         estimator: GAR's ``estimator``, ``"ghost"`` or ``"fd"`` (forward-only, with
             ``reward="dot"``).
+        fallback: GAR's ``fallback``: ``"jvp"`` (a module no rule covers takes the generic
+            path) or ``"raise"`` (refuse such a model when the GAR is built).
         module: the module GAR watches (default: the LightningModule).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
         log_metrics: which metrics to log: ``"default"`` (``mixture/weight/<source>``,
@@ -99,6 +101,7 @@ class GARCallback(Callback):
         reference_refresh: int | None = None,
         rows: int | None = None,
         estimator: str = "ghost",
+        fallback: str = "jvp",
         module: nn.Module | None = None,
         gar: GAR | None = None,
         log_metrics: bool | str | Sequence[str] = "default",
@@ -124,6 +127,7 @@ class GARCallback(Callback):
             reference_refresh=reference_refresh,
             rows=rows,
             estimator=estimator,
+            fallback=fallback,
         )
         self.module = module
 

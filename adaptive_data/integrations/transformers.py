@@ -197,6 +197,8 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
         gar_rows: GAR's ``rows``: reward at most that many rows of each batch.
         gar_estimator: GAR's ``estimator``, ``"ghost"`` or ``"fd"`` (forward-only, with
             ``gar_reward="dot"``).
+        gar_fallback: GAR's ``fallback``: ``"jvp"`` (a module no rule covers takes the
+            generic path) or ``"raise"`` (refuse such a model when the GAR is built).
         gar: a :class:`GAR` built by the user instead (over ``gar_sampler``, with the
             optimizer the Trainer gets through ``optimizers=``).
         gar_log_metrics: which metrics the training logs gain: ``"default"``
@@ -219,6 +221,7 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
         gar_reference_refresh: int | None = None,
         gar_rows: int | None = None,
         gar_estimator: str = "ghost",
+        gar_fallback: str = "jvp",
         gar: GAR | None = None,
         gar_log_metrics: str | Sequence[str] = "default",
         **kwargs: Any,
@@ -258,6 +261,7 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
             reference_refresh=gar_reference_refresh,
             rows=gar_rows,
             estimator=gar_estimator,
+            fallback=gar_fallback,
         )
         super().__init__(*args, **kwargs)
         self.args.ignore_data_skip = True

@@ -6,7 +6,7 @@ A new layer type is one :class:`GhostRule` subclass registered with
 :func:`register_ghost_rule`; importing its file registers it.
 """
 
-from . import attention, conv, embedding, hf_conv1d, hf_rmsnorm, linear, norms
+from . import attention, conv, embedding, hf_conv1d, hf_embedding, hf_rmsnorm, linear, norms
 from ._base import GhostRule, Pieces, Request, Site, Sums, param_direction, square_norms
 from ._registry import family_rule, ghost_rules, register_ghost_rule, registered_names, rule_for
 from .generic import FALLBACK_RULE, generic_pieces, jvp_tangent
@@ -25,6 +25,7 @@ __all__ = [
     "generic_pieces",
     "ghost_rules",
     "hf_conv1d",
+    "hf_embedding",
     "hf_rmsnorm",
     "jvp_tangent",
     "linear",

@@ -62,10 +62,19 @@ def family_rule(module: nn.Module) -> GhostRule | None:
     return None
 
 
-def registered_names() -> str:
-    """The registered types, for error messages: ``"BatchNorm1d, ..., Conv1D (transformers)"``."""
+def registered_names(most: int = 3) -> str:
+    """The registered types, for error messages: ``"BatchNorm1d, ..., Conv1D (transformers)"``.
+    A rule registered by name for more than ``most`` classes of a package is counted, not
+    listed (``"HFRMSNormRule's 145 classes (transformers)"``): ``ghost_rules()`` lists them."""
     names = {cls.__name__ for cls in _RULES}
-    names |= {f"{q.rsplit('.', 1)[1]} ({q.split('.', 1)[0]})" for q in _BY_NAME}
+    by_rule: dict[tuple[str, type], list[str]] = {}
+    for q in _BY_NAME:
+        by_rule.setdefault((q.split(".", 1)[0], type(_BY_NAME[q])), []).append(q)
+    for (package, rule), group in by_rule.items():
+        if len(group) > most:
+            names.add(f"{rule.__name__}'s {len(group)} classes ({package})")
+        else:
+            names |= {f"{q.rsplit('.', 1)[1]} ({package})" for q in group}
     return ", ".join(sorted(names))
 
 
