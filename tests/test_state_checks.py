@@ -112,6 +112,7 @@ def put(state: Any, path: tuple, value: Any) -> None:
 FREE = {
     "choice_generator",
     "reward_means",
+    "rewards",  # each update's mean reward per source: any number, NaN where none
     "epoch",
     "next_epoch",
     "rounds",
@@ -120,7 +121,7 @@ FREE = {
     "running",
     "logits",
 }
-NAN_OK = {"reward_means"}  # NaN before a source's first reward
+NAN_OK = {"reward_means", "rewards"}  # NaN before a source's first reward, or absent
 # Keys a state saved by an earlier version may lack: it loads with their defaults
 # (tests/test_state_compat.py), so removing them is not a corruption.
 OPTIONAL = {
