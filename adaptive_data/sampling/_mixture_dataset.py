@@ -167,6 +167,8 @@ class MixtureDataset(Dataset):
         # Set by GARSampler.track when the loader collates with torch's default_collate:
         # each batch's shapes are then checked, naming the sources (collate would not).
         self.default_collate = False
+        self._unsized = set(range(len(self.sources)))  # sources whose shapes are unchecked
+        self._shapes: tuple[int, Any] | None = None  # (source, leaf shapes) of the first seen
         self._structure: tuple[int, Any] | None = None  # (source, structure) of the first seen
 
     def _check_structure(self, ids: Sequence[int], items: Sequence[Any]) -> None:
@@ -267,43 +269,48 @@ class MixtureDataset(Dataset):
 
     def __getitems__(self, keys: Sequence[int]) -> list[Any]:
         out = self._getitems(keys)
-        if self.default_collate and len(out) > 0:
+        if self.default_collate and self._unsized and out:
             self._check_collatable(keys, out)
         return out
 
     def _check_collatable(self, keys: Sequence[Any], out: list[Any]) -> None:
-        """With torch's default collate: every example's tensors of one shape, and no Python
-        list of numbers (collated position by position), or a ``TypeError`` naming the
-        sources, the place and the shapes (torch's collate names no source)."""
-        first = leaf_shapes(out[0])
-        lists = [where for where, shape in first if shape is None]
-        j, bad = 0, None
-        if not lists:
-            for j, item in enumerate(out[1:], 1):  # noqa: B007 (j names the example)
-                if leaf_shapes(item) != first:
-                    bad = leaf_shapes(item)
-                    break
-            else:
-                return
+        """With torch's default collate: the first example of each source not seen yet has
+        the first source's tensor shapes and no Python list of numbers (collated position by
+        position), or a ``TypeError`` names the sources, the place and the shapes (torch's
+        collate names no source). Once every source was seen, nothing is checked."""
         sources = MixtureDataset.decode(self, keys)[0].tolist()
-        if lists:
-            raise TypeError(
-                f"source {self.names[sources[0]]!r} gives {lists[0]} as a Python list, which the "
-                "DataLoader's default collate batches position by position (a list of tensors, "
-                "one per position), not into one tensor: a Hugging Face split needs "
-                ".with_format('torch', columns=[...]), or give the DataLoader a collate_fn"
-            )
-        assert bad is not None
-        where, a, b = next(
-            ((w, sa, sb) for (w, sa), (_, sb) in zip(first, bad, strict=False) if sa != sb),
-            ("its tensors", len(first), len(bad)),
-        )
-        raise TypeError(
-            f"source {self.names[sources[j]]!r} gives {where} of shape {b} where source "
-            f"{self.names[sources[0]]!r} gives {a}, in the same batch: the DataLoader's "
-            "default collate stacks them and fails. Pad or cut them to one length in each "
-            "source, or give the DataLoader a padding collate_fn"
-        )
+        for s, item in zip(sources, out, strict=True):
+            if s not in self._unsized:
+                continue
+            shapes = leaf_shapes(item)
+            lists = [where for where, shape in shapes if shape is None]
+            if lists:
+                raise TypeError(
+                    f"source {self.names[s]!r} gives {lists[0]} as a Python list, which the "
+                    "DataLoader's default collate batches position by position (a list of "
+                    "tensors, one per position), not into one tensor: a Hugging Face split "
+                    "needs .with_format('torch', columns=[...]), or give the DataLoader a "
+                    "collate_fn"
+                )
+            if self._shapes is None:
+                self._shapes = (s, shapes)
+            elif shapes != self._shapes[1]:
+                first, ref = self._shapes
+                where, a, b = next(
+                    (
+                        (w, sa, sb)
+                        for (w, sa), (_, sb) in zip(ref, shapes, strict=False)
+                        if sa != sb
+                    ),
+                    ("its tensors", len(ref), len(shapes)),
+                )
+                raise TypeError(
+                    f"source {self.names[s]!r} gives {where} of shape {b} where source "
+                    f"{self.names[first]!r} gives {a}: the DataLoader's default collate stacks "
+                    "them and fails. Pad or cut them to one length in each source, or give "
+                    "the DataLoader a padding collate_fn"
+                )
+            self._unsized.discard(s)
 
     def _getitems(self, keys: Sequence[int]) -> list[Any]:
         if not keys:
