@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .._check import check_number
+from ..probe._sharding import Shards
 
 __all__: list[str] = []
 
@@ -194,18 +195,25 @@ class Budget:
             self.warm = False
 
     def observe_reference(
-        self, new: Mapping[str, Tensor], old: Mapping[str, Tensor] | None
+        self,
+        new: Mapping[str, Tensor],
+        old: Mapping[str, Tensor] | None,
+        shards: Shards | None = None,
     ) -> None:
         """A fresh reference gradient ``new`` replaces ``old``: their cosine, for
-        ``gar.metrics()`` (the gradients are the ranks' average)."""
+        ``gar.metrics()`` (the gradients are the ranks' average; an FSDP2 model's ``shards``
+        sum the dots over the ranks)."""
         if self.budget is None or old is None:
             return
-        dot = na = nb = 0.0
-        for name, t in new.items():  # one pass, no copy: float64 sums of native-dtype dots
-            a, o = t.flatten(), old[name].flatten()
-            dot += float(torch.dot(a, o))
-            na += float(torch.dot(a, a))
-            nb += float(torch.dot(o, o))
+        if shards is not None and shards.active:
+            dot, na, nb = shards.dots(new, old)
+        else:
+            dot = na = nb = 0.0
+            for name, t in new.items():  # one pass, no copy: float64 sums of native-dtype dots
+                a, o = t.flatten(), old[name].flatten()
+                dot += float(torch.dot(a, o))
+                na += float(torch.dot(a, a))
+                nb += float(torch.dot(o, o))
         self.drift = dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
 
     # ------------------------------------------------------------------ reading, state

@@ -22,13 +22,13 @@ from ..probe._capture import Pause
 from ..probe._direction import (
     Direction,
     DirectionSource,
-    check_unsharded,
     first_nonfinite,
     warn_if_tied_padding,
 )
 from ..probe._keepers import KEEPERS, FdKeeper, Keeper
 from ..probe._model_state import cuda_devices
 from ..probe._plan import plan
+from ..probe._sharding import check_sharding
 from ..probe.rules import FALLBACK_RULE, registered_names
 from ..sampling import GARSampler
 from . import _state
@@ -138,7 +138,7 @@ class GAR:
             fallback=fallback,
             budget=budget,
         )
-        check_unsharded(model)
+        check_sharding(model, estimator, "GAR")
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         group = sampler.sync_group
         self._budget = Budget(
@@ -203,7 +203,7 @@ class GAR:
         choose = self._schedule.choose_rows
         if estimator == "fd":
             warn_if_tied_padding(core, "fd")
-            return FdKeeper(core, params, self._pause, choose, devices)
+            return FdKeeper(core, params, self._pause, choose, devices, self._source.shards)
         entries = plan(core, params, fallback=self.fallback)
         if not any(e.rule is not FALLBACK_RULE for e in entries):
             raise ValueError(
@@ -319,6 +319,9 @@ class GAR:
         # This step's batch is complete: no later forward is a training batch of it.
         self._keeper.stop()
         self._pairing.check()
+        # FSDP2 leaves the root's gathered weights in place after a forward without a
+        # backward (an evaluation): free them, so the parameters are the shards again.
+        self._source.shards.reshard()
         params = self._source.check_parameters()
         if self._pairing.last_batches and _versions(params) != self._versions:
             raise RuntimeError(
@@ -332,7 +335,8 @@ class GAR:
                 "step() was called before any backward(): no parameter has a .grad. Call it "
                 "after loss.backward() and before optimizer.step()"
             )
-        if self._schedule.pending and first_nonfinite(_grads(params, present=True)) is not None:
+        grads = _grads(params, present=True)
+        if self._schedule.pending and first_nonfinite(grads, self._source.shards) is not None:
             # .grad holds NaN or inf, as on the steps a GradScaler skips: skip this one too.
             self._drop("nonfinite_grad", self._schedule.drop_trained())
             self._counts.skipped_nonfinite += 1
@@ -347,12 +351,10 @@ class GAR:
             d = self._reference_direction() if due else None
         out = None
         for kept in due:  # d is known whenever a batch is due
+            # No backward reached a forward the loop ran after the backward (a training
+            # accuracy): the batch's earlier forward that had one holds its rewards.
+            kept = self._keeper.pick(kept)
             r = self._keeper.rewards(kept, d, self.reward == "cosine")  # type: ignore[arg-type]
-            while r is None and kept.earlier is not None:
-                # No backward reached this forward (a training-accuracy forward after the
-                # backward): the batch's earlier forward that had one holds its rewards.
-                kept = kept.earlier
-                r = self._keeper.rewards(kept, d, self.reward == "cosine")  # type: ignore[arg-type]
             self._report_generic(time.perf_counter() - start)
             if r is None:
                 self._drop("no_backward")
@@ -424,7 +426,7 @@ class GAR:
     def _fresh_reference(self) -> Direction:
         gradient, n = self._reference_gradient()
         self._budget.charge_reference(n)
-        self._budget.observe_reference(gradient, self._source.gradient)
+        self._budget.observe_reference(gradient, self._source.gradient, self._source.shards)
         return gradient
 
     def _reference_gradient(self) -> tuple[Direction, int]:

@@ -4,7 +4,6 @@ each example's gradient with d from the dot products and squared norms the rules
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,18 +14,22 @@ from torch import Tensor, nn
 from .._batch import per_example_losses
 from ._model_state import preserved
 from ._precondition import check_optimizer, precondition
+from ._sharding import Shards, is_shard, local, row_offset
 
 __all__: list[str] = []
 
 Direction = dict[str, Tensor]
 
 
-def first_nonfinite(tensors: Mapping[str, Tensor]) -> str | None:
+def first_nonfinite(tensors: Mapping[str, Tensor], shards: Shards | None = None) -> str | None:
     """The name of the first tensor holding NaN or inf, or None.
 
     One reduction per tensor and a single host sync: a NaN or inf anywhere makes a sum
     non-finite. Only then (or on a float overflow of the sum) is each tensor checked elementwise.
+    With the ``shards`` of an FSDP2 model: over every rank's shards, the same name on every rank.
     """
+    if shards is not None and shards.active:
+        return shards.first_nonfinite(tensors)
     if not tensors:
         return None
     sums = torch.stack([t.sum().to(torch.float64) for t in tensors.values()])
@@ -43,47 +46,14 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def check_unsharded(model: nn.Module) -> None:
-    """Raise for a model whose parameters are flattened or sharded across ranks: FSDP (its
-    ``FullyShardedDataParallel`` wrapper, ``fully_shard``'s ``FSDPModule``, ``DTensor``
-    parameters) and DeepSpeed (its engine, ZeRO-3 partitioned parameters). Their ``.grad`` and
-    optimizer state do not hold each parameter whole on a rank, which the rewards need."""
-    # A model can only be sharded by a package already imported: looking the types up in
-    # sys.modules costs nothing and imports nothing (torch.distributed.fsdp takes seconds).
-    found = None
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    kinds = tuple(
-        kind
-        for kind in (
-            getattr(fsdp, name, None) for name in ("FullyShardedDataParallel", "FSDPModule")
-        )
-        if isinstance(kind, type)
+def _like(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (a parameter's local part) as ``p`` is: a DTensor sharded as ``p`` when it is
+    one, else ``t``."""
+    if not is_shard(p):
+        return t
+    return type(p).from_local(  # type: ignore[attr-defined]
+        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
     )
-    if kinds:
-        for module in model.modules():
-            if isinstance(module, kinds):
-                found = f"FSDP ({type(module).__name__})"
-                break
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if (
-        found is None
-        and isinstance(dtensor, type)
-        and any(isinstance(p, dtensor) for p in model.parameters())
-    ):
-        found = "DTensor parameters (FSDP's fully_shard or tensor parallelism)"
-    deepspeed = sys.modules.get("deepspeed")  # only a program that uses DeepSpeed imports it
-    if found is None and deepspeed is not None:
-        engine = getattr(deepspeed, "DeepSpeedEngine", None)
-        if isinstance(engine, type) and isinstance(model, engine):
-            found = f"DeepSpeed ({type(model).__name__})"
-        elif any(hasattr(p, "ds_id") for p in model.parameters()):
-            found = "DeepSpeed ZeRO-3 partitioned parameters"
-    if found is not None:
-        raise TypeError(
-            f"model is sharded by {found}: adaptive_data needs every parameter and its .grad "
-            "whole on each rank; flattened or sharded parameters are not supported (use "
-            "DistributedDataParallel)"
-        )
 
 
 def check_direction(direction: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Direction:
@@ -111,6 +81,11 @@ def check_direction(direction: Mapping[str, Tensor], params: Mapping[str, Tensor
             raise ValueError(
                 f"direction[{name!r}] has shape {list(d.shape)}, "
                 f"but the parameter has shape {list(p.shape)}"
+            )
+        if is_shard(p) and not is_shard(d):
+            raise TypeError(
+                f"direction[{name!r}] should be a DTensor sharded as the parameter is (the "
+                "model is sharded by FSDP2), but got a plain Tensor"
             )
         if not (d.is_floating_point() or d.is_complex()):
             raise TypeError(
@@ -186,8 +161,13 @@ def zero_rows(direction: Direction, rows: list[tuple[str, int]]) -> Direction:
     """A copy of ``direction`` with the given rows set to 0."""
     out = dict(direction)
     for name, row in rows:
-        out[name] = out[name].clone()
-        out[name][row] = 0
+        t = out[name] = out[name].clone()
+        if is_shard(t):  # an FSDP2 shard: the row, where this rank holds it
+            start, part = row_offset(t), local(t)
+            if start <= row < start + part.shape[0]:
+                part[row - start] = 0
+        else:
+            t[row] = 0
     return out
 
 
@@ -263,6 +243,8 @@ class DirectionSource:
         self.sync = sync
         self.who = who
         self.frozen_rows = gradient_free_rows(model, params)
+        # FSDP2: which parameters are shards, and the collectives over them.
+        self.shards = Shards(model, params)
         self._ids = tuple(id(p) for p in params.values())
         # The last reference gradient (all-reduced, not preconditioned) and the step it was
         # computed at: reused while fewer than ``refresh`` steps have passed.
@@ -303,18 +285,37 @@ class DirectionSource:
         if self.loss_fn is None:
             raise RuntimeError(f"{self.who} has no loss_fn to compute a reference gradient")
         try:
-            d = mean_loss_gradient(self.model, self.loss_fn, args, kwargs, y, n, self.params)
+            if self.shards.active:
+                d = self._sharded_gradient(args, kwargs, y, n)
+            else:
+                d = mean_loss_gradient(self.model, self.loss_fn, args, kwargs, y, n, self.params)
         except (RuntimeError, TypeError, ValueError, IndexError) as error:
             if explain is None:
                 raise
             raise explain(error) from error
         return self.checked(d)
 
+    def _sharded_gradient(self, args: tuple, kwargs: dict, y: Any, n: int) -> Direction:
+        """The reference gradient of an FSDP2 model: its shards as FSDP's backward leaves them
+        in ``.grad`` (averaged over the ranks; replicated parameters still need ``sync``)."""
+        loss_fn = self.loss_fn
+        assert loss_fn is not None  # checked by reference_gradient
+
+        def forward() -> Tensor:
+            return per_example_losses(loss_fn, self.model(*args, **kwargs), y, n).mean()
+
+        with preserved(self.model):
+            return self.shards.mean_loss_gradient(forward, self.params)
+
     def checked(self, d: Direction) -> Direction:
-        """A reference gradient averaged over the ranks (with ``sync``) and checked finite."""
+        """A reference gradient averaged over the ranks (with ``sync``; FSDP's backward has
+        averaged the shards already) and checked finite."""
         if self.sync is not None:
-            d = dict(zip(d, self.sync(list(d.values())), strict=True))
-        bad = first_nonfinite(d)
+            names = [name for name in d if name not in self.shards.sharded]
+            if names:
+                synced = self.sync([d[name] for name in names])
+                d = {**d, **dict(zip(names, synced, strict=True))}
+        bad = first_nonfinite(d, self.shards)
         if bad is not None:
             raise ValueError(f"the reference gradient of {bad!r} contains NaN or inf")
         return d
@@ -335,11 +336,15 @@ class DirectionSource:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """The reference gradient held (a copy, or None) and the step it was computed at."""
+        """The reference gradient held (a copy, or None) and the step it was computed at. An
+        FSDP2 model's is this rank's shards (plain tensors, in a per-rank state as the
+        sampler's is)."""
         held = self.gradient
         return {
             "reference_gradient": (
-                None if held is None else {name: t.detach().clone() for name, t in held.items()}
+                None
+                if held is None
+                else {name: local(t).detach().clone() for name, t in held.items()}
             ),
             "reference_step": self.computed_at,
         }
@@ -358,11 +363,14 @@ class DirectionSource:
         out = {}
         for name, p in self.params.items():
             t = saved[name]
-            if not isinstance(t, Tensor) or t.shape != p.shape:
+            want = local(p).shape  # an FSDP2 model's state holds this rank's shards
+            if not isinstance(t, Tensor) or is_shard(t) or t.shape != want:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(
-                    f"state's reference_gradient[{name!r}] should have the parameter's shape "
-                    f"{tuple(p.shape)}, but got {shape}"
+                    f"state's reference_gradient[{name!r}] should have the parameter's "
+                    + ("local shard's " if is_shard(p) else "")
+                    + f"shape {tuple(want)}, but got {shape}"
+                    + (" (a DTensor)" if is_shard(t) else "")
                 )
             if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
                 raise ValueError(
@@ -370,7 +378,7 @@ class DirectionSource:
                     f"tensor, but got "
                     + (f"dtype={t.dtype}" if not t.dtype.is_floating_point else "NaN or inf")
                 )
-            out[name] = t.to(device=p.device, dtype=p.dtype)
+            out[name] = _like(t.to(device=p.device, dtype=p.dtype), p)
         return out
 
     def load(self, gradient: Direction | None, step: int) -> None:

@@ -30,6 +30,7 @@ from ._direction import (
 )
 from ._layout import Layout, Layouts
 from ._model_state import RngSnapshot, cuda_devices, forward_ad_friendly, preserved
+from ._sharding import Shards
 
 __all__: list[str] = []
 
@@ -210,12 +211,13 @@ class FiniteDifference(Estimator):
     def __init__(self, model: nn.Module, loss_fn: Any, options: Options) -> None:
         super().__init__(model, loss_fn, options)
         warn_if_tied_padding(model, "fd")
+        self.shards = Shards(model, trainable_parameters(model))  # FSDP2's, if it shards
 
     def __call__(self, job: Job) -> Result:
         args, kwargs, y, n, d, params, _ = job
         rng = RngSnapshot(cuda_devices(self.model))  # the same dropout masks on both sides
         moved = _fd.central_difference(
-            self.model, params, d, args, kwargs, rng, self.options.rel_eps
+            self.model, params, d, args, kwargs, rng, self.options.rel_eps, self.shards
         )
         if moved is None:  # D = 0
             device = next(iter(params.values())).device

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._model_state import RngSnapshot
+from ._model_state import RngSnapshot, preserved
 from ._outputs import guard
+from ._sharding import Shards, local
 
 __all__: list[str] = []
 
@@ -111,27 +112,46 @@ def central_difference(
     kwargs: dict,
     rng: RngSnapshot | None,
     rel_step: float | None = None,
+    shards: Shards | None = None,
 ) -> tuple[Any, Any, float] | None:
     """The model's outputs at ``theta + eps D`` and ``theta - eps D``: two no-grad forwards
     of ``model(*args, **kwargs)`` on moved copies of the parameters and cloned buffers (the
     model is never edited), the RNG state ``rng`` replayed before each (every device's), and
     ``eps = rel_step * max(||theta||, 1) / ||D||`` (``rel_step`` default: the square root of
-    the parameters' machine epsilon). ``None`` when ``D`` is zero."""
+    the parameters' machine epsilon). ``None`` when ``D`` is zero.
+
+    With the ``shards`` of an FSDP2 model, the norms are summed over the ranks and each rank's
+    shards are moved in place instead (FSDP's forward gathers the moved weights), then put back
+    bit for bit, the buffers too: every rank must call it (the forwards are collectives).
+    """
     names = list(params)
     p_list = [params[k].detach() for k in names]
     d_list = [d[k] for k in names]
-    dtype = p_list[0].dtype if p_list[0].is_floating_point() else torch.float32
-    norms = torch.stack(
-        [
-            torch.stack(torch._foreach_norm(p_list)).double().square().sum(),
-            torch.stack(torch._foreach_norm(d_list)).double().square().sum(),
-        ]
-    ).sqrt()
+    first = local(p_list[0])
+    dtype = first.dtype if first.is_floating_point() else torch.float32
+    sharded = shards is not None and shards.active
+    if sharded:
+        sq = shards.sums(  # type: ignore[union-attr]
+            {
+                k: torch.stack([local(p).double().square().sum(), local(t).double().square().sum()])
+                for k, p, t in zip(names, p_list, d_list, strict=True)
+            }
+        )
+        norms = sq.sqrt()
+    else:
+        norms = torch.stack(
+            [
+                torch.stack(torch._foreach_norm(p_list)).double().square().sum(),
+                torch.stack(torch._foreach_norm(d_list)).double().square().sum(),
+            ]
+        ).sqrt()
     theta_norm, d_norm = (float(v) for v in norms)  # one host sync
     if d_norm == 0.0:
         return None
     step = relative_step(dtype) if rel_step is None else rel_step
     eps = step * max(theta_norm, 1.0) / d_norm
+    if sharded:
+        return _moved_in_place(model, cast(Shards, shards), p_list, d_list, args, kwargs, rng, eps)
     outs = []
     for sign in (1.0, -1.0):
         moved = dict(zip(names, torch._foreach_add(p_list, d_list, alpha=sign * eps), strict=True))
@@ -143,6 +163,29 @@ def central_difference(
     return outs[0], outs[1], eps
 
 
+def _moved_in_place(
+    model: nn.Module,
+    shards: Shards,
+    params: list[Tensor],
+    d: list[Tensor],
+    args: tuple,
+    kwargs: dict,
+    rng: RngSnapshot | None,
+    eps: float,
+) -> tuple[Any, Any, float]:
+    """:func:`central_difference`'s forwards on an FSDP2 model: its shards moved in place
+    (``functional_call`` would swap the sharded parameters, which FSDP's forward replaces by
+    the weights it gathers from the shards)."""
+    outs = []
+    with shards.moved(params, d, (eps, -eps)) as move:
+        for k in range(2):
+            move(k)
+            replay = rng.replay() if rng is not None else contextlib.nullcontext()
+            with preserved(model), torch.no_grad(), replay:
+                outs.append(model(*args, **kwargs))
+    return outs[0], outs[1], eps
+
+
 def output_rewards(
     core: nn.Module,
     kept: Kept,
@@ -150,6 +193,7 @@ def output_rewards(
     d: Mapping[str, Tensor],
     rows: Tensor | None,
     n: int,
+    shards: Shards | None = None,
 ) -> Tensor:
     """``<B_i, J_i D>`` of the rewarded rows (``rows``; None: all ``n``), ``[m]``, float32
     (float64 for a float64 model): the :func:`central_difference` of the kept inputs dotted
@@ -161,12 +205,12 @@ def output_rewards(
                 "GAR(estimator='fd') cannot run it again; do not edit the batch in place "
                 "before step()"
             )
-    first = next(iter(params.values()))
+    first = local(next(iter(params.values())))
     dtype = first.dtype if first.is_floating_point() else torch.float32
     m = n if rows is None else len(rows)
     moved = None
-    if kept.grads:
-        moved = central_difference(core, params, d, kept.args, kept.kwargs, kept.rng)
+    if kept.grads:  # on every rank of an FSDP2 model (FdKeeper.rewards agrees first)
+        moved = central_difference(core, params, d, kept.args, kept.kwargs, kept.rng, shards=shards)
     if moved is None:
         return torch.zeros(m, dtype=torch.float32, device=first.device)
     plus, minus = (tree_flatten(out)[0] for out in moved[:2])

@@ -30,6 +30,7 @@ from ._layout import Layout, Layouts
 from ._model_state import RngSnapshot
 from ._outputs import output_actions
 from ._plan import Entry, couples_examples
+from ._sharding import Shards
 from .rules import FALLBACK_RULE
 
 __all__: list[str] = []
@@ -145,6 +146,20 @@ class Keeper:
         kept)."""
         raise NotImplementedError
 
+    def ready(self, kept: KeptBatch) -> bool:
+        """Whether ``kept``'s forward holds what its rewards need (:meth:`rewards` returns
+        None otherwise)."""
+        raise NotImplementedError
+
+    def pick(self, kept: KeptBatch) -> KeptBatch:
+        """The forward of ``kept``'s batch to reward: the latest that is :meth:`ready` (a
+        forward the loop ran again without backpropagating, e.g. for the training accuracy,
+        leaves the rewards to an earlier one), else ``kept`` itself."""
+        chosen: KeptBatch | None = kept
+        while chosen is not None and not self.ready(chosen):
+            chosen = chosen.earlier
+        return kept if chosen is None else chosen
+
     def rewards(self, kept: KeptBatch, d: Direction, cosine: bool) -> Tensor | None:
         """The rewards of ``kept``'s rewarded rows (float32 ``[m]``), or None when its forward
         had no backward."""
@@ -214,8 +229,11 @@ class GhostKeeper(Keeper):
     def backward_seen(self, kept: KeptBatch) -> bool:
         return any(c.grads for c in kept.calls)
 
+    def ready(self, kept: KeptBatch) -> bool:
+        return kept.n is not None and bool(kept.calls) and all(c.grads for c in kept.calls)
+
     def rewards(self, kept: KeptBatch, d: Direction, cosine: bool) -> Tensor | None:
-        if kept.n is None or not kept.calls or any(not c.grads for c in kept.calls):
+        if not self.ready(kept):
             return None  # a forward without a backward: nothing to reward
         r = self._rewards(kept, d, cosine, 1.0)
         if not bool(torch.isfinite(r).all()):
@@ -273,11 +291,13 @@ class FdKeeper(Keeper):
         pause: Pause,
         choose_rows: Callable[[int, int], Tensor | None],
         devices: list[int],
+        shards: Shards | None = None,
     ) -> None:
         # The root alone: where its inputs and outputs hold the batch.
         self._root = Entry("<root>", core, FALLBACK_RULE, {}, root=True)
         super().__init__(core, params, [self._root], pause, choose_rows, devices)
         self._param_set = frozenset(id(p) for p in params.values())
+        self.shards = Shards(core, params) if shards is None else shards
         self._couples = couples_examples(core)
         # Per layout: what to do with each output leaf (found once per input signature).
         self._actions: dict[int, tuple[Layout, dict[int, Any]]] = {}
@@ -341,11 +361,16 @@ class FdKeeper(Keeper):
     def backward_seen(self, kept: KeptBatch) -> bool:
         return kept.fd is not None and bool(kept.fd.grads)
 
+    def ready(self, kept: KeptBatch) -> bool:
+        return kept.n is not None and kept.fd is not None and bool(kept.fd.grads)
+
     def rewards(self, kept: KeptBatch, d: Direction, cosine: bool) -> Tensor | None:
-        if kept.n is None or kept.fd is None or not kept.fd.grads:
-            return None  # a forward without a backward: nothing to reward
+        # FSDP2: the difference's forwards are collectives; every rank runs them, or none.
+        if not self.shards.agree(self.ready(kept)):
+            return None  # a forward without a backward (here or on another rank)
+        fd, n = cast(_fd.Kept, kept.fd), cast(int, kept.n)
         with self.pause():  # the difference's forwards are not training batches
-            return _fd.output_rewards(self.core, kept.fd, self.params, d, kept.rows, kept.n)
+            return _fd.output_rewards(self.core, fd, self.params, d, kept.rows, n, self.shards)
 
 
 # The estimators that read a training loop's own forward and backward, by name: what GAR's

@@ -11,11 +11,12 @@ from torch import Tensor, nn
 
 from .._batch import Inputs, batch_size, call_args, check_same_batch, split_batch
 from .._check import check_int, check_number
-from ._direction import Direction, DirectionSource, check_direction, check_unsharded, cosine_rewards
+from ._direction import Direction, DirectionSource, check_direction, cosine_rewards
 from ._estimators import ESTIMATORS as _TABLE
 from ._estimators import Job, Options
 from ._model_state import preserved
 from ._precondition import check_optimizer
+from ._sharding import check_sharding
 
 __all__ = ["ESTIMATORS", "REWARDS", "GradientProbe"]
 
@@ -121,7 +122,7 @@ class GradientProbe:
                 f"verify should be 'first', 'always' or 'never', but got verify={verify!r}"
             )
         check_int("chunk_size", chunk_size, minimum=1, none_ok=True)
-        check_unsharded(model)
+        check_sharding(model, estimator, "GradientProbe")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Probe the wrapped module: its forward and backward then never enter DDP's
             # gradient synchronisation, and .grad stays as the training step left it.
