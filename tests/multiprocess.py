@@ -41,7 +41,7 @@ def _worker(rank: int, world: int, store: str, out: str, target: str, args: tupl
 
 def run(tmp_path: Path, world: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` processes; their results, by rank."""
-    name = f"{fn.__name__}-{world}-" + "-".join(map(str, args))
+    name = f"{fn.__name__}-{world}-{len(list(tmp_path.iterdir()))}"
     out = tmp_path / name
     out.mkdir()
     store = tmp_path / f"store-{name}"

@@ -195,20 +195,23 @@ def one_process_group():
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
-def test_fsdp_models_are_refused(one_process_group) -> None:
+def test_fsdp1_tensor_parallel_and_non_fd_fsdp2_models_are_refused(one_process_group) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
     wrapped = FullyShardedDataParallel(mlp(), device_id=torch.device("cpu"))
-    with pytest.raises(TypeError, match=r"model is sharded by FSDP \(FullyShardedDataParallel\)"):
-        ad.GAR(wrapped, sampler, budget=None)
-    with pytest.raises(TypeError, match=r"model is sharded by FSDP"):
-        ad.GradientProbe(wrapped, LOSS)
+    with pytest.raises(TypeError, match=r"sharded by FSDP1 \(FullyShardedDataParallel\).*FSDP2"):
+        ad.GAR(wrapped, sampler, budget=None, estimator="fd", reward="dot")
+    with pytest.raises(TypeError, match=r"model is sharded by FSDP1"):
+        ad.GradientProbe(wrapped, LOSS, "fd")
     inner = nn.Sequential(nn.Linear(12, 5), mlp())  # only a submodule sharded
     fully_shard(inner[1], mesh=init_device_mesh("cpu", (1,)))
-    with pytest.raises(TypeError, match=r"model is sharded by FSDP \(FSDPSequential\)"):
+    with pytest.raises(ValueError, match=r"GAR\(estimator='ghost'\).*FSDP2.*estimator='fd'"):
         ad.GAR(inner, sampler, budget=None)
+    with pytest.raises(ValueError, match=r"GradientProbe\(estimator='jvp'\).*FSDP2"):
+        ad.GradientProbe(inner, LOSS, "jvp")
+    ad.GradientProbe(inner, LOSS, "fd")  # taken
     from torch.distributed.tensor import Replicate, distribute_tensor
 
     parallel = mlp()  # tensor parallelism: DTensor parameters without FSDP
@@ -216,8 +219,8 @@ def test_fsdp_models_are_refused(one_process_group) -> None:
     parallel[0].weight = nn.Parameter(
         distribute_tensor(weight, init_device_mesh("cpu", (1,)), [Replicate()])
     )
-    with pytest.raises(TypeError, match=r"model is sharded by DTensor parameters"):
-        ad.GradientProbe(parallel, LOSS)
+    with pytest.raises(TypeError, match=r"DTensor parameters outside FSDP2"):
+        ad.GradientProbe(parallel, LOSS, "fd")
 
 
 def test_deepspeed_models_are_refused(monkeypatch) -> None:
@@ -234,7 +237,7 @@ def test_deepspeed_models_are_refused(monkeypatch) -> None:
         sys.modules, "deepspeed", types.SimpleNamespace(DeepSpeedEngine=DeepSpeedEngine)
     )
     sampler = ad.GARSampler(data(), batch_size=6, seed=0)
-    with pytest.raises(TypeError, match=r"model is sharded by DeepSpeed \(DeepSpeedEngine\)"):
+    with pytest.raises(TypeError, match=r"sharded by DeepSpeed \(DeepSpeedEngine\).*FSDP2"):
         ad.GAR(DeepSpeedEngine(mlp()), sampler, budget=None)
     model = mlp()
     model[0].weight.ds_id = 0

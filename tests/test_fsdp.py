@@ -115,12 +115,29 @@ def scenario_rewards(
             want, truth = (t.view(world, -1)[rank] / scale for t in (want, truth))
             got = gar.step()  # the last micro-batch's rewards
             opt.step()
-            assert all(torch.equal(a, p.grad) for a, p in zip(single_grads, single.parameters()))
+            assert all(
+                torch.equal(a, p.grad)
+                for a, p in zip(single_grads, single.parameters(), strict=True)
+            )
             opt1.step()
             rewards.append(got.tolist())
             errors.append(float((got - want).norm() / want.norm()))
             fd_errors.append(float((got - truth).norm() / truth.norm()))
             single_fd_errors.append(float((want - truth).norm() / truth.norm()))
+    # GradientProbe on the sharded model (every rank calls it: FSDP's passes are collective),
+    # its reference the ranks' batches averaged by FSDP's backward; .grad left as it was.
+    opt.zero_grad()
+    loss_fn(model(x), y).mean().backward()
+    held = [p.grad.to_local().clone() for p in model.parameters() if hasattr(p.grad, "to_local")]
+    sharded_probe = ad.GradientProbe(model, loss_fn, "fd", rel_eps=relative_step(dtype))
+    ref_x, ref_y = next(ref_copy)
+    mine = sharded_probe(x, y, reference=(ref_x, ref_y), optimizer=opt)
+    big_ref = [gathered(t, world) for t in (ref_x, ref_y)]
+    oracle = exact(gathered(x, world), gathered(y, world), reference=big_ref, optimizer=opt1)
+    oracle = oracle.view(world, -1)[rank]
+    probe_error = float((mine - oracle).norm() / oracle.norm())
+    kept = [p.grad.to_local() for p in model.parameters() if hasattr(p.grad, "to_local")]
+    grads_untouched = all(torch.equal(a, b) for a, b in zip(held, kept, strict=True))
     full = [getattr(p.detach(), "full_tensor", p.detach)() for p in model.parameters()]
     weight_err = max(
         float((a - b).abs().max() / b.abs().max())
@@ -134,6 +151,8 @@ def scenario_rewards(
         "weights": sampler.weights,
         "params": [p.flatten().tolist() for p in full],
         "metrics": gar.metrics(),
+        "probe_error": probe_error,
+        "grads_untouched": grads_untouched,
     }
 
 
@@ -148,6 +167,8 @@ def test_fsdp2_rewards_equal_one_process_on_the_global_batch(tmp_path, world, va
         assert max(res["errors"]) < 1e-6, res["errors"]  # against one process's fd
         assert max(res["fd_errors"]) < 1e-6, res["fd_errors"]  # against the exact rewards
         assert res["weight_err"] < 1e-12
+        assert res["probe_error"] < 1e-6
+        assert res["grads_untouched"]
     assert all(r["weights"] == results[0]["weights"] for r in results)
     assert all(r["params"] == results[0]["params"] for r in results)
     assert results[0]["metrics"]["batches_rewarded"] == 5 * (2 if variant == "accum" else 1)
@@ -163,3 +184,121 @@ def test_fsdp2_float32_rewards_are_as_close_to_exact_as_one_process_fd(tmp_path)
         assert max(res["fd_errors"]) <= max(res["single_fd_errors"]) * 1.5
         assert res["weight_err"] < 1e-5
     assert all(r["weights"] == results[0]["weights"] for r in results)
+
+
+def train_defaults(
+    rank: int, steps: int, folder: str | None = None, save_at: int | None = None
+) -> dict:
+    """GAR with its defaults but the estimator (fd: the budget, a reused reference gradient,
+    a quarter of the rows) on the FSDP2 MLP with dropout, an evaluation forward between the
+    backward and the step; ``save_at``: a distributed checkpoint there, then a new run
+    (model, optimizer, sampler, GAR, loader) that loads it and goes on. The batches' keys, each
+    step's rewards, the weights and the local shards of the parameters at the end."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3)
+        ).double()
+        model = shard(net)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sampler = ad.GARSampler(sources(torch.float64), batch_size=8, seed=0)
+        reference = ad.ReferenceBatches(sources(torch.float64)["s1"], 8, seed=rank)
+        gar = ad.GAR(
+            model,
+            sampler,
+            optimizer=opt,
+            reference=reference,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            estimator="fd",
+            reward="dot",
+        )
+        loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+        return model, opt, sampler, gar, loader
+
+    model, opt, sampler, gar, loader = build()
+    keys, rewards, moved = [], [], []
+    step, batches = 0, iter(loader)
+    while step < steps:
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        keys.append(sampler._records[sampler.last_batch].keys)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():  # an evaluation forward: FSDP keeps the root's weights gathered
+            model.eval()
+            model(x)
+            model.train()
+        before = [p.to_local().clone() for p in model.parameters()]
+        r = gar.step()
+        moved.append(
+            not all(
+                torch.equal(a, p.to_local())
+                for a, p in zip(before, model.parameters(), strict=True)
+            )
+        )
+        rewards.append(None if r is None else r.tolist())
+        opt.step()
+        step += 1
+        if step == save_at:
+            # The sharded model and optimizer: a distributed checkpoint; the sampler's and
+            # GAR's states are each rank's own: one file per rank beside it.
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+            mine = {
+                "sampler": sampler.state_dict(),
+                "gar": gar.state_dict(),
+                "rng": torch.get_rng_state(),  # the loop's dropout draws
+            }
+            torch.save(mine, f"{folder}/adaptive_data-rank{rank}.pt")
+            gar.close()
+            model, opt, sampler, gar, loader = build()
+            model_sd, optim_sd = get_state_dict(model, opt)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=folder)
+            set_state_dict(
+                model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+            mine = torch.load(f"{folder}/adaptive_data-rank{rank}.pt", weights_only=True)
+            sampler.load_state_dict(mine["sampler"])
+            gar.load_state_dict(mine["gar"])
+            batches = iter(loader)  # (starting a DataLoader pass draws from the global RNG)
+            torch.set_rng_state(mine["rng"])
+    gar.close()
+    return {
+        "keys": keys,
+        "rewards": rewards,
+        "moved": any(moved),
+        "weights": sampler.weights,
+        "metrics": {k: v for k, v in gar.metrics().items() if k != "reward_mean"},
+        "shards": [p.to_local().flatten().tolist() for p in model.parameters()],
+    }
+
+
+def scenario_defaults(rank: int, world: int, folder: str) -> dict:
+    return {
+        "whole": train_defaults(rank, 40),
+        "resumed": train_defaults(rank, 40, folder, save_at=23),
+    }
+
+
+def test_fsdp2_with_the_budget_learns_alike_on_every_rank_and_resumes_from_dcp(tmp_path):
+    results = run(tmp_path, 2, scenario_defaults, str(tmp_path / "dcp"))
+    for res in results:
+        whole, resumed = res["whole"], res["resumed"]
+        assert not whole["moved"]  # gar.step() puts every shard back bit for bit
+        assert whole["metrics"]["batches_dropped"] == 0
+        assert whole["metrics"]["budget/exact_phase"] == 0.0  # left the exact phase
+        assert 16 <= whole["metrics"]["batches_rewarded"] < 40
+        assert resumed["keys"] == whole["keys"]  # the same batches after the resume
+        assert resumed["rewards"] == whole["rewards"]
+        assert resumed["weights"] == whole["weights"]
+        assert resumed["shards"] == whole["shards"]
+    assert results[0]["whole"]["weights"] == results[1]["whole"]["weights"]
+    assert results[0]["whole"]["metrics"] == results[1]["whole"]["metrics"]
+    assert results[0]["whole"]["keys"] != results[1]["whole"]["keys"]  # each rank its own

@@ -51,8 +51,9 @@ def _like(t: Tensor, p: Tensor) -> Tensor:
     one, else ``t``."""
     if not is_shard(p):
         return t
-    return type(p).from_local(  # type: ignore[attr-defined]
-        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    shard: Any = p
+    return shard.from_local(
+        t, shard.device_mesh, shard.placements, run_check=False, shape=p.shape, stride=p.stride()
     )
 
 

@@ -63,6 +63,16 @@ def row_offset(t: Any) -> int:
     return offset
 
 
+def _copies(t: Any) -> int:
+    """How many ranks hold each shard of the DTensor ``t``: the sizes of the mesh dimensions
+    it is replicated on (HSDP's), multiplied."""
+    copies = 1
+    for i, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            copies *= t.device_mesh.size(i)
+    return copies
+
+
 def _fsdp2_type() -> type | None:
     kind = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
     return kind if isinstance(kind, type) else None
@@ -96,15 +106,21 @@ def check_sharding(model: nn.Module, estimator: str, who: str) -> bool:
             "it with FSDP2 instead (torch.distributed.fsdp.fully_shard) and pass "
             f"estimator='fd', or use DistributedDataParallel"
         )
-    sharded = bool(fsdp2_modules(model)) or any(is_shard(p) for p in model.parameters())
-    if sharded and estimator != "fd":
+    fsdp2 = bool(fsdp2_modules(model))
+    if not fsdp2 and any(is_shard(p) for p in model.parameters()):
+        raise TypeError(
+            "model has DTensor parameters outside FSDP2 (tensor parallelism?), whose "
+            f"placements {who} does not read; shard it with FSDP2 alone "
+            "(torch.distributed.fsdp.fully_shard), or use DistributedDataParallel"
+        )
+    if fsdp2 and estimator != "fd":
         raise ValueError(
             f"{who}(estimator={estimator!r}) needs each parameter whole on a rank, but the model "
             "is sharded by FSDP2 (fully_shard, DTensor parameters); pass estimator='fd' (and "
             "reward='dot'): its two forwards move each rank's shards in place, so no parameter "
             "or gradient is gathered"
         )
-    return sharded
+    return fsdp2
 
 
 class Shards:
@@ -123,6 +139,8 @@ class Shards:
         self.modules = fsdp2_modules(model)
         self.sharded = frozenset(name for name, p in params.items() if is_shard(p))
         self.active = bool(self.modules or self.sharded)
+        # A shard held by several ranks (HSDP's replicated mesh dimension) counts once in sums.
+        self._copies = {name: _copies(p) for name, p in params.items() if is_shard(p)}
 
     # ------------------------------------------------------------------ collectives
 
@@ -148,7 +166,9 @@ class Shards:
         names = list(parts)
         if not names:
             return torch.zeros(0, dtype=torch.float64)
-        rows = torch.stack([parts[n].detach().double().cpu() for n in names])
+        rows = torch.stack(
+            [parts[n].detach().double().cpu() / self._copies.get(n, 1) for n in names]
+        )
         mine = torch.tensor([n in self.sharded for n in names], dtype=torch.bool)
         if not self.active or not bool(mine.any()):
             return rows.sum(0)
