@@ -302,3 +302,97 @@ def test_fsdp2_with_the_budget_learns_alike_on_every_rank_and_resumes_from_dcp(t
     assert results[0]["whole"]["weights"] == results[1]["whole"]["weights"]
     assert results[0]["whole"]["metrics"] == results[1]["whole"]["metrics"]
     assert results[0]["whole"]["keys"] != results[1]["whole"]["keys"]  # each rank its own
+
+
+def scenario_lightning(rank: int, world: int) -> dict:
+    """Lightning's ModelParallelStrategy (FSDP2 applied in ``configure_model``) with
+    GARCallback(estimator="fd", reward="dot"): a clean source against random labels."""
+    import os
+
+    import lightning as L
+    import torch.nn.functional as F
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from adaptive_data.integrations.lightning import GARCallback
+
+    # What torchrun sets; the gloo group is already up, so Lightning uses it.
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0",
+        TORCHELASTIC_RUN_ID="test",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="1",
+    )
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, generator=g)
+    xc, xn, xv = (torch.randn(n, 8, generator=g) for n in (192, 192, 64))
+    sources = {
+        "clean": TensorDataset(xc, (xc @ w).argmax(1)),
+        "noisy": TensorDataset(xn, torch.randint(0, 4, (192,), generator=g)),
+    }
+    held_out = TensorDataset(xv, (xv @ w).argmax(1))
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+            self.seen: list[list[int]] = []
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    sampler = ad.GARSampler(sources, batch_size=16, seed=0)
+    callback = GARCallback(
+        sampler,
+        reference=ad.ReferenceBatches(held_out, 16, seed=rank),
+        loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"),
+        estimator="fd",
+        reward="dot",
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        max_steps=40,
+        callbacks=[callback],
+        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = Module()
+    trainer.fit(module, callback.track(DataLoader(sampler.dataset, batch_sampler=sampler)))
+    return {
+        "sharded": all(type(p).__name__ == "DTensor" for p in module.parameters()),
+        "weights": sampler.weights,
+        "rewarded": sampler.metrics()["batches_rewarded"],
+    }
+
+
+def test_lightning_model_parallel_strategy_learns_the_clean_source(tmp_path):
+    results = run(tmp_path, 2, scenario_lightning)
+    for res in results:
+        assert res["sharded"]
+        assert res["rewarded"] >= 16
+        assert res["weights"]["clean"] > 0.8
+    assert results[0]["weights"] == results[1]["weights"]
