@@ -5,6 +5,11 @@ exactly where an uninterrupted one does."""
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -15,11 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import adaptive_data as ad
 from adaptive_data.integrations.lightning import CHECKPOINT_KEY, GARCallback
 from tests.mixtures import assert_fd_follows_exact
+from tests.multiprocess import run as run_ranks
 
 DIM, CLASSES, BATCH = 8, 4, 16
 
 
-def make_data(seed: int = 0):
+def make_data(seed: int = 0, n: int = 96):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(DIM, CLASSES, generator=g)
 
@@ -27,9 +33,9 @@ def make_data(seed: int = 0):
         x = torch.randn(n, DIM, generator=g)
         return TensorDataset(x, (x @ w).argmax(1))
 
-    x = torch.randn(96, DIM, generator=g)
-    noisy = TensorDataset(x, torch.randint(0, CLASSES, (96,), generator=g))
-    return {"clean": clean(96), "noisy": noisy}, clean(64)
+    x = torch.randn(n, DIM, generator=g)
+    noisy = TensorDataset(x, torch.randint(0, CLASSES, (n,), generator=g))
+    return {"clean": clean(n), "noisy": noisy}, clean(64)
 
 
 class Module(pl.LightningModule):
@@ -297,3 +303,184 @@ def test_the_callbacks_fallback_reaches_gar():
     gained = Gained()
     with pytest.raises(ValueError, match=r"no rule for the trainable parameters of \['<root>"):
         callback.wiring.build(gained, torch.optim.SGD(gained.parameters()))
+
+
+# ------------------------------------------------------------------ DDP, two processes
+
+
+class Held(Module):
+    """Records, at every training_step, the keys of the batch the sampler says the loop holds
+    and whether they are the batch's content."""
+
+    def __init__(self, sampler: ad.GARSampler) -> None:
+        super().__init__()
+        self.sampler = sampler
+        self.held: list[int] = []
+        self.keys: list[list[int]] = []
+        self.matches: list[bool] = []
+        self.epochs: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        bid = self.sampler.last_batch
+        keys = self.sampler._records[bid].keys
+        x = torch.stack([self.sampler.dataset[k][0] for k in keys])
+        self.held.append(bid)
+        self.keys.append(list(keys))
+        self.matches.append(torch.equal(x, batch[0]))
+        self.epochs.append(self.current_epoch)
+        return super().training_step(batch, batch_idx)
+
+
+DDP_EPOCHS, DDP_BATCHES = 3, 6  # 6 batches of 16 a rank per epoch: 3 steps
+
+
+def ddp_run(root: str, *, module: str = "net", tracked: bool = True, ckpt=None, **trainer_kw):
+    """One fit under Lightning's DDP, in a process of a group that exists already (so the
+    GARSampler was built for its rank); returns what the test compares across ranks."""
+    torch.manual_seed(0)
+    sources, val = make_data(n=192)  # a rank's shard of a source (96) outlasts epoch 0 (96)
+    sampler = ad.GARSampler(sources, batch_size=BATCH, seed=0, num_batches=DDP_BATCHES)
+    model = Held(sampler)
+    reference = ad.ReferenceBatches(val, BATCH, seed=0)
+    if module == "gar":  # a GAR the user built over the LightningModule
+        gar = ad.GAR(model, sampler, reference=reference, loss_fn=per_example_loss)
+        callback = GARCallback(sampler, gar=gar)
+    else:
+        callback = GARCallback(
+            sampler,
+            reference=reference,
+            loss_fn=per_example_loss,
+            budget=None,  # every batch: the pairing
+            module=model.net if module == "net" else None,
+        )
+    plain = DataLoader(sampler.dataset, batch_sampler=sampler)
+    loader = callback.track(plain) if tracked else plain
+    fit = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=DDP_EPOCHS,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[callback, *trainer_kw.pop("callbacks", [])],
+        **trainer_kw,
+    )
+    group = torch.distributed.group.WORLD
+    try:
+        fit.fit(model, loader, ckpt_path=ckpt)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "notes": getattr(e, "__notes__", [])}
+    return {
+        "environment": type(fit.strategy.cluster_environment).__name__,
+        "group_kept": torch.distributed.group.WORLD is group,
+        "loader_kept": fit.train_dataloader is loader,
+        "num_training_batches": fit.num_training_batches,
+        "len": len(sampler),
+        "epochs": model.epochs,
+        "held": model.held,
+        "keys": model.keys,
+        "matches": model.matches,
+        "rewarded": [h["batch"] for h in sampler.history[1:]],
+        "weights": sampler.weights,
+        "params": params(model).tolist(),
+        "gar": callback.gar.metrics() if callback.gar is not None else None,
+    }
+
+
+def scenario_lightning_ddp(rank: int, world: int, root: str) -> dict:
+    # What torchrun sets: Lightning finds an external launcher and starts no processes.
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        GROUP_RANK="0",
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        TORCHELASTIC_RUN_ID="test",
+        MASTER_ADDR="127.0.0.1",  # unused: Lightning keeps the group that exists
+    )
+    warnings.filterwarnings("ignore")  # Lightning's advice, 2 ranks x 5 fits
+    every = pl.callbacks.ModelCheckpoint(
+        dirpath=Path(root, "ckpt"), every_n_train_steps=4, save_top_k=-1, filename="{step}"
+    )
+    full = ddp_run(root, callbacks=[every])
+    # step 4 of 3 a epoch: in the middle of epoch 1 (its 3rd batch is next)
+    resumed = ddp_run(root, ckpt=Path(root, "ckpt", "step=4.ckpt"), enable_checkpointing=False)
+    return {
+        "full": full,
+        "resumed": resumed,
+        "lightning_module": ddp_run(root, module="default", enable_checkpointing=False),
+        "gar_over_lightning_module": ddp_run(root, module="gar", enable_checkpointing=False),
+        "dataloader": ddp_run(root, tracked=False, enable_checkpointing=False),
+        "dataloader_unsharded": ddp_run(
+            root, tracked=False, enable_checkpointing=False, use_distributed_sampler=False
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """Each rank of 2 runs Lightning's Trainer(strategy="ddp", devices=2) in a gloo group
+    created before the GARSampler, as under torchrun."""
+    root = tmp_path_factory.mktemp("ddp")
+    return run_ranks(root, 2, scenario_lightning_ddp, str(root))
+
+
+def test_lightning_ddp_keeps_one_mixture_and_one_model_over_the_ranks_own_batches(ddp):
+    runs = [r["full"] for r in ddp]
+    for rank, run in enumerate(runs):
+        assert "error" not in run, f"rank {rank}: {run.get('error')}"
+        assert run["environment"] == "TorchElasticEnvironment"  # launched outside Lightning
+        assert run["group_kept"]  # Lightning used the process group that existed
+        # Lightning did not replace or re-shard the tracked loader (use_distributed_sampler
+        # is on by default): every epoch holds the len(sampler) batches of the rank's sampler
+        assert run["loader_kept"]
+        assert run["num_training_batches"] == run["len"] == DDP_BATCHES
+        assert run["epochs"] == [e for e in range(DDP_EPOCHS) for _ in range(DDP_BATCHES)]
+        # every training_step held the batch the sampler recorded, and its reward went to it
+        assert all(run["matches"])
+        assert run["rewarded"] == run["held"] == list(range(DDP_EPOCHS * DDP_BATCHES))
+    a, b = runs
+    assert a["weights"] == b["weights"]  # bit-identical: the updates are all-reduced
+    assert a["params"] == b["params"]
+    assert a["weights"]["clean"] > 0.8, a["weights"]
+    # epoch 0: each rank drew its own examples, none twice and none the other rank drew
+    first = [{k for keys in run["keys"][:DDP_BATCHES] for k in keys} for run in runs]
+    assert len(first[0]) == len(first[1]) == DDP_BATCHES * BATCH
+    assert not first[0] & first[1]
+
+
+def test_lightning_ddp_resumes_every_rank_from_a_checkpoint_in_the_middle_of_an_epoch(ddp):
+    for rank, r in enumerate(ddp):
+        full, resumed = r["full"], r["resumed"]
+        assert "error" not in resumed, f"rank {rank}: {resumed.get('error')}"
+        assert resumed["keys"] == full["keys"][8:]  # the batches after step 4, 2 per step
+        assert resumed["epochs"] == full["epochs"][8:]
+        assert all(resumed["matches"])
+        assert resumed["weights"] == full["weights"]
+        assert resumed["params"] == full["params"]
+        assert json.dumps(resumed["gar"]) == json.dumps(full["gar"])  # NaN where unset
+
+
+def test_lightning_ddp_refuses_to_watch_the_lightning_module_and_names_the_fix(ddp):
+    for r in ddp:
+        assert r["lightning_module"]["error"].startswith("ValueError: under DDPStrategy,")
+        assert "GARCallback(..., module=model.net)" in r["lightning_module"]["error"]
+        given = r["gar_over_lightning_module"]["error"]
+        assert given.startswith("ValueError: under DDPStrategy,")
+        assert given.endswith("build GAR over that submodule")
+
+
+def test_lightning_ddp_refuses_a_plain_dataloader_and_names_the_fix(ddp):
+    for r in ddp:
+        # Lightning's own error first (it cannot put a DistributedSampler in the GARSampler),
+        # which the callback's note completes
+        plain = r["dataloader"]
+        assert plain["error"].startswith("TypeError:")
+        assert "use_distributed_sampler" in plain["error"]
+        assert any("pass the tracked loader, gar.track(" in n for n in plain["notes"])
+        unsharded = r["dataloader_unsharded"]["error"]
+        assert "should get the tracked loader over GARCallback's sampler" in unsharded

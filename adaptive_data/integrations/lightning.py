@@ -45,12 +45,17 @@ class GARCallback(Callback):
 
     * ``on_fit_start``: builds the :class:`GAR` over ``module`` (default: the
       LightningModule; give the submodule whose ``forward`` your ``training_step`` calls if
-      it does not call ``self(...)``) and the trainer's one optimizer, unless ``gar`` was
-      given.
+      it does not call ``self(...)``, and under DDP) and the trainer's one optimizer, unless
+      ``gar`` was given. Under a strategy that wraps the model (DDP), Lightning calls the
+      LightningModule with ``training_step``'s arguments (its ``forward`` rerouted to
+      ``training_step``), so GAR watching the LightningModule is refused there.
     * ``on_train_start``: checks that the loader Lightning iterates is ``gar.track(...)``
       of a loader over the sampler (pass it to ``fit``). Lightning replaces samplers of
       ``DataLoader`` objects only (``use_distributed_sampler``); the tracked loader is not one,
       so under DDP it is iterated as it is, and the sampler draws each rank's own batches.
+      Under DDP a plain ``DataLoader`` over the sampler fails earlier, in Lightning (which
+      cannot put a ``DistributedSampler`` into a ``GARSampler``); ``on_exception`` adds a
+      note to that error naming the tracked loader.
     * ``on_before_optimizer_step``: ``gar.step()``, once per optimizer step, after the
       ``accumulate_grad_batches`` micro-batches' backwards and after AMP's unscaling, before
       Lightning's gradient clipping and ``optimizer.step()``.
@@ -79,7 +84,8 @@ class GARCallback(Callback):
             ``reward="dot"``).
         fallback: GAR's ``fallback``: ``"jvp"`` (a module no rule covers takes the generic
             path) or ``"raise"`` (refuse such a model when the GAR is built).
-        module: the module GAR watches (default: the LightningModule).
+        module: the module GAR watches (default: the LightningModule; under DDP the
+            submodule whose ``forward`` ``training_step`` calls, e.g. ``model.net``).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
         log_metrics: which metrics to log: ``"default"`` (``mixture/weight/<source>``,
             ``mixture/reward_mean/<source>``, ``mixture/reward_age/<source>``,
@@ -163,6 +169,24 @@ class GARCallback(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        gar = self.wiring.gar
+        watched = gar.model if gar is not None and self.wiring.given else self.module
+        if isinstance(watched, nn.parallel.DistributedDataParallel):
+            watched = watched.module
+        if (watched is None or watched is pl_module) and trainer.strategy.model is not pl_module:
+            # Lightning's own test for rerouting training_step (Strategy.training_step).
+            fix = (
+                "build GAR over that submodule"
+                if self.wiring.given
+                else "pass it: GARCallback(..., module=model.net)"
+            )
+            raise ValueError(
+                f"under {type(trainer.strategy).__name__}, Lightning calls the LightningModule "
+                f"through its {type(trainer.strategy.model).__name__} wrapper with "
+                "training_step's arguments (its forward rerouted to training_step), so GAR "
+                "cannot watch the LightningModule's forward. Watch the submodule that holds "
+                f"the model, whose forward your training_step calls (e.g. self.net): {fix}"
+            )
         if self.wiring.given:
             self.wiring.build(pl_module, None)  # applies a state loaded before fit
             self.wiring.expect_accumulation(trainer.accumulate_grad_batches)
@@ -184,6 +208,23 @@ class GARCallback(Callback):
                 "trainer.fit should get the tracked loader over GARCallback's sampler, "
                 "gar.track(DataLoader(sampler.dataset, batch_sampler=sampler)), so GAR knows "
                 f"which batch each training_step holds; but got {type(loader).__name__}"
+            )
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        # Under DDP Lightning tries to put a DistributedSampler into a DataLoader before
+        # on_train_start could refuse it, and its advice (use_distributed_sampler=False) does
+        # not lead to the fix. Python 3.10 has no notes: the error is then Lightning's alone.
+        add_note = getattr(exception, "add_note", None)
+        message = str(exception)
+        if add_note is not None and "inject a (distributed) sampler" in message:
+            add_note(
+                "GARCallback: if this is the DataLoader over the GARSampler, pass the tracked "
+                "loader, gar.track(DataLoader(sampler.dataset, batch_sampler=sampler)), to "
+                "trainer.fit instead: Lightning leaves that as it is, and each rank's GARSampler "
+                "already draws that rank's own batches (use_distributed_sampler=False is not "
+                "needed)"
             )
 
     def on_before_optimizer_step(
