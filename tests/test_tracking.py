@@ -290,3 +290,24 @@ def test_attribution_matrix(workers, prefetch, persistent, stop):
         s = make()
         prepared = Accelerator(cpu=True).prepare(DataLoader(s.dataset, batch_sampler=s, **kw))
         check_loop(s, s.track(prepared), epochs=3, stop=stop)
+
+
+def test_attributes_written_on_the_tracked_loader_reach_the_dataloader():
+    """Lightning's seed_everything(workers=True) sets worker_init_fn on the loader it is
+    given: it must reach the DataLoader the workers are started from."""
+    import functools
+
+    from lightning.fabric.utilities.data import _auto_add_worker_init_fn
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    s = ad.GARSampler({"a": TensorDataset(torch.arange(8.0))}, batch_size=2, seed=0)
+    loader = DataLoader(s.dataset, batch_sampler=s)
+    tracked = s.track(loader)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PL_SEED_WORKERS", "1")
+        _auto_add_worker_init_fn(tracked, rank=0)
+    assert isinstance(loader.worker_init_fn, functools.partial)
+    assert loader.worker_init_fn.func is pl_worker_init_function
+    assert tracked.worker_init_fn is loader.worker_init_fn
+    assert tracked.sampler is s  # its own fields stay its own
+    assert tracked.iterable is loader

@@ -80,8 +80,8 @@ class TrackedLoader:
     Iterating it iterates the wrapped object and tells the sampler each time a batch reaches
     the loop, so ``sampler.update(r)``, ``sampler.last_batch``, ``sampler.state_dict()`` and
     :class:`GAR` know which batch the loop holds. Everything else (``len``, ``state_dict``,
-    ``set_epoch``, attributes) is the wrapped object's; ``len`` after the same inspection as
-    a pass (so that accelerate's per-process sharding is already off). See
+    ``set_epoch``, attributes read or written) is the wrapped object's; ``len`` after the
+    same inspection as a pass (so that accelerate's per-process sharding is already off). See
     docs/howto-mixture.md, "Which batch the loop holds".
     """
 
@@ -112,6 +112,14 @@ class TrackedLoader:
         if name in ("sampler", "iterable", "_passes"):  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.iterable, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Writes go where reads come from: a trainer that sets ``worker_init_fn`` on the
+        # loader it was given (Lightning's seed_everything(workers=True)) sets the DataLoader's.
+        if name in ("sampler", "iterable", "_passes"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.iterable, name, value)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.iterable!r})"
