@@ -311,3 +311,35 @@ def test_attributes_written_on_the_tracked_loader_reach_the_dataloader():
     assert tracked.worker_init_fn is loader.worker_init_fn
     assert tracked.sampler is s  # its own fields stay its own
     assert tracked.iterable is loader
+
+
+def test_a_tracked_loop_that_never_rewards_is_told_once():
+    """A loop over the tracked loader with no gar.step() (a callback left out of the
+    trainer's callbacks) would sample uniformly without a word."""
+    s = ad.GARSampler(
+        {"a": TensorDataset(torch.arange(64.0)), "b": TensorDataset(torch.arange(64.0))},
+        batch_size=2,
+        seed=0,
+        reward_window=8,
+    )
+    loader = s.track(DataLoader(s.dataset, batch_sampler=s))
+    with pytest.warns(UserWarning, match="none of them was rewarded: nothing calls update") as w:
+        for _ in loader:
+            pass
+    assert len(w) == 1
+    # Rewarding some batches (a budget's choice) is not silence.
+    s2 = ad.GARSampler(
+        {"a": TensorDataset(torch.arange(64.0)), "b": TensorDataset(torch.arange(64.0))},
+        batch_size=2,
+        seed=0,
+        reward_window=8,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t, _ in enumerate(s2.track(DataLoader(s2.dataset, batch_sampler=s2))):
+            if t % 20 == 0:
+                s2.update(torch.ones(2))
+        for _ in s2:  # an untracked pass is a plain sampler: no warning
+            pass

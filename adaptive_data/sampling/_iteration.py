@@ -10,6 +10,7 @@ process started later (a DataLoader worker, a resumed run) must not read it afre
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -166,7 +167,22 @@ class Iterations:
         self._drawer.taken(rec)
         if self._readers is not None:
             self._note_streams(rec)
+        dropped = self._records.dropped_unrewarded
         self._records.add(rec)
+        if (
+            dropped == 0
+            and self._records.dropped_unrewarded
+            and it.tracker is not None
+            and self._records.never_rewarded()
+        ):
+            warnings.warn(
+                f"GARSampler delivered {self._records.size + 1} batches through its tracked "
+                "loader and none of them was rewarded: nothing calls update(), so the mixture "
+                "stays where it started. Call gar.step() after each backward (or pass "
+                "GARCallback to the Lightning Trainer's callbacks=, or use GARTrainer)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._passes.took(it, rec.position)
         # In-process loaders get the source ids along (no search in the dataset); for worker
         # processes (or a loader not tracked) a plain list pickles faster.

@@ -117,6 +117,7 @@ class RewardWindow:
         self.size = size
         self._records: OrderedDict[int, Record] = OrderedDict()
         self.dropped_unrewarded = 0
+        self._left_rewarded = False  # a rewarded batch has left the window
 
     def add(self, rec: Record) -> None:
         self._records[rec.id] = rec
@@ -124,6 +125,12 @@ class RewardWindow:
             _, old = self._records.popitem(last=False)
             if not old.rewarded:
                 self.dropped_unrewarded += 1
+            else:
+                self._left_rewarded = True
+
+    def never_rewarded(self) -> bool:
+        """Whether no batch this window has held was ever rewarded (``O(size)``)."""
+        return not self._left_rewarded and not any(r.rewarded for r in self._records.values())
 
     def keep_at_least(self, size: int) -> None:
         """Hold at least the last ``size`` batches from now on (a loader that reads further
