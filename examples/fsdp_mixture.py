@@ -7,7 +7,7 @@ forward-only estimator moves each rank's shards in place for its two forwards an
 gathers a parameter or a gradient (the default estimator needs each parameter whole and is
 refused on FSDP2). Every rank draws its own batches; every rank ends with the same mixture.
 
-    torchrun --standalone --nproc-per-node 2 examples/fsdp_mixture.py            # ~30 s on CPU
+    torchrun --standalone --nproc-per-node 2 examples/fsdp_mixture.py            # ~40 s on CPU
     torchrun --standalone --nproc-per-node 2 examples/fsdp_mixture.py --quick    # CI
 
 With ``--checkpoint DIR`` it saves every ``--save-every`` steps into ``DIR/step-N``: the
@@ -139,11 +139,11 @@ def main() -> None:
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint DIR")
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # this process's GPU, before NCCL starts
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
 
     train, held_out, test = sources()
