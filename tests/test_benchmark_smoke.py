@@ -34,7 +34,7 @@ NO_DATA = {
     "loader_cost": ([], "num_workers=2, GARSampler"),
     "augment_cost": ([], "num_workers=2, GARSampler+GARTransform"),
     "gar_cost": ([], "| resnet_bn | gar_every4 |"),
-    "dist_cost": ([], "weights identical on both ranks: True"),
+    "dist_cost": (["--what", "sampler"], "weights identical on both ranks: True"),
     "reference_choice": ([], "| next_batch | "),
     "short_horizon": ([], "| 8 | r32_rows4 | "),
     "lm_cost": ([], "| llama | d64L2 |"),
@@ -47,6 +47,17 @@ def test_quick_run(script: str) -> None:
     done = _run(f"benchmarks/{script}.py", "--quick", *args)
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout
+
+
+def test_dist_cost_quick_times_gar_on_fsdp2() -> None:
+    """The FSDP2 section (two gloo processes, a sharded byte-level LM): the plain step, GAR's
+    budget after its exact phase and GAR with every batch, each rank ending with the same
+    weights."""
+    done = _run("benchmarks/dist_cost.py", "--quick", "--what", "fsdp")
+    assert done.returncode == 0, done.stderr
+    for arm in ("plain", "budget", "exact"):
+        assert f"| {arm} | " in done.stdout
+    assert "FSDP2: weights identical on both ranks: True" in done.stdout
 
 
 def test_gar_cost_profile_reports_where_the_time_goes() -> None:

@@ -102,8 +102,9 @@ class GAR:
             naming it and its share of the step's time; ``"raise"`` refuses it instead.
 
     Raises at construction for a model without a layer the rules cover (``estimator=
-    "ghost"``), an FSDP or DeepSpeed model, an optimizer that does not own the model's
-    trainable parameters, a mixture without ``reference``, or bad arguments.
+    "ghost"``), an FSDP1 or DeepSpeed model, an FSDP2 model with an estimator other than
+    ``"fd"``, an optimizer that does not own the model's trainable parameters, a mixture
+    without ``reference``, or bad arguments.
     """
 
     def __init__(
