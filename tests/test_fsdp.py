@@ -25,15 +25,15 @@ def mlp(dtype: torch.dtype) -> nn.Sequential:
     ).to(dtype)
 
 
-def shard(model: nn.Sequential, keep: set[nn.Parameter] | None = None) -> nn.Sequential:
+def shard(model: nn.Sequential, keep: set[nn.Parameter] | None = None, mesh=None) -> nn.Sequential:
     """``fully_shard`` per Linear and at the root; the parameters in ``keep`` stay whole on
-    every rank (FSDP2's ``ignored_params``)."""
+    every rank (FSDP2's ``ignored_params``); ``mesh``: a 2-D (replicate, shard) mesh: HSDP."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
         if isinstance(layer, nn.Linear) and not keep:
-            fully_shard(layer)
-    fully_shard(model, ignored_params=keep)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, ignored_params=keep, mesh=mesh)
     return model
 
 
@@ -65,7 +65,12 @@ def scenario_rewards(
     dtype = getattr(torch, dtype_name)
     model = mlp(dtype)
     whole = model[4].bias if variant == "mixed" else None
-    model = shard(model, None if whole is None else {whole})
+    mesh = None
+    if variant == "hsdp":  # two replicas of a model sharded over two ranks each
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    model = shard(model, None if whole is None else {whole}, mesh)
     single = mlp(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt1 = torch.optim.AdamW(single.parameters(), lr=1e-2)
@@ -139,6 +144,14 @@ def scenario_rewards(
     kept = [p.grad.to_local() for p in model.parameters() if hasattr(p.grad, "to_local")]
     grads_untouched = all(torch.equal(a, b) for a, b in zip(held, kept, strict=True))
     full = [getattr(p.detach(), "full_tensor", p.detach)() for p in model.parameters()]
+    # The global sums the finite difference's step is sized from (HSDP: each shard once).
+    from adaptive_data.probe._sharding import Shards, local
+
+    params = dict(model.named_parameters())
+    sums = Shards(model, params).sums(
+        {name: local(p.detach()).square().sum().view(1) for name, p in params.items()}
+    )
+    norm_err = abs(float(sums) / float(sum(t.square().sum() for t in full)) - 1)
     weight_err = max(
         float((a - b).abs().max() / b.abs().max())
         for a, b in zip(full, [p.detach() for p in single.parameters()], strict=True)
@@ -152,12 +165,14 @@ def scenario_rewards(
         "params": [p.flatten().tolist() for p in full],
         "metrics": gar.metrics(),
         "probe_error": probe_error,
+        "norm_err": norm_err,
         "grads_untouched": grads_untouched,
     }
 
 
 @pytest.mark.parametrize(
-    ("world", "variant"), [(2, "plain"), (2, "mixed"), (2, "accum"), (4, "plain")]
+    ("world", "variant"),
+    [(2, "plain"), (2, "mixed"), (2, "accum"), (4, "plain"), (4, "hsdp")],
 )
 def test_fsdp2_rewards_equal_one_process_on_the_global_batch(tmp_path, world, variant):
     """float64: the sharded rewards are the unsharded model's, to the finite difference's
@@ -168,6 +183,7 @@ def test_fsdp2_rewards_equal_one_process_on_the_global_batch(tmp_path, world, va
         assert max(res["fd_errors"]) < 1e-6, res["fd_errors"]  # against the exact rewards
         assert res["weight_err"] < 1e-12
         assert res["probe_error"] < 1e-6
+        assert res["norm_err"] < 1e-12
         assert res["grads_untouched"]
     assert all(r["weights"] == results[0]["weights"] for r in results)
     assert all(r["params"] == results[0]["params"] for r in results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from .._batch import Inputs, batch_size, call_args, check_same_batch, split_batch
 from .._check import check_int, check_number
+from .._distributed import current_group
 from ._direction import Direction, DirectionSource, check_direction, cosine_rewards
 from ._estimators import ESTIMATORS as _TABLE
 from ._estimators import Job, Options
@@ -122,7 +124,6 @@ class GradientProbe:
                 f"verify should be 'first', 'always' or 'never', but got verify={verify!r}"
             )
         check_int("chunk_size", chunk_size, minimum=1, none_ok=True)
-        check_sharding(model, estimator, "GradientProbe")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             # Probe the wrapped module: its forward and backward then never enter DDP's
             # gradient synchronisation, and .grad stays as the training step left it.
@@ -132,7 +133,13 @@ class GradientProbe:
         self.estimator = estimator
         self.fallback, self.verify, self.reward = fallback, verify, reward
         self.rel_eps, self.chunk_size = float(rel_eps), chunk_size
-        self._source = DirectionSource(model, loss_fn=loss_fn)
+        sync = None
+        if check_sharding(model, estimator, "GradientProbe"):
+            # FSDP's backward averages the shards' reference gradient over the ranks; the
+            # parameters it leaves whole are averaged too, so D is one global direction.
+            group = current_group(None, None)
+            sync = functools.partial(group.all_reduce_mean, what="GradientProbe's reference")
+        self._source = DirectionSource(model, loss_fn=loss_fn, sync=sync)
         options = Options(fallback, verify, self.rel_eps, chunk_size)
         self._estimator = _TABLE[estimator](model, loss_fn, options)
 
