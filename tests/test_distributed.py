@@ -5,18 +5,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 from adaptive_data.sampling._shards import ShardOrder
+
+from .multiprocess import run
 
 
 def tagged(sid: int, n: int) -> TensorDataset:
@@ -102,23 +101,6 @@ def test_state_of_another_rank_is_refused():
 def reward_of(sid: torch.Tensor, idx: torch.Tensor, rank: int) -> torch.Tensor:
     # rank-dependent: every rank pushes a different source
     return (sid == rank % 3).double() + 0.01 * idx.double()
-
-
-def _worker(rank: int, world: int, store: str, out: str, scenario: str) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        result = SCENARIOS[scenario](rank, world)
-        Path(out, f"{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        Path(out, f"{rank}.json").write_text(json.dumps({"error": traceback.format_exc()}))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    # Skip the interpreter's teardown: with torch 2.14's gloo it aborts ("terminate called
-    # without an active exception") in about 1 run in 10, also in a minimal DDP script that
-    # does not use adaptive_data. The results are written by now.
-    os._exit(0)
 
 
 def _train(s: ad.GARSampler, rank: int, batches: int, epochs: int = 1):
@@ -258,6 +240,10 @@ def scenario_ddp_gar(rank: int, world: int, **options) -> dict:
     }
 
 
+def scenario_ddp_gar_cheap(rank: int, world: int) -> dict:
+    return scenario_ddp_gar(rank, world, reference_refresh=3, rows=4)
+
+
 def scenario_held_out_gar(rank: int, world: int) -> dict:
     from adaptive_data._distributed import current_group
     from adaptive_data.probe._direction import mean_loss_gradient
@@ -288,7 +274,6 @@ def scenario_accelerate(rank: int, world: int) -> dict:
     """accelerate's prepare() under several processes wraps the batch sampler in a
     BatchSamplerShard; the tracked loader switches that second sharding off, so each rank gets
     every batch its own GARSampler drew, and rewards land on the batch the loop holds."""
-    import os
 
     from accelerate import Accelerator
 
@@ -327,22 +312,13 @@ SCENARIOS = {
     "extra_update": scenario_extra_update,
     "mismatched_sources": scenario_mismatched_sources,
     "ddp_gar": scenario_ddp_gar,
-    "ddp_gar_cheap": lambda rank, world: scenario_ddp_gar(rank, world, reference_refresh=3, rows=4),
+    "ddp_gar_cheap": scenario_ddp_gar_cheap,
     "held_out_gar": scenario_held_out_gar,
 }
 
 
 def launch(tmp_path: Path, world: int, scenario: str) -> list[dict]:
-    out = tmp_path / scenario
-    out.mkdir()
-    store = tmp_path / f"store-{scenario}"
-    mp.start_processes(
-        _worker, args=(world, str(store), str(out), scenario), nprocs=world, start_method="spawn"
-    )
-    results = [json.loads((out / f"{r}.json").read_text()) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-    return results
+    return run(tmp_path, world, SCENARIOS[scenario])
 
 
 @pytest.mark.parametrize("world", [2, 3])

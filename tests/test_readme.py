@@ -53,6 +53,13 @@ def cost(name: str, model: str) -> float:
     return load(name)["models"][model]["default_heldout"]["vs_plain_paired"]["median"]
 
 
+def lm_cost(name: str, model: str) -> float:
+    """The default's paired median at the largest size a results file has for ``model``."""
+    sizes = load(name)["models"][model]
+    largest = max(sizes.values(), key=lambda size: size["params"])
+    return largest["variants"]["default"]["vs_plain_paired"]["median"]
+
+
 # The results table: first cell -> (the files its last cell must name, the figures of its
 # result cell in order, each formatted as the README prints it).
 TABLE = {
@@ -87,6 +94,17 @@ TABLE = {
         lambda: [
             f"{cost('gar_cost_defaults_mlp.json', 'mlp'):.2f}",
             f"{cost('gar_cost_defaults_resnet.json', 'resnet_bn'):.2f}",
+        ],
+    ),
+    "The same on byte-level LMs": (
+        ["lm_cost_defaults.json", "lm_cost_defaults_hf.json"],
+        lambda: [
+            f"{lm_cost(name, model):.2f}"
+            for name, model in (
+                ("lm_cost_defaults.json", "stock"),
+                ("lm_cost_defaults_hf.json", "gpt2"),
+                ("lm_cost_defaults_hf.json", "llama"),
+            )
         ],
     ),
 }
