@@ -465,13 +465,21 @@ def test_lightning_ddp_resumes_every_rank_from_a_checkpoint_in_the_middle_of_an_
         assert json.dumps(resumed["gar"]) == json.dumps(full["gar"])  # NaN where unset
 
 
-def test_lightning_ddp_refuses_to_watch_the_lightning_module_and_names_the_fix(ddp):
-    for r in ddp:
-        assert r["lightning_module"]["error"].startswith("ValueError: under DDPStrategy,")
-        assert "GARCallback(..., module=model.net)" in r["lightning_module"]["error"]
-        given = r["gar_over_lightning_module"]["error"]
-        assert given.startswith("ValueError: under DDPStrategy,")
-        assert given.endswith("build GAR over that submodule")
+def test_lightning_ddp_watches_the_lightning_module_by_default(ddp):
+    """Under DDP Lightning calls the LightningModule through the wrapper with training_step's
+    arguments (its forward rerouted); GAR lets that call pass and rewards the self(x) inside,
+    as it does watching the submodule."""
+    for rank, r in enumerate(ddp):
+        default, net = r["lightning_module"], r["full"]
+        assert "error" not in default, f"rank {rank}: {default.get('error')}"
+        assert all(default["matches"])
+        assert default["rewarded"] == default["held"] == net["held"]
+        assert default["weights"] == pytest.approx(net["weights"], abs=1e-9)
+        given = r["gar_over_lightning_module"]  # a GAR the user built over it, its defaults
+        assert "error" not in given, f"rank {rank}: {given.get('error')}"
+        assert given["gar"]["batches_rewarded"] >= 16
+        assert given["gar"]["batches_dropped"] == 0
+    assert ddp[0]["lightning_module"]["weights"] == ddp[1]["lightning_module"]["weights"]
 
 
 def test_lightning_ddp_refuses_a_plain_dataloader_and_names_the_fix(ddp):

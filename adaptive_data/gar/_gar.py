@@ -271,7 +271,7 @@ class GAR:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Root forward: pair it with the batch the loop received; keep it if it is rewarded."""
-        if self._pause.active or self._idle:
+        if self._pause.active or self._idle or _rerouted(module):
             return
         self._keeper.stop()
         if not (torch.is_grad_enabled() and module.training):
@@ -294,7 +294,12 @@ class GAR:
         """After a training forward: the parameters' versions (a forward may edit them in
         place, as an ``nn.Embedding(max_norm=...)`` does), which ``step()`` finds unchanged
         unless the optimizer stepped before it."""
-        if not self._pause.active and torch.is_grad_enabled() and module.training:
+        if (
+            not self._pause.active
+            and torch.is_grad_enabled()
+            and module.training
+            and not _rerouted(module)
+        ):
             self._versions = _versions(self._source.params)
 
     # ------------------------------------------------------------------ the step
@@ -521,6 +526,16 @@ def _nothing_to_learn(sampler: GARSampler) -> str:
     if policy.learn_ops or policy.learn_magnitudes:
         return ""
     return "its GARTransform's policy is frozen (learn_ops=False, learn_magnitudes=False)"
+
+
+def _rerouted(module: nn.Module) -> bool:
+    """Whether this call of ``module`` runs another method in its ``forward``'s place: under a
+    strategy that wraps the model (DDP), Lightning calls the LightningModule through the
+    wrapper with ``training_step``'s arguments, its ``forward`` replaced for that call by a
+    function of its ``_ForwardRedirection``. That outer call is not the model's forward (the
+    one ``training_step`` makes inside it is), so GAR lets it pass."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and "_ForwardRedirection" in getattr(forward, "__qualname__", "")
 
 
 def _versions(params: Mapping[str, nn.Parameter]) -> int:

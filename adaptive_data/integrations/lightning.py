@@ -45,10 +45,11 @@ class GARCallback(Callback):
 
     * ``on_fit_start``: builds the :class:`GAR` over ``module`` (default: the
       LightningModule; give the submodule whose ``forward`` your ``training_step`` calls if
-      it does not call ``self(...)``, and under DDP) and the trainer's one optimizer, unless
-      ``gar`` was given. Under a strategy that wraps the model (DDP), Lightning calls the
-      LightningModule with ``training_step``'s arguments (its ``forward`` rerouted to
-      ``training_step``), so GAR watching the LightningModule is refused there.
+      it does not call ``self(...)``) and the trainer's one optimizer, unless ``gar`` was
+      given. Under a strategy that wraps the model (DDP), Lightning calls the LightningModule
+      through the wrapper with ``training_step``'s arguments (its ``forward`` rerouted to
+      ``training_step``); GAR lets that outer call pass and rewards the ``self(...)`` call
+      inside it.
     * ``on_train_start``: checks that the loader Lightning iterates is ``gar.track(...)``
       of a loader over the sampler (pass it to ``fit``). Lightning replaces samplers of
       ``DataLoader`` objects only (``use_distributed_sampler``); the tracked loader is not one,
@@ -84,8 +85,7 @@ class GARCallback(Callback):
             ``reward="dot"``).
         fallback: GAR's ``fallback``: ``"jvp"`` (a module no rule covers takes the generic
             path) or ``"raise"`` (refuse such a model when the GAR is built).
-        module: the module GAR watches (default: the LightningModule; under DDP the
-            submodule whose ``forward`` ``training_step`` calls, e.g. ``model.net``).
+        module: the module GAR watches (default: the LightningModule).
         gar: a :class:`GAR` built by the user instead (over ``sampler``).
         log_metrics: which metrics to log: ``"default"`` (``mixture/weight/<source>``,
             ``mixture/reward_mean/<source>``, ``mixture/reward_age/<source>``,
@@ -169,24 +169,6 @@ class GARCallback(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        gar = self.wiring.gar
-        watched = gar.model if gar is not None and self.wiring.given else self.module
-        if isinstance(watched, nn.parallel.DistributedDataParallel):
-            watched = watched.module
-        if (watched is None or watched is pl_module) and trainer.strategy.model is not pl_module:
-            # Lightning's own test for rerouting training_step (Strategy.training_step).
-            fix = (
-                "build GAR over that submodule"
-                if self.wiring.given
-                else "pass it: GARCallback(..., module=model.net)"
-            )
-            raise ValueError(
-                f"under {type(trainer.strategy).__name__}, Lightning calls the LightningModule "
-                f"through its {type(trainer.strategy.model).__name__} wrapper with "
-                "training_step's arguments (its forward rerouted to training_step), so GAR "
-                "cannot watch the LightningModule's forward. Watch the submodule that holds "
-                f"the model, whose forward your training_step calls (e.g. self.net): {fix}"
-            )
         if self.wiring.given:
             self.wiring.build(pl_module, None)  # applies a state loaded before fit
             self.wiring.expect_accumulation(trainer.accumulate_grad_batches)
