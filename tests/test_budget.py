@@ -428,3 +428,47 @@ def test_the_budget_with_gradient_accumulation_in_a_loop():
     assert m["budget/exact_phase"] == 0.0
     assert 16 < m["batches_rewarded"] < 60  # the exact phase's 16, then a share
     assert s.weights["clean"] > 0.55
+
+
+# ---------------------------------------------------------------- what a kept batch stands for
+
+
+def test_a_kept_batch_stands_for_the_steps_since_the_last_one_in_the_second_phase():
+    bud = budget(0.1)
+    assert [bud.keep_weight(c) for c in range(3)] == [1.0, 1.0, 1.0]  # first phase: exact
+    bud.warm = False
+    assert bud.keep_weight(7) == 5.0  # kept at 2, then at 7
+    assert bud.keep_weight(7) == 5.0  # another batch of the same step (accumulation)
+    assert bud.keep_weight(8) == 1.0
+    fixed = budget(0.1, every=4)  # an explicit every: each update stands for itself
+    fixed.warm = False
+    assert [fixed.keep_weight(c) for c in (0, 4, 8)] == [1.0, 1.0, 1.0]
+    plain = budget(None)
+    assert [plain.keep_weight(c) for c in (0, 3)] == [1.0, 1.0]
+
+
+def test_gar_weighs_each_update_by_the_steps_since_the_previous_one():
+    """In the second phase GAR passes the sampler the steps since the previous rewarded
+    batch; before it, and without a budget, every update weighs 1."""
+    calls = []
+    original = ad.GARSampler.update
+
+    def spy(self, rewards, batch=None, rows=None, weight=1.0):
+        calls.append((batch, weight))
+        return original(self, rewards, batch=batch, rows=rows, weight=weight)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ad.GARSampler, "update", spy)
+        _, weights, m, _ = train(budget=0.3)
+    assert m["budget/exact_phase"] == 0.0
+    batches = [b for b, _ in calls]
+    assert [w for _, w in calls[:WARMUP]] == [1.0] * WARMUP
+    gaps = [b - a for a, b in zip(batches[WARMUP - 1 :], batches[WARMUP:], strict=False)]
+    assert [w for _, w in calls[WARMUP:]] == [float(g) for g in gaps]
+    assert max(gaps) > 1  # the bucket skipped batches
+    assert weights["clean"] > 0.6
+    calls.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ad.GARSampler, "update", spy)
+        train(budget=None)
+    assert {w for _, w in calls} == {1.0}

@@ -1216,3 +1216,42 @@ def test_sources_that_cannot_be_stacked_are_named_with_the_default_collate():
     s = GARSampler({"a": rows, "b": rows}, batch_size=4, seed=0)
     with pytest.raises(TypeError, match=r"'input_ids'\] as a Python list.*with_format\('torch'"):
         next(iter(s.track(DataLoader(s.dataset, batch_sampler=s))))
+
+
+def test_a_weighted_update_is_that_many_steps_for_the_live_and_the_drawing_policy():
+    """update(weight=k) steps the policy by lr * k, and the drawing copy applies the same
+    step when the lag brings it in; the weight survives a checkpoint of the queue."""
+    import math
+
+    def run(weight: float, lr: float):
+        s = GARSampler(
+            {"a": TensorDataset(torch.arange(64.0)), "b": TensorDataset(torch.arange(64.0))},
+            batch_size=8,
+            seed=0,
+            lag=2,
+            lr=lr,
+            max_step=100.0,
+        )
+        it = iter(s.track(s))
+        keys = next(it)
+        sid = torch.tensor([s.decode(keys)[0][i] for i in range(8)])
+        s.update(sid.double(), weight=weight)  # source 1 rewarded above source 0
+        state = s.state_dict()
+        drawn = []
+        for _ in range(3):
+            next(it)
+            drawn.append(list(s.drawing_weights.values()))
+        return s.weights, drawn, state
+
+    weighted, drawn_w, state = run(3.0, 0.2)
+    scaled, drawn_s, _ = run(1.0, 0.6)
+    assert weighted == pytest.approx(scaled, abs=1e-12)
+    for a, b in zip(drawn_w, drawn_s, strict=True):
+        assert a == pytest.approx(b, abs=1e-12)
+    assert drawn_w[-1] == pytest.approx(list(weighted.values()), abs=1e-12)
+    assert state["lag"]["queued_weights"].tolist() == [3.0]
+    for bad in (0, -1.0, math.nan, math.inf, True, "2"):
+        s = GARSampler({"a": TensorDataset(torch.arange(8.0))}, batch_size=4, seed=0)
+        next(iter(s.track(s)))
+        with pytest.raises((ValueError, TypeError), match="weight"):
+            s.update(torch.ones(4), weight=bad)

@@ -420,9 +420,10 @@ class AugmentPolicy:
     def _policies(self) -> list[CategoricalPolicy]:
         return [self._op_policy, *self._mag_policies.values()]
 
-    def apply(self, stats: AugmentStatistics | Sequence[float]) -> None:
+    def apply(self, stats: AugmentStatistics | Sequence[float], weight: float = 1.0) -> None:
         """Update both policies from :meth:`statistics` (of one batch, or summed over ranks):
-        an :class:`AugmentStatistics` or its :meth:`~AugmentStatistics.flat` list."""
+        an :class:`AugmentStatistics` or its :meth:`~AugmentStatistics.flat` list; ``weight``:
+        the updates it stands for (:meth:`CategoricalPolicy.apply`)."""
         if not isinstance(stats, AugmentStatistics):
             stats = self.statistics_from_flat(stats)
         elif [p.num_choices for p in (stats.ops, *stats.magnitudes)] != [
@@ -438,10 +439,10 @@ class AugmentPolicy:
             return
         self._nonfinite += round(stats.ops.nonfinite)
         if self.learn_ops:
-            self._op_policy.apply(stats.ops)
+            self._op_policy.apply(stats.ops, weight)
         for pol, part in zip(self._mag_policies.values(), stats.magnitudes, strict=True):
             if self.learn_magnitudes and (part.nonfinite or part.n):
-                pol.apply(part)
+                pol.apply(part, weight)
         self._bin_probs = None
         self._updates += 1
         self._history.append([self._updates, *self._op_policy.probs_list(), *self._mean_bins()])

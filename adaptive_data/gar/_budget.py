@@ -126,6 +126,8 @@ class Budget:
         self.contrast = math.nan  # smoothed per-row squared contrast (NaN: none measured)
         self.reference_rows = batch_size  # R, from the last fresh reference gradient
         self.drift = math.nan  # the cosine of the last two fresh reference gradients
+        self.last_kept: int | None = None  # the count of the last kept batch
+        self.stride = 1  # counts between the last two kept counts
 
     # ------------------------------------------------------------------ choices
 
@@ -136,6 +138,20 @@ class Budget:
         if self.fixed_every is not None:
             return count % self.fixed_every == 0
         return self.warm or self.credit >= 0.0
+
+    def keep_weight(self, count: int) -> float:
+        """A batch is kept at ``count``: how many updates its rewards stand for. 1 while every
+        batch is kept (the first phase, an explicit ``every``, no budget); in the second
+        phase, the counts since the previous kept one (the same for every batch kept at one
+        count, as under gradient accumulation): the bucket keeps about one batch in
+        ``cost / budget``, and each update then moves the mixture as far as that many would
+        (measured: docs/howto-gar.md, "The cost budget")."""
+        if count != self.last_kept:
+            self.stride = 1 if self.last_kept is None else max(count - self.last_kept, 1)
+            self.last_kept = count
+        if self.fixed_every is not None or self.budget is None or self.warm:
+            return 1.0
+        return float(self.stride)
 
     def charge_keep(self, n: int) -> None:
         """A batch of ``n`` rows is kept: charge its capture and the rows it will reward."""
@@ -245,14 +261,18 @@ class Budget:
             "contrast": self.contrast,
             "reference_rows": self.reference_rows,
             "drift": self.drift,
+            "last_kept": self.last_kept,
+            "stride": self.stride,
         }
+
+    _SINCE_WEIGHTS = ("last_kept", "stride")  # absent from states saved before the weights
 
     def check_state(self, state: Any) -> None:
         """Raise, naming the key, if ``state`` is not a :meth:`state_dict` this budget can
         hold (called before anything of a GAR state is applied)."""
         if not isinstance(state, Mapping):
             raise ValueError(f"state's budget_state should be a dict, but got {state!r}")
-        missing = sorted(set(self.state_dict()) - set(state))
+        missing = sorted(set(self.state_dict()) - set(state) - set(self._SINCE_WEIGHTS))
         if missing:
             raise ValueError(f"state's budget_state is missing the key(s) {missing}")
         for key in self._FLOATS:
@@ -287,6 +307,14 @@ class Budget:
                 )
         if not isinstance(state["warm"], bool):
             raise ValueError(f"state's budget['warm'] should be a bool, but got {state['warm']!r}")
+        last = state.get("last_kept")
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+            raise ValueError(
+                f"state's budget['last_kept'] should be None or an int >= 0, but got {last!r}"
+            )
+        stride = state.get("stride", 1)
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"state's budget['stride'] should be an int >= 1, but got {stride!r}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; raises, naming the key, for a value it cannot hold."""
@@ -296,6 +324,7 @@ class Budget:
         self.kept, self.reference_rows = int(state["kept"]), int(state["reference_rows"])
         self.warm = state["warm"]
         self.contrast, self.drift = float(state["contrast"]), float(state["drift"])
+        self.last_kept, self.stride = state.get("last_kept"), int(state.get("stride", 1))
 
 
 def per_row_contrast(rewards: Tensor, sources: Sequence[int]) -> float | None:

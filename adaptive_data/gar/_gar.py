@@ -366,10 +366,12 @@ class GAR:
                 self._drop("no_backward")
                 continue
             groups = self._groups(kept.batch)
+            # The updates a sparsely kept batch stands for (only when not 1).
+            weighted = {} if kept.weight == 1.0 else {"weight": kept.weight}
             if kept.rows is None:
-                self.sampler.update(r, batch=kept.batch)
+                self.sampler.update(r, batch=kept.batch, **weighted)
             else:
-                self.sampler.update(r, batch=kept.batch, rows=kept.rows)
+                self.sampler.update(r, batch=kept.batch, rows=kept.rows, **weighted)
                 groups = None if groups is None else [groups[i] for i in kept.rows.tolist()]
             self._observe_contrast(r, groups)
             finite = r[torch.isfinite(r)]

@@ -60,14 +60,18 @@ class Schedule:
             count = self.augmented - 1
         else:
             count = self.steps
+        weight = 1.0
         if not again:
             if not self.budget.wants(count):
                 return None
+            weight = self.budget.keep_weight(count)
             self.budget.charge_keep(self.sampler.batch_size)
         kept = KeptBatch(batch, self.steps)
         replaced = [k for k in self.pending if k.batch == batch]
         if replaced:
             kept.earlier = replaced[-1]
+            weight = replaced[-1].weight
+        kept.weight = weight
         self.pending = [k for k in self.pending if k.batch != batch]
         self.pending.append(kept)
         return kept

@@ -333,10 +333,12 @@ class CategoricalPolicy:
             float(bad), float(n), _sum(total), _sum(total_sq), tuple(sums), tuple(counts)
         )
 
-    def apply(self, stats: ChoiceStatistics | Sequence[float]) -> int:
+    def apply(self, stats: ChoiceStatistics | Sequence[float], weight: float = 1.0) -> int:
         """Update from :meth:`statistics` (of one batch, or summed over ranks); returns n.
 
         ``stats`` is a :class:`ChoiceStatistics` or its :meth:`~ChoiceStatistics.flat` list.
+        ``weight`` (> 0): the updates this one stands for; the step is ``lr * weight`` (each
+        logit's change still capped at ``max_step``).
 
         Rewards are normalised to ``z = (r - base) / scale`` (``normalize``: batch mean and
         standard deviation, running ones, or the running mean and 1), so each choice's summed
@@ -394,7 +396,7 @@ class CategoricalPolicy:
                 step = [0.0] * k
         else:
             step = [v / (n * p) for v, p in zip(z, self._p, strict=True)]
-        lr, cap = self.lr, self.max_step
+        lr, cap = self.lr * weight, self.max_step
         self._logits = [
             v + (min(max(lr * d, -cap), cap) if not math.isnan(lr * d) else 0.0)
             for v, d in zip(self._logits, step, strict=True)

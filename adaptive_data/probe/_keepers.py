@@ -53,6 +53,7 @@ class KeptBatch:
     step: int  # the number of step() calls made before its forward
     n: int | None = None  # batch size, from the first output seen
     rows: Tensor | None = None  # the rows rewarded, sorted (None: all)
+    weight: float = 1.0  # the updates its rewards stand for (the budget's stride)
     calls: list[KeptCall] = dataclasses.field(default_factory=list)  # estimator="ghost"
     fd: _fd.Kept | None = None  # estimator="fd": the root's inputs and output gradients
     # The last earlier forward of the same batch before the same step that had its backward

@@ -75,6 +75,7 @@ class UpdateStatistics:
 
     sources: ChoiceStatistics
     augment: AugmentStatistics | None = None
+    weight: float = 1.0  # the updates it stands for (GARSampler.update's weight)
 
     def flat(self) -> list[float]:
         """One list (what an all-reduce takes)."""
@@ -89,10 +90,11 @@ class UpdateStatistics:
         width = len(self.sources.flat())
         sources = ChoiceStatistics.from_flat(flat[:width], k)
         if self.augment is None:
-            return UpdateStatistics(sources)
+            return UpdateStatistics(sources, weight=self.weight)
         if augment_policy is None:
             raise ValueError("statistics with an augmentation part need augment_policy")
-        return UpdateStatistics(sources, augment_policy.statistics_from_flat(flat[width:]))
+        augment = augment_policy.statistics_from_flat(flat[width:])
+        return UpdateStatistics(sources, augment, self.weight)
 
 
 def check_lag(state: Mapping[str, Any], lag: int | None) -> None:
@@ -179,9 +181,9 @@ class LaggedPolicies:
             self.sync(*self._live)
         for b in self._due(next_id):
             stats = self._queued.pop(b)
-            self.policy.apply(stats.sources)
+            self.policy.apply(stats.sources, stats.weight)
             if self.augment is not None and stats.augment is not None:
-                self.augment.apply(stats.augment)
+                self.augment.apply(stats.augment, stats.weight)
 
     def peek(self, next_id: int) -> list[float]:
         """The source probabilities batch ``next_id`` will be drawn from, if no other update
@@ -190,7 +192,7 @@ class LaggedPolicies:
             return self._live[0].probs_list()
         policy = copy.deepcopy(self.policy)
         for b in self._due(next_id):
-            policy.apply(self._queued[b].sources)
+            policy.apply(self._queued[b].sources, self._queued[b].weight)
         return policy.probs_list()
 
     def _due(self, next_id: int) -> list[int]:
@@ -224,6 +226,9 @@ class LaggedPolicies:
                 else torch.tensor(aug.flat(), dtype=torch.float64)
                 for b in ids
             ],
+            "queued_weights": torch.tensor(
+                [self._queued[b].weight for b in ids], dtype=torch.float64
+            ),
         }
 
     def parse(
@@ -263,6 +268,16 @@ class LaggedPolicies:
         sources = f.tensor(
             f"{path}['queued_sources']", raw, torch.float64, (len(ids), STATS_HEAD + 2 * k)
         )
+        weights = [1.0] * len(ids)  # absent from states saved before update(weight=)
+        if "queued_weights" in state:
+            weights = f.tensor(
+                f"{path}['queued_weights']", state["queued_weights"], torch.float64, (len(ids),)
+            ).tolist()
+            bad = [w for w in weights if not (math.isfinite(w) and w > 0)]
+            if bad:
+                raise ValueError(
+                    f"{path}['queued_weights'] should hold finite numbers > 0, but got {bad[0]!r}"
+                )
         queued_augment = state["queued_augment"]
         if not isinstance(queued_augment, list | tuple) or len(queued_augment) != len(ids):
             raise f.refuse(
@@ -293,7 +308,7 @@ class LaggedPolicies:
                     check_statistics(
                         f"{path}['queued_augment'][{i}] (part {j})", one.flat(), one.num_choices
                     )
-            queued[b] = UpdateStatistics(stats, part)
+            queued[b] = UpdateStatistics(stats, part, weights[i])
         return lag, policy, augment, queued
 
     def load_state_dict(self, state: Mapping[str, Any], next_id: int | None = None) -> None:

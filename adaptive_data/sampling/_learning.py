@@ -82,10 +82,13 @@ class Learner:
         self.reward_counts = [0] * k if counts is None else [int(v) for v in counts]
         self.reward_last = [0] * k if last is None else [int(v) for v in last]
 
-    def learn(self, rec: Record, rewards: list[float], rows: list[int] | None) -> UpdateStatistics:
+    def learn(
+        self, rec: Record, rewards: list[float], rows: list[int] | None, weight: float = 1.0
+    ) -> UpdateStatistics:
         """Update the live policies from batch ``rec``'s ``rewards`` (of its ``rows``, or of
-        every example), summed over the ranks; returns the summed statistics. Collective
-        under ``torch.distributed``: raises when the ranks reward different batches."""
+        every example), summed over the ranks, the step scaled by ``weight``; returns the
+        summed statistics (with the weight, for the drawing copies). Collective under
+        ``torch.distributed``: raises when the ranks reward different batches."""
         sources = rec.sources if rows is None else [rec.sources[i] for i in rows]
         own = self.policy.statistics_of(sources, rewards)  # this rank's, for the means
         augment = None
@@ -95,7 +98,7 @@ class Learner:
             if rows is not None:
                 ops, bins = [ops[i] for i in rows], [bins[i] for i in rows]
             augment = tf.policy.statistics_of(ops, bins, rewards)
-        update = UpdateStatistics(own, augment)
+        update = UpdateStatistics(own, augment, weight)
         group = self.group
         if group.active:
             # The batch ids ride along: all ranks must reward the same batch (all equal iff
@@ -112,9 +115,9 @@ class Learner:
                     f"{total / group.world_size:g}. Every rank must update after the same "
                     "batches (skip an update on all ranks or on none)"
                 )
-        self.policy.apply(update.sources)
+        self.policy.apply(update.sources, weight)
         if tf is not None and update.augment is not None:
-            tf.policy.apply(update.augment)
+            tf.policy.apply(update.augment, weight)
         self.rewarded += 1
         self._fold_reward_means(own.sums, own.counts)
         self.history.append([rec.id, *self.policy.probs_list()])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler, default_collate
 
-from .._check import check_int, is_int
+from .._check import check_int, check_number, is_int
 from .._distributed import Group, current_group
 from ..policy._categorical import CategoricalPolicy, check_rewards
 from . import _checkpoint as ckpt
@@ -425,7 +425,11 @@ class GARSampler(Sampler[list[int]]):
         return rec
 
     def update(
-        self, rewards: Tensor, batch: int | None = None, rows: Sequence[int] | Tensor | None = None
+        self,
+        rewards: Tensor,
+        batch: int | None = None,
+        rows: Sequence[int] | Tensor | None = None,
+        weight: float = 1.0,
     ) -> None:
         """Learn from the rewards of one batch, or of some of its rows.
 
@@ -442,6 +446,11 @@ class GARSampler(Sampler[list[int]]):
                 at random give the full update in expectation (the per-choice statistics are
                 means over the rows given), though ``normalize="batch"`` then standardises by
                 the rows' own mean and spread.
+            weight: how many updates this one stands for (a finite number > 0): the policy's
+                step is ``lr * weight``, each logit's change still capped at ``max_step``.
+                :class:`GAR` passes the steps since its previous rewarded batch when its
+                budget rewards one batch in several, so that the mixture moves as fast as
+                when every batch is rewarded.
 
         Raises if the batch cannot be matched (none received yet, not delivered, too old,
         already rewarded) or the rewards have the wrong type, dtype, shape or device.
@@ -459,11 +468,12 @@ class GARSampler(Sampler[list[int]]):
             raise ValueError(
                 f"batch {rec.id} already received its rewards; each batch is updated at most once"
             )
+        check_number("weight", weight, positive=True, what="a finite number > 0")
         picked = None if rows is None else check_rows(rows, len(rec.keys))
         check_rewards(rewards, len(rec.keys) if picked is None else len(picked))
         self._drawer.lagged.check_on_time(rec.id, self._drawer.next_id)
         r = rewards.detach().to("cpu", torch.float64).tolist()  # one device-to-host copy
-        update = self._learner.learn(rec, r, picked)
+        update = self._learner.learn(rec, r, picked, float(weight))
         self._drawer.lagged.queue(rec.id, update)
         rec.rewarded = True
         self._refresh_pending()
