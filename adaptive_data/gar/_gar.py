@@ -367,7 +367,7 @@ class GAR:
                 continue
             groups = self._groups(kept.batch)
             # The updates a sparsely kept batch stands for (only when not 1).
-            weighted = {} if kept.weight == 1.0 else {"weight": kept.weight}
+            weighted: dict[str, Any] = {} if kept.weight == 1.0 else {"weight": kept.weight}
             if kept.rows is None:
                 self.sampler.update(r, batch=kept.batch, **weighted)
             else:
