@@ -156,6 +156,9 @@ class GAR:
             loss_fn=loss_fn,
             refresh=self._budget.reference_refresh(),
             sync=lambda ts: group.all_reduce_mean(ts, "GAR's reference gradient"),
+            # The sampler's collectives (its sync_timeout_s) for the shards' sums, when it
+            # has ranks; else the process group's.
+            group=group if group.active else None,
             who="GAR",
         )
         self.model, self.sampler, self.optimizer = model, sampler, optimizer
@@ -341,8 +344,10 @@ class GAR:
                 "step() was called before any backward(): no parameter has a .grad. Call it "
                 "after loss.backward() and before optimizer.step()"
             )
-        grads = _grads(params, present=True)
-        if self._schedule.pending and first_nonfinite(grads, self._source.shards) is not None:
+        if (
+            self._schedule.pending
+            and first_nonfinite(_grads(params, present=True), self._source.shards) is not None
+        ):
             # .grad holds NaN or inf, as on the steps a GradScaler skips: skip this one too.
             self._drop("nonfinite_grad", self._schedule.drop_trained())
             self._counts.skipped_nonfinite += 1

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import per_example_losses
+from .._distributed import Group
 from ._model_state import preserved
 from ._precondition import check_optimizer, precondition
 from ._sharding import Shards, is_shard, local, row_offset
@@ -219,6 +220,8 @@ class DirectionSource:
         loss_fn: ``loss_fn(output, target) -> [N]``, for the reference gradient.
         refresh: reuse a reference gradient until it is ``refresh`` steps old (>= 1).
         sync: averages a list of tensors over the ranks (``None``: one process).
+        group: the ranks' collectives for an FSDP2 model's sums (default: the process
+            group's).
         who: the front door's name, for errors.
     """
 
@@ -230,6 +233,7 @@ class DirectionSource:
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         refresh: int = 1,
         sync: Callable[[list[Tensor]], list[Tensor]] | None = None,
+        group: Group | None = None,
         who: str = "GradientProbe",
     ) -> None:
         params = trainable_parameters(model)
@@ -245,7 +249,7 @@ class DirectionSource:
         self.who = who
         self.frozen_rows = gradient_free_rows(model, params)
         # FSDP2: which parameters are shards, and the collectives over them.
-        self.shards = Shards(model, params)
+        self.shards = Shards(model, params, group)
         self._ids = tuple(id(p) for p in params.values())
         # The last reference gradient (all-reduced, not preconditioned) and the step it was
         # computed at: reused while fewer than ``refresh`` steps have passed.

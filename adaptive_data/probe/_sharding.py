@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._distributed import Group, current_group
+
 __all__: list[str] = []
 
 
@@ -132,32 +134,34 @@ class Shards:
     Args:
         model: the model (DDP unwrapped).
         params: its trainable parameters.
+        group: the ranks' collectives, which raise after their timeout rather than hang
+            (default: the process group's, :func:`current_group`).
     """
 
-    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
-        self.model = model
+    def __init__(
+        self, model: nn.Module, params: Mapping[str, Tensor], group: Group | None = None
+    ) -> None:
         self.modules = fsdp2_modules(model)
         self.sharded = frozenset(name for name, p in params.items() if is_shard(p))
         self.active = bool(self.modules or self.sharded)
         # A shard held by several ranks (HSDP's replicated mesh dimension) counts once in sums.
         self._copies = {name: _copies(p) for name, p in params.items() if is_shard(p)}
+        self.group = current_group(None, None) if group is None else group
 
     # ------------------------------------------------------------------ collectives
 
-    def _all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return t
+    def _sum(self, values: Tensor, what: str) -> Tensor:
+        """``values`` (float64) summed over the ranks: one all-reduce of the project's
+        collectives, an error naming ``what`` after their timeout instead of a hang."""
+        return torch.tensor(self.group.all_reduce_sum(values.tolist(), what), dtype=torch.float64)
 
     def agree(self, ready: bool) -> bool:
         """Whether every rank is ``ready`` (one all-reduce): the forwards that follow are
         collectives, so either every rank runs them or none does."""
         if not self.active:
             return ready
-        flag = torch.tensor([0.0 if ready else 1.0], dtype=torch.float64)
-        return float(self._all_reduce(flag, "max")) == 0.0
+        not_ready = torch.tensor([0.0 if ready else 1.0], dtype=torch.float64)
+        return float(self._sum(not_ready, "GAR's rewards on the shards")[0]) == 0.0
 
     def sums(self, parts: Mapping[str, Tensor]) -> Tensor:
         """``[k]`` float64 global sums of ``parts[name]`` (a ``[k]`` vector per parameter,
@@ -172,7 +176,7 @@ class Shards:
         mine = torch.tensor([n in self.sharded for n in names], dtype=torch.bool)
         if not self.active or not bool(mine.any()):
             return rows.sum(0)
-        total = self._all_reduce(rows[mine].sum(0).contiguous())
+        total = self._sum(rows[mine].sum(0), "the sums over the shards")
         return total + rows[~mine].sum(0)
 
     def first_nonfinite(self, tensors: Mapping[str, Tensor]) -> str | None:
@@ -182,7 +186,7 @@ class Shards:
         sums = torch.stack([local(t).sum().double().cpu() for t in tensors.values()])
         flags = (~torch.isfinite(sums)).double()
         if self.active:
-            flags = self._all_reduce(flags.contiguous(), "max")
+            flags = self._sum(flags, "the finiteness check of the shards")
         if not bool(flags.any()):
             return None
         # A NaN or inf in a sum: check each tensor elementwise (a float64 overflow of a
@@ -192,7 +196,7 @@ class Shards:
             dtype=torch.float64,
         )
         if self.active:
-            bad = self._all_reduce(bad, "max")
+            bad = self._sum(bad, "the finiteness check of the shards")
         for name, flag in zip(tensors, bad.tolist(), strict=True):
             if flag:
                 return name
