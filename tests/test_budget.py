@@ -18,6 +18,7 @@ from adaptive_data.gar._budget import (
     DEFAULT_BUDGET,
     KEEP_COSTS,
     MAX_REFRESH,
+    MAX_WEIGHT,
     MIN_ROWS,
     WARMUP,
     Budget,
@@ -440,6 +441,9 @@ def test_a_kept_batch_stands_for_the_steps_since_the_last_one_in_the_second_phas
     assert bud.keep_weight(7) == 5.0  # kept at 2, then at 7
     assert bud.keep_weight(7) == 5.0  # another batch of the same step (accumulation)
     assert bud.keep_weight(8) == 1.0
+    assert bud.keep_weight(8 + MAX_WEIGHT) == MAX_WEIGHT  # at the cap
+    assert bud.keep_weight(8 + 2 * MAX_WEIGHT + 3) == MAX_WEIGHT  # a longer gap: capped
+    assert bud.keep_weight(8 + 2 * MAX_WEIGHT + 4) == 1.0
     fixed = budget(0.1, every=4)  # an explicit every: each update stands for itself
     fixed.warm = False
     assert [fixed.keep_weight(c) for c in (0, 4, 8)] == [1.0, 1.0, 1.0]
@@ -464,7 +468,7 @@ def test_gar_weighs_each_update_by_the_steps_since_the_previous_one():
     batches = [b for b, _ in calls]
     assert [w for _, w in calls[:WARMUP]] == [1.0] * WARMUP
     gaps = [b - a for a, b in zip(batches[WARMUP - 1 :], batches[WARMUP:], strict=False)]
-    assert [w for _, w in calls[WARMUP:]] == [float(g) for g in gaps]
+    assert [w for _, w in calls[WARMUP:]] == [float(min(g, MAX_WEIGHT)) for g in gaps]
     assert max(gaps) > 1  # the bucket skipped batches
     assert weights["clean"] > 0.6
     calls.clear()

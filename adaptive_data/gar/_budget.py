@@ -79,6 +79,10 @@ REFERENCE_SHARE = 0.5
 MAX_REFRESH = 64
 """The longest the budget reuses a reference gradient, in steps."""
 
+MAX_WEIGHT = 8
+"""The most updates one kept batch's rewards stand for in the second phase (see
+:meth:`Budget.keep_weight`)."""
+
 SMOOTHING = 0.2
 """Weight of each rewarded batch in the smoothed per-row contrast (``gar.metrics()``)."""
 
@@ -143,15 +147,18 @@ class Budget:
         """A batch is kept at ``count``: how many updates its rewards stand for. 1 while every
         batch is kept (the first phase, an explicit ``every``, no budget); in the second
         phase, the counts since the previous kept one (the same for every batch kept at one
-        count, as under gradient accumulation): the bucket keeps about one batch in
-        ``cost / budget``, and each update then moves the mixture as far as that many would
-        (measured: docs/howto-gar.md, "The cost budget")."""
+        count, as under gradient accumulation), at most :data:`MAX_WEIGHT`: the bucket keeps
+        about one batch in ``cost / budget``, and each update then moves the mixture as far
+        as that many would. The cap bounds what one noisy batch can do after a long gap (a
+        larger batch cost or a smaller budget): uncapped, one seed of 16 of
+        ``short_horizon.py`` with a reference of 16 rows ended below 0.9 where exact
+        every-step rewards had none (docs/howto-gar.md, "The cost budget")."""
         if count != self.last_kept:
             self.stride = 1 if self.last_kept is None else max(count - self.last_kept, 1)
             self.last_kept = count
         if self.fixed_every is not None or self.budget is None or self.warm:
             return 1.0
-        return float(self.stride)
+        return float(min(self.stride, MAX_WEIGHT))
 
     def charge_keep(self, n: int) -> None:
         """A batch of ``n`` rows is kept: charge its capture and the rows it will reward."""
