@@ -25,7 +25,7 @@ from ..probe._direction import (
     first_nonfinite,
     warn_if_tied_padding,
 )
-from ..probe._keepers import KEEPERS, FdKeeper, Keeper
+from ..probe._keepers import KEEPERS, FdKeeper, Keeper, KeptBatch
 from ..probe._model_state import cuda_devices
 from ..probe._plan import plan
 from ..probe._sharding import check_sharding
@@ -263,6 +263,7 @@ class GAR:
             handle.remove()
         self._handles.clear()
         self._counts.drop("closed", len(self._schedule.pending))
+        self._schedule.release(self._schedule.pending)
         self._schedule.pending.clear()
         self._keeper.close()
 
@@ -288,9 +289,11 @@ class GAR:
             earlier = kept.earlier
             if earlier is not None:  # hold the latest earlier forward that had its backward
                 if self._keeper.backward_seen(earlier):
-                    earlier.earlier = None
+                    older, earlier.earlier = earlier.earlier, None
                 else:
-                    kept.earlier = earlier.earlier
+                    older, kept.earlier, earlier.earlier = earlier, earlier.earlier, None
+                if older is not None:
+                    older.release()
             self._keeper.open(kept, args, kwargs)
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -360,6 +363,16 @@ class GAR:
         else:
             due, _ = self._schedule.due(self._pairing.last_batches)
             d = self._reference_direction() if due else None
+        try:
+            out = self._reward(due, d, start)
+        finally:
+            self._schedule.release(due)
+        self._schedule.advance()
+        return out
+
+    def _reward(self, due: list[KeptBatch], d: Direction | None, start: float) -> Tensor | None:
+        """Reward the kept batches ``due`` against ``D``; the rewards of the last one
+        rewarded, or None."""
         out = None
         for kept in due:  # d is known whenever a batch is due
             # No backward reached a forward the loop ran after the backward (a training
@@ -387,7 +400,6 @@ class GAR:
             else:  # the sampler counts and drops them (metrics()["nonfinite_rewards"])
                 self._drop("nonfinite_rewards")
             out = r
-        self._schedule.advance()
         return out
 
     def _drop(self, reason: str, count: int = 1) -> None:

@@ -98,7 +98,7 @@ class Schedule:
         dropped = 0
         wait = self.sampler.reference_every
         if wait:
-            dropped = len(self._take(lambda k: self.steps - k.step > wait))
+            dropped = len(self.release(self._take(lambda k: self.steps - k.step > wait)))
             if last_batches and not self.sampler.is_reference(last_batches[-1]):
                 return [], dropped  # this step's gradient is an augmented batch's
         return self._take(lambda k: k.step < self.steps), dropped
@@ -111,7 +111,14 @@ class Schedule:
     def drop_trained(self) -> int:
         """A step skipped for a non-finite ``.grad``: drop the batches trained at this step
         (batches kept earlier wait for the next step's gradient); returns how many."""
-        return len(self._take(lambda k: k.step >= self.steps))
+        return len(self.release(self._take(lambda k: k.step >= self.steps)))
+
+    @staticmethod
+    def release(kept: list[KeptBatch]) -> list[KeptBatch]:
+        """Let go of what ``kept`` hold (rewarded or dropped); returns them."""
+        for k in kept:
+            k.release()
+        return kept
 
     def _take(self, due: Any) -> list[KeptBatch]:
         taken = [k for k in self.pending if due(k)]
@@ -133,4 +140,4 @@ class Schedule:
         self.last_augmented = None if last is None else int(last)
         if state.get("budget_state") is not None:  # absent from states saved before budget=
             self.budget.load_state_dict(state["budget_state"])
-        self.pending.clear()
+        self.pending = []

@@ -54,6 +54,12 @@ class Kept:
     grads: dict[int, tuple[Tensor, int]] = dataclasses.field(default_factory=dict)
     versions: list[tuple[Tensor, int]] = dataclasses.field(default_factory=list)
 
+    def release(self) -> None:
+        """Let go of the inputs and gradients (memory: the hooks on the outputs hold this)."""
+        self.args, self.kwargs, self.rng = (), {}, None
+        self.grads.clear()
+        self.versions.clear()
+
 
 def rng_changed(before: RngSnapshot) -> bool:
     """Whether the global RNG moved since ``before`` (the forward drew random numbers)."""

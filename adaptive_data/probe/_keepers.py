@@ -61,6 +61,23 @@ class KeptBatch:
     # leaves the rewards to it).
     earlier: KeptBatch | None = None
 
+    def release(self) -> None:
+        """Let go of what was kept (this forward's and the earlier ones'): its rewards are
+        computed or it is dropped. The gradient hooks on the forward's outputs hold what they
+        fill, and the autograd graph, which the loop's ``loss`` keeps alive until its next
+        forward, holds the hooks: without this, a batch's inputs and output gradients would
+        stay in memory through the next step's forward and reference pass."""
+        for out in self.calls:
+            out.grads.clear()
+            out.call.release()
+        self.calls.clear()
+        if self.fd is not None:
+            self.fd.release()
+            self.fd = None
+        if self.earlier is not None:
+            self.earlier.release()
+            self.earlier = None
+
 
 @dataclasses.dataclass
 class SlowCalls:
