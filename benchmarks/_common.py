@@ -9,6 +9,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,12 @@ def print_rate_table(cases: dict[str, dict[str, Any]], what: str = "examples/s")
                 f"| {case}, {name} | {s['median']:,.0f} | {s['min']:,.0f} | "
                 f"{s['max']:,.0f} | {ratio_text(s)} |"
             )
+
+
+def expect_fixed_arms() -> None:
+    """Silence the sampler's warning that nothing rewards its batches: a benchmark's fixed
+    arms (uniform, proportional, a reference model's run) draw through the same tracked loader
+    as its GAR arms, for the same loading cost, and never call ``update()`` by design."""
+    warnings.filterwarnings(
+        "ignore", message=r"GARSampler delivered \d+ batches .* none of them was rewarded"
+    )

@@ -70,7 +70,6 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 
-from _common import header, summary, write
+from _common import expect_fixed_arms, header, summary, write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -562,12 +561,7 @@ def plot(results: dict[str, Any], out: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    # The fixed arms (uniform, proportional, DoReMi's reference model) draw through the same
-    # tracked loader as the others, for the same loading cost, and never call update(): the
-    # sampler's warning that nothing rewards its batches is expected there.
-    warnings.filterwarnings(
-        "ignore", message=r"GARSampler delivered \d+ batches .* none of them was rewarded"
-    )
+    expect_fixed_arms()  # uniform, proportional and DoReMi's reference model
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "data",

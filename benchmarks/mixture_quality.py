@@ -78,7 +78,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
 
-from _common import header, summary, write
+from _common import expect_fixed_arms, header, summary, write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -402,6 +402,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> bool:
 
 
 def main() -> None:
+    expect_fixed_arms()  # uniform, uniform_x2, proportional, the oracles
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "data",
