@@ -147,7 +147,9 @@ def train(
     pipeline = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
     datasets = {name: Digits(x, y, pipeline) for name, (x, y) in sources.items()}
     sampler = ad.GARSampler(datasets, batch_size=args.batch_size, seed=args.seed, transform=tf)
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
+    if learn:  # GAR pairs each forward with its batch through the tracked loader
+        loader = sampler.track(loader)
     model = model_for(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     loss_fn = nn.CrossEntropyLoss()

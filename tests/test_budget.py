@@ -86,12 +86,12 @@ def test_the_estimated_cost_stays_within_the_budget(
 def test_a_larger_budget_keeps_more_batches_after_the_exact_phase():
     kept = []
     for value in (0.05, 0.1, 0.5, 2.0):
-        bud = past_warmup(budget(value, costs=(0.25, 0.75)))
+        bud = past_warmup(budget(value, b=256, costs=(0.25, 0.75)))
         n = 0
         for t in range(200):
             if bud.wants(t):
                 n += 1
-                bud.charge_keep(64)
+                bud.charge_keep(256)
             bud.tick()
         kept.append(n)
     assert kept == sorted(kept)
@@ -119,9 +119,10 @@ def test_the_first_phase_is_exact_and_ends_after_warmup_batches():
     bud.charge_keep(64)
     bud.observe_contrast(None, 64)
     assert not bud.warm
-    assert bud.chosen_rows(64) == 64 // 4
+    assert bud.chosen_rows(64) == MIN_ROWS == 32  # a quarter of 64 is 16 < 32
     assert bud.chosen_rows(12) is None
-    assert past_warmup(budget(b=32)).chosen_rows(32) == MIN_ROWS  # a quarter of 32 is 8 < 16
+    assert past_warmup(budget(b=32)).chosen_rows(32) is None  # at most MIN_ROWS: whole
+    assert past_warmup(budget(b=256)).chosen_rows(256) == 256 // 4
     # R = B, budget 0.1: the reference's half of the budget buys one every 20 steps
     assert bud.reference_refresh() == 20
     bud.charge_reference(640)
