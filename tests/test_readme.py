@@ -107,6 +107,10 @@ TABLE = {
             )
         ],
     ),
+    "The stock encoder LM at 25.6M parameters": (
+        ["lm_cost_defaults_d512.json"],
+        lambda: [f"{lm_cost('lm_cost_defaults_d512.json', 'stock'):.2f}"],
+    ),
 }
 
 
