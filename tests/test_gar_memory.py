@@ -49,26 +49,23 @@ def held() -> list[tuple[str, int]]:
     return out
 
 
-@pytest.mark.parametrize("estimator", ["ghost", "fd"])
-@pytest.mark.parametrize("again", [False, True], ids=["plain", "accuracy_forward"])
-def test_nothing_of_a_rewarded_batch_is_held_after_its_step(estimator, again):
+def loop(**gar_kwargs):
+    """A two-source mixture, a clean held-out reference and the exact GAR (every batch kept)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sampler = ad.GARSampler(sources(), batch_size=8, seed=0)
     loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
     ref = ad.ReferenceBatches(sources()["a"], batch_size=8, seed=0)
+    gar = ad.GAR(model, sampler, optimizer=opt, reference=ref, loss_fn=LOSS, **gar_kwargs)
+    return model, opt, loader, gar
+
+
+@pytest.mark.parametrize("estimator", ["ghost", "fd"])
+@pytest.mark.parametrize("again", [False, True], ids=["plain", "accuracy_forward"])
+def test_nothing_of_a_rewarded_batch_is_held_after_its_step(estimator, again):
     reward = "dot" if estimator == "fd" else "cosine"
-    gar = ad.GAR(
-        model,
-        sampler,
-        optimizer=opt,
-        reference=ref,
-        loss_fn=LOSS,
-        estimator=estimator,
-        reward=reward,
-        budget=None,
-    )
+    model, opt, loader, gar = loop(estimator=estimator, reward=reward, budget=None)
     with gar:
         for step, (x, y) in enumerate(loader):
             opt.zero_grad()
@@ -87,13 +84,7 @@ def test_nothing_of_a_rewarded_batch_is_held_after_its_step(estimator, again):
 
 
 def test_close_lets_go_of_a_batch_still_waiting():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = ad.GARSampler(sources(), batch_size=8, seed=0)
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
-    ref = ad.ReferenceBatches(sources()["a"], batch_size=8, seed=0)
-    gar = ad.GAR(model, sampler, optimizer=opt, reference=ref, loss_fn=LOSS, budget=None)
+    model, _, loader, gar = loop(budget=None)
     x, y = next(iter(loader))
     loss = LOSS(model(x), y).mean()
     loss.backward()  # no step: the batch waits
