@@ -8,6 +8,7 @@ import importlib
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +148,10 @@ def train(
     pipeline = v2.Compose([tf, v2.ToDtype(torch.float32, scale=True)])
     datasets = {name: Digits(x, y, pipeline) for name, (x, y) in sources.items()}
     sampler = ad.GARSampler(datasets, batch_size=args.batch_size, seed=args.seed, transform=tf)
-    loader = DataLoader(sampler.dataset, batch_sampler=sampler)
-    if learn:  # GAR pairs each forward with its batch through the tracked loader
-        loader = sampler.track(loader)
+    plain = DataLoader(sampler.dataset, batch_sampler=sampler)
+    # GAR pairs each forward with its batch through the tracked loader; the uniform run needs
+    # none (a tracked loader nothing rewards is warned about).
+    loader: Iterable[Any] = sampler.track(plain) if learn else plain
     model = model_for(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     loss_fn = nn.CrossEntropyLoss()
