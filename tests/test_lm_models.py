@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import adaptive_data as ad
+from adaptive_data.gar._budget import MIN_ROWS
 from tests.models import SEQ, VOCAB, StockLM, lm_loss, loop_rewards
 
 # GAR over one source as a harness for its rewards (tests/conftest.py)
@@ -347,7 +348,7 @@ def test_forward_mode_estimators_say_a_tied_padding_row_makes_them_approximate()
 
 
 def test_the_default_budget_cuts_rows_on_the_stock_encoder_in_a_loop() -> None:
-    """Every default on batches of 48: after the exact phase the budget rewards 16 rows of a
+    """Every default on batches of 48: after the exact phase the budget rewards 32 rows of a
     kept batch (the attention with dropout, the positions at their sum, the buffered mask all
     cut to those rows), every reward finite, and the mixture still moves to the good source."""
     sampler, gar, rewards = _default_gar_on_the_stock_encoder(48, 480, 96)  # 40 steps
@@ -355,8 +356,8 @@ def test_the_default_budget_cuts_rows_on_the_stock_encoder_in_a_loop() -> None:
     assert all(torch.isfinite(r).all() for r in rewards if r is not None)
     m = gar.metrics()
     assert m["budget/exact_phase"] == 0.0
-    assert m["budget/rows"] == 16
+    assert m["budget/rows"] == MIN_ROWS == 32  # a quarter of 48 is fewer
     assert sizes[:16] == [48] * 16  # the exact phase: every row of every batch
     assert len(sizes) > 16
-    assert set(sizes[16:]) == {16}
+    assert set(sizes[16:]) == {MIN_ROWS}
     assert sampler.weights["good"] > 0.6
