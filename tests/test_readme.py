@@ -107,13 +107,18 @@ TABLE = {
             )
         ],
     ),
-    "The same at 25.5-25.6M parameters": (
-        ["lm_cost_defaults_d512.json", "lm_cost_defaults_d512_gpt2.json"],
+    "The same at 25-32M parameters": (
+        [
+            "lm_cost_defaults_d512.json",
+            "lm_cost_defaults_d512_gpt2.json",
+            "lm_cost_defaults_d512_llama.json",
+        ],
         lambda: [
             f"{lm_cost(name, model):.2f}"
             for name, model in (
                 ("lm_cost_defaults_d512.json", "stock"),
                 ("lm_cost_defaults_d512_gpt2.json", "gpt2"),
+                ("lm_cost_defaults_d512_llama.json", "llama"),
             )
         ],
     ),
