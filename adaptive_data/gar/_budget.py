@@ -73,9 +73,10 @@ ROWS_SHARE = 4
 MIN_ROWS = 32
 """The fewest rows the budget rewards in a batch (a batch of fewer rows is rewarded whole). A
 weighted update of few rows lets the one or two rows of a rarely drawn source swing the
-mixture: with 16 of 32 rows the demo's seed 1 ended on its pixel-noise source (clean 0.02),
-with 32 on the clean one (0.98), and the Fashion-MNIST mixture (batches of 64) gave the same
-accuracy with 16 or 32 (docs/benchmark-log.md, "The cost budget")."""
+mixture: with 16 of 32 rows the demo's seed 1 ended on its pixel-noise source (clean 0.02,
+``adaptive-data demo --seed 1`` at commit 94f3904), with 32 on the clean one (0.98), and the
+Fashion-MNIST mixture (batches of 64) gave the same accuracy with 16 or 32
+(docs/benchmark-log.md, "The cost budget")."""
 
 REFERENCE_SHARE = 0.5
 """The share of the budget the reference gradient's refreshes may take."""
