@@ -9,9 +9,10 @@ repeat times a run of ``--steps`` steps after a warm-up, and the ratio to the pl
 the median of paired (same repeat) ratios. Target: at most 1.10x the plain loop's time per
 step. Figures go to ``benchmarks/results/gar_cost.json``.
 
-``--mode defaults`` times every default (``GAR(budget=0.1)``, next-batch and held-out) beside
-the exact GAR (``budget=None``), after a warm-up of 48 steps that covers the budget's exact
-first phase, with timed runs long enough to hold several rewarded batches (``--steps 40``);
+``--mode defaults`` times every default (``GAR(budget="auto")``: 0.03 next-batch, 0.1
+held-out) beside the exact GAR (``budget=None``) and the next-batch mode at ``budget=0.05`` and
+``0.1`` (its default before), after a warm-up of 48 steps that covers the budget's exact first
+phase, with timed runs long enough to hold several rewarded batches (``--steps 40``);
 figures to ``benchmarks/results/gar_cost_defaults.json``. The other modes' variants set
 ``budget=None``: what they measured before the budget existed.
 
@@ -114,8 +115,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
             "reward": "dot",
         },
     },
-    # Every default (GAR(budget=0.1)) against the exact GAR (budget=None), timed after the
-    # exact first phase (--warmup 48 steps: 16 rewarded batches, then the budget).
+    # Every default (GAR(budget="auto"): 0.03 next batch, 0.1 held out) against the exact GAR
+    # (budget=None), timed after the exact first phase (--warmup 48 steps: 16 rewarded
+    # batches, then the budget).
     "defaults": {
         "plain": None,
         "default_next_batch": {},
@@ -123,6 +125,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
         "exact_next_batch": {"budget": None},
         "exact_heldout": {"budget": None, "reference": True},
         "budget0.05_next_batch": {"budget": 0.05},
+        "budget0.1_next_batch": {"budget": 0.1},  # budget="auto" with the next batch before
     },
 }
 

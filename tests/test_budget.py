@@ -20,6 +20,7 @@ from adaptive_data.gar._budget import (
     MAX_REFRESH,
     MAX_WEIGHT,
     MIN_ROWS,
+    NEXT_BATCH_BUDGET,
     WARMUP,
     Budget,
     per_row_contrast,
@@ -294,19 +295,25 @@ def test_an_explicit_every_overrides_the_budget_in_gar():
 
 
 def test_default_budget_is_documented_and_checked():
-    assert DEFAULT_BUDGET == 0.1
+    assert (DEFAULT_BUDGET, NEXT_BATCH_BUDGET) == (0.1, 0.03)
     sources, clean = mixture()
     s = ad.GARSampler(sources, batch_size=16)
     ref = ad.ReferenceBatches(clean, batch_size=8)
     model = nn.Linear(4, 2)
     with pytest.raises(
-        ValueError, match=r"budget should be None or a number > 0, but got budget=0"
+        ValueError, match=r"budget should be 'auto', None or a number > 0, but got budget=0$"
     ):
         ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget=0)
     with pytest.raises(ValueError, match=r"budget=nan"):
         ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget=float("nan"))
-    gar = ad.GAR(model, s, reference=ref, loss_fn=LOSS)
+    with pytest.raises(ValueError, match=r"but got budget='Auto'"):
+        ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget="Auto")
+    gar = ad.GAR(model, s, reference=ref, loss_fn=LOSS)  # "auto" with a held-out reference
     assert "budget=0.1" in repr(gar)
+    assert gar.budget == gar.metrics()["budget"] == DEFAULT_BUDGET
+    gar.close()
+    gar = ad.GAR(model, s, reference=ref, loss_fn=LOSS, budget=0.25)  # a number is kept
+    assert gar.budget == gar.metrics()["budget"] == 0.25
 
 
 def test_a_state_saved_before_the_budget_names_budget_none():

@@ -193,6 +193,47 @@ def test_every_k_rewards_every_kth_batch():
     assert rewarded == [0, 3, 6, 9]
 
 
+def test_the_default_budget_is_smaller_with_the_next_batch_as_the_reference():
+    """budget="auto" stands for 0.03 with the next batch (an augmentation policy) and 0.1 with
+    a held-out reference; after the exact phase the next-batch default keeps fewer batches
+    than budget=0.1, and a number given is kept as it is."""
+    from adaptive_data.gar._budget import NEXT_BATCH_BUDGET, WARMUP
+
+    rewarded = {}
+    for budget in ("auto", 0.1):
+        torch.manual_seed(0)
+        model = mlp()
+        sampler = ad.GARSampler(data(), batch_size=5, seed=0)  # 12 batches an epoch
+        gar = ad.GAR(model, sampler, budget=budget)
+        assert gar.budget == gar.metrics()["budget"] == (0.1 if budget == 0.1 else 0.03)
+        run(model, sampler, gar, epochs=10)
+        m = gar.metrics()
+        assert m["budget/exact_phase"] == 0.0
+        rewarded[budget] = m["batches_rewarded"] - WARMUP
+        gar.close()
+    assert NEXT_BATCH_BUDGET == 0.03
+    assert "budget=0.03" in repr(ad.GAR(mlp(), ad.GARSampler(data(), batch_size=5)))
+    assert 0 < rewarded["auto"] < rewarded[0.1] / 2
+
+
+def test_a_next_batch_state_saved_when_auto_stood_for_0_1_names_the_budget_to_pass():
+    model = mlp()
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)
+    old = ad.GAR(model, sampler, budget=0.1)  # what budget="auto" was with the next batch
+    run(model, sampler, old)
+    state = old.state_dict()
+    old.close()
+    gar = ad.GAR(model, sampler)
+    with pytest.raises(
+        ValueError,
+        match=r"state has budget=0.1, but this GAR has budget=0.03 \(budget=\"auto\" stood "
+        r"for 0.1 with the next batch before it stood for 0.03: pass budget=0.1 to resume",
+    ):
+        gar.load_state_dict(state)
+    gar.close()
+    ad.GAR(model, sampler, budget=0.1).load_state_dict(state)
+
+
 def test_gradient_accumulation_rewards_every_micro_batch_against_the_accumulated_gradient():
     model = mlp()
     sampler = ad.GARSampler(data(), batch_size=5, seed=0)  # 12 batches, 6 steps of 2

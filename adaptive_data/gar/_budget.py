@@ -49,9 +49,21 @@ from ..probe._sharding import Shards
 
 __all__: list[str] = []
 
+AUTO = "auto"
+"""``GAR(budget=)``'s default: :data:`DEFAULT_BUDGET` with a held-out reference,
+:data:`NEXT_BATCH_BUDGET` with the next batch as the reference (:func:`resolve_budget`)."""
+
 DEFAULT_BUDGET = 0.1
-"""``GAR(budget=)``'s default: the rewards' estimated work is at most a tenth of the training
-step's (docs/howto-gar.md, "The cost budget", has what it gives on the benchmarks)."""
+"""``budget="auto"`` with a held-out reference (a mixture): the rewards' estimated work is at
+most a tenth of the training step's, half of it on the reference gradient
+(docs/howto-gar.md, "The cost budget", has what it gives on the benchmarks)."""
+
+NEXT_BATCH_BUDGET = 0.03
+"""``budget="auto"`` with the next batch as the reference (an augmentation policy over one
+source): its rewards teach a policy whose learning gained no more than the seeds' spread over
+its frozen control in ``benchmarks/augment_study.py`` (docs/howto-augment.md), so they get a
+smaller share; with what GAR does at every step, kept or not (about 1% of a small MLP's
+step), the whole stays within 1.05x a plain step (``gar_cost.py --mode defaults``)."""
 
 KEEP_COSTS: Mapping[tuple[str, str], tuple[float, float]] = {
     ("ghost", "cosine"): (0.25, 0.75),
@@ -93,9 +105,18 @@ SMOOTHING = 0.2
 
 
 def check_budget(budget: Any, prefix: str = "") -> None:
-    """Raise unless ``budget`` is None or a finite number > 0 (a share of a training step)."""
-    if budget is not None:
-        check_number(f"{prefix}budget", budget, positive=True, what="None or a number > 0")
+    """Raise unless ``budget`` is ``"auto"``, None or a finite number > 0 (a share of a
+    training step)."""
+    if budget is not None and not (isinstance(budget, str) and budget == AUTO):
+        check_number(f"{prefix}budget", budget, positive=True, what="'auto', None or a number > 0")
+
+
+def resolve_budget(budget: float | str | None, next_batch: bool) -> float | None:
+    """The budget a (checked) ``budget=`` stands for: ``"auto"`` is :data:`NEXT_BATCH_BUDGET`
+    with the next batch as the reference, else :data:`DEFAULT_BUDGET`."""
+    if isinstance(budget, str):
+        return NEXT_BATCH_BUDGET if next_batch else DEFAULT_BUDGET
+    return None if budget is None else float(budget)
 
 
 class Budget:

@@ -33,7 +33,7 @@ from ..probe.rules import FALLBACK_RULE, registered_names
 from ..sampling import GARSampler
 from . import _state
 from ._arguments import check_arguments
-from ._budget import DEFAULT_BUDGET, KEEP_COSTS, Budget, per_row_contrast
+from ._budget import AUTO, KEEP_COSTS, Budget, per_row_contrast, resolve_budget
 from ._pairing import Pairing
 from ._reference import CallShape, as_training_call, failed
 from ._schedule import Schedule
@@ -71,14 +71,16 @@ class GAR:
             iterates.
         optimizer: the optimizer over the model's parameters (or a wrapper exposing it as
             ``.optimizer``); ``D`` is preconditioned by its state. ``None``: plain gradients.
-        budget: the rewards' estimated share of a training step's work (default 0.1): the
-            first 16 rewarded batches are exact (every batch, every row, a fresh reference);
-            then GAR chooses which batches to reward, how many of their rows and how often to
+        budget: the rewards' estimated share of a training step's work: the first 16
+            rewarded batches are exact (every batch, every row, a fresh reference); then GAR
+            chooses which batches to reward, how many of their rows and how often to
             recompute the reference gradient to stay within the budget, from counted work
             only (the same choices with any worker count and after a resume;
-            docs/howto-gar.md, "The cost budget"). ``None``: every batch, every row, a fresh
-            reference (exact, and 2-4x a training step). An explicit ``every``, ``rows`` or
-            ``reference_refresh`` replaces that choice.
+            docs/howto-gar.md, "The cost budget"). ``"auto"`` (default): 0.1 with
+            ``reference`` (a mixture), 0.03 with the next batch (an augmentation policy).
+            ``None``: every batch, every row, a fresh reference (exact, and 2-4x a training
+            step). An explicit ``every``, ``rows`` or ``reference_refresh`` replaces that
+            choice.
         every: reward the batches of every ``every``-th step only (>= 1); with next-batch
             references of a transform, every ``every``-th augmented batch. ``None``: the
             budget's choice (1 without a budget).
@@ -113,7 +115,7 @@ class GAR:
         sampler: GARSampler,
         *,
         optimizer: torch.optim.Optimizer | None = None,
-        budget: float | None = DEFAULT_BUDGET,
+        budget: float | str | None = AUTO,
         every: int | None = None,
         reward: str = "cosine",
         reference: Iterable[Any] | None = None,
@@ -142,8 +144,9 @@ class GAR:
         check_sharding(model, estimator, "GAR")
         core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         group = sampler.sync_group
+        share = resolve_budget(budget, next_batch=reference is None)
         self._budget = Budget(
-            budget,
+            share,
             sampler.batch_size,
             KEEP_COSTS[estimator, reward],
             every=every,
@@ -162,7 +165,8 @@ class GAR:
             who="GAR",
         )
         self.model, self.sampler, self.optimizer = model, sampler, optimizer
-        self.budget, self.every, self.reward, self.loss_fn = budget, every, reward, loss_fn
+        self.budget: float | None = share  # the share "auto" stands for, or the one given
+        self.every, self.reward, self.loss_fn = every, reward, loss_fn
         self.reference_refresh, self.rows, self.estimator = reference_refresh, rows, estimator
         self.fallback = fallback
         self._reference: Iterator[Any] | None = None if reference is None else iter(reference)

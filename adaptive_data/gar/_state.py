@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from ..probe._direction import DirectionSource
 from ..probe._keepers import SlowCalls
+from ._budget import DEFAULT_BUDGET, NEXT_BATCH_BUDGET
 from ._schedule import Schedule
 from ._watch import REASONS
 
@@ -182,7 +183,7 @@ def load(state: Mapping[str, Any], parts: Parts, apply: bool = True) -> None:
             old = (
                 " (a state saved before budget= existed, by an exact GAR: pass budget=None)"
                 if key == BUDGET_KEY and BUDGET_KEY not in state
-                else ""
+                else _auto_changed(key, theirs, settings)
             )
             raise ValueError(
                 f"state has {key}={theirs!r}, but this GAR has {key}={settings[key]!r}{old}"
@@ -317,3 +318,18 @@ def _checked_clock(state: Mapping[str, Any]) -> tuple[float, float, int]:
             f"calls], three finite non-negative numbers, but got {saved!r}"
         )
     return float(saved[0]), float(saved[1]), int(saved[2])
+
+
+def _auto_changed(key: str, theirs: Any, settings: Mapping[str, Any]) -> str:
+    """A hint for a next-batch state saved when ``budget="auto"`` stood for 0.1 there too."""
+    if (
+        key == BUDGET_KEY
+        and settings["mode"] == "next batch"
+        and settings[key] == NEXT_BATCH_BUDGET
+        and theirs == DEFAULT_BUDGET
+    ):
+        return (
+            f' (budget="auto" stood for {DEFAULT_BUDGET} with the next batch before it stood '
+            f"for {NEXT_BATCH_BUDGET}: pass budget={DEFAULT_BUDGET} to resume this run)"
+        )
+    return ""

@@ -28,7 +28,7 @@ try:
 except ImportError as e:  # the [lightning] extra is not installed: say so
     raise missing_extra(e, "lightning", __name__) from e
 
-from ..gar._budget import DEFAULT_BUDGET
+from ..gar._budget import AUTO
 from ..gar._gar import GAR
 from ..sampling._sampler import GARSampler
 from ..sampling._tracking import TrackedLoader
@@ -74,8 +74,9 @@ class GARCallback(Callback):
             (on the model's device: its ``device=``). Required for a mixture of several
             sources; ``None``: the next-batch reference (augmentation over one source).
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; with ``reference``.
-        budget: GAR's ``budget``: the rewards' estimated share of a training step (default
-            0.1; ``None``: every batch, exact).
+        budget: GAR's ``budget``: the rewards' estimated share of a training step
+            (``"auto"``, the default: 0.1 with ``reference``, 0.03 without; ``None``: every
+            batch, exact).
         every: GAR's ``every``: reward the batches of every ``every``-th step.
         reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
@@ -101,7 +102,7 @@ class GARCallback(Callback):
         *,
         reference: Iterable[Any] | None = None,
         loss_fn: Any = None,
-        budget: float | None = DEFAULT_BUDGET,
+        budget: float | str | None = AUTO,
         every: int | None = None,
         reward: str = "cosine",
         reference_refresh: int | None = None,

@@ -38,7 +38,7 @@ try:
 except ImportError as e:  # the [transformers] extra is not installed: say so
     raise missing_extra(e, "transformers", __name__) from e
 
-from ..gar._budget import DEFAULT_BUDGET
+from ..gar._budget import AUTO
 from ..gar._gar import GAR
 from ..sampling._reference import ReferenceBatches
 from ..sampling._sampler import GARSampler
@@ -189,7 +189,8 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
             per-example form of its own loss (causal and masked language models, sequence
             and token classification).
         gar_budget: GAR's ``budget``: the rewards' estimated share of a training step
-            (default 0.1; ``None``: every batch, exact).
+            (``"auto"``, the default: 0.1 with ``gar_reference``, 0.03 without; ``None``:
+            every batch, exact).
         gar_every: GAR's ``every``: reward the batches of every ``every``-th step.
         gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
         gar_reference_refresh: GAR's ``reference_refresh``: reuse the reference gradient for
@@ -215,7 +216,7 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
         gar_sampler: GARSampler,
         gar_reference: Any = None,
         gar_loss_fn: Any = None,
-        gar_budget: float | None = DEFAULT_BUDGET,
+        gar_budget: float | str | None = AUTO,
         gar_every: int | None = None,
         gar_reward: str = "cosine",
         gar_reference_refresh: int | None = None,
