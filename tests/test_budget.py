@@ -295,7 +295,7 @@ def test_an_explicit_every_overrides_the_budget_in_gar():
 
 
 def test_default_budget_is_documented_and_checked():
-    assert (DEFAULT_BUDGET, NEXT_BATCH_BUDGET) == (0.1, 0.03)
+    assert (DEFAULT_BUDGET, NEXT_BATCH_BUDGET) == (0.1, 0.02)
     sources, clean = mixture()
     s = ad.GARSampler(sources, batch_size=16)
     ref = ad.ReferenceBatches(clean, batch_size=8)

@@ -194,7 +194,7 @@ def test_every_k_rewards_every_kth_batch():
 
 
 def test_the_default_budget_is_smaller_with_the_next_batch_as_the_reference():
-    """budget="auto" stands for 0.03 with the next batch (an augmentation policy) and 0.1 with
+    """budget="auto" stands for 0.02 with the next batch (an augmentation policy) and 0.1 with
     a held-out reference; after the exact phase the next-batch default keeps fewer batches
     than budget=0.1, and a number given is kept as it is."""
     from adaptive_data.gar._budget import NEXT_BATCH_BUDGET, WARMUP
@@ -205,14 +205,14 @@ def test_the_default_budget_is_smaller_with_the_next_batch_as_the_reference():
         model = mlp()
         sampler = ad.GARSampler(data(), batch_size=5, seed=0)  # 12 batches an epoch
         gar = ad.GAR(model, sampler, budget=budget)
-        assert gar.budget == gar.metrics()["budget"] == (0.1 if budget == 0.1 else 0.03)
+        assert gar.budget == gar.metrics()["budget"] == (0.1 if budget == 0.1 else 0.02)
         run(model, sampler, gar, epochs=10)
         m = gar.metrics()
         assert m["budget/exact_phase"] == 0.0
         rewarded[budget] = m["batches_rewarded"] - WARMUP
         gar.close()
-    assert NEXT_BATCH_BUDGET == 0.03
-    assert "budget=0.03" in repr(ad.GAR(mlp(), ad.GARSampler(data(), batch_size=5)))
+    assert NEXT_BATCH_BUDGET == 0.02
+    assert "budget=0.02" in repr(ad.GAR(mlp(), ad.GARSampler(data(), batch_size=5)))
     assert 0 < rewarded["auto"] < rewarded[0.1] / 2
 
 
@@ -226,12 +226,31 @@ def test_a_next_batch_state_saved_when_auto_stood_for_0_1_names_the_budget_to_pa
     gar = ad.GAR(model, sampler)
     with pytest.raises(
         ValueError,
-        match=r"state has budget=0.1, but this GAR has budget=0.03 \(budget=\"auto\" stood "
-        r"for 0.1 with the next batch before it stood for 0.03: pass budget=0.1 to resume",
+        match=r"state has budget=0.1, but this GAR has budget=0.02 \(budget=\"auto\" stood "
+        r"for 0.1 with the next batch before it stood for 0.02: pass budget=0.1 to resume",
     ):
         gar.load_state_dict(state)
     gar.close()
     ad.GAR(model, sampler, budget=0.1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("budget", [None, "auto"])
+def test_a_parameter_frozen_after_construction_is_refused_at_the_next_kept_batch(budget):
+    """step() checks the trainable parameters whenever a batch is kept (the rewards use
+    them); in the budget's sparse phase a step with nothing kept skips that walk of the
+    modules, and the next kept batch's step raises."""
+    torch.manual_seed(0)
+    model = mlp()
+    sampler = ad.GARSampler(data(), batch_size=5, seed=0)
+    gar = ad.GAR(model, sampler, budget=budget)
+    run(model, sampler, gar, epochs=2 if budget is None else 6)
+    kept_before = gar.metrics()["batches_rewarded"]
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"trainable parameters changed since this GAR"):
+        run(model, sampler, gar, epochs=10)  # a batch of 5 is kept about once in 50 steps
+    if budget is not None:  # the sparse phase: not every step keeps a batch
+        assert gar.metrics()["budget/exact_phase"] == 0.0
+    assert gar.metrics()["batches_rewarded"] == kept_before
 
 
 def test_gradient_accumulation_rewards_every_micro_batch_against_the_accumulated_gradient():

@@ -58,12 +58,13 @@ DEFAULT_BUDGET = 0.1
 most a tenth of the training step's, half of it on the reference gradient
 (docs/howto-gar.md, "The cost budget", has what it gives on the benchmarks)."""
 
-NEXT_BATCH_BUDGET = 0.03
+NEXT_BATCH_BUDGET = 0.02
 """``budget="auto"`` with the next batch as the reference (an augmentation policy over one
 source): its rewards teach a policy whose learning gained no more than the seeds' spread over
 its frozen control in ``benchmarks/augment_study.py`` (docs/howto-augment.md), so they get a
-smaller share; with what GAR does at every step, kept or not (about 1% of a small MLP's
-step), the whole stays within 1.05x a plain step (``gar_cost.py --mode defaults``)."""
+smaller share. With what GAR does at every step, kept or not (1-2% of the 7 ms step of
+``gar_cost.py``'s MLP), the whole stays within 1.05x a plain step there
+(``gar_cost_defaults_mlp.json``, beside 0.03, 0.05 and 0.1)."""
 
 KEEP_COSTS: Mapping[tuple[str, str], tuple[float, float]] = {
     ("ghost", "cosine"): (0.25, 0.75),

@@ -77,7 +77,7 @@ class GAR:
             recompute the reference gradient to stay within the budget, from counted work
             only (the same choices with any worker count and after a resume;
             docs/howto-gar.md, "The cost budget"). ``"auto"`` (default): 0.1 with
-            ``reference`` (a mixture), 0.03 with the next batch (an augmentation policy).
+            ``reference`` (a mixture), 0.02 with the next batch (an augmentation policy).
             ``None``: every batch, every row, a fresh reference (exact, and 2-4x a training
             step). An explicit ``every``, ``rows`` or ``reference_refresh`` replaces that
             choice.
@@ -338,7 +338,11 @@ class GAR:
         # FSDP2 leaves the root's gathered weights in place after a forward without a
         # backward (an evaluation): free them, so the parameters are the shards again.
         self._source.shards.reshard()
-        params = self._source.check_parameters()
+        # The full check walks every module: only when a batch is kept (its rewards would
+        # use the parameters), or when the known ones have no .grad (to say why).
+        params = self._source.params
+        if self._schedule.pending or all(p.grad is None for p in params.values()):
+            params = self._source.check_parameters()
         if self._pairing.last_batches and _versions(params) != self._versions:
             raise RuntimeError(
                 "the model's parameters changed between this step's training forward and "

@@ -75,7 +75,7 @@ class GARCallback(Callback):
             sources; ``None``: the next-batch reference (augmentation over one source).
         loss_fn: ``loss_fn(output, target) -> [N]`` per-example losses; with ``reference``.
         budget: GAR's ``budget``: the rewards' estimated share of a training step
-            (``"auto"``, the default: 0.1 with ``reference``, 0.03 without; ``None``: every
+            (``"auto"``, the default: 0.1 with ``reference``, 0.02 without; ``None``: every
             batch, exact).
         every: GAR's ``every``: reward the batches of every ``every``-th step.
         reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.

@@ -189,7 +189,7 @@ class GARTrainerMixin(_TrainerBase):  # type: ignore[misc,valid-type]
             per-example form of its own loss (causal and masked language models, sequence
             and token classification).
         gar_budget: GAR's ``budget``: the rewards' estimated share of a training step
-            (``"auto"``, the default: 0.1 with ``gar_reference``, 0.03 without; ``None``:
+            (``"auto"``, the default: 0.1 with ``gar_reference``, 0.02 without; ``None``:
             every batch, exact).
         gar_every: GAR's ``every``: reward the batches of every ``every``-th step.
         gar_reward: GAR's ``reward``, ``"cosine"`` or ``"dot"``.
