@@ -1170,6 +1170,44 @@ def test_batch_augmentations_are_the_ops_drawn_for_each_row():
     assert s.batch_augmentations(s.last_batch) == [-1] * 6
 
 
+def test_a_weighted_update_steps_a_learning_transform_as_many_times():
+    """update(weight=k) steps the augmentation policy (ops and magnitudes) by lr * k, as it
+    steps the mixture: the budget's sparse rewards move a learned policy as far as every
+    batch's would."""
+    from adaptive_data import GARTransform
+
+    def run(weight: float, lr: float) -> tuple[list[float], list[float]]:
+        tf = GARTransform(
+            ["Identity", "Rotate"],
+            learn_ops=True,
+            learn_magnitudes=True,
+            lr=lr,
+            magnitude_lr=lr,
+        )
+        s = GARSampler(
+            {"a": Listed([(torch.zeros(1, 4, 4, dtype=torch.uint8), 0)] * 32)},
+            batch_size=16,
+            seed=0,
+            transform=tf,
+            reference_every=None,
+        )
+        it = iter(s.track(s))
+        drawn = next(it)
+        # each row rewarded by its op and its magnitude bin
+        s.update(torch.tensor([d.op + 0.1 * d.bin for d in drawn]), weight=weight)
+        mags = [w for m in tf.policy.magnitude_weights.values() for w in m]
+        return list(tf.policy.op_weights.values()), mags
+
+    weighted, mags_w = run(3.0, 0.2)
+    scaled, mags_s = run(1.0, 0.6)
+    once, mags_1 = run(1.0, 0.2)
+    assert weighted == pytest.approx(scaled, abs=1e-12)
+    assert mags_w == pytest.approx(mags_s, abs=1e-12)
+    # the weight did move both further than one update
+    assert weighted != pytest.approx(once, abs=1e-6)
+    assert mags_w != pytest.approx(mags_1, abs=1e-6)
+
+
 def test_a_dataset_dict_with_held_out_splits_and_no_names_warns_once():
     """Without names= every split is a training source: a validation, test or target split
     among them is named in one warning; names= (or no such split) says nothing."""
