@@ -34,6 +34,18 @@ The variants change one thing of ``gar``, through the public API only:
   default): with ``normalize="batch"`` four updates at a quarter step move the policy about as
   far as one update from four batches' rewards, so each move rests on 4x the evidence.
 
+The one-line ``GAR`` arms (``LINE_ARMS``; not in the default set, name them in ``--arms``):
+``gar``'s transform and sampler, rewarded by ``GAR(model, sampler, optimizer=opt)`` with
+``gar.step()`` between the backward and the optimizer step (each augmented batch against the
+gradient of the un-augmented batch that follows it, at the weights it was trained at):
+``gar_line_exact`` (``budget=None``), ``gar_line_default`` (``budget="auto"``, 0.02 with the
+next batch) and ``gar_line_0.1`` (``budget=0.1``, the next batch's default before). What the
+next-batch default's smaller share costs the learning:
+
+    OMP_NUM_THREADS=1 python benchmarks/augment_study.py --datasets digits \\
+        --arms frozen,gar,gar_line_exact,gar_line_default,gar_line_0.1 --seeds 0,1,2,3,4,5 \\
+        --out benchmarks/results/augment_study_line.json
+
 Data sets (training subsets fixed, the same for every seed and arm):
 
 * ``digits``: scikit-learn's 8x8 digits (embedded; pixels scaled to 0..255), a fixed shuffle:
@@ -109,6 +121,13 @@ ARMS = (
     "gar_ops_only",
     "gar_big_evidence",
 )
+# The one-line GAR (gar.step() between backward and the optimizer step), next-batch reference,
+# learning on: its budget= per arm (not in the default study; name them in --arms).
+LINE_ARMS: dict[str, dict[str, Any]] = {
+    "gar_line_exact": {"budget": None},
+    "gar_line_default": {},
+    "gar_line_0.1": {"budget": 0.1},
+}
 HELDOUT = 128  # images in the held-out reference batch
 DEFAULT_OP_STEP = 0.1  # GARTransform's default lr (exp_grad)
 BIG_EVIDENCE = 4  # gar_big_evidence's step is the default's / this
@@ -377,13 +396,15 @@ def run(arm: str, seed: int, s: Setup) -> dict[str, Any]:
     steps = s.epochs * len(sampler)
     opt, sched = s.optimizer(model, steps)
     learns = tf is not None and arm != "frozen"
+    line = LINE_ARMS.get(arm)
     probe = (
         ad.GradientProbe(
             model, loss_fn, estimator="ghost", reward="dot" if arm == "gar_dot" else "cosine"
         )
-        if learns
+        if learns and line is None
         else None
     )
+    gar = None if line is None else ad.GAR(model, sampler, optimizer=opt, **line)
     held: tuple[torch.Tensor, torch.Tensor] | None = None
     if arm == "gar_heldout":
         held = (normalised(s.x_held, s.mean, s.std), torch.from_numpy(s.y_held))
@@ -419,12 +440,19 @@ def run(arm: str, seed: int, s: Setup) -> dict[str, Any]:
                 previous = None if reference_batch else (x, y, x_clean, batch)
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x), y).mean().backward()
+            if gar is not None:
+                tp = time.perf_counter()
+                gar.step()
+                probe_s += time.perf_counter() - tp
             opt.step()
             if sched is not None:
                 sched.step()
             step += 1
         previous = None  # the last batch of an epoch keeps no reward
     wall = time.perf_counter() - t0
+    if gar is not None:
+        rewarded = int(gar.metrics()["batches_rewarded"])
+        gar.close()
     out: dict[str, Any] = {
         "seed": seed,
         "accuracy": accuracy(model, s),
@@ -474,7 +502,7 @@ def decide(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's rule per variant: beats frozen on >= 2 data sets, never loses to TA."""
     out: dict[str, Any] = {}
     arms = {a for per in results["datasets"].values() for a in per["arms"]}
-    for arm in [a for a in ARMS if a in arms and a.startswith("gar")]:
+    for arm in [a for a in (*ARMS, *LINE_ARMS) if a in arms and a.startswith("gar")]:
         beats, loses_frozen, loses_ta, seen = [], [], [], []
         for ds, per in results["datasets"].items():
             e = per["arms"].get(arm)
@@ -552,7 +580,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     datasets = args.datasets.split(",")
     arms = args.arms.split(",")
-    for given, known, what in ((datasets, DATASETS, "data set"), (arms, ARMS, "arm")):
+    all_arms = (*ARMS, *LINE_ARMS)
+    for given, known, what in ((datasets, DATASETS, "data set"), (arms, all_arms, "arm")):
         unknown = [g for g in given if g not in known]
         if unknown:
             sys.exit(f"unknown {what}(s) {unknown}; they are {', '.join(known)}")
