@@ -102,7 +102,7 @@ from torchvision.transforms import v2
 
 import adaptive_data as ad
 
-from _common import header, summary, write
+from _common import expect_fixed_arms, header, summary, write
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -578,6 +578,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "augment_study.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    expect_fixed_arms()  # none, trivial_augment and frozen never update their sampler
     datasets = args.datasets.split(",")
     arms = args.arms.split(",")
     all_arms = (*ARMS, *LINE_ARMS)
