@@ -295,6 +295,22 @@ def test_augment_study_quick_on_digits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "| gar_baseline | " in done.stdout  # the decision table
 
 
+def test_augment_study_runs_its_one_line_gar_arms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arms that learn through GAR (not in the default set) run on digits."""
+    import sklearn  # noqa: F401 (the test needs it installed)
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import augment_study
+
+    arms = ["frozen", *augment_study.LINE_ARMS]
+    done = _run(
+        "benchmarks/augment_study.py", "--quick", "--datasets", "digits", "--arms", ",".join(arms)
+    )
+    assert done.returncode == 0, done.stderr
+    for arm in arms:
+        assert f"| digits | {arm} |" in done.stdout
+
+
 def test_augment_study_says_what_to_pass_without_data(tmp_path: Path) -> None:
     done = _run(
         "benchmarks/augment_study.py", "--quick", "--datasets", "fmnist", "--data", str(tmp_path)
