@@ -341,8 +341,9 @@ class GAR:
         # The full check walks every module: only when a batch is kept (its rewards would
         # use the parameters), or when the known ones have no .grad (to say why).
         params = self._source.params
-        if self._schedule.pending or all(p.grad is None for p in params.values()):
-            params = self._source.check_parameters()
+        no_grad = all(p.grad is None for p in params.values())
+        if self._schedule.pending or no_grad:
+            params = self._source.check_parameters()  # the same ones, or it raises
         if self._pairing.last_batches and _versions(params) != self._versions:
             raise RuntimeError(
                 "the model's parameters changed between this step's training forward and "
@@ -350,7 +351,7 @@ class GAR:
                 "were edited in place), so the rewards would pair the new weights with the "
                 "old batch. Call gar.step() after loss.backward() and before optimizer.step()"
             )
-        if all(p.grad is None for p in params.values()):
+        if no_grad:
             raise RuntimeError(
                 "step() was called before any backward(): no parameter has a .grad. Call it "
                 "after loss.backward() and before optimizer.step()"

@@ -180,13 +180,9 @@ def load(state: Mapping[str, Any], parts: Parts, apply: bool = True) -> None:
     for key in keys:
         theirs = state.get(key, _ABSENT.get(key))
         if theirs != settings[key]:
-            old = (
-                " (a state saved before budget= existed, by an exact GAR: pass budget=None)"
-                if key == BUDGET_KEY and BUDGET_KEY not in state
-                else _auto_changed(key, theirs, settings)
-            )
+            hint = _budget_hint(state, theirs, settings) if key == BUDGET_KEY else ""
             raise ValueError(
-                f"state has {key}={theirs!r}, but this GAR has {key}={settings[key]!r}{old}"
+                f"state has {key}={theirs!r}, but this GAR has {key}={settings[key]!r}{hint}"
             )
     for key in ("steps", "augmented", "rewarded", "dropped", "skipped_nonfinite"):
         _check_count(state, key)
@@ -320,12 +316,15 @@ def _checked_clock(state: Mapping[str, Any]) -> tuple[float, float, int]:
     return float(saved[0]), float(saved[1]), int(saved[2])
 
 
-def _auto_changed(key: str, theirs: Any, settings: Mapping[str, Any]) -> str:
-    """A hint for a next-batch state saved when ``budget="auto"`` stood for 0.1 there too."""
+def _budget_hint(state: Mapping[str, Any], theirs: Any, settings: Mapping[str, Any]) -> str:
+    """Why a saved budget may differ from this GAR's, and what to pass to resume: a state
+    saved before ``budget=`` existed (by an exact GAR), or a next-batch state saved when
+    ``budget="auto"`` stood for 0.1 there too."""
+    if BUDGET_KEY not in state:
+        return " (a state saved before budget= existed, by an exact GAR: pass budget=None)"
     if (
-        key == BUDGET_KEY
-        and settings["mode"] == "next batch"
-        and settings[key] == NEXT_BATCH_BUDGET
+        settings["mode"] == "next batch"
+        and settings[BUDGET_KEY] == NEXT_BATCH_BUDGET
         and theirs == DEFAULT_BUDGET
     ):
         return (
