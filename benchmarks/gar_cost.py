@@ -12,7 +12,9 @@ Target: at most 1.10x the plain loop's time per step. Figures go to
 
 ``--mode defaults`` times every default (``GAR(budget="auto")``: 0.02 next-batch, 0.1
 held-out) beside the exact GAR (``budget=None``) and the next-batch mode at ``budget=0.03``,
-``0.05`` and ``0.1`` (its default before), after a warm-up of 48 steps that covers the
+``0.05`` and ``0.1`` (its default before), and its parts (``exact_rows32_next_batch``: every
+batch's 32 rows rewarded; ``keeps_nothing_next_batch``: a budget so small that nothing is kept
+after the exact phase, GAR's work at every step), after a warm-up of 48 steps that covers the
 budget's exact first phase, with timed runs long enough to hold several rewarded batches
 (``--steps 40``);
 figures to ``benchmarks/results/gar_cost_defaults.json``. The other modes' variants set
@@ -129,6 +131,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any] | None]] = {
         "budget0.03_next_batch": {"budget": 0.03},
         "budget0.05_next_batch": {"budget": 0.05},
         "budget0.1_next_batch": {"budget": 0.1},  # budget="auto" with the next batch before
+        # Its parts: every batch's 32 rows rewarded (what one kept batch costs), and a budget so
+        # small that nothing is kept after the exact phase (what GAR does at every step).
+        "exact_rows32_next_batch": {"budget": None, "rows": 32},
+        "keeps_nothing_next_batch": {"budget": 1e-9},
     },
 }
 

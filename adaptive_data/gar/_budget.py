@@ -64,7 +64,7 @@ source): its rewards teach a policy whose learning gained no more than the seeds
 its frozen control in ``benchmarks/augment_study.py`` (docs/howto-augment.md), so they get a
 smaller share (on digits it kept +0.59 points of exact rewards' +0.89 over that control, for
 1.06x the control's wall time against 1.22x: ``augment_study_line.json``). With what GAR
-does at every step, kept or not (1-2% of the 7 ms step of ``gar_cost.py``'s MLP), the whole
+does at every step, kept or not (1.01x the 7 ms step of ``gar_cost.py``'s MLP), the whole
 stays within 1.05x a plain step there (``gar_cost_defaults_mlp.json``, beside 0.03, 0.05
 and 0.1)."""
 
