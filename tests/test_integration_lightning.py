@@ -113,6 +113,41 @@ def test_lightning_learns_the_clean_source_and_rewards_the_batch_it_trains(tmp_p
     assert float(logged["mixture/reward_age/clean"]) == 0
 
 
+class ImageModule(Module):
+    """``Module`` over the flattened tiny images of ``tests.test_gar.Images`` (12 values, 5
+    classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def test_lightning_learns_an_augmentation_policy_with_every_default(tmp_path):
+    """The next-batch mode as the how-to shows it: one source through a learning
+    GARTransform, GARCallback(sampler) with every default (budget="auto": 0.02 here),
+    accumulation of 2, for 60 optimizer steps: its exact phase, then the budget's sparse,
+    weighted updates; every update reaches the policy."""
+    from tests.test_gar import Images
+
+    torch.manual_seed(0)
+    tf = ad.GARTransform(["Identity", "Invert", "Rotate"], learn_ops=True)
+    sampler = ad.GARSampler(Images(tf), batch_size=8, seed=0, transform=tf)
+    callback = GARCallback(sampler)
+    loader = callback.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    fit = trainer(tmp_path, 60, [callback], enable_checkpointing=False)
+    fit.fit(ImageModule(), loader)
+    gar = callback.gar
+    assert gar is not None
+    m = gar.metrics()
+    assert m["budget"] == 0.02
+    assert m["budget/exact_phase"] == 0.0
+    assert m["batches_rewarded"] > 16
+    assert tf.policy.metrics()["updates"] == m["batches_rewarded"]
+    assert tf.policy.op_weights != pytest.approx(
+        {"Identity": 1 / 3, "Invert": 1 / 3, "Rotate": 1 / 3}
+    )
+
+
 @pytest.mark.parametrize(
     "log_metrics", ["all", ["gar/batches_rewarded", "mixture/weight/*"], False]
 )
