@@ -522,6 +522,42 @@ def test_workers_and_epochs_reward_the_right_batches():
     assert checked == 9  # every batch but the very last, across the epoch boundary too
 
 
+def test_the_next_batch_defaults_learn_through_four_prefetching_workers():
+    """What an augmentation script runs: a learning transform, GAR with every default
+    (budget 0.02), num_workers=4 and prefetch_factor=2 (the default lag fits that loader),
+    over 24 epochs: the exact phase, then sparse weighted updates, each one reaching the
+    policy; the same run without workers draws the same batches and learns the same policy
+    once the lag is explicit."""
+
+    def run_with(workers: int, lag: int | None) -> tuple[list[int], dict[str, float], int]:
+        torch.manual_seed(0)
+        tf = ad.GARTransform(["Identity", "Invert"], learn_ops=True)
+        sampler = ad.GARSampler(Images(tf), batch_size=8, seed=0, transform=tf, lag=lag)
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        kw = {"num_workers": workers, "prefetch_factor": 2} if workers else {}
+        loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, **kw))
+        with ad.GAR(model, sampler, optimizer=opt) as gar:
+            for _ in range(24):
+                for x, y in loader:
+                    opt.zero_grad()
+                    LOSS(model(x), y).mean().backward()
+                    gar.step()
+                    opt.step()
+            m = gar.metrics()
+        assert m["budget/exact_phase"] == 0.0
+        assert m["batches_rewarded"] > 16
+        assert tf.policy.metrics()["updates"] == m["batches_rewarded"]
+        rewarded = [h["batch"] for h in sampler.history[1:]]
+        return rewarded, tf.policy.op_weights, int(m["batches_rewarded"])
+
+    run_with(4, None)  # the default lag
+    rewarded, weights, n = run_with(4, 12)
+    again, weights0, n0 = run_with(0, 12)
+    assert (rewarded, n) == (again, n0)
+    assert weights == pytest.approx(weights0, abs=1e-6)
+
+
 # ------------------------------------------------------------------ resume
 
 
