@@ -172,9 +172,9 @@ def test_held_out_reference_equals_the_probe(reward):
     assert sampler.metrics()["batches_rewarded"] == len(sampler)
 
 
-def run(model, sampler, gar, epochs=1, accumulate=1):
+def run(model, sampler, gar, epochs=1, accumulate=1, **loader_kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler))
+    loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, **loader_kw))
     for _ in range(epochs):
         for t, (x, y) in enumerate(loader):
             LOSS(model(x), y).mean().backward()
@@ -534,16 +534,9 @@ def test_the_next_batch_defaults_learn_through_four_prefetching_workers():
         tf = ad.GARTransform(["Identity", "Invert"], learn_ops=True)
         sampler = ad.GARSampler(Images(tf), batch_size=8, seed=0, transform=tf, lag=lag)
         model = mlp()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         kw = {"num_workers": workers, "prefetch_factor": 2} if workers else {}
-        loader = sampler.track(DataLoader(sampler.dataset, batch_sampler=sampler, **kw))
-        with ad.GAR(model, sampler, optimizer=opt) as gar:
-            for _ in range(24):
-                for x, y in loader:
-                    opt.zero_grad()
-                    LOSS(model(x), y).mean().backward()
-                    gar.step()
-                    opt.step()
+        with ad.GAR(model, sampler) as gar:
+            run(model, sampler, gar, epochs=24, **kw)
             m = gar.metrics()
         assert m["budget/exact_phase"] == 0.0
         assert m["batches_rewarded"] > 16
